@@ -1,0 +1,3 @@
+from arbd.data.corpus import main
+
+main()

@@ -1,0 +1,1 @@
+"""Models: plain PyTorch modules with no collective calls (parallelism is applied separately)."""

@@ -1,0 +1,183 @@
+"""TernaryMatrix: the persistent state of one ternary weight, and its transient evidence.
+
+Persistent (buffers, in state_dict): packed trits uint8 [rows, ceil(cols/5)], exponent int8 [rows],
+t_accum int8 [rows, cols], e_accum int8 [rows]. That is 1.2 bytes per weight plus 2 bytes per row.
+Transient (plain attributes, never saved): the float gradient of the decoded weight collected in
+backward, dense or as (row ids, row gradients) for the sparse path. It lives from backward to the
+next update and is then dropped.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from arbd.config import SCALE_K
+from arbd.ternary import packing
+from arbd.ternary.rule import TernaryRule, update_rows
+
+# With t = sign(w) * (|w| > 0.5 sigma), a Gaussian draw gives P(t != 0) ~= 0.617.
+_NONZERO_FRACTION = 2 * (1 - 0.6914624612740131)
+
+
+def _evidence_dtype(g: torch.Tensor) -> torch.Tensor:
+    # float32 evidence, except float64 runs (CPU references) keep float64.
+    return g if g.dtype == torch.float64 else g.to(torch.float32)
+
+
+class TernaryMatrix(nn.Module):
+    def __init__(self, rows: int, cols: int, *, std: float | None = None,
+                 init: str = "random", generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if rows <= 0 or cols <= 0:
+            raise ValueError(f"TernaryMatrix needs positive rows and cols, got {rows} x {cols}")
+        self.rows, self.cols = rows, cols
+        nb = packing.packed_cols(cols)
+        self.register_buffer("packed", torch.empty(rows, nb, dtype=torch.uint8, device=device))
+        self.register_buffer("exponent", torch.zeros(rows, dtype=torch.int8, device=device))
+        self.register_buffer("t_accum", torch.zeros(rows, cols, dtype=torch.int8, device=device))
+        self.register_buffer("e_accum", torch.zeros(rows, dtype=torch.int8, device=device))
+        self._grad: torch.Tensor | None = None
+        self._row_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.reset(init, std=std, generator=generator)
+
+    # -- initialisation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def reset(self, init: str = "random", *, std: float | None = None,
+              generator: torch.Generator | None = None) -> None:
+        """init='random': trits from a thresholded Gaussian, scale so the decoded weight has
+        standard deviation `std` (default 1/sqrt(cols)); init='ones': all +1 and scale 1 (norm gains)."""
+        dev = self.packed.device
+        if init == "ones":
+            trits = torch.ones(self.rows, self.cols, dtype=torch.int8, device=dev)
+            self.exponent.zero_()
+        elif init == "random":
+            w = torch.randn(self.rows, self.cols, generator=generator, device="cpu").to(dev)
+            trits = (torch.sign(w) * (w.abs() > 0.5)).to(torch.int8)
+            std = 1.0 / math.sqrt(self.cols) if std is None else std
+            scale = std / math.sqrt(_NONZERO_FRACTION)
+            self.exponent.fill_(int(packing.scale_to_exponent(torch.tensor(scale))))
+        else:
+            raise ValueError(f"init must be 'random' or 'ones', got {init!r}")
+        self.packed.copy_(packing.pack_trits(trits))
+        self.t_accum.zero_()
+        self.e_accum.zero_()
+        self.clear_evidence()
+
+    @torch.no_grad()
+    def set_trits(self, trits: torch.Tensor, exponent: torch.Tensor | None = None) -> None:
+        """Overwrite the trits (and optionally the exponents); shapes are checked."""
+        if tuple(trits.shape) != (self.rows, self.cols):
+            raise ValueError(f"trits must have shape {(self.rows, self.cols)}, got {tuple(trits.shape)}")
+        if trits.abs().max() > 1:
+            raise ValueError("trits must be in {-1, 0, 1}")
+        self.packed.copy_(packing.pack_trits(trits.to(self.packed.device)))
+        if exponent is not None:
+            if tuple(exponent.shape) != (self.rows,):
+                raise ValueError(f"exponent must have shape {(self.rows,)}, got {tuple(exponent.shape)}")
+            self.exponent.copy_(exponent.to(torch.int8))
+
+    # -- reading -----------------------------------------------------------------------------
+    def trits(self) -> torch.Tensor:
+        return packing.unpack_trits(self.packed, self.cols)
+
+    def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole matrix as floats: transient, for dense layers of moderate size."""
+        return packing.decode(self.packed, self.exponent, self.cols, dtype)
+
+    def decode_rows(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Only the requested rows, decoded from their packed bytes (the sparse path)."""
+        return packing.decode(self.packed[idx], self.exponent[idx], self.cols, dtype)
+
+    def scale(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return packing.exponent_to_scale(self.exponent, dtype)
+
+    def state_bytes(self) -> int:
+        """Persistent bytes held for this matrix (packed + exponent + accumulators)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    # -- evidence ----------------------------------------------------------------------------
+    def add_grad(self, grad: torch.Tensor) -> None:
+        """Accumulate dL/dW [rows, cols] (dense path); summed over micro-batches until update."""
+        if tuple(grad.shape) != (self.rows, self.cols):
+            raise ValueError(f"gradient must have shape {(self.rows, self.cols)}, got {tuple(grad.shape)}")
+        g = _evidence_dtype(grad.detach())
+        self._grad = g.clone() if self._grad is None else self._grad.add_(g)
+
+    def add_row_grad(self, idx: torch.Tensor, grad_rows: torch.Tensor) -> None:
+        """Accumulate dL/dW for the listed rows only (sparse path). Duplicates are summed later."""
+        if grad_rows.shape != (idx.numel(), self.cols):
+            raise ValueError(
+                f"row gradient must have shape {(idx.numel(), self.cols)}, got {tuple(grad_rows.shape)}")
+        self._row_grads.append((idx.detach().reshape(-1).long(), _evidence_dtype(grad_rows.detach())))
+
+    @property
+    def has_evidence(self) -> bool:
+        return self._grad is not None or bool(self._row_grads)
+
+    def evidence(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(row ids or None for all rows, gradient rows). Sparse evidence is merged per row."""
+        if self._grad is not None:
+            g = self._grad
+            for idx, rows in self._row_grads:
+                g = g.index_add(0, idx, rows)
+            return None, g
+        if not self._row_grads:
+            return None, None
+        idx = torch.cat([i for i, _ in self._row_grads])
+        rows = torch.cat([r for _, r in self._row_grads])
+        uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        merged = torch.zeros(uniq.numel(), self.cols, dtype=rows.dtype, device=rows.device)
+        merged.index_add_(0, inverse, rows)
+        return uniq, merged
+
+    def set_evidence(self, idx: torch.Tensor | None, grad: torch.Tensor) -> None:
+        """Replace the collected evidence (used after a data-parallel reduction)."""
+        self.clear_evidence()
+        if idx is None:
+            self.add_grad(grad)
+        else:
+            self.add_row_grad(idx, grad)
+
+    def evidence_is_finite(self) -> bool:
+        _, g = self.evidence()
+        return g is None or bool(torch.isfinite(g).all())
+
+    def clear_evidence(self) -> None:
+        self._grad = None
+        self._row_grads = []
+
+    # -- update ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_update(self, rule: TernaryRule) -> dict[str, int]:
+        """Apply the accumulator rule to the rows that have evidence, then drop the evidence.
+
+        Dense evidence updates every row; sparse evidence reads and writes only touched rows.
+        """
+        idx, grad = self.evidence()
+        self.clear_evidence()
+        if grad is None:
+            return {"trit_flips": 0, "scale_moves": 0, "rows": 0}
+        if idx is None:
+            trits, t_acc, exp, e_acc, stats = update_rows(
+                self.trits(), self.t_accum, self.exponent, self.e_accum, grad, rule)
+            self.packed.copy_(packing.pack_trits(trits))
+            self.t_accum.copy_(t_acc)
+            self.exponent.copy_(exp)
+            self.e_accum.copy_(e_acc)
+            stats["rows"] = self.rows
+        else:
+            trits, t_acc, exp, e_acc, stats = update_rows(
+                packing.unpack_trits(self.packed[idx], self.cols), self.t_accum[idx],
+                self.exponent[idx], self.e_accum[idx], grad, rule)
+            self.packed[idx] = packing.pack_trits(trits)
+            self.t_accum[idx] = t_acc
+            self.exponent[idx] = exp
+            self.e_accum[idx] = e_acc
+            stats["rows"] = int(idx.numel())
+        return stats
+
+    def extra_repr(self) -> str:
+        return f"{self.rows}x{self.cols}, scale_k={SCALE_K}"

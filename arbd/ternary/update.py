@@ -1,0 +1,119 @@
+"""Model-level update: collect evidence in backward, then one call moves trits and scales.
+
+`apply_ternary_update` is the engine; `TernaryUpdateMixin._ternary_update_memory` is the entry
+point the seeds' training scripts call (`loss_signal=` or `loss_components=`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from arbd.ternary.rule import TernaryRule
+from arbd.ternary.state import TernaryMatrix
+
+EvidenceReducer = Callable[[list[tuple[str, TernaryMatrix]]], None]
+
+
+def ternary_matrices(model: nn.Module) -> list[tuple[str, TernaryMatrix]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TernaryMatrix)]
+
+
+def clear_evidence(model: nn.Module) -> None:
+    for _, m in ternary_matrices(model):
+        m.clear_evidence()
+
+
+def ternary_state_bytes(model: nn.Module) -> tuple[int, int]:
+    """(persistent bytes of all ternary matrices, number of logical ternary weights)."""
+    mats = [m for _, m in ternary_matrices(model)]
+    return sum(m.state_bytes() for m in mats), sum(m.rows * m.cols for m in mats)
+
+
+@dataclass
+class UpdateStats:
+    applied: int = 0
+    skipped_nonfinite_loss: int = 0
+    skipped_nonfinite_grad: int = 0
+    trit_flips: int = 0
+    scale_moves: int = 0
+    last: dict = field(default_factory=dict)
+
+
+def _is_finite(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return bool(torch.isfinite(x.detach()).all())
+    return bool(torch.isfinite(torch.tensor(float(x))))
+
+
+def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats, *,
+                         losses: Iterable = (), rate_mult: float = 1.0,
+                         reduce_evidence: EvidenceReducer | None = None) -> bool:
+    """Apply one update to every TernaryMatrix of `model` that holds evidence.
+
+    Any non-finite loss or evidence skips the step before a single buffer changes; the evidence
+    is dropped either way (no stale gradients leak into the next step). Returns True if applied.
+    """
+    mats = ternary_matrices(model)
+    if not all(_is_finite(l) for l in losses):
+        stats.skipped_nonfinite_loss += 1
+        clear_evidence(model)
+        return False
+    if reduce_evidence is not None:
+        reduce_evidence(mats)
+    if not all(m.evidence_is_finite() for _, m in mats):
+        stats.skipped_nonfinite_grad += 1
+        clear_evidence(model)
+        return False
+    step_rule = rule.scaled(rate_mult) if rate_mult != 1.0 else rule
+    flips = moves = 0
+    for _, m in mats:
+        if m.has_evidence:
+            s = m.apply_update(step_rule)
+            flips += s["trit_flips"]
+            moves += s["scale_moves"]
+    stats.applied += 1
+    stats.trit_flips += flips
+    stats.scale_moves += moves
+    stats.last = {"trit_flips": flips, "scale_moves": moves}
+    return True
+
+
+class TernaryUpdateMixin:
+    """Gives an nn.Module the seeds' `_ternary_update_memory` entry point.
+
+    The module sets `self.ternary_rule`; counters live in `self.ternary_stats`.
+    """
+
+    ternary_rule: TernaryRule = TernaryRule()
+    ternary_rate_mult: float = 1.0
+    ternary_evidence_reducer: EvidenceReducer | None = None
+
+    @property
+    def ternary_stats(self) -> UpdateStats:
+        if "_ternary_stats" not in self.__dict__:
+            self.__dict__["_ternary_stats"] = UpdateStats()
+        return self.__dict__["_ternary_stats"]
+
+    def _ternary_update_memory(self, loss_signal=None,
+                               loss_components: Mapping[str, torch.Tensor] | None = None,
+                               **_ignored) -> bool:
+        """Apply the ternary update for the evidence collected since the last call.
+
+        loss_signal: the step's loss (tensor or float); loss_components: named partial losses.
+        If backward has not run yet and the loss carries a graph, backward runs here on the
+        (summed) loss. Non-finite losses are skipped and counted; returns True if applied.
+        """
+        if loss_signal is None and not loss_components:
+            raise ValueError("_ternary_update_memory needs loss_signal=... or loss_components={...}")
+        losses = list(loss_components.values()) if loss_components else [loss_signal]
+        total = sum(losses) if loss_components else loss_signal
+        have_evidence = any(m.has_evidence for _, m in ternary_matrices(self))
+        if (not have_evidence and isinstance(total, torch.Tensor) and total.requires_grad
+                and all(_is_finite(l) for l in losses)):
+            total.backward()
+        return apply_ternary_update(self, self.ternary_rule, self.ternary_stats, losses=losses,
+                                    rate_mult=self.ternary_rate_mult,
+                                    reduce_evidence=self.ternary_evidence_reducer)
