@@ -1,0 +1,75 @@
+"""KG edges: a fixed-capacity adjacency per source motif with integer weights.
+
+dst[n, :] holds up to `capacity` neighbour ids of motif n (-1 = empty slot) and weight[n, :] their
+co-occurrence counts (int16, saturating). Updates and reads touch only the rows of the source
+nodes involved: nothing is proportional to the number of motifs, and no node x node matrix
+exists. Row-sharding keeps a node's edges with the rank that owns the node's codebook row.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+WEIGHT_MAX = 32767
+
+
+class KGEdges(nn.Module):
+    def __init__(self, num_nodes: int, capacity: int, device=None) -> None:
+        super().__init__()
+        if num_nodes <= 0 or capacity <= 0:
+            raise ValueError(f"KGEdges needs positive num_nodes and capacity, got {num_nodes}, {capacity}")
+        self.num_nodes, self.capacity = num_nodes, capacity
+        self.register_buffer("dst", torch.full((num_nodes, capacity), -1, dtype=torch.int32, device=device))
+        self.register_buffer("weight", torch.zeros(num_nodes, capacity, dtype=torch.int16, device=device))
+
+    def neighbors(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(neighbour ids int64 [U, capacity] with -1 for empty, weights int16) of `nodes`."""
+        return self.dst[nodes].long(), self.weight[nodes]
+
+    @torch.no_grad()
+    def observe(self, src: torch.Tensor, dst: torch.Tensor) -> int:
+        """Add one co-occurrence per (src[i], dst[i]) pair; self-pairs are ignored.
+
+        An existing edge gains the pair count. A new edge takes an empty slot, else replaces the
+        weakest edge of that row if the weakest is not stronger than the new count (ties broken
+        by slot index, so the result is deterministic). Returns the number of rows touched.
+        """
+        src, dst = src.reshape(-1).long(), dst.reshape(-1).long()
+        if src.shape != dst.shape:
+            raise ValueError(f"src and dst must pair up, got {src.numel()} and {dst.numel()} ids")
+        keep = src != dst
+        src, dst = src[keep], dst[keep]
+        if src.numel() == 0:
+            return 0
+        if int(torch.minimum(src, dst).min()) < 0 or int(torch.maximum(src, dst).max()) >= self.num_nodes:
+            raise ValueError(f"node ids must lie in [0, {self.num_nodes})")
+        keys, counts = torch.unique(src * self.num_nodes + dst, sorted=True, return_counts=True)
+        s, d = keys // self.num_nodes, keys % self.num_nodes
+        counts = counts.clamp_max(WEIGHT_MAX).to(torch.int32)
+
+        rows = self.dst[s].long()                       # [P, cap]
+        hit = rows == d[:, None]
+        has = hit.any(1)
+        slot = hit.int().argmax(1)
+        # Existing edges: add the count (index_put with accumulate handles repeated rows).
+        old = self.weight[s[has], slot[has]].int()
+        self.weight[s[has], slot[has]] = (old + counts[has]).clamp_max(WEIGHT_MAX).to(torch.int16)
+
+        new = ~has
+        if new.any():
+            s_n, d_n, c_n = s[new], d[new], counts[new]
+            # Rank of each new pair within its source row (pairs are sorted by source).
+            first = torch.searchsorted(s_n, s_n, right=False)
+            rank = torch.arange(s_n.numel(), device=s_n.device) - first
+            w = self.weight[s_n].int()
+            occupied = self.dst[s_n] >= 0
+            # Empty slots first (key -1), then occupied slots from weakest; stable on slot index.
+            key = torch.where(occupied, w, torch.full_like(w, -1))
+            order = torch.sort(key, dim=1, stable=True).indices
+            ok = rank < self.capacity
+            target = order[ok, rank[ok]]
+            s_n, d_n, c_n, key_t = s_n[ok], d_n[ok], c_n[ok], key[ok, rank[ok]]
+            take = key_t <= c_n
+            self.dst[s_n[take], target[take]] = d_n[take].to(torch.int32)
+            self.weight[s_n[take], target[take]] = c_n[take].to(torch.int16)
+        return int(torch.unique(s).numel())

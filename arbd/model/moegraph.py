@@ -1,0 +1,133 @@
+"""MoEGraph (seed 14, section 6): ledger context + KG graph messages + an ACT loop of ternary experts.
+
+    h -> h + ContextAttentionScheduler(h, ledger)               (KV ledger injection)
+      -> h + node_proj(mean of active motifs' KG neighbours)    (graph message, active nodes only)
+      -> ACT loop: top-k ternary experts, ternary halt gate, at most act_max_steps,
+         each step computed for still-running positions only
+
+Routing, dispatch and combine are separate methods so expert parallelism can replace dispatch
+with an all-to-all without touching the rest.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from arbd.config import ARBConfig
+from arbd.model.kg_edges import KGEdges
+from arbd.model.ledger import ContextAttentionScheduler
+from arbd.ternary import TernaryLinear, TernaryMatrix, decoded_weight
+
+HALT_EPS = 0.01
+
+
+class Expert(nn.Module):
+    def __init__(self, d: int, hidden: int, backend: str, generator) -> None:
+        super().__init__()
+        self.up = TernaryLinear(d, hidden, backend=backend, generator=generator)
+        self.down = TernaryLinear(hidden, d, backend=backend, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.relu(self.up(x)).square())
+
+
+class MoEGraph(nn.Module):
+    def __init__(self, cfg: ARBConfig, backend: str = "torch", generator=None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.use_moe, self.use_graph = cfg.use_moe, cfg.use_graph
+        if cfg.use_graph:
+            self.scheduler = ContextAttentionScheduler(d, generator=generator)
+            self.node_proj = TernaryLinear(cfg.codebook_dim, d, backend=backend, generator=generator)
+        if cfg.use_moe:
+            self.experts = nn.ModuleList(Expert(d, cfg.expert_hidden, backend, generator)
+                                         for _ in range(cfg.n_experts))
+            self.router = TernaryLinear(d, cfg.n_experts, backend=backend, generator=generator)
+            self.halt = TernaryLinear(d, 1, backend=backend, generator=generator)
+        self.top_k = cfg.moe_top_k
+
+    # -- graph -------------------------------------------------------------------------------
+    def graph_message(self, motif_ids: torch.Tensor, codebook: TernaryMatrix, edges: KGEdges,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """Weighted mean of each active motif's neighbour rows (plus its own), projected to d."""
+        uniq, inverse = torch.unique(motif_ids, sorted=True, return_inverse=True)
+        nbr, w = edges.neighbors(uniq)                                   # [U, cap]
+        ids = torch.cat([uniq[:, None], nbr], 1)                         # own row first
+        wts = torch.cat([torch.ones_like(uniq[:, None], dtype=torch.float32), w.float()], 1)
+        wts = torch.where(ids >= 0, wts, torch.zeros_like(wts))
+        fetch, slot = torch.unique(ids.clamp_min(0), sorted=True, return_inverse=True)
+        rows = decoded_weight(codebook, dtype, rows=fetch)[slot]         # [U, cap+1, c]
+        agg = (rows * (wts / wts.sum(1, keepdim=True)).to(dtype)[..., None]).sum(1)
+        return self.node_proj(agg)[inverse]
+
+    # -- experts -----------------------------------------------------------------------------
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k expert ids and weights per row of x [N, d], and the load-balancing loss."""
+        logits = self.router(x).float()
+        probs = logits.softmax(-1)
+        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+        # Switch-style balance: n_experts * sum_e (fraction routed to e) * (mean prob of e).
+        frac = F.one_hot(top_i, len(self.experts)).float().sum((0, 1)) / top_i.numel()
+        balance = len(self.experts) * (frac * probs.mean(0)).sum()
+        return top_i, top_w.to(x.dtype), balance
+
+    def dispatch(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        """Run each expert on its rows and combine (local version; EP swaps in all-to-all)."""
+        out = torch.zeros_like(x)
+        flat_e = top_i.reshape(-1)
+        flat_row = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
+        flat_w = top_w.reshape(-1)
+        for e, expert in enumerate(self.experts):
+            sel = (flat_e == e).nonzero().flatten()
+            if sel.numel():
+                rows = flat_row[sel]
+                out = out.index_add(0, rows, expert(x[rows]) * flat_w[sel, None])
+        return out
+
+    def act(self, h: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Adaptive computation over positions h [N, d]; halted positions are not recomputed."""
+        n = h.shape[0]
+        out = torch.zeros_like(h)
+        halted_mass = torch.zeros(n, dtype=torch.float32, device=h.device)
+        running = torch.arange(n, device=h.device)
+        state = h
+        steps = torch.zeros(n, dtype=torch.float32, device=h.device)
+        balance = h.new_zeros((), dtype=torch.float32)
+        for step in range(self.cfg.act_max_steps):
+            x = state[running]
+            top_i, top_w, bal = self.route(x)
+            balance = balance + bal
+            x = x + self.dispatch(x, top_i, top_w)
+            p = torch.sigmoid(self.halt(x).float()).squeeze(-1)
+            mass = halted_mass[running]
+            last = step == self.cfg.act_max_steps - 1
+            # A position halts when its mass would pass 1 - eps, or at the step cap; it then
+            # contributes its remainder, so contributions always sum to 1.
+            stop = (mass + p > 1 - HALT_EPS) | torch.full_like(p, last, dtype=torch.bool)
+            share = torch.where(stop, 1 - mass, p)
+            out = out.index_add(0, running, x * share.to(x.dtype)[:, None])
+            halted_mass = halted_mass.index_add(0, running, share)
+            steps = steps.index_add(0, running, torch.ones_like(share))
+            state = state.index_copy(0, running, x)
+            running = running[~stop]
+            if running.numel() == 0:
+                break
+        aux = {"balance": balance / max(step + 1, 1), "ponder": steps.mean()}
+        return out, aux
+
+    def forward(self, h: torch.Tensor, motif_ids: torch.Tensor | None = None,
+                codebook: TernaryMatrix | None = None, edges: KGEdges | None = None,
+                ledger_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        aux: dict[str, torch.Tensor] = {}
+        if self.use_graph:
+            h = h + self.scheduler(h, ledger_ids)
+            if motif_ids is not None and codebook is not None and edges is not None:
+                h = h + self.graph_message(motif_ids, codebook, edges, h.dtype)
+        if self.use_moe:
+            b, t, d = h.shape
+            out, aux = self.act(h.reshape(b * t, d))
+            h = out.reshape(b, t, d)
+        return h, aux
