@@ -68,7 +68,8 @@ class KGEdges(nn.Module):
             order = torch.sort(key, dim=1, stable=True).indices
             ok = rank < self.capacity
             target = order[ok, rank[ok]]
-            s_n, d_n, c_n, key_t = s_n[ok], d_n[ok], c_n[ok], key[ok, rank[ok]]
+            key_t = key[ok].gather(1, target[:, None]).squeeze(1)   # strength of the slot to take
+            s_n, d_n, c_n = s_n[ok], d_n[ok], c_n[ok]
             take = key_t <= c_n
             self.dst[s_n[take], target[take]] = d_n[take].to(torch.int32)
             self.weight[s_n[take], target[take]] = c_n[take].to(torch.int16)

@@ -56,9 +56,12 @@ class MoEGraph(nn.Module):
         nbr, w = edges.neighbors(uniq)                                   # [U, cap]
         ids = torch.cat([uniq[:, None], nbr], 1)                         # own row first
         wts = torch.cat([torch.ones_like(uniq[:, None], dtype=torch.float32), w.float()], 1)
-        wts = torch.where(ids >= 0, wts, torch.zeros_like(wts))
-        fetch, slot = torch.unique(ids.clamp_min(0), sorted=True, return_inverse=True)
-        rows = decoded_weight(codebook, dtype, rows=fetch)[slot]         # [U, cap+1, c]
+        valid = ids >= 0
+        wts = torch.where(valid, wts, torch.zeros_like(wts))
+        # Decode each distinct valid row once; empty slots read nothing.
+        fetch, slot = torch.unique(ids[valid], sorted=True, return_inverse=True)
+        rows = torch.zeros(*ids.shape, codebook.cols, dtype=dtype, device=ids.device)
+        rows = rows.index_put((valid,), decoded_weight(codebook, dtype, rows=fetch)[slot])
         agg = (rows * (wts / wts.sum(1, keepdim=True)).to(dtype)[..., None]).sum(1)
         return self.node_proj(agg)[inverse]
 

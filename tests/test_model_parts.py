@@ -1,0 +1,141 @@
+import random
+
+import pytest
+import torch
+
+from arbd.config import get_preset
+from arbd.model.kg_edges import KGEdges
+from arbd.model.ledger import ContextAttentionScheduler, KVLedger
+from arbd.model.moegraph import MoEGraph
+from arbd.model.sequencer import Sequencer
+from arbd.ternary import TernaryMatrix
+
+CFG = get_preset("arb-tiny")
+
+
+def test_sequencer_matches_float64_reference():
+    seq = Sequencer(CFG, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (2, 9))
+    out = seq(ids, torch.float64)
+    assert out.shape == (2, 7, CFG.d_model)
+    emb = seq.embed.weight.decode(torch.float64)
+    proj = seq.project.weight.decode(torch.float64)
+    for b in range(2):
+        for i in range(7):
+            gram = torch.cat([emb[ids[b, i + j]] for j in range(3)])
+            assert torch.allclose(out[b, i], proj @ gram, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="T >= 3"):
+        seq(torch.zeros(2, 2, dtype=torch.long))
+
+
+def _reference_observe(dst, weight, src_ids, dst_ids, cap):
+    """Loop version of KGEdges.observe's documented rule."""
+    counts = {}
+    for s, d in zip(src_ids, dst_ids):
+        if s != d:
+            counts[(s, d)] = counts.get((s, d), 0) + 1
+    new = []
+    for (s, d), c in sorted(counts.items()):
+        if d in dst[s]:
+            k = dst[s].index(d)
+            weight[s][k] = min(weight[s][k] + c, 32767)
+        else:
+            new.append((s, d, c))
+    by_row = {}
+    for s, d, c in new:
+        by_row.setdefault(s, []).append((d, c))
+    for s, items in by_row.items():
+        keys = [(-1 if dst[s][k] < 0 else weight[s][k], k) for k in range(cap)]
+        order = [k for _, k in sorted(keys)]
+        for r, (d, c) in enumerate(items):
+            if r >= cap:
+                break
+            k = order[r]
+            if keys[k][0] <= c:
+                dst[s][k], weight[s][k] = d, c
+
+
+def test_kg_edges_match_loop_reference_and_touch_only_sources():
+    n, cap = 40, 3
+    edges = KGEdges(n, cap)
+    dst = [[-1] * cap for _ in range(n)]
+    weight = [[0] * cap for _ in range(n)]
+    rng = random.Random(0)
+    for _ in range(30):
+        src_ids = [rng.randrange(12) for _ in range(25)]
+        dst_ids = [rng.randrange(12) for _ in range(25)]
+        before = edges.dst.clone(), edges.weight.clone()
+        edges.observe(torch.tensor(src_ids), torch.tensor(dst_ids))
+        _reference_observe(dst, weight, src_ids, dst_ids, cap)
+        assert edges.dst.tolist() == dst and edges.weight.tolist() == weight
+        changed = ((edges.dst != before[0]) | (edges.weight != before[1])).any(1).nonzero().flatten()
+        assert set(changed.tolist()) <= set(src_ids)
+    assert (edges.dst[12:] == -1).all()
+    with pytest.raises(ValueError, match=r"\[0, 40\)"):
+        edges.observe(torch.tensor([1]), torch.tensor([40]))
+
+
+def test_ledger_seeds_once_and_wraps():
+    led = KVLedger(4)
+    assert led.view() is None
+    led.seed(torch.tensor([[1, 2, 3]]))
+    led.seed(torch.tensor([[9, 9, 9]]))  # not empty: ignored
+    assert led.view().tolist() == [[1, 2, 3]]
+    led.append(torch.tensor([[4, 5, 6]]))
+    assert led.view().tolist() == [[3, 4, 5, 6]]
+
+
+def test_scheduler_is_attention_over_ledger_embeddings():
+    sched = ContextAttentionScheduler(8, generator=torch.Generator().manual_seed(1))
+    h = torch.randn(2, 5, 8, dtype=torch.float64)
+    ids = torch.randint(0, 256, (2, 6))
+    out = sched(h, ids)
+    kv = sched.embed.weight.decode(torch.float64)[ids]
+    att = torch.softmax(h @ kv.transpose(1, 2) / 8 ** 0.5, -1)
+    assert torch.allclose(out, att @ kv)
+    assert torch.equal(sched(h, None), torch.zeros_like(h))
+
+
+def _moegraph():
+    torch.manual_seed(0)
+    return MoEGraph(CFG, generator=torch.Generator().manual_seed(2))
+
+
+def test_dispatch_equals_dense_mixture():
+    m = _moegraph()
+    x = torch.randn(7, CFG.d_model, dtype=torch.float64)
+    top_i, top_w, _ = m.route(x)
+    got = m.dispatch(x, top_i, top_w)
+    want = torch.stack([sum(top_w[r, k] * m.experts[int(top_i[r, k])](x[r:r + 1])[0]
+                            for k in range(m.top_k)) for r in range(7)])
+    assert torch.allclose(got, want)
+
+
+def test_act_contributions_sum_to_one_and_respect_cap():
+    m = _moegraph()
+    h = torch.randn(11, CFG.d_model, dtype=torch.float64)
+    out, aux = m.act(h)
+    assert out.shape == h.shape and torch.isfinite(out).all()
+    assert 1 <= float(aux["ponder"]) <= CFG.act_max_steps
+    # With every halt probability forced to 0, each position runs to the cap and takes the
+    # last state whole (remainder 1).
+    m.halt.weight.set_trits(torch.zeros(1, CFG.d_model, dtype=torch.int8))
+    m.halt.weight.exponent.fill_(-128)
+    out, aux = m.act(h)
+    assert float(aux["ponder"]) == CFG.act_max_steps
+
+
+def test_graph_message_reads_only_active_rows_and_feeds_their_evidence():
+    m = _moegraph()
+    codebook = TernaryMatrix(CFG.shared_vq_size, CFG.codebook_dim)
+    edges = KGEdges(CFG.shared_vq_size, CFG.kg_edges_per_node)
+    ids = torch.tensor([[5, 9, 5, 300]])
+    edges.observe(ids[:, :-1], ids[:, 1:])
+    msg = m.graph_message(ids, codebook, edges, torch.float64)
+    rows = codebook.decode(torch.float64)
+    # motif 5 has neighbours 9 and 300 (weight 1 each); its aggregate is their mean with its own row
+    want5 = m.node_proj(((rows[5] + rows[9] + rows[300]) / 3)[None])[0]
+    assert torch.allclose(msg[0, 0], want5) and torch.allclose(msg[0, 2], want5)
+    msg.sum().backward()
+    idx, _ = codebook.evidence()
+    assert set(idx.tolist()) == {5, 9, 300}
