@@ -1,0 +1,495 @@
+"""Triton kernels for the three products of a ternary linear layer.
+
+    ternary_matmul             y  = x  @ W.T    x [M, K]  -> y [M, N]   (forward)
+    ternary_matmul_grad_input  gx = gy @ W      gy [M, N] -> gx [M, K]  (backward, input)
+    weight_grad                gW = gy.T @ x    float32 [N, K]          (backward, evidence)
+
+W [N, K] is never materialised: the two ternary kernels read the packed bytes of their tile
+(arbd/ternary/packing.py: 5 trits per byte, base 3, least significant digit first, digit =
+trit + 1) and turn them into trits in registers, right before the tensor-core product.
+
+Digit planes. A tile of BLOCK_K packed bytes holds 5 * BLOCK_K trits, which is not a power of two,
+so the tile is not expanded into one [*, 5 * BLOCK_K] matrix. Instead each byte is split into its
+5 base-3 digits one at a time (lowest digit, then q //= 3; exact fp32 arithmetic, see _next_trit),
+and digit d of every byte in the tile forms a [*, BLOCK_K] "plane" of trits for the K positions
+k = 5 * kb + d. Each plane meets the matching columns of x (a stride-5 view of x, or a contiguous
+slice of a plane-major copy of x) in its own tl.dot. Every byte is loaded once and every trit costs
+four fp32 ops plus its conversion to the input dtype.
+
+Scales. The row scale 2 ** (E / SCALE_K) belongs to output column n in the forward pass, so it is
+applied to the fp32 accumulator after the reduction. In grad_input it sits on the reduced axis, so
+gy's tile is multiplied by it (once per tile, shared by the 5 planes) before the products.
+
+Accumulation is always fp32; fp32 inputs use input_precision="ieee" so that no tf32 rounding
+creeps in. float64 inputs (CPU references only) take a plain torch path, see _torch_fallback.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from arbd.config import SCALE_K, TRITS_PER_BYTE
+from arbd.ternary import packing
+
+# The kernels unroll exactly five digit planes per byte.
+assert TRITS_PER_BYTE == 5, "triton_kernels assumes 5 trits per byte"
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A byte whose five digits are all 1, i.e. five zero trits: the value masked-off bytes load as.
+_ZERO_TRITS_BYTE = tl.constexpr(121)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch shape of one kernel.
+
+    block_m, block_n: tile sizes along M and N. block_k: along K, counted in packed bytes (5 trits
+    each) for the two ternary kernels and in elements for weight_grad. group: how many tiles along
+    the first output axis walk the second axis together (keeps shared operands in L2).
+    planar_x (forward only): first copy x into plane-major order [M, 5, kb] (zero-padded to whole
+    tiles) so that each digit plane of x is a contiguous slice instead of a stride-5 gather.
+    split_k (forward only): programs per output tile, each summing a share of K into an fp32
+    buffer with atomic adds (more parallelism for small M; the summation order is not fixed).
+    prefetch (forward only): load the next tile's packed bytes one iteration ahead (see the kernel).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group: int = 8
+    planar_x: bool = False
+    split_k: int = 1
+    prefetch: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _tile_coords(pid, tiles_a, tiles_b, GROUP: tl.constexpr):
+    """Map a flat program id to (tile along a, tile along b).
+
+    Programs are dealt out in bands of GROUP tiles along a; inside a band, a moves fastest. Programs
+    that run at the same time then touch only GROUP tiles of a and few tiles of b, so the operands
+    they share stay in L2.
+    """
+    band_size = GROUP * tiles_b
+    band = pid // band_size
+    first_a = band * GROUP
+    height = tl.minimum(tiles_a - first_a, GROUP)
+    within = pid % band_size
+    return first_a + within % height, within // height
+
+
+@triton.jit
+def _next_trit(rest):
+    """Split the lowest base-3 digit off the bytes of a tile, in fp32 arithmetic.
+
+    rest holds q - 1, where q (an integer in 0..242) is what is left of each byte. Returns the trit
+    (lowest digit - 1) and the same quantity for q // 3. Everything is exact: the values are small
+    integers, and q // 3 = round((q - 1) / 3) because (q - 1) / 3 lies within 1/3 of an integer.
+    The rounding comes from adding 1.5 * 2**23, where an fp32's last bit is worth 1 (the sum is
+    never folded away: Triton compiles without fast-math). This keeps the unpacking on the fp32
+    pipes (two FFMA and two FADD per trit) instead of integer division plus an int-to-float
+    conversion per trit, which ran at about half the speed in a compile-only SASS count.
+    """
+    q3 = (rest * 0.3333333432674408 + 12582912.0) - 12582912.0  # q // 3
+    return rest - 3.0 * q3, q3 - 1.0
+
+
+@triton.jit
+def _ternary_matmul_kernel(
+    x_ptr, w_ptr, e_ptr, y_ptr,
+    M, N, K, KB, KB_PER_SPLIT,
+    stride_xm, stride_xkb, stride_xd,  # x element (m, k = 5 * kb + d) sits at m*sxm + kb*sxkb + d*sxd
+    stride_wn, stride_ym,
+    inv_scale_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GROUP: tl.constexpr,
+    X_PADDED: tl.constexpr, ATOMIC_OUT: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # The tile is computed transposed, acc[n, m] = sum_k W[n, k] x[m, k]: the unpacked trits are the
+    # left operand, which tensor cores can take straight from registers, and a small M (decode
+    # batches of 16) fills the narrow side of the MMA instead of wasting most of a 64-row one.
+    # Axis 1 of the grid splits K (split-K): with few rows of x there are too few output tiles to
+    # keep every SM busy, so several programs share a tile and add their partial sums atomically.
+    pid_n, pid_m = _tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP)
+    kb_start = tl.program_id(1) * KB_PER_SPLIT
+    kb_stop = tl.minimum(kb_start + KB_PER_SPLIT, KB)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_kb = tl.arange(0, BLOCK_KB)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (kb_start + offs_kb)[None, :]
+    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (kb_start + offs_kb)[:, None] * stride_xkb
+    dtype = x_ptr.dtype.element_ty
+
+    # Packed rows are only 1- or 2-byte aligned (ceil(K/5) bytes long), which rules out the
+    # asynchronous copies behind Triton's software pipelining. PREFETCH loads the next tile's bytes
+    # into registers by hand so that their latency overlaps this tile's work; the price is that
+    # Triton then unpacks in a plain layout and moves each bf16 plane through shared memory,
+    # whereas without it only the bytes make that trip. Which wins depends on the shape.
+    if PREFETCH:
+        q_next = tl.load(w_ptrs, mask=n_ok[:, None] & (kb_start + offs_kb < kb_stop)[None, :],
+                         other=_ZERO_TRITS_BYTE)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kb0 in range(kb_start, kb_stop, BLOCK_KB):
+        kb = kb0 + offs_kb
+        if PREFETCH:
+            q = q_next
+            q_next = tl.load(w_ptrs + BLOCK_KB, mask=n_ok[:, None] & (kb + BLOCK_KB < kb_stop)[None, :],
+                             other=_ZERO_TRITS_BYTE)
+        else:
+            q = tl.load(w_ptrs, mask=n_ok[:, None] & (kb < kb_stop)[None, :], other=_ZERO_TRITS_BYTE)
+        w_ptrs += BLOCK_KB
+        rest = q.to(tl.float32) - 1.0
+        for d in tl.static_range(5):
+            if X_PADDED:
+                # Plane-major copy, zero-filled up to a whole number of tiles: only rows need a
+                # mask, which keeps the loads contiguous and vectorisable.
+                x_mask = m_ok[None, :]
+            else:
+                # Columns past K (the padding digits of the last byte) read as zero, so the padding
+                # trits never need to be checked.
+                x_mask = (kb * 5 + d < K)[:, None] & m_ok[None, :]
+            xt = tl.load(x_ptrs + d * stride_xd, mask=x_mask, other=0.0)
+            t, rest = _next_trit(rest)
+            acc += tl.dot(t.to(dtype), xt, input_precision=PRECISION)
+        x_ptrs += BLOCK_KB * stride_xkb
+
+    e = tl.load(e_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+    acc = acc * tl.exp2(e * inv_scale_k)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    y_mask = n_ok[:, None] & m_ok[None, :]
+    if ATOMIC_OUT:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask)  # fp32 buffer, zeroed by the caller
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _ternary_grad_input_kernel(
+    g_ptr, w_ptr, e_ptr, o_ptr,
+    M, N, K, KB,
+    stride_gm, stride_wn, stride_om,
+    inv_scale_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GROUP: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Output tile: rows m, and the 5 * BLOCK_KB columns k = 5 * kb + d held by BLOCK_KB bytes,
+    # kept as five [BLOCK_M, BLOCK_KB] accumulators, one per digit plane.
+    pid_m, pid_kb = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(KB, BLOCK_KB), GROUP)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_kb = pid_kb * BLOCK_KB + tl.arange(0, BLOCK_KB)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    kb_ok = offs_kb < KB
+
+    g_ptrs = g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_n[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_kb[None, :]
+    dtype = g_ptr.dtype.element_ty
+
+    acc0 = tl.zeros((BLOCK_M, BLOCK_KB), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_KB), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_KB), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_KB), dtype=tl.float32)
+    acc4 = tl.zeros((BLOCK_M, BLOCK_KB), dtype=tl.float32)
+    # Bytes prefetched one tile ahead by hand, as in the forward kernel.
+    q_next = tl.load(w_ptrs, mask=(offs_n < N)[:, None] & kb_ok[None, :], other=_ZERO_TRITS_BYTE)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + offs_n
+        n_ok = n < N
+        q = q_next
+        w_ptrs += BLOCK_N * stride_wn
+        q_next = tl.load(w_ptrs, mask=(n + BLOCK_N < N)[:, None] & kb_ok[None, :], other=_ZERO_TRITS_BYTE)
+        g = tl.load(g_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        e = tl.load(e_ptr + n, mask=n_ok, other=0).to(tl.float32)
+        # The scale lives on the reduced axis n: fold it into gy once for all five planes.
+        g = (g.to(tl.float32) * tl.exp2(e * inv_scale_k)[None, :]).to(dtype)
+        rest = q.to(tl.float32) - 1.0
+        t0, rest = _next_trit(rest)
+        acc0 += tl.dot(g, t0.to(dtype), input_precision=PRECISION)
+        t1, rest = _next_trit(rest)
+        acc1 += tl.dot(g, t1.to(dtype), input_precision=PRECISION)
+        t2, rest = _next_trit(rest)
+        acc2 += tl.dot(g, t2.to(dtype), input_precision=PRECISION)
+        t3, rest = _next_trit(rest)
+        acc3 += tl.dot(g, t3.to(dtype), input_precision=PRECISION)
+        t4, rest = _next_trit(rest)
+        acc4 += tl.dot(g, t4.to(dtype), input_precision=PRECISION)
+        g_ptrs += BLOCK_N
+
+    # Plane d holds columns 5 * kb + d: stride-5 stores, each output element written once.
+    out_dtype = o_ptr.dtype.element_ty
+    o_ptrs = o_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_kb[None, :] * 5
+    k0 = offs_kb * 5
+    tl.store(o_ptrs + 0, acc0.to(out_dtype), mask=m_ok[:, None] & (k0 + 0 < K)[None, :])
+    tl.store(o_ptrs + 1, acc1.to(out_dtype), mask=m_ok[:, None] & (k0 + 1 < K)[None, :])
+    tl.store(o_ptrs + 2, acc2.to(out_dtype), mask=m_ok[:, None] & (k0 + 2 < K)[None, :])
+    tl.store(o_ptrs + 3, acc3.to(out_dtype), mask=m_ok[:, None] & (k0 + 3 < K)[None, :])
+    tl.store(o_ptrs + 4, acc4.to(out_dtype), mask=m_ok[:, None] & (k0 + 4 < K)[None, :])
+
+
+@triton.jit
+def _weight_grad_kernel(
+    g_ptr, x_ptr, o_ptr,
+    M, N, K,
+    stride_gm, stride_xm, stride_on,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # A plain tiled gy.T @ x reducing over the M rows; gy.T is read through transposed pointers.
+    pid_n, pid_k = _tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_ok = offs_n < N
+    k_ok = offs_k < K
+
+    gt_ptrs = g_ptr + offs_m[None, :].to(tl.int64) * stride_gm + offs_n[:, None]
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        m_ok = m0 + offs_m < M
+        gt = tl.load(gt_ptrs, mask=n_ok[:, None] & m_ok[None, :], other=0.0)
+        xx = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(gt, xx, input_precision=PRECISION)
+        gt_ptrs += BLOCK_M * stride_gm
+        x_ptrs += BLOCK_M * stride_xm
+
+    o_ptrs = o_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :]
+    tl.store(o_ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch shapes
+
+
+def _pow2_between(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def matmul_config(m: int, n: int, k: int, device: torch.device | None = None) -> TileConfig:
+    """Default tile shape for ternary_matmul (block_k in packed bytes)."""
+    kb = math.ceil(k / 5)
+    if _interpreting():
+        # The interpreter pays per program and per op, not per FLOP: few, large tiles.
+        return TileConfig(_pow2_between(m, 16, 64), _pow2_between(n, 16, 128), _pow2_between(kb, 16, 64))
+    if m <= 64:
+        # Bound by reading the packed bytes: one M tile, and split-K up to about eight programs
+        # per SM. The 2-byte-aligned packed rows rule out asynchronous copies, so only other
+        # programs hide the load latency, and many short programs also even out the last wave
+        # (H100, M=16, K=N=7168: split 1 / 3 / 5 / 10 ran in 91 / 45 / 50 / 40 us; bench/RESULTS.md).
+        block_m, block_n, block_k = _pow2_between(m, 16, 64), 64, 32
+        tiles = math.ceil(n / block_n)
+        sms = _sm_count(device) if device is not None and device.type == "cuda" else 132
+        split = max(1, min(math.ceil(8 * sms / tiles), math.ceil(kb / (2 * block_k))))
+        return TileConfig(block_m, block_n, block_k, num_warps=4, num_stages=3, split_k=split)
+    # Fastest of the shapes measured at M=8192 (prefetch and the stride-5 x were slower).
+    return TileConfig(128, 128, 32, num_warps=8, num_stages=3, planar_x=True)
+
+
+def grad_input_config(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
+    """Default tile shape for ternary_matmul_grad_input (block_n is the reduced axis)."""
+    kb = math.ceil(k / 5)
+    if _interpreting():
+        return TileConfig(_pow2_between(m, 16, 64), _pow2_between(n, 16, 128), _pow2_between(kb, 16, 64))
+    if m <= 64:
+        return TileConfig(_pow2_between(m, 16, 64), 64, 32, num_warps=4, num_stages=3)
+    if dtype == torch.float32:
+        return TileConfig(128, 64, 32, num_warps=8, num_stages=3)  # the fp32 shape checked on the GPU
+    return TileConfig(128, 128, 32, num_warps=8, num_stages=3)  # fastest measured at M=8192
+
+
+def weight_grad_config(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
+    """Default tile shape for weight_grad (block_m is the reduced axis, block_k in elements)."""
+    if _interpreting():
+        return TileConfig(_pow2_between(m, 16, 64), _pow2_between(n, 16, 128), _pow2_between(k, 16, 128))
+    if dtype == torch.float32:
+        return TileConfig(64, 128, 128, num_warps=8, num_stages=3)  # 4-byte tiles: less shared memory
+    return TileConfig(64, 128, 256, num_warps=8, num_stages=3)  # fastest measured at M=8192
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and helpers
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, features], got shape {tuple(t.shape)}")
+    if t.dtype not in _KERNEL_DTYPES + (torch.float64,):
+        raise ValueError(f"{name} must be float32, float16, bfloat16 (or float64), got {t.dtype}")
+
+
+def _check_weight(packed: torch.Tensor, exponent: torch.Tensor, k: int) -> int:
+    """Validate the packed weight for k input features; return its row count N."""
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+        raise ValueError(f"K must be a positive int, got {k!r}")
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be uint8, got {packed.dtype}")
+    expected_cols = packing.packed_cols(k)
+    if packed.dim() != 2 or packed.shape[1] != expected_cols:
+        raise ValueError(f"packed must have shape [N, {expected_cols}] for K={k}, got {tuple(packed.shape)}")
+    n = packed.shape[0]
+    if exponent.dtype != torch.int8:
+        raise ValueError(f"exponent must be int8, got {exponent.dtype}")
+    if tuple(exponent.shape) != (n,):
+        raise ValueError(f"exponent must have shape ({n},) to match packed, got {tuple(exponent.shape)}")
+    return n
+
+
+def _check_devices(*tensors: torch.Tensor) -> None:
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    device = devices.pop()
+    if device.type != "cuda" and not _interpreting():
+        raise ValueError(f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device}")
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # "ieee" keeps fp32 products exact fp32 (no tf32); 16-bit inputs are exact on tensor cores anyway.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _torch_fallback(packed: torch.Tensor, exponent: torch.Tensor, k: int) -> torch.Tensor:
+    # float64 is only used for CPU references, which tensor cores do not serve: decoding W there is
+    # acceptable and keeps the float64 answer exact.
+    return packing.decode(packed, exponent, k, torch.float64)
+
+
+def _plane_major(x: torch.Tensor, kb: int) -> torch.Tensor:
+    """x [M, K] -> [M, 5, kb] with [m, d, j] = x[m, 5 * j + d], zero where 5 * j + d >= K."""
+    x = torch.nn.functional.pad(x, (0, 5 * kb - x.shape[1]))
+    return x.reshape(x.shape[0], kb, 5).transpose(1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor, K: int, *,
+                   config: TileConfig | None = None) -> torch.Tensor:
+    """y = x @ W.T for x [M, K] and W [N, K] given as packed trits and int8 row exponents.
+
+    Returns [M, N] in x's dtype, accumulated in fp32. `config` overrides the default tile shape.
+    """
+    _check_float("x", x)
+    n = _check_weight(packed, exponent, K)
+    if x.shape[1] != K:
+        raise ValueError(f"x must have shape [M, {K}], got {tuple(x.shape)}")
+    _check_devices(x, packed, exponent)
+    if x.dtype == torch.float64:
+        return x @ _torch_fallback(packed, exponent, K).t()
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    cfg = config or matmul_config(m, n, K, x.device)
+    packed = packed.contiguous()
+    exponent = exponent.contiguous()
+    kb = packed.shape[1]
+    if cfg.planar_x:
+        xs = _plane_major(x, triton.cdiv(kb, cfg.block_k) * cfg.block_k)
+        strides = (xs.stride(0), 1, xs.stride(1))
+    else:
+        xs = x.contiguous()
+        strides = (xs.stride(0), 5, 1)
+    # Whole tiles per split, and no split left without work.
+    kb_per_split = triton.cdiv(triton.cdiv(kb, max(cfg.split_k, 1)), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(kb, kb_per_split)
+    out = y if splits == 1 else torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
+    # The kernels multiply E by 1 / SCALE_K; exact for SCALE_K = 16, within an ulp for any value.
+    _ternary_matmul_kernel[grid](
+        xs, packed, exponent, out, m, n, K, kb, kb_per_split, *strides, packed.stride(0), out.stride(0),
+        1.0 / SCALE_K,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KB=cfg.block_k, GROUP=cfg.group,
+        X_PADDED=cfg.planar_x, ATOMIC_OUT=splits > 1, PREFETCH=cfg.prefetch, PRECISION=_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y if out is y else out.to(x.dtype)
+
+
+def ternary_matmul_grad_input(gy: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor, K: int, *,
+                              config: TileConfig | None = None) -> torch.Tensor:
+    """gx = gy @ W for gy [M, N]: returns [M, K] in gy's dtype, accumulated in fp32."""
+    _check_float("gy", gy)
+    n = _check_weight(packed, exponent, K)
+    if gy.shape[1] != n:
+        raise ValueError(f"gy must have shape [M, {n}] to match packed's {n} rows, got {tuple(gy.shape)}")
+    _check_devices(gy, packed, exponent)
+    if gy.dtype == torch.float64:
+        return gy @ _torch_fallback(packed, exponent, K)
+    m = gy.shape[0]
+    gx = torch.empty(m, K, dtype=gy.dtype, device=gy.device)
+    if m == 0:
+        return gx
+    if n == 0:
+        return gx.zero_()
+    cfg = config or grad_input_config(m, n, K, gy.dtype)
+    gy = gy.contiguous()
+    packed = packed.contiguous()
+    exponent = exponent.contiguous()
+    kb = packed.shape[1]
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(kb, cfg.block_k),)
+    _ternary_grad_input_kernel[grid](
+        gy, packed, exponent, gx, m, n, K, kb, gy.stride(0), packed.stride(0), gx.stride(0), 1.0 / SCALE_K,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KB=cfg.block_k, GROUP=cfg.group,
+        PRECISION=_precision(gy.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return gx
+
+
+def weight_grad(gy: torch.Tensor, x: torch.Tensor, *, config: TileConfig | None = None) -> torch.Tensor:
+    """gW = gy.T @ x for gy [M, N] and x [M, K]: float32 [N, K] accumulated in fp32.
+
+    float64 inputs return float64 through torch (CPU references; the evidence keeps float64).
+    """
+    _check_float("gy", gy)
+    _check_float("x", x)
+    if gy.shape[0] != x.shape[0]:
+        raise ValueError(f"gy and x must have the same number of rows, got {gy.shape[0]} and {x.shape[0]}")
+    if gy.dtype != x.dtype:
+        raise ValueError(f"gy and x must share a dtype, got {gy.dtype} and {x.dtype}")
+    _check_devices(gy, x)
+    if x.dtype == torch.float64:
+        return gy.t() @ x
+    m, n = gy.shape
+    k = x.shape[1]
+    if m == 0 or n == 0 or k == 0:
+        return torch.zeros(n, k, dtype=torch.float32, device=x.device)
+    out = torch.empty(n, k, dtype=torch.float32, device=x.device)
+    cfg = config or weight_grad_config(m, n, k, x.dtype)
+    gy = gy.contiguous()
+    x = x.contiguous()
+    grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(k, cfg.block_k),)
+    _weight_grad_kernel[grid](
+        gy, x, out, m, n, k, gy.stride(0), x.stride(0), out.stride(0),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_m, GROUP=cfg.group,
+        PRECISION=_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

@@ -1,0 +1,187 @@
+"""The Triton ternary kernels against a float64 torch reference, on CPU through the interpreter.
+
+TRITON_INTERPRET must be set before triton is imported (it decides at @triton.jit time whether the
+kernels are compiled or interpreted); it stays set for the rest of the pytest process. bf16
+arithmetic is wrong in the interpreter, so only fp32 and fp16 are checked here;
+bench/gpu_ternary_check.py checks bf16 on a GPU.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+tl = triton.language
+
+from arbd.ternary import packing  # noqa: E402
+from arbd.ternary.layers import TernaryLinear  # noqa: E402
+from arbd.ternary import triton_kernels as tk  # noqa: E402
+
+# If triton_kernels was imported (compiled) before this module could switch the interpreter on,
+# the kernels need a GPU: run there if there is one, else skip.
+INTERPRETED = type(tk._ternary_matmul_kernel).__name__ == "InterpretedFunction"
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("no CUDA and the Triton interpreter could not be enabled", allow_module_level=True)
+DEVICE = "cpu" if INTERPRETED else "cuda"
+
+
+@triton.jit
+def _loop_probe(out_ptr, n):
+    acc = 0
+    for i in range(0, n):
+        acc += i
+    tl.store(out_ptr, acc)
+
+
+if INTERPRETED:
+    # Triton 3.6's interpreter cannot run a loop with a runtime bound under NumPy 2 (it calls int()
+    # on a 1-element array); the pinned Triton 3.9 can. Skip cleanly rather than fail 13 times.
+    try:
+        _probe_out = torch.zeros(1, dtype=torch.int32)
+        _loop_probe[(1,)](_probe_out, 4)
+    except Exception as exc:  # noqa: BLE001 - any failure means the interpreter is unusable here
+        pytest.skip(f"this Triton's interpreter cannot run loops ({triton.__version__}): {exc!r}",
+                    allow_module_level=True)
+
+SHAPES = [(3, 37, 19), (16, 64, 40), (33, 130, 65)]  # (M, K, N); 37 and 130 -> partial last byte
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.cpu().double() - ref).norm() / ref.norm()).item()
+
+
+def _random_weight(n: int, k: int, gen: torch.Generator):
+    trits = torch.randint(-1, 2, (n, k), generator=gen)
+    exponent = torch.randint(-48, 48, (n,), generator=gen).to(torch.int8)
+    packed = packing.pack_trits(trits)
+    return packed.to(DEVICE), exponent.to(DEVICE), packing.decode(packed, exponent, k, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_kernels_match_float64_reference(m, k, n, dtype):
+    gen = torch.Generator().manual_seed(m * 1000 + k + n)
+    packed, exponent, w = _random_weight(n, k, gen)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    gy = torch.randn(m, n, generator=gen).to(DEVICE, dtype)
+
+    y = tk.ternary_matmul(x, packed, exponent, k)
+    gx = tk.ternary_matmul_grad_input(gy, packed, exponent, k)
+    gw = tk.weight_grad(gy, x)
+
+    assert (y.dtype, y.shape) == (dtype, (m, n))
+    assert (gx.dtype, gx.shape) == (dtype, (m, k))
+    assert (gw.dtype, gw.shape) == (torch.float32, (n, k))
+    tol = TOL[dtype]
+    x, gy = x.cpu().double(), gy.cpu().double()
+    assert _rel_err(y, x @ w.t()) < tol
+    assert _rel_err(gx, gy @ w) < tol
+    assert _rel_err(gw, gy.t() @ x) < tol
+
+
+def test_every_byte_value_decodes_exactly():
+    # One row per valid byte (0..242), K = 5: x = I_5 makes y.T the decoded weight itself.
+    packed = torch.arange(243, dtype=torch.uint8).reshape(243, 1)
+    exponent = torch.randint(-128, 128, (243,), generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    ref = packing.decode(packed, exponent, 5, torch.float64)
+    y = tk.ternary_matmul(torch.eye(5, device=DEVICE), packed.to(DEVICE), exponent.to(DEVICE), 5)
+    assert torch.allclose(y.t().cpu().double(), ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("planar,split_k,prefetch", [(False, 1, False), (True, 1, True), (False, 3, True),
+                                                     (True, 2, False)])
+def test_small_tiles_many_programs_and_non_contiguous_inputs(planar, split_k, prefetch):
+    # 16-wide tiles force several programs, K loop iterations and band wrap-around in each kernel,
+    # and split-K leaves a short last split; the inputs are transposed views, so .contiguous() has
+    # real work to do.
+    m, k, n = 40, 170, 37  # 34 bytes per row: split_k=3 gives splits of 16, 16 and 2 bytes
+    gen = torch.Generator().manual_seed(7)
+    packed, exponent, w = _random_weight(n, k, gen)
+    x = torch.randn(k, m, generator=gen).to(DEVICE).t()
+    gy = torch.randn(n, m, generator=gen).to(DEVICE).t()
+    assert not x.is_contiguous() and not gy.is_contiguous()
+    cfg = tk.TileConfig(16, 16, 16, group=2, planar_x=planar, split_k=split_k, prefetch=prefetch)
+    y = tk.ternary_matmul(x, packed, exponent, k, config=cfg)
+    gx = tk.ternary_matmul_grad_input(gy, packed, exponent, k, config=cfg)
+    gw = tk.weight_grad(gy, x, config=cfg)
+    x, gy = x.cpu().double(), gy.cpu().double()
+    assert _rel_err(y, x @ w.t()) < 1e-5
+    assert _rel_err(gx, gy @ w) < 1e-5
+    assert _rel_err(gw, gy.t() @ x) < 1e-5
+
+
+def test_float64_takes_the_torch_path():
+    gen = torch.Generator().manual_seed(3)
+    packed, exponent, w = _random_weight(9, 12, gen)
+    x = torch.randn(4, 12, dtype=torch.float64, generator=gen)
+    gy = torch.randn(4, 9, dtype=torch.float64, generator=gen)
+    y = tk.ternary_matmul(x.to(DEVICE), packed, exponent, 12).cpu()
+    gx = tk.ternary_matmul_grad_input(gy.to(DEVICE), packed, exponent, 12).cpu()
+    gw = tk.weight_grad(gy.to(DEVICE), x.to(DEVICE)).cpu()
+    assert torch.allclose(y, x @ w.t()) and torch.allclose(gx, gy @ w)
+    assert gw.dtype == torch.float64 and torch.allclose(gw, gy.t() @ x)
+
+
+def test_empty_batch():
+    packed, exponent, _ = _random_weight(5, 7, torch.Generator().manual_seed(0))
+    empty = lambda cols: torch.empty(0, cols, device=DEVICE)  # noqa: E731
+    assert tk.ternary_matmul(empty(7), packed, exponent, 7).shape == (0, 5)
+    assert tk.ternary_matmul_grad_input(empty(5), packed, exponent, 7).shape == (0, 7)
+    assert torch.equal(tk.weight_grad(empty(5), empty(7)).cpu(), torch.zeros(5, 7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_layer_triton_matches_torch_backend(dtype):
+    k, n = 37, 19
+    ref = TernaryLinear(k, n, backend="torch", generator=torch.Generator().manual_seed(1))
+    tri = TernaryLinear(k, n, backend="triton", device=DEVICE)
+    tri.load_state_dict(ref.state_dict())
+    ref.to(DEVICE)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, k, generator=gen).to(DEVICE, dtype)
+    gy = torch.randn(2, 3, n, generator=gen).to(DEVICE, dtype)
+    outs = []
+    for layer in (ref, tri):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        (y.float() * gy.float()).sum().backward()
+        outs.append((y, xi.grad, layer.weight.evidence()[1]))
+    (y_r, gx_r, gw_r), (y_t, gx_t, gw_t) = outs
+    tol = TOL[dtype]
+    assert y_t.dtype == dtype and gx_t.dtype == dtype and gw_t.dtype == torch.float32
+    assert _rel_err(y_t, y_r.double()) < tol
+    assert _rel_err(gx_t, gx_r.double()) < tol
+    assert _rel_err(gw_t, gw_r.double()) < tol
+
+
+def test_bad_inputs_raise_value_errors():
+    packed, exponent, _ = _random_weight(6, 11, torch.Generator().manual_seed(0))  # 3 bytes per row
+    packed, exponent = packed.cpu(), exponent.cpu()
+    x, gy = torch.randn(2, 11), torch.randn(2, 6)
+    with pytest.raises(ValueError, match="uint8"):
+        tk.ternary_matmul(x, packed.to(torch.int16), exponent, 11)
+    with pytest.raises(ValueError, match=r"\[N, 3\].*\(6, 4\)"):
+        tk.ternary_matmul(x, torch.zeros(6, 4, dtype=torch.uint8), exponent, 11)
+    with pytest.raises(ValueError, match=r"\[N, 2\].*\(6, 3\)"):
+        tk.ternary_matmul(torch.randn(2, 10), packed, exponent, 10)  # K=10 needs 2 bytes
+    with pytest.raises(ValueError, match=r"\[M, 11\].*\(2, 12\)"):
+        tk.ternary_matmul(torch.randn(2, 12), packed, exponent, 11)
+    with pytest.raises(ValueError, match="int8"):
+        tk.ternary_matmul(x, packed, exponent.to(torch.int32), 11)
+    with pytest.raises(ValueError, match=r"\(6,\).*\(5,\)"):
+        tk.ternary_matmul(x, packed, exponent[:5], 11)
+    with pytest.raises(ValueError, match="positive int"):
+        tk.ternary_matmul(x, packed, exponent, 0)
+    with pytest.raises(ValueError, match="int64"):
+        tk.ternary_matmul(x.long(), packed, exponent, 11)
+    with pytest.raises(ValueError, match=r"\[M, 6\].*\(2, 7\)"):
+        tk.ternary_matmul_grad_input(torch.randn(2, 7), packed, exponent, 11)
+    with pytest.raises(ValueError, match="same number of rows"):
+        tk.weight_grad(torch.randn(3, 6), x)
+    with pytest.raises(ValueError, match="share a dtype"):
+        tk.weight_grad(gy.half(), x)
+    with pytest.raises(ValueError, match="2-D"):
+        tk.weight_grad(gy.reshape(2, 2, 3), x)
