@@ -104,6 +104,12 @@ class ARBConfig:
     use_output_router: bool = True
     use_video_head: bool = True
     use_talker_head: bool = True
+    # Parts the seeds name outside seed 14's table (docs/decisions.md): MemGram and LTI injection
+    # on the text path, and the image/video (VAE2D) and audio sidecar sequencers.
+    use_memgram: bool = True
+    use_lti: bool = True
+    use_vision: bool = True
+    use_audio: bool = True
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -205,7 +211,8 @@ def mla_layer_weights(cfg: ARBConfig) -> int:
 def logical_ternary_weights(cfg: ARBConfig) -> dict[str, int]:
     """Per-area counts; an area switched off by a flag counts 0 (every key is always present)."""
     d, c = cfg.d_model, cfg.codebook_dim
-    moe = cfg.n_experts * 2 * d * cfg.expert_hidden + d * cfg.n_experts + d  # experts, router, halt
+    # experts, router, halt gate, and two norm gains (pre-expert and output)
+    moe = cfg.n_experts * 2 * d * cfg.expert_hidden + d * cfg.n_experts + d + 2 * d
     graph = c * d + BYTE_VOCAB * d  # active-node projection, ledger byte embedding
     proposal = d * cfg.proposal_hidden + cfg.proposal_hidden * c + d  # two matrices + halt gate
     video = d * cfg.video_hidden + cfg.video_hidden * cfg.video_out

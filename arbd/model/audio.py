@@ -42,9 +42,11 @@ def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int) -> torch.Tensor:
     def mel_to_hz(m):
         return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
 
-    freqs = torch.linspace(0, sample_rate / 2, n_freqs, dtype=torch.float64)
-    top = hz_to_mel(torch.tensor(sample_rate / 2, dtype=torch.float64))
-    pts = mel_to_hz(torch.linspace(0, float(top), n_mels + 2, dtype=torch.float64))
+    # Always on the CPU, even under a meta/cuda default device: the caller moves the result.
+    cpu = dict(dtype=torch.float64, device="cpu")
+    freqs = torch.linspace(0, sample_rate / 2, n_freqs, **cpu)
+    top = hz_to_mel(torch.tensor(sample_rate / 2, **cpu))
+    pts = mel_to_hz(torch.linspace(0, float(top), n_mels + 2, **cpu))
     lo, mid, hi = pts[:-2], pts[1:-1], pts[2:]
     up = (freqs[:, None] - lo[None]) / (mid - lo)[None]
     down = (hi[None] - freqs[:, None]) / (hi - mid)[None]

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from arbd.config import ARBConfig
 from arbd.model.kg_edges import KGEdges
 from arbd.model.ledger import ContextAttentionScheduler
-from arbd.ternary import TernaryLinear, TernaryMatrix, decoded_weight
+from arbd.ternary import TernaryLinear, TernaryMatrix, TernaryRMSNorm, decoded_weight
 
 HALT_EPS = 0.01
 
@@ -46,6 +46,10 @@ class MoEGraph(nn.Module):
                                          for _ in range(cfg.n_experts))
             self.router = TernaryLinear(d, cfg.n_experts, backend=backend, generator=generator)
             self.halt = TernaryLinear(d, 1, backend=backend, generator=generator)
+            # Pre-norm for each ACT step and a final norm: repeated residual expert steps
+            # otherwise grow the state several-fold per step, and the heads read this output.
+            self.expert_norm = TernaryRMSNorm(d, cfg.norm_eps)
+            self.out_norm = TernaryRMSNorm(d, cfg.norm_eps)
         self.top_k = cfg.moe_top_k
 
     # -- graph -------------------------------------------------------------------------------
@@ -101,9 +105,10 @@ class MoEGraph(nn.Module):
         balance = h.new_zeros((), dtype=torch.float32)
         for step in range(self.cfg.act_max_steps):
             x = state[running]
-            top_i, top_w, bal = self.route(x)
+            xn = self.expert_norm(x)
+            top_i, top_w, bal = self.route(xn)
             balance = balance + bal
-            x = x + self.dispatch(x, top_i, top_w)
+            x = x + self.dispatch(xn, top_i, top_w)
             p = torch.sigmoid(self.halt(x).float()).squeeze(-1)
             mass = halted_mass[running]
             last = step == self.cfg.act_max_steps - 1
@@ -132,5 +137,5 @@ class MoEGraph(nn.Module):
         if self.use_moe:
             b, t, d = h.shape
             out, aux = self.act(h.reshape(b * t, d))
-            h = out.reshape(b, t, d)
+            h = self.out_norm(out.reshape(b, t, d))
         return h, aux
