@@ -206,12 +206,17 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
 
     @torch.no_grad()
     def _vision_targets(self, data: torch.Tensor) -> torch.Tensor:
+        """Next-token targets: the VAE mean of the next patch token, RMS-normalised per token.
+
+        The VAE trains at the same time, so its raw means drift in scale; regressing a
+        normalised target keeps the VideoHead loss bounded while the encoder moves."""
         if data.dim() == 4:
-            return self.vision.encode(data)[0][:, 1:]
-        b, f = data.shape[:2]
-        mu = self.vision.encode(data.flatten(0, 1))[0].unflatten(0, (b, f))   # [B, F, N, L]
-        first = mu[:, ::self.vision.temporal_stride]                           # window starts
-        return first.flatten(1, 2)[:, 1:]
+            mu = self.vision.encode(data)[0][:, 1:]
+        else:
+            b, f = data.shape[:2]
+            mu = self.vision.encode(data.flatten(0, 1))[0].unflatten(0, (b, f))   # [B, F, N, L]
+            mu = mu[:, ::self.vision.temporal_stride].flatten(1, 2)[:, 1:]       # window starts
+        return mu * torch.rsqrt(mu.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(mu.dtype)
 
     # -- generation --------------------------------------------------------------------------
     @torch.no_grad()

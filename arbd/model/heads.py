@@ -42,7 +42,9 @@ class _TwoLayerHead(nn.Module):
         self.fc2 = TernaryLinear(hidden, out, backend=backend, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(_relu2(self.fc1(x)))
+        # SiLU, not relu^2: these heads regress continuous latents, where relu^2's quadratic
+        # growth turned small scale moves into exploding predictions (seen in training).
+        return self.fc2(F.silu(self.fc1(x)))
 
 
 class VideoHead(_TwoLayerHead):
