@@ -92,11 +92,16 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
         super().__init__()
         self.cfg = cfg
         self.loss_weights = loss_weights or LossWeights()
-        with torch.device(device if device is not None else torch.get_default_device()):
+        if device is not None and torch.device(device).type == "meta":
+            with torch.device("meta"):  # shapes only (e.g. counting arb-3b): no init work at all
+                self._build(cfg, backend, seed, device)
+        else:
+            # Random init draws from CPU generators; parts built without `device` move after.
             self._build(cfg, backend, seed, device)
+            if device is not None:
+                self.to(device)
 
     def _build(self, cfg: ARBConfig, backend: str, seed: int, device) -> None:
-        # Every factory call inherits `device` (meta: shapes only, e.g. counting arb-3b).
         g = torch.Generator().manual_seed(seed)
         kw = dict(backend=backend, generator=g, device=device)
         self.sequencer = Sequencer(cfg, backend=backend, generator=g)
