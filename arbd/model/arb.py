@@ -122,6 +122,10 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
         self.vision = VAE2DSequencer(cfg, **kw) if cfg.use_vision else None
         self.audio = AudioSequencer(cfg, **kw) if cfg.use_audio else None
         self.ledger = KVLedger(cfg.kv_ledger_len)
+        # The one float parameter: a learned log-temperature of the byte logits. Ternary heads
+        # move their logit scale only in 2^(1/16) steps; this lets calibration move smoothly,
+        # and gives DeepSpeed's optimizer, clipping and ZeRO a real float parameter to drive.
+        self.logit_scale = nn.Parameter(torch.zeros(1, device=device))
 
     # -- shared trunk ------------------------------------------------------------------------
     def _trunk(self, h: torch.Tensor, motif_ids: torch.Tensor | None,
@@ -166,7 +170,7 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
             losses["vq"] = vq.loss
         self.ledger.seed(ids)
         h = self._trunk(h, motif_ids, losses)
-        logits = self.byte_head(h)
+        logits = self.byte_head(h) * self.logit_scale.exp().to(h.dtype)
         t = ids.shape[1]
         terms = [F.cross_entropy(logits[:, :t - NGRAM - j, j].reshape(-1, logits.shape[-1]).float(),
                                  ids[:, NGRAM + j:].reshape(-1)) for j in range(NGRAM)]

@@ -1,0 +1,116 @@
+"""Shard plans: a YAML file that says how a run is laid out, and the DeepSpeed config it implies.
+
+    name: cpu-2
+    preset: arb-tiny
+    layout: {dp: 2, tp: 1, ep: 1, codebook_shards: 0}   # 0 = the whole world
+    zero_stage: 1
+    micro_batch: 4
+    grad_accum: 2
+    seq_len: 64
+    dtype: fp32            # fp32 | bf16 (bf16 on GPU)
+    backend: torch         # torch | triton
+    evidence: summed       # data-parallel ternary evidence: summed | votes
+
+Every error names the field and a fix. The full planner (memory table, communication volume,
+`arbd-plan`) builds on this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from arbd.config import PRESETS, get_preset
+from arbd.parallel.mesh import Layout
+
+DTYPES = ("fp32", "bf16")
+EVIDENCE_MODES = ("summed", "votes")
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    preset: str
+    layout: Layout
+    zero_stage: int = 0
+    micro_batch: int = 1
+    grad_accum: int = 1
+    seq_len: int = 64
+    dtype: str = "fp32"
+    backend: str = "torch"
+    evidence: str = "summed"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.layout.dp
+
+    def validate(self, world_size: int | None = None) -> None:
+        get_preset(self.preset)
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"plan {self.name}: zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage == 3:
+            raise ValueError(f"plan {self.name}: zero_stage 3 is not supported (DeepSpeed refuses "
+                             "ZeRO-3 with its MoE layers and the ternary state is partitioned "
+                             "from stage 1 already); use zero_stage 1 or 2")
+        for name in ("micro_batch", "grad_accum", "seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"plan {self.name}: {name} must be a positive int, got {v!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"plan {self.name}: dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.evidence not in EVIDENCE_MODES:
+            raise ValueError(f"plan {self.name}: evidence must be one of {EVIDENCE_MODES}, "
+                             f"got {self.evidence!r}")
+        cfg = get_preset(self.preset)
+        if cfg.n_heads % self.layout.tp:
+            raise ValueError(f"plan {self.name}: layout.tp = {self.layout.tp} must divide the "
+                             f"{cfg.n_heads} attention heads of {self.preset}")
+        if cfg.n_experts % self.layout.ep:
+            raise ValueError(f"plan {self.name}: layout.ep = {self.layout.ep} must divide the "
+                             f"{cfg.n_experts} experts of {self.preset}")
+        if world_size is not None:
+            self.layout.validate(world_size)
+
+    def deepspeed_config(self) -> dict[str, Any]:
+        """The DeepSpeed JSON this plan implies (batch sizes consistent by construction)."""
+        return {
+            "train_batch_size": self.global_batch,
+            "train_micro_batch_size_per_gpu": self.micro_batch,
+            "gradient_accumulation_steps": self.grad_accum,
+            "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": self.zero_stage},
+            "zero_allow_untested_optimizer": True,   # our optimizer also runs the ternary update
+            "bf16": {"enabled": self.dtype == "bf16"},
+            "wall_clock_breakdown": False,
+            "steps_per_print": 10**9,                 # we log ourselves
+        }
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and check a plan file; errors name the file and the field."""
+    p = Path(path)
+    if not p.is_file():
+        shipped = sorted(x.stem for x in (Path(__file__).resolve().parents[2] / "shard_plans").glob("*.yaml"))
+        raise FileNotFoundError(f"shard plan {p} not found; shipped plans: {shipped}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{p}: a plan must be a YAML mapping, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(Plan)} - {"extra"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{p}: unknown plan field(s) {unknown}; known: {sorted(known)}")
+    lay = raw.pop("layout", {}) or {}
+    lay_known = {"dp", "tp", "ep", "codebook_shards"}
+    if set(lay) - lay_known:
+        raise ValueError(f"{p}: unknown layout field(s) {sorted(set(lay) - lay_known)}; known: {sorted(lay_known)}")
+    layout = Layout(dp=lay.get("dp", 1), tp=lay.get("tp", 1), ep=lay.get("ep", 1),
+                    cb=lay.get("codebook_shards", 0))
+    if raw.get("preset") not in PRESETS:
+        raise ValueError(f"{p}: preset must be one of {sorted(PRESETS)}, got {raw.get('preset')!r}")
+    plan = Plan(name=raw.pop("name", p.stem), layout=layout, **raw)
+    plan.validate()
+    return plan

@@ -1,0 +1,244 @@
+"""One trainer behind every launch entry point (launch/pretrain.py, launch/text.py, ...).
+
+DeepSpeed runs the step: `deepspeed.initialize` with the config the shard plan implies, its
+micro-batch / gradient-accumulation bookkeeping, float-gradient reduction and clipping, and its
+CSV monitor; `TernaryOptimizer` applies the ternary update at each boundary. Works the same
+under `deepspeed`, `torchrun`, `mpirun` or a plain `python` (one rank).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from arbd.config import get_preset
+from arbd.data import ByteBatches, ValWindows, load_corpus
+from arbd.data.modalities import ModalityBatches
+from arbd.model.arb import ARBModel, check_training_backend
+from arbd.parallel.mesh import Mesh
+from arbd.parallel.plan import load_plan
+from arbd.ternary import TernaryRule, ternary_state_bytes
+from arbd.ternary.dp import DPEvidenceReducer
+from arbd.train.distributed import init_distributed
+from arbd.train.optim import TernaryOptimizer
+from arbd.train.schedule import warmup_cosine
+
+MEDIA = ("image", "video", "audio")
+warnings.filterwarnings("ignore", category=FutureWarning)  # torch 2.13 on DeepSpeed's collectives
+
+
+def build_parser(description: str, *, lightweight_text: bool = False) -> argparse.ArgumentParser:
+    import deepspeed
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--plan", default="shard_plans/cpu-2.yaml", help="shard plan YAML")
+    p.add_argument("--preset", default=None, help="override the plan's model preset")
+    p.add_argument("--data", default=None, help="byte file or directory (default: stdlib corpus)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-interval", type=int, default=1)
+    p.add_argument("--eval-interval", type=int, default=0, help="0: evaluate only at the end")
+    p.add_argument("--val-windows", type=int, default=32)
+    p.add_argument("--save-interval", type=int, default=0)
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--out", default="runs/pretrain", help="logs, metrics and the loss curve")
+    p.add_argument("--backend", default=None, choices=["torch", "triton", "tilelang"],
+                   help="ternary kernels (default: the plan's; triton on GPU)")
+    p.add_argument("--no-progress", action="store_true")
+    for flag in ("vq", "graph", "moe", "attention"):
+        p.add_argument(f"--no-{flag}", action="store_true", default=lightweight_text)
+    if lightweight_text:
+        p.add_argument("--full-text-stack", action="store_true",
+                       help="add VQ + KG/MoEGraph + KV attention to the byte-text stack")
+    p.add_argument("--enable-output-router", action="store_true")
+    for m, w in (("text", 1.0), ("code", 0.0), ("image", 0.0), ("audio", 0.0), ("video", 0.0)):
+        p.add_argument(f"--{m}-weight", type=float, default=w)
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed passes it
+    deepspeed.add_config_arguments(p)
+    return p
+
+
+def model_config(args: argparse.Namespace, preset: str):
+    if getattr(args, "full_text_stack", False):
+        args.no_vq = args.no_graph = args.no_moe = args.no_attention = False
+    vision = args.image_weight > 0 or args.video_weight > 0
+    return get_preset(preset).with_overrides(
+        use_vq=not args.no_vq, use_graph=not args.no_graph, use_moe=not args.no_moe,
+        use_attention=not args.no_attention, use_output_router=args.enable_output_router,
+        use_vision=vision, use_video_head=vision, use_audio=args.audio_weight > 0,
+        use_talker_head=args.audio_weight > 0)
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace) -> None:
+        import deepspeed
+
+        self.args = args
+        self.rank, self.world, self.device = init_distributed()
+        plan = load_plan(args.plan)
+        if args.preset:
+            plan = replace(plan, preset=args.preset)
+        plan.validate(self.world)
+        if plan.layout.tp > 1 or plan.layout.ep > 1:
+            raise ValueError(f"plan {plan.name}: tensor parallel (tp={plan.layout.tp}) and expert "
+                             f"parallel (ep={plan.layout.ep}) are not wired into the trainer yet; "
+                             "use a plan with tp: 1 and ep: 1 (e.g. shard_plans/cpu-2.yaml)")
+        self.plan = plan
+        self.mesh = Mesh(plan.layout)
+        backend = args.backend or ("triton" if self.device.type == "cuda" else plan.backend)
+        check_training_backend(backend)
+        self.cfg = model_config(args, plan.preset)
+        torch.manual_seed(args.seed)
+        model = ARBModel(self.cfg, backend=backend, seed=args.seed, device=self.device)
+        model.ternary_rule = TernaryRule()
+        model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
+        if plan.layout.dp > 1:
+            model.ternary_evidence_reducer = DPEvidenceReducer(self.mesh.dp_group, mode=plan.evidence)
+        self.model = model
+        self.optimizer = TernaryOptimizer(
+            [p for p in model.parameters() if p.requires_grad], model, lr=1e-3,
+            micro_batches=model.ternary_micro_batches,
+            rate_schedule=lambda s: warmup_cosine(s, args.steps, warmup=max(1, args.steps // 20)))
+        ds_config = plan.deepspeed_config()
+        self.out = Path(args.out)
+        ds_config["csv_monitor"] = {"enabled": True, "output_path": str(self.out / "monitor"),
+                                    "job_name": plan.name}
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
+                                                    config=ds_config, mpu=self.mesh)
+        self.dtype = torch.bfloat16 if plan.dtype == "bf16" else torch.float32
+        corpus = load_corpus(args.data)
+        dp, dpr = plan.layout.dp, self.mesh.dp_index
+        self.text = ByteBatches(corpus.train, plan.seq_len, plan.micro_batch, grad_accum=plan.grad_accum,
+                                dp_rank=dpr, dp_size=dp, seed=args.seed)
+        self.code = ByteBatches(corpus.train, plan.seq_len, plan.micro_batch, grad_accum=plan.grad_accum,
+                                dp_rank=dpr, dp_size=dp, seed=args.seed + 1)
+        self.media = {m: ModalityBatches(m, plan.micro_batch, grad_accum=plan.grad_accum, dp_rank=dpr,
+                                         dp_size=dp, seed=args.seed)
+                      for m in MEDIA if getattr(args, f"{m}_weight") > 0}
+        self.val = (ValWindows(corpus.val, plan.seq_len + 1, plan.micro_batch, dp_rank=dpr, dp_size=dp,
+                               max_windows=args.val_windows) if corpus.val else None)
+        self.history: list[dict] = []
+
+    # -- one step ----------------------------------------------------------------------------
+    def _micro_batch_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+        a, parts, total = self.args, {}, torch.zeros((), device=self.device)
+        for name, batches, w in (("text", self.text, a.text_weight), ("code", self.code, a.code_weight)):
+            if w > 0:
+                x, y = next(batches)
+                out = self.engine(torch.cat([x, y[:, -1:]], 1).to(self.device), dtype=self.dtype)
+                total = total + w * out.loss
+                parts[name] = out.losses["byte"].item()
+                parts.setdefault("bpb", out.losses["bpb"].item())
+        for m, batches in self.media.items():
+            out = self.model.forward_media(m, next(batches).to(self.device))
+            total = total + getattr(a, f"{m}_weight") * out.loss
+            parts[m] = out.losses[m].item()
+        return total, parts
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        parts: dict[str, float] = {}
+        loss_sum = 0.0
+        for _ in range(self.plan.grad_accum):
+            loss, parts = self._micro_batch_loss()
+            self.optimizer.record_loss(loss)
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += float(loss.detach())
+        stats = self.model.ternary_stats
+        rec = {"loss": loss_sum / self.plan.grad_accum, **parts,
+               "step_s": time.perf_counter() - t0, "trit_flips": stats.last.get("trit_flips", 0),
+               "skipped": stats.skipped_nonfinite_loss + stats.skipped_nonfinite_grad}
+        rec["tokens_per_s"] = self.plan.global_batch * self.plan.seq_len / rec["step_s"]
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Held-out bits per byte (next byte) over the validation windows of all dp ranks."""
+        if self.val is None:
+            return float("nan")
+        self.model.eval()
+        bits = torch.zeros(2, dtype=torch.float64)
+        for x, y in self.val:
+            out = self.model(torch.cat([x, y[:, -1:]], 1).to(self.device), dtype=self.dtype)
+            n = out.byte_logits.shape[0] * (x.shape[1] + 1 - 3)
+            bits += torch.tensor([float(out.losses["bpb"]) * n, n], dtype=torch.float64)
+        self.model.train()
+        dist.all_reduce(bits, group=self.mesh.dp_group)
+        return float(bits[0] / bits[1])
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        a = self.args
+        lead = self.rank == 0
+        state_bytes, weights = ternary_state_bytes(self.model)
+        if lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            print(f"arbd: plan={self.plan.name} preset={self.plan.preset} world={self.world} "
+                  f"dp={self.plan.layout.dp} zero={self.plan.zero_stage} global_batch={self.plan.global_batch} "
+                  f"ternary_weights={weights:,} state={state_bytes / weights:.3f} B/weight", flush=True)
+        bar = None
+        if lead and not a.no_progress:
+            from tqdm import tqdm
+            bar = tqdm(total=a.steps, desc="train", dynamic_ncols=True, mininterval=1.0)
+        for step in range(1, a.steps + 1):
+            rec = self.train_step()
+            rec["step"] = step
+            if a.eval_interval and step % a.eval_interval == 0 and step < a.steps:
+                rec["val_bpb"] = self.evaluate()
+            if step == a.steps:
+                rec["val_bpb"] = self.evaluate()
+            self.history.append(rec)
+            self.engine.monitor.write_events([(f"train/{k}", v, step) for k, v in rec.items()
+                                              if isinstance(v, (int, float)) and k != "step"])
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.update(1)
+            if lead and (step % a.log_interval == 0 or step == a.steps):
+                extra = f" val_bpb={rec['val_bpb']:.4f}" if "val_bpb" in rec else ""
+                print(f"step {step} loss={rec['loss']:.4f} bpb={rec.get('bpb', float('nan')):.4f} "
+                      f"tokens/s={rec['tokens_per_s']:.0f} flips={rec['trit_flips']}{extra}", flush=True)
+        if bar is not None:
+            bar.close()
+        if lead:
+            self._write_outputs()
+        return self.history
+
+    def _write_outputs(self) -> None:
+        (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in self.history], [r["loss"] for r in self.history], label="train loss")
+        val = [(r["step"], r["val_bpb"] * math.log(2)) for r in self.history if "val_bpb" in r]
+        if val:
+            ax.plot(*zip(*val), "o", label="held-out next-byte loss (nats)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(f"{self.plan.name} / {self.plan.preset}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.out / "loss.png", dpi=100)
+        plt.close(fig)
+        print(f"wrote {self.out / 'loss.png'} and {self.out / 'history.json'}", flush=True)
+
+
+def main(argv: list[str] | None = None, *, description: str = "arbd pretraining",
+         lightweight_text: bool = False) -> int:
+    args = build_parser(description, lightweight_text=lightweight_text).parse_args(argv)
+    if args.save_interval and not args.no_save:
+        raise SystemExit("--save-interval: sharded checkpoints are not implemented yet "
+                         "(tracked by the [checkpoints] issue); run with --no-save")
+    Trainer(args).run()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
