@@ -1,0 +1,237 @@
+"""TernaryVQCodebook: a ternary codebook with exact or candidate lookup and touched-row learning.
+
+State (all buffers): the rows' TernaryMatrix (packed trits, int8 exponent, int8 trit and scale
+accumulators: 79 bytes per 64-wide row) and an int32 usage counter per row (4 bytes): 83 bytes per
+row, 1.297 bytes per trit. The hash layout is derived from (num_codes, cell_size, hash_seed) and
+is not stored per row.
+
+A step: forward picks a row per query (exact scan for tables of at most `exact_max` rows, sign-hash
+candidates above), decodes only the chosen rows through `decoded_weight(rows=...)` so backward
+hands their gradient to the matrix as sparse row evidence, and counts usage for those rows;
+`apply_update(rule)` (or the model-wide `apply_ternary_update`) then rewrites only rows with
+evidence. docs/decisions.md ("## Codebooks") gives the reasons and the measurements.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from arbd.ternary import packing
+from arbd.ternary.layers import decoded_weight
+from arbd.ternary.rule import TernaryRule
+from arbd.ternary.state import TernaryMatrix
+from arbd.vq import lookup
+from arbd.vq.hashing import CellLayout, SignHash, hash_bits_for
+
+DEFAULT_CELL_SIZE = 1          # nominal rows per hash cell: finest cells, most probes (bench/RESULTS.md)
+DEFAULT_MAX_CHUNK_BYTES = 64 << 20
+USAGE_MAX = torch.iinfo(torch.int32).max
+_INIT_BLOCK = 1 << 18          # rows initialised per block: bounds init memory, fixes the RNG stream
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+class VQOutput(NamedTuple):
+    quantized: torch.Tensor      # [..., dim]: the chosen rows forward, identity gradient to the input
+    ids: torch.Tensor            # int64 [...]: chosen row per input vector (motif id)
+    loss: torch.Tensor           # codebook_loss + beta * commitment
+    commitment: torch.Tensor     # mean (x - sg(q))^2: pulls the input towards its code
+    codebook_loss: torch.Tensor  # mean (sg(x) - q)^2: evidence for the chosen rows
+
+
+_POW3_16 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16)
+
+
+def pack_trits_fast(trits: torch.Tensor) -> torch.Tensor:
+    """packing.pack_trits for int8 trits [R, n], in int16 arithmetic (5x faster on CPU, which
+    matters when initialising 10M rows); same byte layout, tested against pack_trits."""
+    r, n = trits.shape
+    nb = packing.packed_cols(n)
+    d = torch.nn.functional.pad(trits, (0, nb * 5 - n)).to(torch.int16).add_(1)
+    return (d.view(r, nb, 5) * _POW3_16.to(d.device)).sum(-1, dtype=torch.int16).to(torch.uint8)
+
+
+class PlacedTernaryMatrix(TernaryMatrix):
+    """A TernaryMatrix whose random init puts every row in its hash cell, block by block.
+
+    Blocks keep the init of a 10M-row table at a few hundred MB of transients (the base class
+    draws one [rows, cols] float tensor) and make the random stream independent of the device.
+    """
+
+    def __init__(self, rows: int, cols: int, *, hasher: SignHash, layout: CellLayout,
+                 std: float, seed: int, device: torch.device | str | None = None) -> None:
+        self._placement = (hasher, layout, std, seed)   # read by reset(), which __init__ calls
+        super().__init__(rows, cols, init="placed", device=device)
+
+    @torch.no_grad()
+    def reset(self, init: str = "placed", *, std: float | None = None,
+              generator: torch.Generator | None = None) -> None:
+        if init != "placed":
+            return super().reset(init, std=std, generator=generator)
+        hasher, layout, std0, seed = self._placement
+        std = std0 if std is None else std
+        g = generator or torch.Generator(device="cpu").manual_seed(seed)
+        dev, nb = self.packed.device, self.packed.shape[1]
+        if dev.type == "meta":  # shape-only build (e.g. counting arb-3b): nothing to fill
+            return
+        for r0 in range(0, self.rows, _INIT_BLOCK):
+            r1 = min(self.rows, r0 + _INIT_BLOCK)
+            # Uniform bytes 0..242 are uniform trits: P(trit != 0) = 2/3.
+            raw = torch.randint(0, packing.MAX_PACKED_BYTE + 1, (r1 - r0, nb), generator=g,
+                                dtype=torch.uint8)
+            trits = packing.unpack_trits(raw, self.cols)
+            hasher.place_trits(trits, layout.cell_of(torch.arange(r0, r1)), g)
+            self.packed[r0:r1] = pack_trits_fast(trits).to(dev)
+        # Scale so the rows have per-coordinate standard deviation ~std (2/3 of trits non-zero).
+        self.exponent.fill_(int(packing.scale_to_exponent(torch.tensor(std / math.sqrt(2 / 3)))))
+        self.t_accum.zero_()
+        self.e_accum.zero_()
+        self.clear_evidence()
+
+
+class TernaryVQCodebook(nn.Module):
+    """num_codes ternary rows of width dim; lookup by squared L2 distance.
+
+    candidate_count: rows scored per query on the candidate path (tables above exact_max rows).
+    exact_max: tables of at most this many rows are searched exhaustively (in chunks).
+    cell_size: nominal rows per hash cell; a query's candidates are whole cells, so it sets the
+        granularity of the partition (fixed at construction: rows are placed by it).
+    beta: weight of the commitment term in `loss`.
+    init_std: per-coordinate standard deviation of the initial rows.
+    max_chunk_bytes: bound on the largest float temporary of a lookup ([n, rows] scores in the
+        exact scan, decoded candidates in the candidate path).
+    hash_seed: seeds the hash groups and the initial rows (never the global RNG).
+    check_finite: reject NaN/inf inputs with ValueError before anything else (costs one host sync).
+    """
+
+    def __init__(self, num_codes: int, dim: int = 64, *, candidate_count: int = 64,
+                 exact_max: int = 65_536, cell_size: int = DEFAULT_CELL_SIZE, beta: float = 0.25,
+                 init_std: float = 1.0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+                 hash_seed: int = 0x5EED, check_finite: bool = True,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.num_codes = _check_int("num_codes", num_codes, 1)
+        self.dim = _check_int("dim", dim, 1)
+        self.exact_max = _check_int("exact_max", exact_max, 0)
+        self.cell_size = _check_int("cell_size", cell_size, 1)
+        self.max_chunk_bytes = _check_int("max_chunk_bytes", max_chunk_bytes, 1)
+        self.candidate_count = candidate_count          # validated by the setter
+        if not (isinstance(beta, (int, float)) and beta >= 0):
+            raise ValueError(f"beta must be a float >= 0, got {beta!r}")
+        if not (isinstance(init_std, (int, float)) and init_std > 0):
+            raise ValueError(f"init_std must be a float > 0, got {init_std!r}")
+        self.beta, self.check_finite, self.hash_seed = float(beta), check_finite, hash_seed
+        self.hasher = SignHash(dim, hash_bits_for(num_codes, cell_size, dim), hash_seed)
+        self.layout = CellLayout(num_codes, self.hasher.bits)
+        self.matrix = PlacedTernaryMatrix(num_codes, dim, hasher=self.hasher, layout=self.layout,
+                                          std=float(init_std), seed=hash_seed, device=device)
+        self.register_buffer("usage", torch.zeros(num_codes, dtype=torch.int32, device=device))
+        self.last_lookup: dict[str, int] = {}
+
+    # -- configuration -----------------------------------------------------------------------
+    @property
+    def candidate_count(self) -> int:
+        return self._candidate_count
+
+    @candidate_count.setter
+    def candidate_count(self, value: int) -> None:
+        _check_int("candidate_count", value, 1)
+        if value > self.num_codes:
+            raise ValueError(f"candidate_count must be <= num_codes ({self.num_codes}), got {value}")
+        self._candidate_count = value
+
+    @property
+    def uses_candidates(self) -> bool:
+        return self.num_codes > self.exact_max
+
+    def state_bytes(self) -> int:
+        """Persistent bytes: the matrix buffers plus the usage counters."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    # -- lookup ------------------------------------------------------------------------------
+    def _flat_queries(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"codebook input must be a floating-point tensor, got "
+                             f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"codebook input must have last dimension {self.dim}, "
+                             f"got shape {tuple(x.shape)}")
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError("codebook input holds NaN or inf; refusing to look it up "
+                             "(the codebook state is unchanged)")
+        return x.reshape(-1, self.dim)
+
+    @torch.no_grad()
+    def lookup(self, x: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+        """int64 ids [...] of the nearest row per vector; mode 'auto', 'exact' or 'candidates'."""
+        return self._lookup_flat(self._flat_queries(x), mode).reshape(x.shape[:-1])
+
+    @torch.no_grad()
+    def _lookup_flat(self, flat: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+        if mode not in ("auto", "exact", "candidates"):
+            raise ValueError(f"mode must be 'auto', 'exact' or 'candidates', got {mode!r}")
+        use_cand = self.uses_candidates if mode == "auto" else mode == "candidates"
+        xq, unit = lookup.quantize_queries(flat)
+        m = self.matrix
+        if use_cand:
+            ids, fetched = lookup.candidate_search(
+                xq, unit, m.packed, m.exponent, self.dim, self.hasher, self.layout,
+                self.candidate_count, self.max_chunk_bytes)
+        else:
+            ids = lookup.exact_search(xq, unit, m.packed, m.exponent, self.dim, self.max_chunk_bytes)
+            fetched = self.num_codes if flat.shape[0] else 0
+        self.last_lookup = {"queries": flat.shape[0], "rows_fetched": int(fetched),
+                            "candidates": int(use_cand)}
+        return ids
+
+    def candidate_ids(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [N, C], valid [N, C]) the candidate path would score for x [..., dim]."""
+        xq, _ = lookup.quantize_queries(self._flat_queries(x))
+        return lookup.candidate_ids(xq, self.hasher, self.layout, self.candidate_count)
+
+    def decode_rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The rows `ids` as floats (no autograd, no evidence)."""
+        return self.matrix.decode_rows(ids, dtype)
+
+    # -- training ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> VQOutput:
+        flat = self._flat_queries(x)
+        ids = self._lookup_flat(flat)
+        uniq, inverse, counts = torch.unique(ids, sorted=True, return_inverse=True,
+                                             return_counts=True)
+        # Only the distinct chosen rows are decoded; their gradient becomes row evidence.
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        q = decoded_weight(self.matrix, dtype, rows=uniq)[inverse]
+        xf = flat.to(dtype)
+        denom = max(xf.numel(), 1)  # an empty batch gives zero losses, not NaN (a NaN skips the step)
+        codebook_loss = (xf.detach() - q).pow(2).sum() / denom
+        commitment = (xf - q.detach()).pow(2).sum() / denom
+        loss = codebook_loss + self.beta * commitment
+        # Straight through: the value is exactly q, the gradient w.r.t. x is the identity.
+        out = q.detach().to(x.dtype) + (flat - flat.detach())
+        if self.training:
+            self.add_usage(uniq, counts)
+        return VQOutput(out.reshape(x.shape), ids.reshape(x.shape[:-1]), loss, commitment,
+                        codebook_loss)
+
+    @torch.no_grad()
+    def add_usage(self, rows: torch.Tensor, counts: torch.Tensor) -> None:
+        """usage[rows] += counts (distinct rows), saturating at int32 max; touches those rows only."""
+        cur = self.usage[rows].to(torch.int64)
+        self.usage[rows] = (cur + counts.to(torch.int64)).clamp_max(USAGE_MAX).to(torch.int32)
+
+    def apply_update(self, rule: TernaryRule) -> dict[str, int]:
+        """Apply the rule to the rows that received evidence since the last update (sparse)."""
+        return self.matrix.apply_update(rule)
+
+    def extra_repr(self) -> str:
+        path = (f"candidates={self.candidate_count}, cells=2^{self.hasher.bits}"
+                if self.uses_candidates else "exact")
+        return f"{self.num_codes} x {self.dim}, {path}"
