@@ -12,7 +12,6 @@ from arbd.config import get_preset, logical_ternary_weights
 from arbd.ternary import TernaryRule, apply_ternary_update, packing, ternary_matrices
 from arbd.ternary.update import UpdateStats
 from arbd.vq import KGVQ, CellLayout, SharedVQ, SignHash, TernaryVQCodebook, lookup
-from arbd.vq.codebook import pack_trits_fast
 
 BIG = 1_000_001  # the seeds' own check: a codebook just above 1M rows
 
@@ -190,11 +189,11 @@ def test_scores_are_batch_invariant_and_shared_by_both_paths():
     assert torch.equal(torch.where(valid, block.gather(1, ids), math.inf), full)
 
 
-def test_fast_pack_and_decode_tables_match_packing():
+def test_lookup_decode_tables_match_packing():
     g = torch.Generator().manual_seed(12)
     t = torch.randint(-1, 2, (300, 64), generator=g).to(torch.int8)
-    packed = pack_trits_fast(t)
-    assert torch.equal(packed, packing.pack_trits(t))
+    packed = packing.pack_trits(t)
+    assert torch.equal(packing.unpack_trits(packed, 64), t)
     trits, nnz = lookup.decode_rows(packed, 64)
     assert torch.equal(trits, t.float()) and torch.equal(nnz, (t != 0).sum(1, dtype=torch.int32))
 
