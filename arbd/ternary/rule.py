@@ -1,10 +1,24 @@
 """The accumulator rule: integer evidence in, trit and scale moves out.
 
 No float latent weight exists. Each trit has an int8 accumulator; each row's int8 log scale has
-an int8 accumulator of its own. An update turns the float gradient with respect to the decoded
-weight into small integer evidence, adds it to the accumulators, and moves a trit one step (and
-its accumulator back by the threshold) when the accumulator crosses +-threshold. docs/decisions.md
-explains the choices; [ternary-rule] tunes the numbers.
+an int8 accumulator of its own. An update has two halves:
+
+1. `quantize_evidence` (per micro-batch, or once per step): the float gradient g of the decoded
+   weight becomes small integer "votes" q in accumulator units,
+       q = clamp(sround(-g / s_row * rate * share), -max_vote, max_vote)
+   s_row = mean |g| over the row (rows shorter than MIN_ROW_FOR_ROW_NORM use the tensor mean),
+   sround = stochastic rounding driven by a hash of (g's bits, global row, column): unbiased,
+   deterministic, independent of how rows are batched, sharded or ordered, no RNG state.
+   `share` = 1 / (micro-batches per step), so a step's votes sum to `rate` per weight on average.
+   The row's scale votes are the sign of -dL/dE per micro-batch (times scale_rate).
+2. `apply_votes` (once per step, integers only): accumulators decay by 1/2**decay_shift,
+   add the exact integer sum of all votes, trits move one step per whole threshold crossed
+   (paying the threshold back), and accumulators that push a saturated trit further are capped
+   at `saturated_cap`. Scales move the same way on their own accumulator.
+
+Integer votes are summed exactly in any order, so dp ranks, micro-batch accumulation and row
+sharding all end in the same state bit for bit. docs/decisions.md ("The ternary update rule")
+gives the numbers and why.
 """
 from __future__ import annotations
 
@@ -17,17 +31,26 @@ from arbd.config import SCALE_K
 from arbd.ternary.packing import exponent_to_scale
 
 ACC_MAX = 127  # accumulators are int8
+VOTE_MAX = 127  # votes travel as int8 per micro-batch
+MIN_ROW_FOR_ROW_NORM = 8  # shorter rows (norm gains: 1 column) normalise over the whole tensor
+_M32 = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
 class TernaryRule:
     threshold: int = 12          # accumulator units per trit step
-    evidence_rate: float = 3.0   # mean |evidence| per weight per update, in accumulator units
+    evidence_rate: float = 3.0   # mean |votes| per weight per step, in accumulator units
     norm: str = "row"            # evidence normalised per output row ("row") or per tensor
     decay_shift: int = 0         # >0: accumulators lose acc / 2**shift each update (forgetting)
     learn_scales: bool = True
     scale_threshold: int = 6     # scale-accumulator units per exponent step
-    scale_rate: int = 1          # scale evidence is the sign of dL/dE times this
+    scale_rate: float = 1.0      # mean |scale votes| per row per step (at rate_mult 1)
+    rounding: str = "nearest"    # "nearest" or "stochastic" (hash-driven, deterministic)
+    max_vote: int = VOTE_MAX     # clamp of one micro-batch's votes (int8 on the wire)
+    saturated_cap: int = ACC_MAX  # |acc| limit where it pushes a trit already at +-1 further
+    scale_mode: str = "sign"     # scale votes: sign of -dL/dE ("sign") or -dL/dE / mean|dL/dE| ("norm")
+    freeze_short_rows: bool = False  # rows shorter than MIN_ROW_FOR_ROW_NORM (norm gains) keep
+                                     # their trits and learn only their scale
 
     def __post_init__(self) -> None:
         if not 1 <= self.threshold <= ACC_MAX:
@@ -38,23 +61,102 @@ class TernaryRule:
             raise ValueError(f"scale_threshold must be in 1..{ACC_MAX}, got {self.scale_threshold}")
         if self.evidence_rate < 0 or self.decay_shift < 0 or self.scale_rate < 0:
             raise ValueError("evidence_rate, decay_shift and scale_rate must be >= 0")
+        if self.rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {self.rounding!r}")
+        if not 1 <= self.max_vote <= VOTE_MAX:
+            raise ValueError(f"max_vote must be in 1..{VOTE_MAX}, got {self.max_vote}")
+        if not 0 <= self.saturated_cap <= ACC_MAX:
+            raise ValueError(f"saturated_cap must be in 0..{ACC_MAX}, got {self.saturated_cap}")
+        if self.scale_mode not in ("sign", "norm"):
+            raise ValueError(f"scale_mode must be 'sign' or 'norm', got {self.scale_mode!r}")
 
     def scaled(self, rate_mult: float) -> "TernaryRule":
-        """The same rule with the evidence rate multiplied (a schedule's step)."""
-        return replace(self, evidence_rate=self.evidence_rate * rate_mult)
+        """The same rule with the trit and scale evidence rates multiplied (a schedule's step,
+        or a micro-batch's share of the step)."""
+        return replace(self, evidence_rate=self.evidence_rate * rate_mult,
+                       scale_rate=self.scale_rate * rate_mult)
 
 
-def quantize_evidence(grad: torch.Tensor, rule: TernaryRule) -> torch.Tensor:
-    """Float gradient [R, C] to int16 evidence in [-ACC_MAX, ACC_MAX] pointing downhill."""
-    g = grad.to(torch.float32)
-    if rule.norm == "row":
-        s = g.abs().mean(dim=1, keepdim=True)
+# The tuned rule (bench/ternary_vs_ste.py, docs/decisions.md). TernaryRule() keeps the
+# foundation's defaults so that code and tests written against them keep their meaning.
+TUNED_RULE = TernaryRule(threshold=24, evidence_rate=3.0, decay_shift=5, rounding="stochastic",
+                         scale_mode="norm", scale_threshold=12, scale_rate=1.0, freeze_short_rows=True)
+
+
+# -- deterministic uniforms -------------------------------------------------------------------
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash on int64 tensors holding values in [0, 2**32) (products stay < 2**63)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x045D9F3B) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x045D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def _bits32(g: torch.Tensor) -> torch.Tensor:
+    if g.dtype == torch.float64:
+        b = g.view(torch.int64)
+        return (b ^ (b >> 32)) & _M32
+    return g.to(torch.float32).view(torch.int32).to(torch.int64) & _M32
+
+
+def hash_uniform(g: torch.Tensor, row_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniforms in [0, 1) (float32, 24 bits) from g's bit patterns and each entry's global
+    (row, column). The same value at the same place gives the same uniform in any layout."""
+    r, c = g.shape
+    rows = torch.arange(r, device=g.device) if row_ids is None else row_ids.to(g.device).long()
+    pos = (rows[:, None] * c + torch.arange(c, device=g.device)[None, :]) & _M32
+    x = _mix32(_bits32(g) ^ _mix32(pos ^ 0x5BD1E995))
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def _sround(x: torch.Tensor, g: torch.Tensor, row_ids: torch.Tensor | None, rounding: str) -> torch.Tensor:
+    if rounding == "nearest":
+        return torch.round(x)
+    return torch.floor(x + hash_uniform(g, row_ids))
+
+
+# -- evidence ---------------------------------------------------------------------------------
+def _row_norm(g: torch.Tensor, rule: TernaryRule) -> torch.Tensor:
+    if rule.norm == "row" and g.shape[1] >= MIN_ROW_FOR_ROW_NORM:
+        return g.abs().mean(dim=1, keepdim=True)
+    return g.abs().mean()
+
+
+def quantize_evidence(grad: torch.Tensor, rule: TernaryRule, *, share: float = 1.0,
+                      row_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Float gradient [R, C] to int16 votes in [-max_vote, max_vote] pointing downhill.
+
+    `share` is this micro-batch's part of the step (1 / micro-batches per step); `row_ids` are
+    the global ids of the rows (sparse path) so that stochastic rounding is layout-independent.
+    """
+    g = grad if grad.dtype == torch.float64 else grad.to(torch.float32)
+    s = _row_norm(g, rule)
+    x = -g / (s + 1e-30) * (rule.evidence_rate * share)
+    q = _sround(x, g, row_ids, rule.rounding)
+    return q.clamp(-rule.max_vote, rule.max_vote).to(torch.int16)
+
+
+def scale_votes(grad: torch.Tensor, trits: torch.Tensor, exponent: torch.Tensor,
+                rule: TernaryRule, row_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """int16 [R] scale votes pointing downhill, dL/dE_r = ln2/k * scale_r * sum_c g_rc t_rc.
+
+    "sign": sround(scale_rate * sign(-dL/dE_r)); "norm": sround(-dL/dE_r / mean|dL/dE| * scale_rate),
+    the mean taken over the rows given (the whole tensor on the dense path)."""
+    if not rule.learn_scales:
+        return torch.zeros(grad.shape[0], dtype=torch.int16, device=grad.device)
+    dt = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    scale = exponent_to_scale(exponent, dt)
+    g_e = (grad.to(dt) * trits.to(dt)).sum(1) * scale * (math.log(2) / SCALE_K)
+    if rule.scale_mode == "sign":
+        x = -torch.sign(g_e) * rule.scale_rate
     else:
-        s = g.abs().mean()
-    q = torch.round(-g / (s + 1e-30) * rule.evidence_rate)
-    return q.clamp(-ACC_MAX, ACC_MAX).to(torch.int16)
+        x = -g_e / (g_e.abs().mean() + 1e-30) * rule.scale_rate
+    q = _sround(x[:, None], g_e[:, None], row_ids, rule.rounding)[:, 0]
+    return q.clamp(-rule.max_vote, rule.max_vote).to(torch.int16)
 
 
+# -- the integer step -------------------------------------------------------------------------
 def _step(value: torch.Tensor, acc: torch.Tensor, threshold: int, lo: int, hi: int):
     """Move value by whole thresholds of acc, as far as [lo, hi] allows, and pay for each step.
 
@@ -73,29 +175,48 @@ def _decay(acc: torch.Tensor, shift: int) -> torch.Tensor:
     return acc - torch.div(acc, 1 << shift, rounding_mode="trunc")
 
 
-@torch.no_grad()
-def update_rows(trits: torch.Tensor, t_acc: torch.Tensor, exponent: torch.Tensor,
-                e_acc: torch.Tensor, grad: torch.Tensor, rule: TernaryRule):
-    """Apply the rule to a block of rows.
+def _cap_saturated(trits: torch.Tensor, acc: torch.Tensor, cap: int) -> torch.Tensor:
+    if cap >= ACC_MAX:
+        return acc
+    push_up = (trits == 1) & (acc > cap)
+    push_down = (trits == -1) & (acc < -cap)
+    return torch.where(push_up, torch.full_like(acc, cap), torch.where(push_down, torch.full_like(acc, -cap), acc))
 
-    trits int8 [R, C], t_acc int8 [R, C], exponent int8 [R], e_acc int8 [R], grad float [R, C]
-    (dL/dW of the decoded weight). Returns new (trits, t_acc, exponent, e_acc) and a stats dict.
-    Integer arithmetic after quantisation, so the result is independent of how rows are split.
+
+@torch.no_grad()
+def apply_votes(trits: torch.Tensor, t_acc: torch.Tensor, exponent: torch.Tensor, e_acc: torch.Tensor,
+                votes: torch.Tensor, e_votes: torch.Tensor | None, rule: TernaryRule):
+    """The integer half of the rule on a block of rows.
+
+    trits int8 [R, C], t_acc int8 [R, C], exponent int8 [R], e_acc int8 [R], votes int [R, C]
+    (the exact sum of every micro-batch's votes), e_votes int [R] or None.
+    Returns new (trits, t_acc, exponent, e_acc) and a stats dict.
     """
-    q = quantize_evidence(grad, rule)
-    acc = _decay(t_acc.to(torch.int16), rule.decay_shift) + q
-    new_trits, acc, flips = _step(trits.to(torch.int16), acc, rule.threshold, -1, 1)
-    acc = acc.clamp(-ACC_MAX, ACC_MAX)
+    acc = _decay(t_acc.to(torch.int32), rule.decay_shift) + votes.to(torch.int32)
+    if rule.freeze_short_rows and trits.shape[1] < MIN_ROW_FOR_ROW_NORM:
+        acc = torch.zeros_like(acc)
+    new_trits, acc, flips = _step(trits.to(torch.int32), acc, rule.threshold, -1, 1)
+    acc = _cap_saturated(new_trits, acc, rule.saturated_cap).clamp(-ACC_MAX, ACC_MAX)
 
     new_exp, new_eacc, scale_moves = exponent, e_acc, 0
-    if rule.learn_scales:
-        # dL/dE_r = ln2 / k * scale_r * sum_c g_rc * t_rc, evaluated with the trits the step used.
-        scale = exponent_to_scale(exponent)
-        g_e = (grad.to(torch.float32) * trits.to(torch.float32)).sum(1) * scale * (math.log(2) / SCALE_K)
-        ev = (-torch.sign(g_e)).to(torch.int16) * rule.scale_rate
-        eacc = _decay(e_acc.to(torch.int16), rule.decay_shift) + ev
-        e16, eacc, scale_moves = _step(exponent.to(torch.int16), eacc, rule.scale_threshold, -128, 127)
-        new_exp, new_eacc = e16.to(torch.int8), eacc.clamp(-ACC_MAX, ACC_MAX).to(torch.int8)
+    if rule.learn_scales and e_votes is not None:
+        eacc = _decay(e_acc.to(torch.int32), rule.decay_shift) + e_votes.to(torch.int32)
+        e32, eacc, scale_moves = _step(exponent.to(torch.int32), eacc, rule.scale_threshold, -128, 127)
+        new_exp, new_eacc = e32.to(torch.int8), eacc.clamp(-ACC_MAX, ACC_MAX).to(torch.int8)
 
     stats = {"trit_flips": flips, "scale_moves": scale_moves}
     return new_trits.to(torch.int8), acc.to(torch.int8), new_exp, new_eacc, stats
+
+
+@torch.no_grad()
+def update_rows(trits: torch.Tensor, t_acc: torch.Tensor, exponent: torch.Tensor,
+                e_acc: torch.Tensor, grad: torch.Tensor, rule: TernaryRule,
+                row_ids: torch.Tensor | None = None):
+    """Quantise one step's float gradient (as a single micro-batch) and apply it.
+
+    trits int8 [R, C], t_acc int8 [R, C], exponent int8 [R], e_acc int8 [R], grad float [R, C]
+    (dL/dW of the decoded weight). Returns new (trits, t_acc, exponent, e_acc) and a stats dict.
+    """
+    q = quantize_evidence(grad, rule, row_ids=row_ids)
+    ev = scale_votes(grad, trits, exponent, rule, row_ids)
+    return apply_votes(trits, t_acc, exponent, e_acc, q, ev, rule)

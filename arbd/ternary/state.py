@@ -4,7 +4,10 @@ Persistent (buffers, in state_dict): packed trits uint8 [rows, ceil(cols/5)], ex
 t_accum int8 [rows, cols], e_accum int8 [rows]. That is 1.2 bytes per weight plus 2 bytes per row.
 Transient (plain attributes, never saved): the float gradient of the decoded weight collected in
 backward, dense or as (row ids, row gradients) for the sparse path. It lives from backward to the
-next update and is then dropped.
+next update and is then dropped. Optionally (`commit_micro_batch`), each micro-batch's gradient is
+quantised at once into integer votes (arbd/ternary/rule.py) that are summed exactly; the update
+then uses the votes. Integer sums make micro-batch accumulation, data-parallel reduction and
+row sharding give bit-identical states.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from torch import nn
 
 from arbd.config import SCALE_K
 from arbd.ternary import packing
-from arbd.ternary.rule import TernaryRule, update_rows
+from arbd.ternary.rule import TernaryRule, apply_votes, quantize_evidence, scale_votes, update_rows
 
 # With t = sign(w) * (|w| > 0.5 sigma), a Gaussian draw gives P(t != 0) ~= 0.617.
 _NONZERO_FRACTION = 2 * (1 - 0.6914624612740131)
@@ -41,6 +44,7 @@ class TernaryMatrix(nn.Module):
         self.register_buffer("e_accum", torch.zeros(rows, dtype=torch.int8, device=device))
         self._grad: torch.Tensor | None = None
         self._row_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._clear_votes()
         self.reset(init, std=std, generator=generator)
 
     # -- initialisation ----------------------------------------------------------------------
@@ -50,6 +54,10 @@ class TernaryMatrix(nn.Module):
         """init='random': trits from a thresholded Gaussian, scale so the decoded weight has
         standard deviation `std` (default 1/sqrt(cols)); init='ones': all +1 and scale 1 (norm gains)."""
         dev = self.packed.device
+        if init not in ("random", "ones"):
+            raise ValueError(f"init must be 'random' or 'ones', got {init!r}")
+        if dev.type == "meta":  # shape-only build (e.g. counting arb-3b): nothing to fill
+            return
         if init == "ones":
             trits = torch.ones(self.rows, self.cols, dtype=torch.int8, device=dev)
             self.exponent.zero_()
@@ -115,7 +123,7 @@ class TernaryMatrix(nn.Module):
 
     @property
     def has_evidence(self) -> bool:
-        return self._grad is not None or bool(self._row_grads)
+        return self._grad is not None or bool(self._row_grads) or self.has_votes
 
     def evidence(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(row ids or None for all rows, gradient rows). Sparse evidence is merged per row."""
@@ -142,12 +150,80 @@ class TernaryMatrix(nn.Module):
             self.add_row_grad(idx, grad)
 
     def evidence_is_finite(self) -> bool:
+        if self._votes_nonfinite:
+            return False
         _, g = self.evidence()
         return g is None or bool(torch.isfinite(g).all())
 
     def clear_evidence(self) -> None:
         self._grad = None
         self._row_grads = []
+        self._clear_votes()
+
+    # -- integer votes (per micro-batch quantised evidence) --------------------------------------
+    def _clear_votes(self) -> None:
+        self._votes: torch.Tensor | None = None        # int32 [rows, cols], dense path
+        self._e_votes: torch.Tensor | None = None      # int32 [rows]
+        self._row_votes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._votes_nonfinite = False
+
+    def mark_nonfinite(self) -> None:
+        """Flag this step's evidence as unusable (a non-finite loss somewhere): the update skips."""
+        self._votes_nonfinite = True
+
+    @property
+    def has_votes(self) -> bool:
+        return self._votes is not None or bool(self._row_votes)
+
+    @torch.no_grad()
+    def commit_micro_batch(self, rule: TernaryRule) -> None:
+        """Quantise the float evidence collected so far into integer votes and add them to the
+        votes of this step; the float evidence is dropped. `rule` carries this micro-batch's
+        rate (the step's rate divided by the micro-batches per step)."""
+        idx, g = self.evidence()
+        self._grad, self._row_grads = None, []
+        if g is None:
+            return
+        if not bool(torch.isfinite(g).all()):
+            self._votes_nonfinite = True
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        if idx is None:
+            q = quantize_evidence(g, rule).to(torch.int32)
+            ev = scale_votes(g, self.trits(), self.exponent, rule).to(torch.int32)
+            self._votes = q if self._votes is None else self._votes.add_(q)
+            self._e_votes = ev if self._e_votes is None else self._e_votes.add_(ev)
+        else:
+            trits = packing.unpack_trits(self.packed[idx], self.cols)
+            q = quantize_evidence(g, rule, row_ids=idx).to(torch.int32)
+            ev = scale_votes(g, trits, self.exponent[idx], rule, idx).to(torch.int32)
+            self._row_votes.append((idx, q, ev))
+
+    def votes(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(row ids or None for all rows, int32 votes [n, cols], int32 scale votes [n])."""
+        if self._votes is not None:
+            v, e = self._votes, self._e_votes
+            for idx, rv, re in self._row_votes:
+                v, e = v.index_add(0, idx, rv), e.index_add(0, idx, re)
+            return None, v, e
+        if not self._row_votes:
+            return None, None, None
+        idx = torch.cat([i for i, _, _ in self._row_votes])
+        uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        v = torch.zeros(uniq.numel(), self.cols, dtype=torch.int32, device=idx.device)
+        e = torch.zeros(uniq.numel(), dtype=torch.int32, device=idx.device)
+        v.index_add_(0, inverse, torch.cat([rv for _, rv, _ in self._row_votes]))
+        e.index_add_(0, inverse, torch.cat([re for _, _, re in self._row_votes]))
+        return uniq, v, e
+
+    def set_votes(self, idx: torch.Tensor | None, votes: torch.Tensor, e_votes: torch.Tensor,
+                  nonfinite: bool = False) -> None:
+        """Replace the step's votes (used after a data-parallel reduction)."""
+        self._clear_votes()
+        self._votes_nonfinite = bool(nonfinite)
+        if idx is None:
+            self._votes, self._e_votes = votes.to(torch.int32), e_votes.to(torch.int32)
+        else:
+            self._row_votes = [(idx.reshape(-1).long(), votes.to(torch.int32), e_votes.to(torch.int32))]
 
     # -- update ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -156,6 +232,10 @@ class TernaryMatrix(nn.Module):
 
         Dense evidence updates every row; sparse evidence reads and writes only touched rows.
         """
+        if self.has_votes:
+            if self._grad is not None or self._row_grads:
+                self.commit_micro_batch(rule)
+            return self._apply_votes(rule)
         idx, grad = self.evidence()
         self.clear_evidence()
         if grad is None:
@@ -171,7 +251,30 @@ class TernaryMatrix(nn.Module):
         else:
             trits, t_acc, exp, e_acc, stats = update_rows(
                 packing.unpack_trits(self.packed[idx], self.cols), self.t_accum[idx],
-                self.exponent[idx], self.e_accum[idx], grad, rule)
+                self.exponent[idx], self.e_accum[idx], grad, rule, row_ids=idx)
+            self.packed[idx] = packing.pack_trits(trits)
+            self.t_accum[idx] = t_acc
+            self.exponent[idx] = exp
+            self.e_accum[idx] = e_acc
+            stats["rows"] = int(idx.numel())
+        return stats
+
+    @torch.no_grad()
+    def _apply_votes(self, rule: TernaryRule) -> dict[str, int]:
+        idx, v, e = self.votes()
+        self.clear_evidence()
+        if idx is None:
+            trits, t_acc, exp, e_acc, stats = apply_votes(
+                self.trits(), self.t_accum, self.exponent, self.e_accum, v, e, rule)
+            self.packed.copy_(packing.pack_trits(trits))
+            self.t_accum.copy_(t_acc)
+            self.exponent.copy_(exp)
+            self.e_accum.copy_(e_acc)
+            stats["rows"] = self.rows
+        else:
+            trits, t_acc, exp, e_acc, stats = apply_votes(
+                packing.unpack_trits(self.packed[idx], self.cols), self.t_accum[idx],
+                self.exponent[idx], self.e_accum[idx], v, e, rule)
             self.packed[idx] = packing.pack_trits(trits)
             self.t_accum[idx] = t_acc
             self.exponent[idx] = exp

@@ -26,6 +26,19 @@ def clear_evidence(model: nn.Module) -> None:
         m.clear_evidence()
 
 
+def commit_micro_batch(model: nn.Module, rule: TernaryRule, *, micro_batches: int = 1,
+                       rate_mult: float = 1.0) -> None:
+    """Quantise every matrix's float evidence of the micro-batch just back-propagated into
+    integer votes (rule.py). Call after each micro-batch's backward when a step accumulates
+    several; votes are summed exactly, so the order and the data-parallel layout do not matter.
+    `micro_batches` is the number of micro-batches in the whole step (all dp ranks)."""
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    mb_rule = rule.scaled(rate_mult / micro_batches)
+    for _, m in ternary_matrices(model):
+        m.commit_micro_batch(mb_rule)
+
+
 def ternary_state_bytes(model: nn.Module) -> tuple[int, int]:
     """(persistent bytes of all ternary matrices, number of logical ternary weights)."""
     mats = [m for _, m in ternary_matrices(model)]
@@ -50,21 +63,39 @@ def _is_finite(x) -> bool:
 
 def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats, *,
                          losses: Iterable = (), rate_mult: float = 1.0,
-                         reduce_evidence: EvidenceReducer | None = None) -> bool:
+                         reduce_evidence: EvidenceReducer | None = None,
+                         micro_batches: int = 1) -> bool:
     """Apply one update to every TernaryMatrix of `model` that holds evidence.
 
     Any non-finite loss or evidence skips the step before a single buffer changes; the evidence
     is dropped either way (no stale gradients leak into the next step). Returns True if applied.
+
+    If the step's evidence is being kept as integer votes (some matrix has votes already, or the
+    reducer has `wants_votes`), float evidence still pending is committed as the step's last
+    micro-batch first. With a reducer, a non-finite local loss still takes part in the reduction
+    (its evidence is marked non-finite), so that every rank skips the same steps and none waits
+    on a collective the others never enter.
     """
     mats = ternary_matrices(model)
-    if not all(_is_finite(l) for l in losses):
+    loss_ok = all(_is_finite(l) for l in losses)
+    if not loss_ok and reduce_evidence is None:
         stats.skipped_nonfinite_loss += 1
         clear_evidence(model)
         return False
+    if getattr(reduce_evidence, "wants_votes", False) or any(m.has_votes for _, m in mats):
+        mb_rule = rule.scaled(rate_mult / micro_batches)
+        for _, m in mats:
+            m.commit_micro_batch(mb_rule)
+    if not loss_ok:
+        for _, m in mats:
+            m.mark_nonfinite()
     if reduce_evidence is not None:
         reduce_evidence(mats)
     if not all(m.evidence_is_finite() for _, m in mats):
-        stats.skipped_nonfinite_grad += 1
+        if loss_ok:
+            stats.skipped_nonfinite_grad += 1
+        else:
+            stats.skipped_nonfinite_loss += 1
         clear_evidence(model)
         return False
     step_rule = rule.scaled(rate_mult) if rate_mult != 1.0 else rule
@@ -90,6 +121,7 @@ class TernaryUpdateMixin:
     ternary_rule: TernaryRule = TernaryRule()
     ternary_rate_mult: float = 1.0
     ternary_evidence_reducer: EvidenceReducer | None = None
+    ternary_micro_batches: int = 1  # micro-batches per step over all dp ranks (vote share)
 
     @property
     def ternary_stats(self) -> UpdateStats:
@@ -116,4 +148,5 @@ class TernaryUpdateMixin:
             total.backward()
         return apply_ternary_update(self, self.ternary_rule, self.ternary_stats, losses=losses,
                                     rate_mult=self.ternary_rate_mult,
-                                    reduce_evidence=self.ternary_evidence_reducer)
+                                    reduce_evidence=self.ternary_evidence_reducer,
+                                    micro_batches=self.ternary_micro_batches)
