@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from arbd.ternary import apply_ternary_update
+from arbd.ternary.update import commit_micro_batch
 
 
 class TernaryOptimizer(torch.optim.AdamW):
@@ -33,6 +34,14 @@ class TernaryOptimizer(torch.optim.AdamW):
         """The trainer reports each micro-batch loss; the step checks them all."""
         self.pending_losses.append(float(loss.detach()))
 
+    def end_micro_batch(self) -> None:
+        """After a micro-batch's backward: with integer votes, quantise its evidence now, so each
+        micro-batch votes on its own (the per-micro-batch share of the rule)."""
+        m = self.model
+        if getattr(m.ternary_evidence_reducer, "wants_votes", False):
+            commit_micro_batch(m, m.ternary_rule, micro_batches=self.micro_batches,
+                               rate_mult=self.rate_schedule(self.steps + 1))
+
     def _float_grads_finite(self) -> bool:
         return all(p.grad is None or bool(torch.isfinite(p.grad).all())
                    for g in self.param_groups for p in g["params"])
@@ -45,7 +54,7 @@ class TernaryOptimizer(torch.optim.AdamW):
             losses = losses + [math.nan]
         self.pending_losses = []
         applied = apply_ternary_update(m, m.ternary_rule, m.ternary_stats, losses=losses,
-                                       rate_mult=self.rate_schedule(self.steps),
+                                       rate_mult=self.rate_schedule(self.steps + 1),  # schedules count from 1
                                        reduce_evidence=m.ternary_evidence_reducer,
                                        micro_batches=self.micro_batches)
         self.steps += 1

@@ -16,7 +16,9 @@ import torch
 from arbd.config import get_preset
 from arbd.data import ByteBatches, ValWindows, load_corpus
 from arbd.model.byte_lm import ByteLM, ternary_layers
-from arbd.ternary import TernaryRule, ternary_state_bytes
+from arbd.ternary import ternary_state_bytes
+from arbd.ternary.rule import TUNED_RULE
+from arbd.train.schedule import warmup_cosine
 from arbd.train.evaluate import bits_per_byte
 
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     corpus = load_corpus(args.data)
     model = build_model(args.preset, args.backend, args.seed)
-    model.ternary_rule = TernaryRule()
+    model.ternary_rule = TUNED_RULE
     state_bytes, weights = ternary_state_bytes(model)
     print(f"arb run: preset={args.preset} ternary weights={weights:,} "
           f"persistent state={state_bytes / weights:.3f} B/weight corpus={corpus.kind} "
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
         x, y = next(batches)
+        model.ternary_rate_mult = warmup_cosine(step, args.steps, warmup=max(1, args.steps // 20))
         loss = model.loss(x, y)
         loss.backward()
         model._ternary_update_memory(loss_signal=loss)

@@ -25,7 +25,8 @@ from arbd.data.modalities import ModalityBatches
 from arbd.model.arb import ARBModel, check_training_backend
 from arbd.parallel.mesh import Mesh
 from arbd.parallel.plan import load_plan
-from arbd.ternary import TernaryRule, ternary_state_bytes
+from arbd.ternary import ternary_state_bytes
+from arbd.ternary.rule import TUNED_RULE
 from arbd.ternary.dp import DPEvidenceReducer
 from arbd.train.distributed import init_distributed
 from arbd.train.optim import TernaryOptimizer
@@ -98,7 +99,7 @@ class Trainer:
         self.cfg = model_config(args, plan.preset)
         torch.manual_seed(args.seed)
         model = ARBModel(self.cfg, backend=backend, seed=args.seed, device=self.device)
-        model.ternary_rule = TernaryRule()
+        model.ternary_rule = TUNED_RULE
         model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
         if plan.layout.dp > 1:
             model.ternary_evidence_reducer = DPEvidenceReducer(self.mesh.dp_group, mode=plan.evidence)
@@ -151,6 +152,7 @@ class Trainer:
             loss, parts = self._micro_batch_loss()
             self.optimizer.record_loss(loss)
             self.engine.backward(loss)
+            self.optimizer.end_micro_batch()
             self.engine.step()
             loss_sum += float(loss.detach())
         stats = self.model.ternary_stats
