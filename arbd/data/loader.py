@@ -98,19 +98,21 @@ def _windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
 
-class ByteBatches:
-    """Endless iterator of (inputs, targets) int64 tensors [micro_batch, seq_len] for one rank.
+class SampleCursor:
+    """Position bookkeeping shared by every training loader: which global sample indices this
+    rank reads at (step, micro_step), endless iteration, and resumable state.
 
-    Each next() returns micro-step `micro_step` of optimizer step `step` (see the module
-    docstring for which samples that is) and advances the position; after grad_accum
-    micro-steps the step advances. state_dict() after k next() calls holds position k, so a
-    fresh loader given it continues with exactly the batch the old one would have produced.
+    Subclasses provide `batch(step, micro_step)`. Each next() returns micro-step `micro_step` of
+    optimizer step `step` (see the module docstring for which samples that is) and advances;
+    after grad_accum micro-steps the step advances. state_dict() after k next() calls holds
+    position k, so a fresh loader given it continues with exactly the batch the old one would
+    have produced.
     """
 
-    def __init__(self, data: ByteData, seq_len: int, micro_batch: int, *, grad_accum: int = 1,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
-        for name, value in (("seq_len", seq_len), ("micro_batch", micro_batch),
-                            ("grad_accum", grad_accum), ("dp_size", dp_size)):
+    def __init__(self, micro_batch: int, *, grad_accum: int = 1, dp_rank: int = 0,
+                 dp_size: int = 1, seed: int = 0) -> None:
+        for name, value in (("micro_batch", micro_batch), ("grad_accum", grad_accum),
+                            ("dp_size", dp_size)):
             _positive(name, value)
         if isinstance(dp_rank, bool) or not isinstance(dp_rank, (int, np.integer)) \
                 or not 0 <= dp_rank < dp_size:
@@ -118,15 +120,8 @@ class ByteBatches:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
                 or not 0 <= seed <= _MASK64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-        self.data = as_byte_array(data)
-        n = len(self.data)
-        if n < seq_len + 1:
-            raise ValueError(f"seq_len={seq_len} needs at least seq_len + 1 = {seq_len + 1} "
-                             f"bytes of data, got {n}")
-        self.seq_len, self.micro_batch, self.grad_accum = int(seq_len), int(micro_batch), \
-            int(grad_accum)
+        self.micro_batch, self.grad_accum = int(micro_batch), int(grad_accum)
         self.dp_rank, self.dp_size, self.seed = int(dp_rank), int(dp_size), int(seed)
-        self.num_starts = n - self.seq_len  # valid window starts: 0 .. n - seq_len - 1
         self.step = 0
         self.micro_step = 0
 
@@ -146,16 +141,13 @@ class ByteBatches:
                  + self.dp_rank * self.micro_batch)
         return np.arange(first, first + self.micro_batch, dtype=np.int64)
 
-    def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (inputs, targets) of (step, micro_step), without moving the position."""
-        starts = sample_offsets(self.sample_indices(step, micro_step), self.seed,
-                                self.num_starts)
-        return _windows(self.data, starts, self.seq_len)
+    def batch(self, step: int, micro_step: int):
+        raise NotImplementedError
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self):
         out = self.batch(self.step, self.micro_step)
         # Advance before returning, so state_dict() taken after a batch points past it.
         self.micro_step += 1
@@ -163,24 +155,19 @@ class ByteBatches:
             self.step, self.micro_step = self.step + 1, 0
         return out
 
-    def state_dict(self) -> dict[str, Any]:
+    def _position_state(self) -> dict[str, Any]:
         return {"step": self.step, "micro_step": self.micro_step, "seed": self.seed,
-                "seq_len": self.seq_len, "global_batch": self.global_batch,
-                "micro_batch": self.micro_batch, "dp_size": self.dp_size,
-                "grad_accum": self.grad_accum, "data_bytes": len(self.data)}
+                "global_batch": self.global_batch, "micro_batch": self.micro_batch,
+                "dp_size": self.dp_size, "grad_accum": self.grad_accum}
 
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        """Continue from a saved position.
+    def _load_position(self, state: dict[str, Any], need: list[str]) -> None:
+        """Check the `need` keys (plus the split, for a mid-step position) and move there.
 
-        Seed, seq_len and global_batch must match (else the same step would mean other data).
         A position at a step boundary may be loaded with another (dp_size, grad_accum) split of
         the same global batch; mid-step positions need the same micro_batch/dp_size/grad_accum.
-        strict=False skips the check that the data length is unchanged (e.g. a corpus rebuilt
-        under another Python version: same positions, different bytes).
         """
-        need = ["seed", "seq_len", "global_batch"] + ([] if not strict else ["data_bytes"])
         if state.get("micro_step", 0):
-            need += ["micro_batch", "dp_size", "grad_accum"]
+            need = need + ["micro_batch", "dp_size", "grad_accum"]
         mine = self.state_dict()
         for key in need:
             if state.get(key) != mine[key]:
@@ -191,6 +178,39 @@ class ByteBatches:
             raise ValueError(f"bad saved position step={step}, micro_step={micro} "
                              f"(grad_accum={self.grad_accum})")
         self.step, self.micro_step = step, micro
+
+
+class ByteBatches(SampleCursor):
+    """Endless iterator of (inputs, targets) int64 tensors [micro_batch, seq_len] for one rank."""
+
+    def __init__(self, data: ByteData, seq_len: int, micro_batch: int, *, grad_accum: int = 1,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+        _positive("seq_len", seq_len)
+        super().__init__(micro_batch, grad_accum=grad_accum, dp_rank=dp_rank, dp_size=dp_size,
+                         seed=seed)
+        self.data = as_byte_array(data)
+        n = len(self.data)
+        if n < seq_len + 1:
+            raise ValueError(f"seq_len={seq_len} needs at least seq_len + 1 = {seq_len + 1} "
+                             f"bytes of data, got {n}")
+        self.seq_len = int(seq_len)
+        self.num_starts = n - self.seq_len  # valid window starts: 0 .. n - seq_len - 1
+
+    def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (inputs, targets) of (step, micro_step), without moving the position."""
+        starts = sample_offsets(self.sample_indices(step, micro_step), self.seed,
+                                self.num_starts)
+        return _windows(self.data, starts, self.seq_len)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._position_state(), "seq_len": self.seq_len, "data_bytes": len(self.data)}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Continue from a saved position. Seed, seq_len and global_batch must match (else the
+        same step would mean other data). strict=False skips the check that the data length is
+        unchanged (e.g. a corpus rebuilt under another Python version: same positions, other bytes).
+        """
+        self._load_position(state, ["seed", "seq_len", "global_batch"] + (["data_bytes"] if strict else []))
 
 
 class ValWindows:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from arbd.data.loader import sample_offsets
+from arbd.data.loader import SampleCursor, sample_offsets
 
 SAMPLE_RATE = 16_000
 MODALITY_SALT = {"image": 0x1A6E_0001, "video": 0x71DE_0002, "audio": 0xA0D1_0003}
@@ -181,7 +181,7 @@ def synthetic_batch(kind: str, seed: int, indices: np.ndarray | list[int], **kwa
     return torch.stack([GENERATORS[kind](seed, int(i), **kwargs) for i in indices])
 
 
-class ModalityBatches:
+class ModalityBatches(SampleCursor):
     """Endless, resumable, rank-sharded batches of one synthetic modality.
 
     Same index layout and state as arbd.data.ByteBatches; `kwargs` go to the generator
@@ -192,60 +192,16 @@ class ModalityBatches:
                  dp_size: int = 1, seed: int = 0, **kwargs: Any) -> None:
         if kind not in GENERATORS:
             raise ValueError(f"unknown modality {kind!r}; expected one of {sorted(GENERATORS)}")
-        for name, v in (("micro_batch", micro_batch), ("grad_accum", grad_accum), ("dp_size", dp_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank!r}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        super().__init__(micro_batch, grad_accum=grad_accum, dp_rank=dp_rank, dp_size=dp_size,
+                         seed=seed)
         self.kind, self.kwargs = kind, dict(kwargs)
-        self.micro_batch, self.grad_accum = micro_batch, grad_accum
-        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.step = self.micro_step = 0
-
-    @property
-    def global_batch(self) -> int:
-        return self.dp_size * self.micro_batch * self.grad_accum
-
-    def sample_indices(self, step: int, micro_step: int) -> np.ndarray:
-        if step < 0 or not 0 <= micro_step < self.grad_accum:
-            raise ValueError(f"need step >= 0 and micro_step in [0, {self.grad_accum}), "
-                             f"got step={step}, micro_step={micro_step}")
-        first = (step * self.global_batch + micro_step * self.dp_size * self.micro_batch
-                 + self.dp_rank * self.micro_batch)
-        return np.arange(first, first + self.micro_batch, dtype=np.int64)
 
     def batch(self, step: int, micro_step: int) -> torch.Tensor:
         return synthetic_batch(self.kind, self.seed, self.sample_indices(step, micro_step), **self.kwargs)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        out = self.batch(self.step, self.micro_step)
-        self.micro_step += 1
-        if self.micro_step == self.grad_accum:
-            self.step, self.micro_step = self.step + 1, 0
-        return out
-
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "step": self.step, "micro_step": self.micro_step,
-                "seed": self.seed, "global_batch": self.global_batch,
-                "micro_batch": self.micro_batch, "dp_size": self.dp_size,
-                "grad_accum": self.grad_accum}
+        return {**self._position_state(), "kind": self.kind}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume; kind, seed and global_batch must match (mid-step: the whole split too)."""
-        need = ["kind", "seed", "global_batch"]
-        if state.get("micro_step", 0):
-            need += ["micro_batch", "dp_size", "grad_accum"]
-        mine = self.state_dict()
-        for key in need:
-            if state.get(key) != mine[key]:
-                raise ValueError(f"cannot resume: saved {key}={state.get(key)!r}, "
-                                 f"this loader has {key}={mine[key]!r}")
-        step, micro = int(state["step"]), int(state["micro_step"])
-        if step < 0 or not 0 <= micro < self.grad_accum:
-            raise ValueError(f"bad saved position step={step}, micro_step={micro}")
-        self.step, self.micro_step = step, micro
+        self._load_position(state, ["kind", "seed", "global_batch"])

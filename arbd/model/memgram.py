@@ -36,20 +36,11 @@ import torch
 from torch import nn
 
 from arbd.config import BYTE_VOCAB, NGRAM, ARBConfig
+from arbd.hashing import M32, mix32
 from arbd.ternary import TernaryEmbeddingTable, TernaryLinear, TernaryRMSNorm
 
 PAD_BYTE = BYTE_VOCAB  # stands for "before the start of the sequence"
-_M32 = 0xFFFFFFFF
 DEFAULT_ORDERS = (2, 3, 4)
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    # int64 holding [0, 2**32): every product stays below 2**59, so no int64 overflow.
-    x = x ^ (x >> 16)
-    x = (x * 0x045D9F3B) & _M32
-    x = x ^ (x >> 16)
-    x = (x * 0x045D9F3B) & _M32
-    return x ^ (x >> 16)
 
 
 def ngram_hash_ids(ids: torch.Tensor, orders: Sequence[int], num_hashes: int,
@@ -65,12 +56,12 @@ def ngram_hash_ids(ids: torch.Tensor, orders: Sequence[int], num_hashes: int,
     for n in orders:
         per_hash = []
         for j in range(num_hashes):
-            salt = int(_mix32(torch.tensor((0x9E3779B9 * (16 * n + j + 1)) & _M32)))
+            salt = int(mix32(torch.tensor((0x9E3779B9 * (16 * n + j + 1)) & M32)))
             s = torch.full((b, tp), salt, dtype=torch.long, device=ids.device)
             for c in range(n):
                 # Byte c of the n-gram ending at byte i+2 is original byte i+3-n+c.
                 start = max_n - 1 + NGRAM - n + c
-                s = _mix32((s * 0x01000193 + padded[:, start:start + tp] + 1) & _M32)
+                s = mix32((s * 0x01000193 + padded[:, start:start + tp] + 1) & M32)
             per_hash.append(s % table_size)
         out.append(torch.stack(per_hash, -1))
     return torch.stack(out, -2)

@@ -28,12 +28,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from arbd.config import SCALE_K
+from arbd.hashing import M32, mix32
 from arbd.ternary.packing import exponent_to_scale
 
 ACC_MAX = 127  # accumulators are int8
 VOTE_MAX = 127  # votes travel as int8 per micro-batch
 MIN_ROW_FOR_ROW_NORM = 8  # shorter rows (norm gains: 1 column) normalise over the whole tensor
-_M32 = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -84,20 +84,11 @@ TUNED_RULE = TernaryRule(threshold=24, evidence_rate=3.0, decay_shift=5, roundin
 
 
 # -- deterministic uniforms -------------------------------------------------------------------
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash on int64 tensors holding values in [0, 2**32) (products stay < 2**63)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x045D9F3B) & _M32
-    x = x ^ (x >> 16)
-    x = (x * 0x045D9F3B) & _M32
-    return x ^ (x >> 16)
-
-
 def _bits32(g: torch.Tensor) -> torch.Tensor:
     if g.dtype == torch.float64:
         b = g.view(torch.int64)
-        return (b ^ (b >> 32)) & _M32
-    return g.to(torch.float32).view(torch.int32).to(torch.int64) & _M32
+        return (b ^ (b >> 32)) & M32
+    return g.to(torch.float32).view(torch.int32).to(torch.int64) & M32
 
 
 def hash_uniform(g: torch.Tensor, row_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,8 +96,8 @@ def hash_uniform(g: torch.Tensor, row_ids: torch.Tensor | None = None) -> torch.
     (row, column). The same value at the same place gives the same uniform in any layout."""
     r, c = g.shape
     rows = torch.arange(r, device=g.device) if row_ids is None else row_ids.to(g.device).long()
-    pos = (rows[:, None] * c + torch.arange(c, device=g.device)[None, :]) & _M32
-    x = _mix32(_bits32(g) ^ _mix32(pos ^ 0x5BD1E995))
+    pos = (rows[:, None] * c + torch.arange(c, device=g.device)[None, :]) & M32
+    x = mix32(_bits32(g) ^ mix32(pos ^ 0x5BD1E995))
     return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
