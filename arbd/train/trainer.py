@@ -242,5 +242,8 @@ def main(argv: list[str] | None = None, *, description: str = "arbd pretraining"
                          "(tracked by the [checkpoints] issue); run with --no-save")
     Trainer(args).run()
     if dist.is_initialized():
+        # Rank 0 writes the outputs after the last collective; tearing gloo down on the other
+        # ranks while it still holds connections aborted a rank at exit (seen in CI).
+        dist.barrier()
         dist.destroy_process_group()
     return 0
