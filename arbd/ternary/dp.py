@@ -66,11 +66,8 @@ def _all_gather_var(t: torch.Tensor, group) -> list[torch.Tensor]:
 
 
 def _vote_dtype(bound: int) -> torch.dtype:
-    if bound <= 127:
-        return torch.int8
-    if bound <= 32767:
-        return torch.int16
-    return torch.int32
+    # No int16: gloo rejects it ("Invalid scalar type") and NCCL has no int16 reduction.
+    return torch.int8 if bound <= 127 else torch.int32
 
 
 def reduce_evidence_sign_votes(mats: Mats, group=None, *, rule: TernaryRule | None = None,

@@ -44,6 +44,9 @@ class TernaryMatrix(nn.Module):
         self.register_buffer("e_accum", torch.zeros(rows, dtype=torch.int8, device=device))
         self._grad: torch.Tensor | None = None
         self._row_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Rows whose accumulators this process holds (all of them unless ZeRO-partitioned,
+        # arbd/ternary/zero.py); packed trits and exponents always cover every row.
+        self.row_start, self.row_stop = 0, rows
         self._clear_votes()
         self.reset(init, std=std, generator=generator)
 
@@ -167,6 +170,12 @@ class TernaryMatrix(nn.Module):
         self._row_votes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._votes_nonfinite = False
 
+    @property
+    def marked_nonfinite(self) -> bool:
+        """True once this step's evidence has been flagged unusable (mark_nonfinite or a
+        non-finite micro-batch committed as votes)."""
+        return self._votes_nonfinite
+
     def mark_nonfinite(self) -> None:
         """Flag this step's evidence as unusable (a non-finite loss somewhere): the update skips."""
         self._votes_nonfinite = True
@@ -232,6 +241,10 @@ class TernaryMatrix(nn.Module):
 
         Dense evidence updates every row; sparse evidence reads and writes only touched rows.
         """
+        if self.is_partitioned:
+            raise RuntimeError("this TernaryMatrix holds only the accumulators of rows "
+                               f"[{self.row_start}, {self.row_stop}): update it through its "
+                               "ZeroPartitioner (arbd/ternary/zero.py)")
         if self.has_votes:
             if self._grad is not None or self._row_grads:
                 self.commit_micro_batch(rule)
@@ -282,5 +295,56 @@ class TernaryMatrix(nn.Module):
             stats["rows"] = int(idx.numel())
         return stats
 
+    # -- row partition of the accumulators (ZeRO, arbd/ternary/zero.py) ------------------------
+    @property
+    def is_partitioned(self) -> bool:
+        return (self.row_start, self.row_stop) != (0, self.rows)
+
+    @torch.no_grad()
+    def partition_rows(self, start: int, stop: int) -> None:
+        """Keep the accumulators of rows [start, stop) only and free the rest (state_bytes drops
+        accordingly). The packed trits and exponents stay whole: every rank decodes the full
+        weight for its forward. The matrix must not be partitioned already."""
+        if self.is_partitioned:
+            raise RuntimeError(f"already partitioned to rows [{self.row_start}, {self.row_stop})")
+        if not 0 <= start <= stop <= self.rows:
+            raise ValueError(f"row block [{start}, {stop}) is outside [0, {self.rows})")
+        # clone: a view would keep the whole storage alive and free nothing
+        self.t_accum = self.t_accum[start:stop].clone()
+        self.e_accum = self.e_accum[start:stop].clone()
+        self.row_start, self.row_stop = start, stop
+
+    @torch.no_grad()
+    def unpartition(self, t_accum: torch.Tensor, e_accum: torch.Tensor) -> None:
+        """Take back the accumulators of every row (gathered from all ranks)."""
+        if tuple(t_accum.shape) != (self.rows, self.cols) or tuple(e_accum.shape) != (self.rows,):
+            raise ValueError(f"full accumulators must be {(self.rows, self.cols)} and {(self.rows,)}, "
+                             f"got {tuple(t_accum.shape)} and {tuple(e_accum.shape)}")
+        self.t_accum = t_accum.to(torch.int8, copy=True).to(self.packed.device)
+        self.e_accum = e_accum.to(torch.int8, copy=True).to(self.packed.device)
+        self.row_start, self.row_stop = 0, self.rows
+
+    @torch.no_grad()
+    def apply_block_votes(self, votes: torch.Tensor, e_votes: torch.Tensor | None,
+                          rule: TernaryRule) -> dict[str, int]:
+        """The integer half of the rule on this process's rows [row_start, row_stop) only, given
+        the step's exact vote sums for those rows. Writes their packed trits, exponents and
+        accumulators; the other rows' packed bytes are left for the all-gather."""
+        a, b = self.row_start, self.row_stop
+        if tuple(votes.shape) != (b - a, self.cols):
+            raise ValueError(f"block votes must have shape {(b - a, self.cols)}, got {tuple(votes.shape)}")
+        if b == a:
+            return {"trit_flips": 0, "scale_moves": 0, "rows": 0}
+        trits, t_acc, exp, e_acc, stats = apply_votes(
+            packing.unpack_trits(self.packed[a:b], self.cols), self.t_accum, self.exponent[a:b],
+            self.e_accum, votes, e_votes, rule)
+        self.packed[a:b] = packing.pack_trits(trits)
+        self.exponent[a:b] = exp
+        self.t_accum.copy_(t_acc)
+        self.e_accum.copy_(e_acc)
+        stats["rows"] = b - a
+        return stats
+
     def extra_repr(self) -> str:
-        return f"{self.rows}x{self.cols}, scale_k={SCALE_K}"
+        part = f", rows [{self.row_start}, {self.row_stop}) held" if self.is_partitioned else ""
+        return f"{self.rows}x{self.cols}, scale_k={SCALE_K}{part}"

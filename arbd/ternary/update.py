@@ -74,7 +74,8 @@ def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats
     reducer has `wants_votes`), float evidence still pending is committed as the step's last
     micro-batch first. With a reducer, a non-finite local loss still takes part in the reduction
     (its evidence is marked non-finite), so that every rank skips the same steps and none waits
-    on a collective the others never enter.
+    on a collective the others never enter. A reducer with an `update_matrices(mats, rule)`
+    method applies the update itself (returning the step's total trit flips and scale moves).
     """
     mats = ternary_matrices(model)
     loss_ok = all(_is_finite(l) for l in losses)
@@ -100,11 +101,18 @@ def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats
         return False
     step_rule = rule.scaled(rate_mult) if rate_mult != 1.0 else rule
     flips = moves = 0
-    for _, m in mats:
-        if m.has_evidence:
-            s = m.apply_update(step_rule)
-            flips += s["trit_flips"]
-            moves += s["scale_moves"]
+    owner_update = getattr(reduce_evidence, "update_matrices", None)
+    if owner_update is not None:
+        # The reducer owns the update (ZeRO-partitioned accumulators, arbd/ternary/zero.py):
+        # each rank applies the rule to its rows and the packed trits are all-gathered.
+        s = owner_update(mats, step_rule)
+        flips, moves = s["trit_flips"], s["scale_moves"]
+    else:
+        for _, m in mats:
+            if m.has_evidence:
+                s = m.apply_update(step_rule)
+                flips += s["trit_flips"]
+                moves += s["scale_moves"]
     stats.applied += 1
     stats.trit_flips += flips
     stats.scale_moves += moves

@@ -27,7 +27,7 @@ from arbd.parallel.mesh import Mesh
 from arbd.parallel.plan import load_plan
 from arbd.ternary import ternary_state_bytes
 from arbd.ternary.rule import TUNED_RULE
-from arbd.ternary.dp import DPEvidenceReducer
+from arbd.ternary.zero import make_ternary_reducer
 from arbd.train.distributed import init_distributed
 from arbd.train.optim import TernaryOptimizer
 from arbd.train.schedule import warmup_cosine
@@ -102,7 +102,9 @@ class Trainer:
         model.ternary_rule = TUNED_RULE
         model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
         if plan.layout.dp > 1:
-            model.ternary_evidence_reducer = DPEvidenceReducer(self.mesh.dp_group, mode=plan.evidence)
+            # ZeRO stage >= 1: each dp rank keeps and updates the accumulators of its row block.
+            model.ternary_evidence_reducer = make_ternary_reducer(
+                model, self.mesh.dp_group, zero_stage=plan.zero_stage, mode=plan.evidence)
         self.model = model
         self.optimizer = TernaryOptimizer(
             [p for p in model.parameters() if p.requires_grad], model, lr=1e-3,
