@@ -254,46 +254,36 @@ class TernaryMatrix(nn.Module):
         if grad is None:
             return {"trit_flips": 0, "scale_moves": 0, "rows": 0}
         if idx is None:
-            trits, t_acc, exp, e_acc, stats = update_rows(
-                self.trits(), self.t_accum, self.exponent, self.e_accum, grad, rule)
+            return self._rewrite_rows(None, lambda *st: update_rows(*st, grad, rule))
+        return self._rewrite_rows(idx, lambda *st: update_rows(*st, grad, rule, row_ids=idx))
+
+    def _rewrite_rows(self, idx: torch.Tensor | None, step) -> dict[str, int]:
+        """Read (trits, t_accum, exponent, e_accum) of all rows or of rows `idx`, let `step` map
+        them to new values plus stats, and write them back: one read-modify-write for every rule."""
+        if idx is None:
+            trits, t_acc, exp, e_acc, stats = step(self.trits(), self.t_accum, self.exponent,
+                                                   self.e_accum)
             self.packed.copy_(packing.pack_trits(trits))
             self.t_accum.copy_(t_acc)
             self.exponent.copy_(exp)
             self.e_accum.copy_(e_acc)
             stats["rows"] = self.rows
-        else:
-            trits, t_acc, exp, e_acc, stats = update_rows(
-                packing.unpack_trits(self.packed[idx], self.cols), self.t_accum[idx],
-                self.exponent[idx], self.e_accum[idx], grad, rule, row_ids=idx)
-            self.packed[idx] = packing.pack_trits(trits)
-            self.t_accum[idx] = t_acc
-            self.exponent[idx] = exp
-            self.e_accum[idx] = e_acc
-            stats["rows"] = int(idx.numel())
+            return stats
+        trits, t_acc, exp, e_acc, stats = step(packing.unpack_trits(self.packed[idx], self.cols),
+                                               self.t_accum[idx], self.exponent[idx],
+                                               self.e_accum[idx])
+        self.packed[idx] = packing.pack_trits(trits)
+        self.t_accum[idx] = t_acc
+        self.exponent[idx] = exp
+        self.e_accum[idx] = e_acc
+        stats["rows"] = int(idx.numel())
         return stats
 
     @torch.no_grad()
     def _apply_votes(self, rule: TernaryRule) -> dict[str, int]:
         idx, v, e = self.votes()
         self.clear_evidence()
-        if idx is None:
-            trits, t_acc, exp, e_acc, stats = apply_votes(
-                self.trits(), self.t_accum, self.exponent, self.e_accum, v, e, rule)
-            self.packed.copy_(packing.pack_trits(trits))
-            self.t_accum.copy_(t_acc)
-            self.exponent.copy_(exp)
-            self.e_accum.copy_(e_acc)
-            stats["rows"] = self.rows
-        else:
-            trits, t_acc, exp, e_acc, stats = apply_votes(
-                packing.unpack_trits(self.packed[idx], self.cols), self.t_accum[idx],
-                self.exponent[idx], self.e_accum[idx], v, e, rule)
-            self.packed[idx] = packing.pack_trits(trits)
-            self.t_accum[idx] = t_acc
-            self.exponent[idx] = exp
-            self.e_accum[idx] = e_acc
-            stats["rows"] = int(idx.numel())
-        return stats
+        return self._rewrite_rows(idx, lambda *st: apply_votes(*st, v, e, rule))
 
     # -- row partition of the accumulators (ZeRO, arbd/ternary/zero.py) ------------------------
     @property
