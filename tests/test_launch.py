@@ -60,3 +60,13 @@ def test_plan_errors_name_the_field(tmp_path):
         plan.validate(3)
     ds = plan.deepspeed_config()
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "shard_plans").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_plan_is_valid_for_its_world(path):
+    plan = load_plan(path)
+    world = plan.layout.dp * plan.layout.tp
+    plan.validate(world)
+    assert plan.name == path.stem
+    ds = plan.deepspeed_config()
+    assert ds["train_batch_size"] == plan.micro_batch * plan.grad_accum * plan.layout.dp
