@@ -196,7 +196,9 @@ class TernaryVQCodebook(nn.Module):
                                              return_counts=True)
         # Only the distinct chosen rows are decoded; their gradient becomes row evidence.
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        q = decoded_weight(self.matrix, dtype, rows=uniq)[inverse]
+        # index_select: its backward (index_add) sums in a fixed order, so float evidence is
+        # deterministic at any batch size (plain [inverse] indexing was not, above ~4K rows).
+        q = decoded_weight(self.matrix, dtype, rows=uniq).index_select(0, inverse)
         xf = flat.to(dtype)
         denom = max(xf.numel(), 1)  # an empty batch gives zero losses, not NaN (a NaN skips the step)
         codebook_loss = (xf.detach() - q).pow(2).sum() / denom
