@@ -14,11 +14,16 @@ WEIGHT_MAX = 32767
 
 
 class KGEdges(nn.Module):
-    def __init__(self, num_nodes: int, capacity: int, device=None) -> None:
+    """num_nodes source rows; neighbour ids lie in [0, num_targets) (default num_nodes). A row
+    shard of a larger graph holds few source rows but global neighbour ids (arbd/parallel/sharded_kg.py)."""
+
+    def __init__(self, num_nodes: int, capacity: int, device=None, *,
+                 num_targets: int | None = None) -> None:
         super().__init__()
         if num_nodes <= 0 or capacity <= 0:
             raise ValueError(f"KGEdges needs positive num_nodes and capacity, got {num_nodes}, {capacity}")
         self.num_nodes, self.capacity = num_nodes, capacity
+        self.num_targets = num_nodes if num_targets is None else num_targets
         self.register_buffer("dst", torch.full((num_nodes, capacity), -1, dtype=torch.int32, device=device))
         self.register_buffer("weight", torch.zeros(num_nodes, capacity, dtype=torch.int16, device=device))
 
@@ -27,7 +32,7 @@ class KGEdges(nn.Module):
         return self.dst[nodes].long(), self.weight[nodes]
 
     @torch.no_grad()
-    def observe(self, src: torch.Tensor, dst: torch.Tensor) -> int:
+    def observe(self, src: torch.Tensor, dst: torch.Tensor, *, drop_self: bool = True) -> int:
         """Add one co-occurrence per (src[i], dst[i]) pair; self-pairs are ignored.
 
         An existing edge gains the pair count. A new edge takes an empty slot, else replaces the
@@ -37,14 +42,17 @@ class KGEdges(nn.Module):
         src, dst = src.reshape(-1).long(), dst.reshape(-1).long()
         if src.shape != dst.shape:
             raise ValueError(f"src and dst must pair up, got {src.numel()} and {dst.numel()} ids")
-        keep = src != dst
-        src, dst = src[keep], dst[keep]
+        if drop_self:  # a row shard passes local source ids: its caller filters global self-pairs
+            keep = src != dst
+            src, dst = src[keep], dst[keep]
         if src.numel() == 0:
             return 0
-        if int(torch.minimum(src, dst).min()) < 0 or int(torch.maximum(src, dst).max()) >= self.num_nodes:
-            raise ValueError(f"node ids must lie in [0, {self.num_nodes})")
-        keys, counts = torch.unique(src * self.num_nodes + dst, sorted=True, return_counts=True)
-        s, d = keys // self.num_nodes, keys % self.num_nodes
+        if int(src.min()) < 0 or int(src.max()) >= self.num_nodes:
+            raise ValueError(f"source node ids must lie in [0, {self.num_nodes})")
+        if int(dst.min()) < 0 or int(dst.max()) >= self.num_targets:
+            raise ValueError(f"node ids must lie in [0, {self.num_targets})")
+        keys, counts = torch.unique(src * self.num_targets + dst, sorted=True, return_counts=True)
+        s, d = keys // self.num_targets, keys % self.num_targets
         counts = counts.clamp_max(WEIGHT_MAX).to(torch.int32)
 
         rows = self.dst[s].long()                       # [P, cap]

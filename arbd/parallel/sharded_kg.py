@@ -1,0 +1,91 @@
+"""KG edges row-sharded with the codebook: the rank that owns motif n's codebook row also owns
+motif n's adjacency row (ARCHITECTURE §3).
+
+`observe` routes each co-occurrence pair to the owner of its source node with one
+`all_to_all_single`; `neighbors` fetches adjacency rows from their owners and returns them in
+the caller's order. Both are collectives over the codebook group: every rank calls them, in the
+same order, even with nothing to send. For the same global pairs (all ranks' pairs together)
+the shards end identical to one unsharded KGEdges, because an observe depends only on the
+multiset of pairs it sees.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from arbd.model.kg_edges import KGEdges
+from arbd.parallel.sharded_vq import shard_bounds
+
+
+def _exchange(send: torch.Tensor, counts: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """all_to_all_single of rows of `send` (grouped by destination, counts[r] rows to rank r).
+    Returns (received rows grouped by source, rows received from each rank)."""
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    width = send.shape[1:]
+    recv = send.new_empty((int(recv_counts.sum()), *width))
+    scale = int(torch.tensor(width).prod()) if len(width) else 1
+    dist.all_to_all_single(recv.reshape(-1), send.reshape(-1),
+                           output_split_sizes=(recv_counts * scale).tolist(),
+                           input_split_sizes=(counts * scale).tolist(), group=group)
+    return recv, recv_counts
+
+
+class ShardedKGEdges(nn.Module):
+    def __init__(self, num_nodes: int, capacity: int, *, group=None,
+                 shard_sizes: Sequence[int] | None = None, device=None) -> None:
+        super().__init__()
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.num_nodes, self.capacity = num_nodes, capacity
+        self.bounds = shard_bounds(num_nodes, self.world, shard_sizes)
+        self.global_start, self.global_stop = self.bounds[self.rank], self.bounds[self.rank + 1]
+        self.local = KGEdges(self.global_stop - self.global_start, capacity, device=device,
+                             num_targets=num_nodes)
+        self._bounds_t = torch.tensor(self.bounds[1:-1], dtype=torch.int64)
+
+    def owner_of(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(self._bounds_t.to(ids.device), ids, right=True)
+
+    def _agree_valid(self, *ids: torch.Tensor) -> None:
+        """Every rank learns whether any rank got out-of-range ids, before any data moves."""
+        bad = any(t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_nodes) for t in ids)
+        flag = torch.tensor([int(bad)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if int(flag):
+            raise ValueError(f"KG node ids must lie in [0, {self.num_nodes}) on every rank "
+                             f"({'this' if bad else 'another'} rank sent ids out of range)")
+
+    @torch.no_grad()
+    def observe(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        src, dst = src.reshape(-1).long(), dst.reshape(-1).long()
+        if src.shape != dst.shape:
+            raise ValueError(f"src and dst must pair up, got {src.numel()} and {dst.numel()} ids")
+        self._agree_valid(src, dst)
+        keep = src != dst
+        src, dst = src[keep], dst[keep]
+        owner = self.owner_of(src)
+        order = torch.argsort(owner, stable=True)
+        pairs = torch.stack([src[order], dst[order]], 1)
+        counts = torch.bincount(owner, minlength=self.world)   # world-sized, not table-sized
+        recv, _ = _exchange(pairs, counts, self.group)
+        if recv.numel():
+            self.local.observe(recv[:, 0] - self.global_start, recv[:, 1], drop_self=False)
+
+    @torch.no_grad()
+    def neighbors(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(neighbour ids int64 [n, capacity], weights int16) of `nodes`, fetched from owners."""
+        nodes = nodes.reshape(-1).long()
+        self._agree_valid(nodes)
+        uniq, inverse = torch.unique(nodes, sorted=True, return_inverse=True)
+        owner = self.owner_of(uniq)                      # uniq is sorted, so owners are grouped
+        counts = torch.bincount(owner, minlength=self.world)
+        asked, asked_counts = _exchange(uniq, counts, self.group)
+        local = asked - self.global_start
+        rows = torch.cat([self.local.dst[local].long(), self.local.weight[local].long()], 1)
+        back, _ = _exchange(rows, asked_counts, self.group)   # returns in our send order
+        return back[:, :self.capacity][inverse], back[:, self.capacity:].to(torch.int16)[inverse]
