@@ -25,7 +25,7 @@ dp = 1 with two accumulated micro-batches sees, and resuming needs only (step, m
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch

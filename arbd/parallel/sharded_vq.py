@@ -52,10 +52,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from arbd.config import SCALE_K
 from arbd.ternary import packing
-from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, _sround, apply_votes,
-                               quantize_evidence, scale_votes)
+from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, apply_votes, quantize_evidence,
+                               scale_grad, scale_votes, votes_from_scale_grad)
 from arbd.vq import lookup
 from arbd.vq.codebook import (_INIT_BLOCK, DEFAULT_CELL_SIZE, DEFAULT_MAX_CHUNK_BYTES, USAGE_MAX,
                               PlacedTernaryMatrix, VQOutput, _check_int)
@@ -936,13 +935,9 @@ class ShardedTernaryVQCodebook(nn.Module):
         unsharded rule averages, so the mean is bit-identical. Collective for 'norm' at W > 1."""
         if not (rule.learn_scales and rule.scale_mode == "norm" and self.world > 1):
             return scale_votes(g, trits, exps, rule, gids)
-        dt = torch.float64 if g.dtype == torch.float64 else torch.float32
-        scale = packing.exponent_to_scale(exps, dt)
-        g_e = (g.to(dt) * trits.to(dt)).sum(1) * scale * (math.log(2) / SCALE_K)
+        g_e = scale_grad(g, trits, exps)
         every = self._gather_in_rank_order(g_e)
-        x = -g_e / (every.abs().mean() + 1e-30) * rule.scale_rate
-        q = _sround(x[:, None], g_e[:, None], gids, rule.rounding)[:, 0]
-        return q.clamp(-rule.max_vote, rule.max_vote).to(torch.int16)
+        return votes_from_scale_grad(g_e, rule, gids, every.abs().mean())
 
     def _gather_in_rank_order(self, t: torch.Tensor) -> torch.Tensor:
         n = torch.tensor([t.numel()], dtype=torch.int64)

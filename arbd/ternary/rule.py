@@ -128,23 +128,37 @@ def quantize_evidence(grad: torch.Tensor, rule: TernaryRule, *, share: float = 1
     return q.clamp(-rule.max_vote, rule.max_vote).to(torch.int16)
 
 
-def scale_votes(grad: torch.Tensor, trits: torch.Tensor, exponent: torch.Tensor,
-                rule: TernaryRule, row_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """int16 [R] scale votes pointing downhill, dL/dE_r = ln2/k * scale_r * sum_c g_rc t_rc.
-
-    "sign": sround(scale_rate * sign(-dL/dE_r)); "norm": sround(-dL/dE_r / mean|dL/dE| * scale_rate),
-    the mean taken over the rows given (the whole tensor on the dense path)."""
-    if not rule.learn_scales:
-        return torch.zeros(grad.shape[0], dtype=torch.int16, device=grad.device)
+def scale_grad(grad: torch.Tensor, trits: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """dL/dE per row: ln2/k * scale_r * sum_c g_rc t_rc (float64 kept for float64 runs)."""
     dt = torch.float64 if grad.dtype == torch.float64 else torch.float32
     scale = exponent_to_scale(exponent, dt)
-    g_e = (grad.to(dt) * trits.to(dt)).sum(1) * scale * (math.log(2) / SCALE_K)
+    return (grad.to(dt) * trits.to(dt)).sum(1) * scale * (math.log(2) / SCALE_K)
+
+
+def votes_from_scale_grad(g_e: torch.Tensor, rule: TernaryRule, row_ids: torch.Tensor | None = None,
+                          mean_abs: torch.Tensor | None = None) -> torch.Tensor:
+    """int16 [R] scale votes pointing downhill from dL/dE of R rows.
+
+    "sign": sround(scale_rate * sign(-dL/dE_r)); "norm": sround(-dL/dE_r / mean|dL/dE| * scale_rate)
+    with the mean over these rows, or `mean_abs` when the rows are one block of a matrix split
+    over ranks (ZeRO partitions, codebook shards): then the caller passes the whole matrix's mean."""
+    if not rule.learn_scales:
+        return torch.zeros(g_e.shape[0], dtype=torch.int16, device=g_e.device)
     if rule.scale_mode == "sign":
         x = -torch.sign(g_e) * rule.scale_rate
     else:
-        x = -g_e / (g_e.abs().mean() + 1e-30) * rule.scale_rate
+        denom = g_e.abs().mean() if mean_abs is None else mean_abs
+        x = -g_e / (denom + 1e-30) * rule.scale_rate
     q = _sround(x[:, None], g_e[:, None], row_ids, rule.rounding)[:, 0]
     return q.clamp(-rule.max_vote, rule.max_vote).to(torch.int16)
+
+
+def scale_votes(grad: torch.Tensor, trits: torch.Tensor, exponent: torch.Tensor,
+                rule: TernaryRule, row_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale votes of a whole matrix (the mean of "norm" taken over the rows given)."""
+    if not rule.learn_scales:
+        return torch.zeros(grad.shape[0], dtype=torch.int16, device=grad.device)
+    return votes_from_scale_grad(scale_grad(grad, trits, exponent), rule, row_ids)
 
 
 # -- the integer step -------------------------------------------------------------------------

@@ -43,7 +43,6 @@ skip.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -52,10 +51,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from arbd.config import SCALE_K
 from arbd.ternary.dp import WireStats, reduce_evidence_sign_votes, reduce_evidence_summed
-from arbd.ternary.packing import exponent_to_scale, unpack_trits
-from arbd.ternary.rule import MIN_ROW_FOR_ROW_NORM, TernaryRule, _sround, quantize_evidence
+from arbd.ternary.packing import unpack_trits
+from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, quantize_evidence, scale_grad,
+                               votes_from_scale_grad)
 from arbd.ternary.state import TernaryMatrix
 from arbd.ternary.update import ternary_matrices
 
@@ -128,27 +127,16 @@ def _is_sparse_owned(model: nn.Module) -> set[int]:
     return out
 
 
-def scale_grad_rows(grad: torch.Tensor, trits: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
-    """dL/dE per row, as rule.scale_votes computes it: ln2/k * scale_r * sum_c g_rc t_rc."""
-    dt = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    scale = exponent_to_scale(exponent, dt)
-    return (grad.to(dt) * trits.to(dt)).sum(1) * scale * (math.log(2) / SCALE_K)
+# Kept as names the tests use; the one implementation lives in rule.py.
+scale_grad_rows = scale_grad
 
 
 def block_scale_votes(g_e: torch.Tensor, rule: TernaryRule, row_ids: torch.Tensor,
                       mean_abs: torch.Tensor | None) -> torch.Tensor:
-    """rule.scale_votes for a block of rows, given dL/dE of the block and, for scale_mode "norm",
-    the mean |dL/dE| over every row of the matrix (what the unpartitioned update divides by)."""
-    if not rule.learn_scales:
-        return torch.zeros(g_e.shape[0], dtype=torch.int16, device=g_e.device)
-    if rule.scale_mode == "sign":
-        x = -torch.sign(g_e) * rule.scale_rate
-    else:
-        if mean_abs is None:
-            raise ValueError('scale_mode "norm" needs the mean |dL/dE| over all rows')
-        x = -g_e / (mean_abs + 1e-30) * rule.scale_rate
-    q = _sround(x[:, None], g_e[:, None], row_ids, rule.rounding)[:, 0]
-    return q.clamp(-rule.max_vote, rule.max_vote).to(torch.int16)
+    """Scale votes of one row block; scale_mode "norm" needs the whole matrix's mean |dL/dE|."""
+    if rule.learn_scales and rule.scale_mode == "norm" and mean_abs is None:
+        raise ValueError('scale_mode "norm" needs the mean |dL/dE| over all rows')
+    return votes_from_scale_grad(g_e, rule, row_ids, mean_abs)
 
 
 class ZeroPartitioner:
