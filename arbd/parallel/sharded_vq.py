@@ -56,7 +56,7 @@ from arbd.ternary import packing
 from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, apply_votes, quantize_evidence,
                                scale_grad, scale_votes, votes_from_scale_grad)
 from arbd.vq import lookup
-from arbd.vq.codebook import (_INIT_BLOCK, DEFAULT_CELL_SIZE, DEFAULT_MAX_CHUNK_BYTES, USAGE_MAX,
+from arbd.vq.codebook import (DEFAULT_CELL_SIZE, DEFAULT_MAX_CHUNK_BYTES, USAGE_MAX,
                               PlacedTernaryMatrix, VQOutput, _check_int)
 from arbd.vq.hashing import CellLayout, SignHash, hash_bits_for
 
@@ -110,59 +110,6 @@ def _fingerprint(obj: Any) -> int:
     """A 63-bit digest of a JSON-able object (equal on every rank for equal objects)."""
     raw = json.dumps(obj, sort_keys=True, default=repr).encode()
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 1
-
-
-class ShardPlacedMatrix(PlacedTernaryMatrix):
-    """Rows [row_start, row_stop) of the placed init of a `layout.num_codes`-row table.
-
-    The unsharded init draws each 2**18-row block from one seeded CPU generator; a shard
-    replays that stream. Blocks before its range are drawn and dropped without decoding or
-    placing. The block that holds its range is built in full and sliced. The shard therefore
-    holds the same bytes as the unsharded table, and keeps at most one block of other ranks' rows,
-    only while it initialises."""
-
-    def __init__(self, row_start: int, row_stop: int, cols: int, *, hasher: SignHash,
-                 layout: CellLayout, std: float, seed: int,
-                 device: torch.device | str | None = None) -> None:
-        # Global row range; not TernaryMatrix.row_start/row_stop, which name the rows whose
-        # accumulators a ZeRO partition keeps (in local indices; here all of them).
-        self.global_start, self.global_stop = row_start, row_stop      # read by reset()
-        super().__init__(row_stop - row_start, cols, hasher=hasher, layout=layout, std=std,
-                         seed=seed, device=device)
-
-    @torch.no_grad()
-    def reset(self, init: str = "placed", *, std: float | None = None,
-              generator: torch.Generator | None = None) -> None:
-        if init != "placed":
-            return super().reset(init, std=std, generator=generator)
-        hasher, layout, std0, seed = self._placement
-        std = std0 if std is None else std
-        g = generator or torch.Generator(device="cpu").manual_seed(seed)
-        dev, nb = self.packed.device, self.packed.shape[1]
-        if dev.type == "meta":
-            return
-        a, b = self.global_start, self.global_stop
-        patterns = hasher._positive_patterns().shape[0] if hasher.bits else 0
-        for r0 in range(0, layout.num_codes, _INIT_BLOCK):
-            if r0 >= b:
-                break
-            r1 = min(layout.num_codes, r0 + _INIT_BLOCK)
-            raw = torch.randint(0, packing.MAX_PACKED_BYTE + 1, (r1 - r0, nb), generator=g,
-                                dtype=torch.uint8)
-            if r1 <= a:
-                # Consume exactly what place_trits would draw (one int32 per row and bit).
-                if hasher.bits:
-                    torch.randint(0, patterns, ((r1 - r0) * hasher.bits,), generator=g,
-                                  dtype=torch.int32)
-                continue
-            trits = packing.unpack_trits(raw, self.cols)
-            hasher.place_trits(trits, layout.cell_of(torch.arange(r0, r1)), g)
-            lo, hi = max(r0, a), min(r1, b)
-            self.packed[lo - a:hi - a] = packing.pack_trits(trits[lo - r0:hi - r0]).to(dev)
-        self.exponent.fill_(int(packing.scale_to_exponent(torch.tensor(std / math.sqrt(2 / 3)))))
-        self.t_accum.zero_()
-        self.e_accum.zero_()
-        self.clear_evidence()
 
 
 @dataclass
@@ -250,9 +197,9 @@ class ShardedTernaryVQCodebook(nn.Module):
         self.row_start, self.row_stop = self.bounds[self.rank], self.bounds[self.rank + 1]
         self.hasher = SignHash(dim, hash_bits_for(num_codes, cell_size, dim), hash_seed)
         self.layout = CellLayout(num_codes, self.hasher.bits)
-        self.matrix = ShardPlacedMatrix(self.row_start, self.row_stop, dim, hasher=self.hasher,
-                                        layout=self.layout, std=float(init_std), seed=hash_seed,
-                                        device=device)
+        self.matrix = PlacedTernaryMatrix(self.row_stop - self.row_start, dim, hasher=self.hasher,
+                                          layout=self.layout, std=float(init_std), seed=hash_seed,
+                                          device=device, global_range=(self.row_start, self.row_stop))
         self.register_buffer("usage", torch.zeros(self.local_rows, dtype=torch.int32,
                                                   device=device))
         self._bounds_t = torch.tensor(self.bounds, dtype=torch.int64, device=device)

@@ -51,11 +51,24 @@ class PlacedTernaryMatrix(TernaryMatrix):
 
     Blocks keep the init of a 10M-row table at a few hundred MB of transients (the base class
     draws one [rows, cols] float tensor) and make the random stream independent of the device.
+
+    `global_range=(start, stop)` builds only rows [start, stop) of a `layout.num_codes`-row
+    table (a codebook shard) with exactly the bytes the whole table would hold there: the blocks
+    before the range are drawn and dropped without decoding (consuming the stream as placement
+    would), the block holding the range is built in full and sliced, and the loop stops after it.
     """
 
     def __init__(self, rows: int, cols: int, *, hasher: SignHash, layout: CellLayout,
-                 std: float, seed: int, device: torch.device | str | None = None) -> None:
-        self._placement = (hasher, layout, std, seed)   # read by reset(), which __init__ calls
+                 std: float, seed: int, device: torch.device | str | None = None,
+                 global_range: tuple[int, int] | None = None) -> None:
+        start, stop = global_range if global_range is not None else (0, rows)
+        if stop - start != rows or not 0 <= start < stop <= layout.num_codes:
+            raise ValueError(f"global_range {global_range} must hold {rows} rows inside "
+                             f"[0, {layout.num_codes})")
+        # Global row range (not TernaryMatrix.row_start/row_stop, which name the rows whose
+        # accumulators a ZeRO partition keeps). Read by reset(), which __init__ calls.
+        self.global_start, self.global_stop = start, stop
+        self._placement = (hasher, layout, std, seed)
         super().__init__(rows, cols, init="placed", device=device)
 
     @torch.no_grad()
@@ -69,14 +82,22 @@ class PlacedTernaryMatrix(TernaryMatrix):
         dev, nb = self.packed.device, self.packed.shape[1]
         if dev.type == "meta":  # shape-only build (e.g. counting arb-3b): nothing to fill
             return
-        for r0 in range(0, self.rows, _INIT_BLOCK):
-            r1 = min(self.rows, r0 + _INIT_BLOCK)
+        a, b = self.global_start, self.global_stop
+        patterns = hasher.pattern_count()
+        for r0 in range(0, b, _INIT_BLOCK):
+            r1 = min(layout.num_codes, r0 + _INIT_BLOCK)
             # Uniform bytes 0..242 are uniform trits: P(trit != 0) = 2/3.
             raw = torch.randint(0, packing.MAX_PACKED_BYTE + 1, (r1 - r0, nb), generator=g,
                                 dtype=torch.uint8)
+            if r1 <= a:  # before our rows: consume what place_trits would draw (one int32 per row and bit)
+                if hasher.bits:
+                    torch.randint(0, patterns, ((r1 - r0) * hasher.bits,), generator=g,
+                                  dtype=torch.int32)
+                continue
             trits = packing.unpack_trits(raw, self.cols)
             hasher.place_trits(trits, layout.cell_of(torch.arange(r0, r1)), g)
-            self.packed[r0:r1] = packing.pack_trits(trits).to(dev)
+            lo, hi = max(r0, a), min(r1, b)
+            self.packed[lo - a:hi - a] = packing.pack_trits(trits[lo - r0:hi - r0]).to(dev)
         # Scale so the rows have per-coordinate standard deviation ~std (2/3 of trits non-zero).
         self.exponent.fill_(int(packing.scale_to_exponent(torch.tensor(std / math.sqrt(2 / 3)))))
         self.t_accum.zero_()

@@ -154,6 +154,10 @@ class SignHash:
         trits[:, : self.bits * self.group_size] = group.reshape(r, -1)
         return trits
 
+    def pattern_count(self) -> int:
+        """How many patterns place_trits draws from (0 without hash bits)."""
+        return self._positive_patterns().shape[0] if self.bits else 0
+
     def _positive_patterns(self) -> torch.Tensor:
         g = self.group_size
         codes = torch.arange(3 ** g)
