@@ -56,7 +56,7 @@ from arbd.ternary import packing
 from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, apply_votes, quantize_evidence,
                                scale_grad, scale_votes, votes_from_scale_grad)
 from arbd.vq import lookup
-from arbd.vq.codebook import (DEFAULT_CELL_SIZE, DEFAULT_MAX_CHUNK_BYTES, USAGE_MAX,
+from arbd.vq.codebook import (CandidateCountMixin, DEFAULT_CELL_SIZE, DEFAULT_MAX_CHUNK_BYTES, USAGE_MAX,
                               PlacedTernaryMatrix, VQOutput, _check_int)
 from arbd.vq.hashing import CellLayout, SignHash, hash_bits_for
 
@@ -157,7 +157,7 @@ class _ShardRows(torch.autograd.Function):
         return (None,) * 7
 
 
-class ShardedTernaryVQCodebook(nn.Module):
+class ShardedTernaryVQCodebook(CandidateCountMixin, nn.Module):
     """Row-sharded twin of TernaryVQCodebook; every method marked collective must be called by
     every rank of `group` in the same order (a rank with no queries passes an empty batch).
 
@@ -246,17 +246,6 @@ class ShardedTernaryVQCodebook(nn.Module):
         if bad:
             r, e = bad[0]
             raise ValueError(f"ShardedTernaryVQCodebook rejected on every rank (rank {r}): {e}")
-
-    @property
-    def candidate_count(self) -> int:
-        return self._candidate_count
-
-    @candidate_count.setter
-    def candidate_count(self, value: int) -> None:
-        _check_int("candidate_count", value, 1)
-        if value > self.num_codes:
-            raise ValueError(f"candidate_count must be <= num_codes ({self.num_codes}), got {value}")
-        self._candidate_count = value
 
     @property
     def local_rows(self) -> int:

@@ -105,7 +105,24 @@ class PlacedTernaryMatrix(TernaryMatrix):
         self.clear_evidence()
 
 
-class TernaryVQCodebook(nn.Module):
+class CandidateCountMixin:
+    """`candidate_count`, validated against `num_codes`: shared by the codebook and its shards."""
+
+    num_codes: int
+
+    @property
+    def candidate_count(self) -> int:
+        return self._candidate_count
+
+    @candidate_count.setter
+    def candidate_count(self, value: int) -> None:
+        _check_int("candidate_count", value, 1)
+        if value > self.num_codes:
+            raise ValueError(f"candidate_count must be <= num_codes ({self.num_codes}), got {value}")
+        self._candidate_count = value
+
+
+class TernaryVQCodebook(CandidateCountMixin, nn.Module):
     """num_codes ternary rows of width dim; lookup by squared L2 distance.
 
     candidate_count: rows scored per query on the candidate path (tables above exact_max rows).
@@ -145,17 +162,6 @@ class TernaryVQCodebook(nn.Module):
         self.last_lookup: dict[str, int] = {}
 
     # -- configuration -----------------------------------------------------------------------
-    @property
-    def candidate_count(self) -> int:
-        return self._candidate_count
-
-    @candidate_count.setter
-    def candidate_count(self, value: int) -> None:
-        _check_int("candidate_count", value, 1)
-        if value > self.num_codes:
-            raise ValueError(f"candidate_count must be <= num_codes ({self.num_codes}), got {value}")
-        self._candidate_count = value
-
     @property
     def uses_candidates(self) -> bool:
         return self.num_codes > self.exact_max
