@@ -8,6 +8,7 @@ under `deepspeed`, `torchrun`, `mpirun` or a plain `python` (one rank).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from arbd.parallel.plan import load_plan
 from arbd.ternary import ternary_state_bytes
 from arbd.ternary.rule import TUNED_RULE
 from arbd.ternary.zero import make_ternary_reducer
+from arbd.train import checkpoint as ckpt
 from arbd.train.distributed import init_distributed
 from arbd.train.optim import TernaryOptimizer
 from arbd.train.schedule import warmup_cosine
@@ -50,6 +52,10 @@ def build_parser(description: str, *, lightweight_text: bool = False) -> argpars
     p.add_argument("--val-windows", type=int, default=32)
     p.add_argument("--save-interval", type=int, default=0)
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--save-dir", default=None, help="checkpoints (default: <out>/checkpoints)")
+    p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0: all)")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint directory, a save dir, or 'latest' (the pointer in --save-dir)")
     p.add_argument("--out", default="runs/pretrain", help="logs, metrics and the loss curve")
     p.add_argument("--backend", default=None, choices=["torch", "triton", "tilelang"],
                    help="ternary kernels (default: the plan's; triton on GPU)")
@@ -101,6 +107,15 @@ class Trainer:
         model = ARBModel(self.cfg, backend=backend, seed=args.seed, device=self.device)
         model.ternary_rule = TUNED_RULE
         model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
+        self.save_dir = Path(args.save_dir) if args.save_dir else Path(args.out) / "checkpoints"
+        self.resumed = None
+        if args.resume:
+            # Verified and checked against this run before anything changes; loaded while the
+            # model is still whole, so the reducer below partitions it for this dp.
+            self.resumed = ckpt.read_checkpoint(args.resume, plan=plan, config=self.cfg, seed=args.seed,
+                                                model_state=model.state_dict(), save_dir=self.save_dir)
+            _, index, state, _, runtime = self.resumed
+            model.load_state_dict(ckpt.rank_state(index, state, runtime, self.rank, self.world))
         if plan.layout.dp > 1:
             # ZeRO stage >= 1: each dp rank keeps and updates the accumulators of its row block.
             model.ternary_evidence_reducer = make_ternary_reducer(
@@ -129,6 +144,60 @@ class Trainer:
         self.val = (ValWindows(corpus.val, plan.seq_len + 1, plan.micro_batch, dp_rank=dpr, dp_size=dp,
                                max_windows=args.val_windows) if corpus.val else None)
         self.history: list[dict] = []
+        self.start_step = 0
+        if self.resumed is not None:
+            self._restore(*self.resumed)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _loaders(self) -> dict:
+        return {"text": self.text, "code": self.code, **{f"media/{m}": b for m, b in self.media.items()}}
+
+    def _restore(self, path: Path, index: dict, _model_state: dict, float_state: dict,
+                 runtime: dict) -> None:
+        """The rest of a verified checkpoint: AdamW state, loaders, RNG, counters, history."""
+        ckpt.load_float_state(self.engine, self.model, float_state)
+        ckpt.load_ledger(self.model, runtime, index["ledger_counts"], self.rank, self.world)
+        for name, loader in self._loaders().items():
+            if name not in index["loaders"]:
+                raise ckpt.CheckpointError(f"{path / ckpt.INDEX}: no position for loader {name!r}")
+            loader.load_state_dict(index["loaders"][name])
+        rngs = index["rng"]
+        # Same world: each rank its own stream; another world: rank 0's for all (documented).
+        ckpt.set_rng_state(rngs[self.rank] if len(rngs) == self.world else rngs[0])
+        self.optimizer.steps = index["optimizer_steps"]
+        for k, v in index["ternary_stats"].items():
+            setattr(self.model.ternary_stats, k, v)
+        for k, v in index["engine"].items():
+            setattr(self.engine, k, v)
+        self.history = index["history"]
+        self.start_step = index["step"]
+        if self.rank == 0:
+            print(f"arbd: resumed from {path} at step {self.start_step}", flush=True)
+
+    def save(self, step: int) -> Path | None:
+        """Collective: every rank gathers, rank 0 writes (checkpoint.save_checkpoint)."""
+        red = getattr(self.model, "ternary_evidence_reducer", None)
+        state = red.gather_full_state() if hasattr(red, "gather_full_state") else self.model.state_dict()
+        floats = ckpt.gather_float_state(self.engine, self.model)
+        rng = ckpt._gather_json(ckpt.rng_state())
+        ledgers, ledger_counts = ckpt.gather_ledgers(self.model)
+        divergent, rank_keys = ckpt.gather_divergent(state)
+        st = self.model.ternary_stats
+        meta = {"plan": self.plan, "preset": self.plan.preset, "config": self.cfg, "seed": self.args.seed,
+                "world": self.world, "run_steps": self.args.steps,
+                "loaders": {k: v.state_dict() for k, v in self._loaders().items()},
+                "rng": rng, "ledger_counts": ledger_counts, "rank_keys": rank_keys,
+                "optimizer_steps": self.optimizer.steps,
+                "ternary_stats": {f.name: getattr(st, f.name) for f in dataclasses.fields(st)},
+                "engine": {k: getattr(self.engine, k) if hasattr(self.engine, k) else 0
+                           for k in ("global_steps", "global_samples", "micro_steps")},
+                "history": self.history}
+        out = ckpt.save_checkpoint(self.save_dir, step, model_state=state, float_state=floats, meta=meta,
+                                   runtime_state={**ledgers, **divergent},
+                                   keep_last=self.args.keep_last, rank=self.rank)
+        if dist.is_initialized():
+            dist.barrier()  # nobody runs ahead (or exits) while rank 0 is still writing
+        return out
 
     # -- one step ----------------------------------------------------------------------------
     def _micro_batch_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
@@ -193,7 +262,9 @@ class Trainer:
         if lead and not a.no_progress:
             from tqdm import tqdm
             bar = tqdm(total=a.steps, desc="train", dynamic_ncols=True, mininterval=1.0)
-        for step in range(1, a.steps + 1):
+        if bar is not None:
+            bar.update(self.start_step)
+        for step in range(self.start_step + 1, a.steps + 1):
             rec = self.train_step()
             rec["step"] = step
             if a.eval_interval and step % a.eval_interval == 0 and step < a.steps:
@@ -210,6 +281,8 @@ class Trainer:
                 extra = f" val_bpb={rec['val_bpb']:.4f}" if "val_bpb" in rec else ""
                 print(f"step {step} loss={rec['loss']:.4f} bpb={rec.get('bpb', float('nan')):.4f} "
                       f"tokens/s={rec['tokens_per_s']:.0f} flips={rec['trit_flips']}{extra}", flush=True)
+            if a.save_interval and not a.no_save and (step % a.save_interval == 0 or step == a.steps):
+                self.save(step)
         if bar is not None:
             bar.close()
         if lead:
@@ -239,10 +312,11 @@ class Trainer:
 def main(argv: list[str] | None = None, *, description: str = "arbd pretraining",
          lightweight_text: bool = False) -> int:
     args = build_parser(description, lightweight_text=lightweight_text).parse_args(argv)
-    if args.save_interval and not args.no_save:
-        raise SystemExit("--save-interval: sharded checkpoints are not implemented yet "
-                         "(tracked by the [checkpoints] issue); run with --no-save")
-    Trainer(args).run()
+    try:
+        trainer = Trainer(args)
+    except ckpt.CheckpointError as e:  # a clear one-line refusal, not a traceback
+        raise SystemExit(f"arbd: cannot resume: {e}") from None
+    trainer.run()
     if dist.is_initialized():
         # Rank 0 writes the outputs after the last collective; tearing gloo down on the other
         # ranks while it still holds connections aborted a rank at exit (seen in CI).
