@@ -258,7 +258,7 @@ class MLA(nn.Module):
     def _keys(self, c_kv: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor,
               cache: MLACache | None, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Assemble [compressed keys, exact keys] and their visibility mask; update the cache."""
-        cfg, b, t = self.cfg, c_kv.shape[0], c_kv.shape[1]
+        cfg, t = self.cfg, c_kv.shape[1]
         w, s, dev = cfg.kv_cache_len, cfg.hca_stride, c_kv.device
         if cache is None:
             origin, first = start, start

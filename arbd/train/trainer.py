@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import replace
