@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from arbd.fsutil import fsync_dir, sha256_file
+
 try:  # only to stop ranks on one machine from building the same cache twice; optional
     import fcntl
 except ImportError:  # pragma: no cover - non-POSIX
@@ -144,23 +146,6 @@ def _read_file(path: Path) -> bytes:
 # Building
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system allows opening a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """Write via a temp file in the same directory, fsync, then os.replace onto `path`.
 
@@ -178,7 +163,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent, strict=False)
 
 
 class _CappedWriter:
@@ -254,7 +239,7 @@ def _manifest_ok(out: Path, meta: dict[str, Any], verify_checksums: bool) -> dic
             path = out / f"{split}.bin"
             if path.stat().st_size != manifest["bytes"][split]:
                 return None
-            if verify_checksums and _sha256_file(path) != manifest["sha256"][split]:
+            if verify_checksums and sha256_file(path) != manifest["sha256"][split]:
                 return None
     except (OSError, KeyError, TypeError):
         return None

@@ -56,7 +56,7 @@ from arbd.ternary import packing
 from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, apply_votes, quantize_evidence,
                                scale_grad, scale_votes, votes_from_scale_grad)
 from arbd.vq import lookup
-from arbd.vq.codebook import (CandidateCountMixin, DEFAULT_CELL_SIZE, DEFAULT_MAX_CHUNK_BYTES, USAGE_MAX,
+from arbd.vq.codebook import (CodebookCommon, DEFAULT_CELL_SIZE, DEFAULT_MAX_CHUNK_BYTES, USAGE_MAX,
                               PlacedTernaryMatrix, VQOutput, _check_int)
 from arbd.vq.hashing import CellLayout, SignHash, hash_bits_for
 
@@ -157,7 +157,7 @@ class _ShardRows(torch.autograd.Function):
         return (None,) * 7
 
 
-class ShardedTernaryVQCodebook(CandidateCountMixin, nn.Module):
+class ShardedTernaryVQCodebook(CodebookCommon, nn.Module):
     """Row-sharded twin of TernaryVQCodebook; every method marked collective must be called by
     every rank of `group` in the same order (a rank with no queries passes an empty batch).
 
@@ -341,19 +341,6 @@ class ShardedTernaryVQCodebook(CandidateCountMixin, nn.Module):
         self._charge(phase, *self._count(phase, in_rows, row_bytes))
         work = self._a2a(out, inp, out_rows, in_rows, async_op=async_op)
         return out, work
-
-    # -- input checks --------------------------------------------------------------------------
-    def _flat_queries(self, x: Any) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ValueError(f"codebook input must be a floating-point tensor, got "
-                             f"{getattr(x, 'dtype', type(x).__name__)}")
-        if x.dim() == 0 or x.shape[-1] != self.dim:
-            raise ValueError(f"codebook input must have last dimension {self.dim}, "
-                             f"got shape {tuple(x.shape)}")
-        if self.check_finite and not bool(torch.isfinite(x).all()):
-            raise ValueError("codebook input holds NaN or inf; refusing to look it up "
-                             "(the codebook state is unchanged)")
-        return x.reshape(-1, self.dim)
 
     # -- lookup --------------------------------------------------------------------------------
     def candidate_ids(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,8 +42,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from arbd.fsutil import fsync_dir, fsync_file, sha256_file
 
 FORMAT = "arbd-checkpoint"
 VERSION = 1
@@ -64,27 +67,6 @@ def step_dir_name(step: int) -> str:
 
 
 # -- small helpers ---------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _jsonable(x: Any) -> Any:
     """Dataclasses, tuples and numpy scalars as plain JSON values."""
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
@@ -322,25 +304,25 @@ def save_checkpoint(save_dir: str | Path, step: int, *, model_state: dict[str, t
                           (RUNTIME_FILE, runtime_state or {})):
         path = tmp / name
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path))
-        _fsync_file(path)
-        files[name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        fsync_file(path)
+        files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     index = {"format": FORMAT, "version": VERSION, "step": step, **_jsonable(meta), "files": files}
     (tmp / INDEX).write_text(json.dumps(index, indent=1))
-    _fsync_file(tmp / INDEX)
-    _fsync_dir(tmp)
+    fsync_file(tmp / INDEX)
+    fsync_dir(tmp)
     old = None
     if final.exists():  # re-saving the same step: move the old one aside, swap, then drop it
         old = root / f".tmp-old-{final.name}-{os.getpid()}"
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     ptr = root / f".{LATEST}.tmp-{os.getpid()}"
     ptr.write_text(final.name + "\n")
-    _fsync_file(ptr)
+    fsync_file(ptr)
     os.replace(ptr, root / LATEST)
-    _fsync_dir(root)
+    fsync_dir(root)
     prune(root, keep_last)
     return final
 
@@ -405,7 +387,7 @@ def verify_files(ckpt: Path, index: dict[str, Any]) -> None:
         if size != info["bytes"]:
             raise CheckpointError(f"{path}: truncated or resized: {size} bytes, {INDEX} records "
                                   f"{info['bytes']}")
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != info["sha256"]:
             raise CheckpointError(f"{path}: sha256 mismatch: file {digest[:16]}..., {INDEX} "
                                   f"records {info['sha256'][:16]}... (corrupted)")

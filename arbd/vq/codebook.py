@@ -105,10 +105,26 @@ class PlacedTernaryMatrix(TernaryMatrix):
         self.clear_evidence()
 
 
-class CandidateCountMixin:
-    """`candidate_count`, validated against `num_codes`: shared by the codebook and its shards."""
+class CodebookCommon:
+    """What the codebook and its shards share: `candidate_count` validated against `num_codes`,
+    and the checks on lookup inputs."""
 
     num_codes: int
+    dim: int
+    check_finite: bool
+
+    def _flat_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., dim] floats to [N, dim]; wrong type, width or NaN/inf raise before any state moves."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"codebook input must be a floating-point tensor, got "
+                             f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"codebook input must have last dimension {self.dim}, "
+                             f"got shape {tuple(x.shape)}")
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError("codebook input holds NaN or inf; refusing to look it up "
+                             "(the codebook state is unchanged)")
+        return x.reshape(-1, self.dim)
 
     @property
     def candidate_count(self) -> int:
@@ -122,7 +138,7 @@ class CandidateCountMixin:
         self._candidate_count = value
 
 
-class TernaryVQCodebook(CandidateCountMixin, nn.Module):
+class TernaryVQCodebook(CodebookCommon, nn.Module):
     """num_codes ternary rows of width dim; lookup by squared L2 distance.
 
     candidate_count: rows scored per query on the candidate path (tables above exact_max rows).
@@ -171,18 +187,6 @@ class TernaryVQCodebook(CandidateCountMixin, nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     # -- lookup ------------------------------------------------------------------------------
-    def _flat_queries(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ValueError(f"codebook input must be a floating-point tensor, got "
-                             f"{getattr(x, 'dtype', type(x).__name__)}")
-        if x.dim() == 0 or x.shape[-1] != self.dim:
-            raise ValueError(f"codebook input must have last dimension {self.dim}, "
-                             f"got shape {tuple(x.shape)}")
-        if self.check_finite and not bool(torch.isfinite(x).all()):
-            raise ValueError("codebook input holds NaN or inf; refusing to look it up "
-                             "(the codebook state is unchanged)")
-        return x.reshape(-1, self.dim)
-
     @torch.no_grad()
     def lookup(self, x: torch.Tensor, mode: str = "auto") -> torch.Tensor:
         """int64 ids [...] of the nearest row per vector; mode 'auto', 'exact' or 'candidates'."""
