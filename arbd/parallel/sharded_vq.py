@@ -895,12 +895,11 @@ class ShardedTernaryVQCodebook(CodebookCommon, nn.Module):
         gids = idx + self.row_start
         q = quantize_evidence(g, rule, row_ids=gids)
         ev = self._scale_votes(g, trits, exps, rule, gids)
-        return self._write(idx, trits, exps, q, ev, rule)
+        return self._write(idx, q, ev, rule)
 
     def _owner_apply_votes(self, idx: torch.Tensor, v: torch.Tensor, e: torch.Tensor,
                            rule: TernaryRule) -> dict[str, int]:
-        trits, exps = self._rows_of(idx)
-        return self._write(idx, trits, exps, v, e, rule)
+        return self._write(idx, v, e, rule)
 
     def _owner_apply_owner_votes(self, rule: TernaryRule) -> dict[str, int]:
         if not self._owner_votes:
@@ -908,19 +907,12 @@ class ShardedTernaryVQCodebook(CodebookCommon, nn.Module):
         idx, v, e = _merge_int(self._owner_votes, self.dim)
         return self._owner_apply_votes(idx, v, e, rule)
 
-    def _write(self, idx: torch.Tensor, trits: torch.Tensor, exps: torch.Tensor, v: torch.Tensor,
-               e: torch.Tensor, rule: TernaryRule) -> dict[str, int]:
-        m = self.matrix
+    def _write(self, idx: torch.Tensor, v: torch.Tensor, e: torch.Tensor,
+               rule: TernaryRule) -> dict[str, int]:
+        """Apply integer votes to the owned rows `idx` through the matrix's own read-modify-write."""
         if idx.numel() == 0:
             return {"trit_flips": 0, "scale_moves": 0, "rows": 0}
-        new_t, t_acc, exp, e_acc, stats = apply_votes(trits, m.t_accum[idx], exps,
-                                                      m.e_accum[idx], v, e, rule)
-        m.packed[idx] = packing.pack_trits(new_t)
-        m.t_accum[idx] = t_acc
-        m.exponent[idx] = exp
-        m.e_accum[idx] = e_acc
-        stats["rows"] = int(idx.numel())
-        return stats
+        return self.matrix._rewrite_rows(idx, lambda *st: apply_votes(*st, v, e, rule))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
