@@ -12,6 +12,8 @@ row sharding give bit-identical states.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +24,22 @@ from arbd.ternary.rule import TernaryRule, apply_votes, quantize_evidence, scale
 
 # With t = sign(w) * (|w| > 0.5 sigma), a Gaussian draw gives P(t != 0) ~= 0.617.
 _NONZERO_FRACTION = 2 * (1 - 0.6914624612740131)
+
+
+@dataclass(frozen=True)
+class TPShard:
+    """Where a tensor-parallel TernaryMatrix sits in the whole matrix.
+
+    dim 0: this rank holds rows [offset, offset + rows) of a matrix with `global_size` rows (a
+    column-parallel layer: output features split). dim 1: it holds columns [offset, offset + cols)
+    of `global_size` columns (a row-parallel layer: input features split); each local row is
+    packed on its own, and the row's int8 scale is shared by (and identical on) every tp rank.
+    `group` is the tensor-parallel process group (None in one process).
+    """
+    dim: int
+    offset: int
+    global_size: int
+    group: Any = None
 
 
 def _evidence_dtype(g: torch.Tensor) -> torch.Tensor:
@@ -47,6 +65,8 @@ class TernaryMatrix(nn.Module):
         # Rows whose accumulators this process holds (all of them unless ZeRO-partitioned,
         # arbd/ternary/zero.py); packed trits and exponents always cover every row.
         self.row_start, self.row_stop = 0, rows
+        # Set by the tensor-parallel step (arbd/parallel/tensor_parallel.py); None = whole matrix.
+        self.tp_shard: TPShard | None = None
         self._clear_votes()
         self.reset(init, std=std, generator=generator)
 
