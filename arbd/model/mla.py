@@ -178,6 +178,9 @@ class MLA(nn.Module):
         self.kv_norm = TernaryRMSNorm(cfg.kv_lora_rank, cfg.norm_eps, device=device)
         self.wkv_b = TernaryLinear(cfg.kv_lora_rank, h * (cfg.qk_nope_dim + cfg.v_head_dim), **lin)
         self.wo = TernaryLinear(h * cfg.v_head_dim, d, **lin)
+        # The RoPE key is shared by all heads; tensor parallelism hooks here to sum its
+        # gradient over the head shards (arbd/parallel/tensor_parallel.py).
+        self.rope_key = nn.Identity()
 
     def new_cache(self, batch: int, *, dtype: torch.dtype = torch.float32,
                   device: torch.device | str | None = None) -> MLACache:
@@ -247,7 +250,7 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, apply_rope(q_pe, positions, self.cfg.rope_theta)], dim=-1)
         c_kv, k_pe = self.wkv_a(h).split([self.kv_lora_rank, rope], dim=-1)
         c_kv = self.kv_norm(c_kv)
-        k_pe = apply_rope(k_pe, positions, self.cfg.rope_theta)
+        k_pe = self.rope_key(apply_rope(k_pe, positions, self.cfg.rope_theta))
 
         if cache is None and t <= self.cfg.kv_cache_len:
             # Everything fits in the window: plain causal attention, no mask tensor.

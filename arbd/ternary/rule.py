@@ -7,8 +7,8 @@ an int8 accumulator of its own. An update has two halves:
    weight becomes small integer "votes" q in accumulator units,
        q = clamp(sround(-g / s_row * rate * share), -max_vote, max_vote)
    s_row = mean |g| over the row (rows shorter than MIN_ROW_FOR_ROW_NORM use the tensor mean),
-   sround = stochastic rounding driven by a hash of (g's bits, global row, column): unbiased,
-   deterministic, independent of how rows are batched, sharded or ordered, no RNG state.
+   sround = stochastic rounding driven by a hash of (g's leading bits, global row, column, step):
+   unbiased, deterministic, independent of how rows are batched, sharded or ordered, no RNG state.
    `share` = 1 / (micro-batches per step), so a step's votes sum to `rate` per weight on average.
    The row's scale votes are the sign of -dL/dE per micro-batch (times scale_rate).
 2. `apply_votes` (once per step, integers only): accumulators decay by 1/2**decay_shift,
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -51,6 +52,8 @@ class TernaryRule:
     scale_mode: str = "sign"     # scale votes: sign of -dL/dE ("sign") or -dL/dE / mean|dL/dE| ("norm")
     freeze_short_rows: bool = False  # rows shorter than MIN_ROW_FOR_ROW_NORM (norm gains) keep
                                      # their trits and learn only their scale
+    salt: int = 0                # mixed into the rounding hash; the update sets it to the step
+                                 # index so a stable gradient does not round the same way twice
 
     def __post_init__(self) -> None:
         if not 1 <= self.threshold <= ACC_MAX:
@@ -84,27 +87,39 @@ TUNED_RULE = TernaryRule(threshold=24, evidence_rate=3.0, decay_shift=5, roundin
 
 
 # -- deterministic uniforms -------------------------------------------------------------------
-def _bits32(g: torch.Tensor) -> torch.Tensor:
-    if g.dtype == torch.float64:
-        b = g.view(torch.int64)
-        return (b ^ (b >> 32)) & M32
-    return g.to(torch.float32).view(torch.int32).to(torch.int64) & M32
+def _coarse_bits(g: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of g as float32 (sign, exponent, 7 mantissa bits: bfloat16 precision).
+
+    Enough to decorrelate micro-batches and steps, and coarse on purpose: layouts that sum the
+    same gradient in another order (a tensor-parallel all-reduce) differ in the last bits only,
+    and those must not change the rounding (float64 runs are expected to match bit for bit)."""
+    return (g.to(torch.float32).view(torch.int32).to(torch.int64) >> 16) & 0xFFFF
 
 
-def hash_uniform(g: torch.Tensor, row_ids: torch.Tensor | None = None) -> torch.Tensor:
+def hash_uniform(g: torch.Tensor, row_ids: torch.Tensor | None = None, *, col_offset: int = 0,
+                 row_len: int | None = None, salt: int = 0) -> torch.Tensor:
     """Uniforms in [0, 1) (float32, 24 bits) from g's bit patterns and each entry's global
-    (row, column). The same value at the same place gives the same uniform in any layout."""
+    (row, column). The same value at the same place gives the same uniform in any layout.
+    A block of columns (tensor parallelism) passes its first global column and the full row
+    length, so its entries hash as they would in the whole matrix."""
     r, c = g.shape
     rows = torch.arange(r, device=g.device) if row_ids is None else row_ids.to(g.device).long()
-    pos = (rows[:, None] * c + torch.arange(c, device=g.device)[None, :]) & M32
-    x = mix32(_bits32(g) ^ mix32(pos ^ 0x5BD1E995))
+    cols = torch.arange(col_offset, col_offset + c, device=g.device)
+    pos = (rows[:, None] * (c if row_len is None else row_len) + cols[None, :]) & M32
+    x = mix32(_coarse_bits(g) ^ mix32(pos ^ 0x5BD1E995) ^ _salt_mix(salt))
     return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def _sround(x: torch.Tensor, g: torch.Tensor, row_ids: torch.Tensor | None, rounding: str) -> torch.Tensor:
-    if rounding == "nearest":
+def _salt_mix(salt: int) -> int:
+    return int(mix32(torch.tensor((salt * 0x9E3779B9 + 0x7F4A7C15) & M32)))
+
+
+def _sround(x: torch.Tensor, g: torch.Tensor, row_ids: torch.Tensor | None, rule: TernaryRule,
+            col_offset: int = 0, row_len: int | None = None) -> torch.Tensor:
+    if rule.rounding == "nearest":
         return torch.round(x)
-    return torch.floor(x + hash_uniform(g, row_ids))
+    return torch.floor(x + hash_uniform(g, row_ids, col_offset=col_offset, row_len=row_len,
+                                        salt=rule.salt))
 
 
 # -- evidence ---------------------------------------------------------------------------------
@@ -115,24 +130,32 @@ def _row_norm(g: torch.Tensor, rule: TernaryRule) -> torch.Tensor:
 
 
 def quantize_evidence(grad: torch.Tensor, rule: TernaryRule, *, share: float = 1.0,
-                      row_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      row_ids: torch.Tensor | None = None, norm: torch.Tensor | None = None,
+                      col_offset: int = 0, row_len: int | None = None) -> torch.Tensor:
     """Float gradient [R, C] to int16 votes in [-max_vote, max_vote] pointing downhill.
 
     `share` is this micro-batch's part of the step (1 / micro-batches per step); `row_ids` are
     the global ids of the rows (sparse path) so that stochastic rounding is layout-independent.
+    When the rows are column blocks of a wider matrix (tensor parallelism), `norm` is the whole
+    rows' normaliser and (col_offset, row_len) place the block for the hash.
     """
     g = grad if grad.dtype == torch.float64 else grad.to(torch.float32)
-    s = _row_norm(g, rule)
+    s = _row_norm(g, rule) if norm is None else norm.to(g.dtype)
     x = -g / (s + 1e-30) * (rule.evidence_rate * share)
-    q = _sround(x, g, row_ids, rule.rounding)
+    q = _sround(x, g, row_ids, rule, col_offset, row_len)
     return q.clamp(-rule.max_vote, rule.max_vote).to(torch.int16)
 
 
-def scale_grad(grad: torch.Tensor, trits: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
-    """dL/dE per row: ln2/k * scale_r * sum_c g_rc t_rc (float64 kept for float64 runs)."""
+def scale_grad(grad: torch.Tensor, trits: torch.Tensor, exponent: torch.Tensor, *,
+               reduce_rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """dL/dE per row: ln2/k * scale_r * sum_c g_rc t_rc (float64 kept for float64 runs).
+    `reduce_rows` completes the row sums when the columns are split over ranks."""
     dt = torch.float64 if grad.dtype == torch.float64 else torch.float32
     scale = exponent_to_scale(exponent, dt)
-    return (grad.to(dt) * trits.to(dt)).sum(1) * scale * (math.log(2) / SCALE_K)
+    sums = (grad.to(dt) * trits.to(dt)).sum(1)
+    if reduce_rows is not None:
+        sums = reduce_rows(sums)
+    return sums * scale * (math.log(2) / SCALE_K)
 
 
 def votes_from_scale_grad(g_e: torch.Tensor, rule: TernaryRule, row_ids: torch.Tensor | None = None,
@@ -149,7 +172,7 @@ def votes_from_scale_grad(g_e: torch.Tensor, rule: TernaryRule, row_ids: torch.T
     else:
         denom = g_e.abs().mean() if mean_abs is None else mean_abs
         x = -g_e / (denom + 1e-30) * rule.scale_rate
-    q = _sround(x[:, None], g_e[:, None], row_ids, rule.rounding)[:, 0]
+    q = _sround(x[:, None], g_e[:, None], row_ids, rule)[:, 0]
     return q.clamp(-rule.max_vote, rule.max_vote).to(torch.int16)
 
 

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from arbd.config import SCALE_K
 from arbd.ternary import packing
-from arbd.ternary.rule import TernaryRule, apply_votes, quantize_evidence, scale_votes, update_rows
+from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, apply_votes, quantize_evidence,
+                               scale_grad, scale_votes, votes_from_scale_grad)
 
 # With t = sign(w) * (|w| > 0.5 sigma), a Gaussian draw gives P(t != 0) ~= 0.617.
 _NONZERO_FRACTION = 2 * (1 - 0.6914624612740131)
@@ -40,6 +42,15 @@ class TPShard:
     offset: int
     global_size: int
     group: Any = None
+
+
+def _tp_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum of t over the tensor-parallel group (t itself without one)."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
 
 
 def _evidence_dtype(g: torch.Tensor) -> torch.Tensor:
@@ -216,16 +227,55 @@ class TernaryMatrix(nn.Module):
         if not bool(torch.isfinite(g).all()):
             self._votes_nonfinite = True
             g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        q, ev = self.quantize(g, rule, idx)
         if idx is None:
-            q = quantize_evidence(g, rule).to(torch.int32)
-            ev = scale_votes(g, self.trits(), self.exponent, rule).to(torch.int32)
             self._votes = q if self._votes is None else self._votes.add_(q)
             self._e_votes = ev if self._e_votes is None else self._e_votes.add_(ev)
         else:
-            trits = packing.unpack_trits(self.packed[idx], self.cols)
-            q = quantize_evidence(g, rule, row_ids=idx).to(torch.int32)
-            ev = scale_votes(g, trits, self.exponent[idx], rule, idx).to(torch.int32)
             self._row_votes.append((idx, q, ev))
+
+    @torch.no_grad()
+    def quantize(self, g: torch.Tensor, rule: TernaryRule,
+                 idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 (votes [n, cols], scale votes [n]) of float evidence g for all rows or rows idx.
+
+        A tensor-parallel shard votes as its part of the whole matrix would: row ids and column
+        positions are global for the hash, and what the rule takes over a whole row (a row split
+        by columns: mean |g| and dL/dE) or over all rows (a matrix split by rows: the "norm"
+        scale mean) is summed over the tp group first. Collective over that group."""
+        trits = self.trits() if idx is None else packing.unpack_trits(self.packed[idx], self.cols)
+        exps = self.exponent if idx is None else self.exponent[idx]
+        sh = self.tp_shard
+        if sh is None:
+            return (quantize_evidence(g, rule, row_ids=idx).to(torch.int32),
+                    scale_votes(g, trits, exps, rule, idx).to(torch.int32))
+        local = torch.arange(self.rows, device=g.device) if idx is None else idx
+        if sh.dim == 0:
+            if rule.norm != "row" or self.cols < MIN_ROW_FOR_ROW_NORM:
+                raise ValueError(f"a row-split TernaryMatrix ({self.rows}x{self.cols}) needs "
+                                 "per-row evidence normalisation and rows of at least "
+                                 f"{MIN_ROW_FOR_ROW_NORM} columns")
+            gids = local + sh.offset
+            q = quantize_evidence(g, rule, row_ids=gids)
+            g_e = scale_grad(g, trits, exps)
+            mean_abs = None
+            if rule.scale_mode == "norm":
+                tot = _tp_sum(g_e.abs().sum().reshape(1), sh.group)
+                mean_abs = (tot / sh.global_size)[0]
+            ev = votes_from_scale_grad(g_e, rule, gids, mean_abs)
+            return q.to(torch.int32), ev.to(torch.int32)
+        # dim 1: this rank holds columns [offset, offset + cols) of every row.
+        gf = g if g.dtype == torch.float64 else g.to(torch.float32)
+        if rule.norm == "row" and sh.global_size >= MIN_ROW_FOR_ROW_NORM:
+            norm = _tp_sum(gf.abs().sum(1, keepdim=True), sh.group) / sh.global_size
+        else:
+            norm = _tp_sum(gf.abs().sum().reshape(1, 1), sh.group) / (self.rows * sh.global_size)
+        q = quantize_evidence(gf, rule, row_ids=idx, norm=norm, col_offset=sh.offset,
+                              row_len=sh.global_size)
+        # dL/dE sums over the whole row: add the column blocks' partial sums.
+        g_e = scale_grad(gf, trits, exps, reduce_rows=lambda t: _tp_sum(t, sh.group))
+        ev = votes_from_scale_grad(g_e, rule, idx)
+        return q.to(torch.int32), ev.to(torch.int32)
 
     def votes(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(row ids or None for all rows, int32 votes [n, cols], int32 scale votes [n])."""
@@ -273,9 +323,8 @@ class TernaryMatrix(nn.Module):
         self.clear_evidence()
         if grad is None:
             return {"trit_flips": 0, "scale_moves": 0, "rows": 0}
-        if idx is None:
-            return self._rewrite_rows(None, lambda *st: update_rows(*st, grad, rule))
-        return self._rewrite_rows(idx, lambda *st: update_rows(*st, grad, rule, row_ids=idx))
+        q, ev = self.quantize(grad, rule, idx)
+        return self._rewrite_rows(idx, lambda *st: apply_votes(*st, q, ev, rule))
 
     def _rewrite_rows(self, idx: torch.Tensor | None, step) -> dict[str, int]:
         """Read (trits, t_accum, exponent, e_accum) of all rows or of rows `idx`, let `step` map

@@ -5,7 +5,7 @@ point the seeds' training scripts call (`loss_signal=` or `loss_components=`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -34,9 +34,18 @@ def commit_micro_batch(model: nn.Module, rule: TernaryRule, *, micro_batches: in
     `micro_batches` is the number of micro-batches in the whole step (all dp ranks)."""
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
-    mb_rule = rule.scaled(rate_mult / micro_batches)
+    stats = getattr(model, "ternary_stats", None)
+    mb_rule = with_step_salt(rule.scaled(rate_mult / micro_batches), stats)
     for _, m in ternary_matrices(model):
         m.commit_micro_batch(mb_rule)
+
+
+def with_step_salt(rule: TernaryRule, stats: "UpdateStats | None") -> TernaryRule:
+    """The rule salted with the index of the coming step (updates applied or skipped so far:
+    the same on every rank, since skips are agreed collectively)."""
+    if stats is None:
+        return rule
+    return replace(rule, salt=stats.applied + stats.skipped_nonfinite_loss + stats.skipped_nonfinite_grad)
 
 
 def ternary_state_bytes(model: nn.Module) -> tuple[int, int]:
@@ -78,6 +87,7 @@ def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats
     method applies the update itself (returning the step's total trit flips and scale moves).
     """
     mats = ternary_matrices(model)
+    rule = with_step_salt(rule, stats)
     loss_ok = all(_is_finite(l) for l in losses)
     if not loss_ok and reduce_evidence is None:
         stats.skipped_nonfinite_loss += 1
