@@ -11,8 +11,8 @@
     backend: torch         # torch | triton
     evidence: summed       # data-parallel ternary evidence: summed | votes
 
-Every error names the field and a fix. The full planner (memory table, communication volume,
-`arbd-plan`) builds on this module.
+Every error names the field and a fix. The planner (memory table, communication volume,
+`arbd-plan`) is arbd/parallel/planner.py.
 """
 from __future__ import annotations
 
@@ -75,9 +75,10 @@ class Plan:
         if world_size is not None:
             self.layout.validate(world_size)
 
-    def deepspeed_config(self) -> dict[str, Any]:
-        """The DeepSpeed JSON this plan implies (batch sizes consistent by construction)."""
-        return {
+    def deepspeed_config(self, monitor_dir: str | None = None) -> dict[str, Any]:
+        """The DeepSpeed JSON this plan implies (batch sizes consistent by construction);
+        with `monitor_dir`, DeepSpeed's CSV monitor writes the training scalars there."""
+        cfg = {
             "train_batch_size": self.global_batch,
             "train_micro_batch_size_per_gpu": self.micro_batch,
             "gradient_accumulation_steps": self.grad_accum,
@@ -88,6 +89,9 @@ class Plan:
             "wall_clock_breakdown": False,
             "steps_per_print": 10**9,                 # we log ourselves
         }
+        if monitor_dir is not None:
+            cfg["csv_monitor"] = {"enabled": True, "output_path": str(monitor_dir), "job_name": self.name}
+        return cfg
 
 
 def load_plan(path: str | Path) -> Plan:
