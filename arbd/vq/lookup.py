@@ -20,10 +20,14 @@ Result: the score of a (query, row) pair is bit-identical however rows are fetch
 chunked, and ties are broken by the lowest row id, so exact, chunked-exact, candidate and sharded
 lookups agree exactly on the rows they share. The rounding of x costs at most 2**-Q of its largest
 coordinate, far below what a ternary row can resolve.
+
+On CUDA the candidate stages run as one Triton kernel (arbd/vq/triton_lookup.py, same arithmetic,
+same ids) unless `use_triton=False` or ARBD_VQ_TRITON=0; CPU keeps the torch stages.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -56,8 +60,24 @@ def quantize_queries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -- candidates ------------------------------------------------------------------------------
 
+def triton_plan(xq: torch.Tensor, hasher: SignHash, layout: CellLayout, candidate_count: int,
+                use_triton: bool | None = None) -> dict | None:
+    """The fused kernel's compile-time sizes when it should run (CUDA, Triton importable, a
+    supported shape, not switched off), else None. use_triton=True also allows it on CPU, which
+    only works under TRITON_INTERPRET=1 (the tests' way)."""
+    if use_triton is False or (use_triton is None and (xq.device.type != "cuda"
+                                                      or os.environ.get("ARBD_VQ_TRITON") == "0")):
+        return None
+    try:
+        from arbd.vq import triton_lookup
+    except ImportError:
+        return None
+    return triton_lookup.plan(xq.shape[-1], hasher, layout, candidate_count)
+
+
 def candidate_ids(xq: torch.Tensor, hasher: SignHash, layout: CellLayout,
-                  candidate_count: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  candidate_count: int, use_triton: bool | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids int64 [N, C], valid bool [N, C]) for integer queries xq.
 
     The rows of the probed cells, in probe order and then row order, fill the C slots; enough
@@ -65,6 +85,10 @@ def candidate_ids(xq: torch.Tensor, hasher: SignHash, layout: CellLayout,
     the probes run out, i.e. every cell was probed) are invalid and hold a harmless in-range id.
     Different probes are different cells, so the valid ids of a query are distinct.
     """
+    cfg = triton_plan(xq, hasher, layout, candidate_count, use_triton)
+    if cfg is not None:
+        from arbd.vq import triton_lookup
+        return triton_lookup.candidate_ids(xq, hasher, layout, candidate_count, cfg)
     n = xq.shape[0]
     smallest = max(1, layout.num_codes // layout.num_cells)
     probes = min(-(-candidate_count // smallest), layout.num_cells)
@@ -199,18 +223,24 @@ def select_best(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, 
 def candidate_search(xq: torch.Tensor, unit: torch.Tensor, packed: torch.Tensor,
                      exponent: torch.Tensor, dim: int, hasher: SignHash, layout: CellLayout,
                      candidate_count: int, max_chunk_bytes: int,
-                     fetch=fetch_rows) -> tuple[torch.Tensor, int]:
+                     fetch=fetch_rows, use_triton: bool | None = None) -> tuple[torch.Tensor, int]:
     """Best candidate id per query, and the number of rows fetched. Queries are processed in
     blocks so that the per-block temporaries (byte tables [n, nb, 256] and [n, C, nb] gathers,
-    float32 and int64) stay under max_chunk_bytes."""
+    float32 and int64) stay under max_chunk_bytes. With the default fetch on CUDA, one fused
+    Triton launch does it all (no temporaries, the same ids)."""
     n = xq.shape[0]
+    cfg = triton_plan(xq, hasher, layout, candidate_count, use_triton) if fetch is fetch_rows else None
+    if cfg is not None:
+        from arbd.vq import triton_lookup
+        ids = triton_lookup.candidate_search(xq, unit, packed, exponent, hasher, layout, cfg)
+        return ids, n * candidate_count
     nb = packing.packed_cols(dim)
     per_query = nb * (256 * 4 + candidate_count * 8 * 3)
     block = max(1, min(n, max_chunk_bytes // per_query))
     out, fetched = [], 0
     for a in range(0, n, block):
         q, u = xq[a:a + block], unit[a:a + block]
-        ids, valid = candidate_ids(q, hasher, layout, candidate_count)
+        ids, valid = candidate_ids(q, hasher, layout, candidate_count, use_triton)
         rows, exps = fetch(packed, exponent, ids)
         fetched += ids.numel()
         out.append(select_best(candidate_scores(q, u, rows, exps, valid), ids)[0])
