@@ -83,9 +83,13 @@ def test_keep_last_and_latest_pointer(straight):
     ck.verify_files(saves / ck.step_dir_name(4), index)
     assert index["step"] == 4 and index["world"] == 2 and len(index["rng"]) == 2
     assert index["loaders"]["text"]["step"] == 4 and index["optimizer_steps"] == 4
-    assert set(index["files"]) == {ck.MODEL_FILE, ck.OPTIM_FILE, ck.RUNTIME_FILE}
-    model = load_file(saves / ck.step_dir_name(4) / ck.MODEL_FILE)
-    # whole accumulators (gathered from both ranks' row blocks), not one rank's slice
+    assert set(index["files"]) == {ck.model_file(0), ck.model_file(1), ck.OPTIM_FILE,
+                                   ck.runtime_file(0), ck.runtime_file(1)}
+    # each rank wrote its own ZeRO row block of the accumulators; nothing was gathered
+    pieces = index["tensors"]["byte_head.out.weight.t_accum"]["pieces"]
+    assert [p["file"] for p in pieces] == [ck.model_file(0), ck.model_file(1)]
+    assert [p["file"] for p in index["tensors"]["byte_head.out.weight.packed"]["pieces"]] == [ck.model_file(0)]
+    _, _, model = ck.read_whole(saves / ck.step_dir_name(4))
     t = model["byte_head.out.weight.t_accum"]
     assert t.shape[0] == model["byte_head.out.weight.exponent"].shape[0] and t.dtype == torch.int8
     assert t.abs().sum() > 0
@@ -106,7 +110,9 @@ def test_exact_resume_new_process(straight, tmp_path):
     for ra, rb in zip(a, b):
         assert {k: ra.get(k) for k in COMPARED} == {k: rb.get(k) for k in COMPARED}, ra["step"]
     fa, fb = straight / "checkpoints" / ck.step_dir_name(4), tmp_path / "b/checkpoints" / ck.step_dir_name(4)
-    for name in (ck.MODEL_FILE, ck.OPTIM_FILE, ck.RUNTIME_FILE):
+    names = set(ck.read_index(fa)["files"])
+    assert names == set(ck.read_index(fb)["files"]) and len(names) == 5
+    for name in names:
         assert (fa / name).read_bytes() == (fb / name).read_bytes(), f"{name} differs after resume"
 
 
@@ -126,7 +132,9 @@ def test_dp2_checkpoint_loads_at_dp1(straight, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = tmp_path / "c/checkpoints" / ck.step_dir_name(4)
     # the whole ternary state, float params and AdamW state survive dp 2 -> 1 bit for bit
-    assert (out / ck.MODEL_FILE).read_bytes() == (src / ck.MODEL_FILE).read_bytes()
+    a, b = ck.read_whole(out)[2], ck.read_whole(src)[2]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert list(out.glob("model-rank*")) == [out / ck.model_file(0)]
     assert (out / ck.OPTIM_FILE).read_bytes() == (src / ck.OPTIM_FILE).read_bytes()
     i1, i2 = ck.read_index(out), ck.read_index(src)
     assert i1["world"] == 1 and i1["loaders"]["text"]["step"] == i2["loaders"]["text"]["step"] == 4
@@ -140,12 +148,12 @@ def good(straight, tmp_path) -> tuple[Path, dict, dict]:
     saves = tmp_path / "saves"
     shutil.copytree(straight / "checkpoints", saves)
     ckpt = saves / ck.step_dir_name(4)
-    return ckpt, ck.read_index(ckpt), load_file(ckpt / ck.MODEL_FILE)
+    return ckpt, ck.read_index(ckpt), ck.read_whole(ckpt)[2]
 
 
 def _read(ckpt: Path, index: dict, state: dict, plan=None, config=None, seed: int = 0):
     return ck.read_checkpoint(ckpt, plan=plan or load_plan(PLAN2), config=config or index["config"],
-                              seed=seed, model_state=state)
+                              seed=seed, model_state=state, rank=1, world=2)
 
 
 def _refused(ckpt: Path, index: dict, state: dict, match: str, **kw) -> None:
@@ -164,9 +172,9 @@ def test_good_copy_reads(good):
 
 def test_truncated_file(good):
     ckpt, index, state = good
-    f = ckpt / ck.MODEL_FILE
+    f = ckpt / ck.model_file(1)
     f.write_bytes(f.read_bytes()[:-100])
-    _refused(ckpt, index, state, r"model\.safetensors: truncated or resized: \d+ bytes")
+    _refused(ckpt, index, state, r"model-rank00001\.safetensors: truncated or resized: \d+ bytes")
 
 
 def test_flipped_byte(good):
@@ -180,8 +188,8 @@ def test_flipped_byte(good):
 
 def test_missing_files(good):
     ckpt, index, state = good
-    (ckpt / ck.RUNTIME_FILE).unlink()
-    _refused(ckpt, index, state, r"runtime\.safetensors: missing file listed in index\.json")
+    (ckpt / ck.runtime_file(1)).unlink()
+    _refused(ckpt, index, state, r"runtime-rank00001\.safetensors: missing file listed in index\.json")
     (ckpt / ck.INDEX).unlink()
     _refused(ckpt, index, state, r"index\.json: missing file")
     with pytest.raises(ck.CheckpointError, match="no such checkpoint directory"):
@@ -201,11 +209,10 @@ def test_index_from_another_preset(good):
 def test_incompatible_plans(good, tmp_path):
     ckpt, index, state = good
     plan = load_plan(PLAN2)
-    tp2 = tmp_path / "tp2.yaml"
-    tp2.write_text("preset: arb-tiny\nlayout: {dp: 1, tp: 2}\nmicro_batch: 8\ngrad_accum: 2\n")
-    _refused(ckpt, index, state, r"index\.json: incompatible plan: saved layout\.tp=1, this plan has 2",
-             plan=load_plan(tp2))
     from dataclasses import replace
+    # another layout (tp 2, dp 1, same global batch) is not refused: tensors are re-cut on load
+    tp2 = replace(plan, layout=replace(plan.layout, dp=1, tp=2), grad_accum=2 * plan.grad_accum)
+    ck.check_compatible(ckpt, index, plan=tp2, config=index["config"], seed=0)
     _refused(ckpt, index, state, r"incompatible plan: saved seq_len=64, this run has 128",
              plan=replace(plan, seq_len=128))
     _refused(ckpt, index, state, r"incompatible plan: saved global batch=16, this run has 32",
@@ -213,20 +220,21 @@ def test_incompatible_plans(good, tmp_path):
     _refused(ckpt, index, state, r"saved seed=0, this run has 7", seed=7)
     wrong = {k: v for k, v in state.items() if k != "logit_scale"}
     wrong["bogus"] = torch.zeros(1)
-    _refused(ckpt, index, wrong, r"model\.safetensors: tensors do not match the model")
+    _refused(ckpt, index, wrong, r"index\.json: tensors do not match the model: missing \['bogus'\], "
+             r"unexpected \['logit_scale'\]")
 
 
 def test_cli_refuses_corrupt_checkpoint_and_writes_nothing(good, tmp_path):
     ckpt, _, _ = good
-    raw = bytearray((ckpt / ck.MODEL_FILE).read_bytes())
+    raw = bytearray((ckpt / ck.model_file(0)).read_bytes())
     raw[len(raw) // 2] ^= 0xFF
-    (ckpt / ck.MODEL_FILE).write_bytes(bytes(raw))
+    (ckpt / ck.model_file(0)).write_bytes(bytes(raw))
     before = _tree(ckpt.parent)
     res = _one_rank(tmp_path, "--plan", str(_plan1(tmp_path)), "--steps", "6",
                     "--save-interval", "1", "--save-dir", str(ckpt.parent), "--resume", "latest",
                     "--out", str(tmp_path / "d"), "--no-progress")
     assert res.returncode != 0
-    assert f"{ckpt / ck.MODEL_FILE}: sha256 mismatch" in res.stderr
+    assert f"{ckpt / ck.model_file(0)}: sha256 mismatch" in res.stderr
     assert _tree(ckpt.parent) == before
 
 
@@ -262,7 +270,7 @@ def test_crash_mid_save_leaves_previous_whole(tmp_path, monkeypatch):
     _save(root, 3, 4.0, keep_last=2)
     assert not list(root.glob(".tmp*")) and not list(root.glob(".latest*"))
     assert [p.name for p in ck.list_checkpoints(root)] == ["step-00000002", "step-00000003"]
-    assert float(load_file(root / "step-00000002" / ck.MODEL_FILE)["w"][0]) == 3.0
+    assert float(load_file(root / "step-00000002" / ck.model_file(0))["w"][0]) == 3.0
     assert ck.resolve(root) == root / "step-00000003"
 
 

@@ -54,7 +54,10 @@ def build_parser(description: str, *, lightweight_text: bool = False) -> argpars
     p.add_argument("--save-dir", default=None, help="checkpoints (default: <out>/checkpoints)")
     p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0: all)")
     p.add_argument("--resume", default=None,
-                   help="checkpoint directory, a save dir, or 'latest' (the pointer in --save-dir)")
+                   help="checkpoint directory, a save dir, 'latest' (the pointer in --save-dir), or "
+                        "'auto' (latest if --save-dir has one, else start fresh: elastic restarts)")
+    p.add_argument("--async-save", action="store_true",
+                   help="write checkpoint files in a background thread (the next save waits)")
     p.add_argument("--out", default="runs/pretrain", help="logs, metrics and the loss curve")
     p.add_argument("--backend", default=None, choices=["torch", "triton", "tilelang"],
                    help="ternary kernels (default: the plan's; triton on GPU)")
@@ -108,10 +111,13 @@ class Trainer:
         model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
         self.save_dir = Path(args.save_dir) if args.save_dir else Path(args.out) / "checkpoints"
         self.resumed = None
-        if args.resume:
+        self.ckpt_writer = ckpt.CheckpointWriter(async_save=getattr(args, "async_save", False))
+        ckpt.arm_test_kill(model, lambda: self.optimizer.steps, self.rank)  # only with ARBD_TEST_KILL
+        resume = ckpt.resolve_resume(args.resume, self.save_dir)
+        if resume:
             # Verified and checked against this run before anything changes; loaded while the
             # model is still whole, so the reducer below partitions it for this dp.
-            self.resumed = ckpt.read_checkpoint(args.resume, plan=plan, config=self.cfg, seed=args.seed,
+            self.resumed = ckpt.read_checkpoint(resume, plan=plan, config=self.cfg, seed=args.seed,
                                                 model_state=model.state_dict(), save_dir=self.save_dir)
             _, index, state, _, runtime = self.resumed
             model.load_state_dict(ckpt.rank_state(index, state, runtime, self.rank, self.world))
@@ -174,28 +180,31 @@ class Trainer:
             print(f"arbd: resumed from {path} at step {self.start_step}", flush=True)
 
     def save(self, step: int) -> Path | None:
-        """Collective: every rank gathers, rank 0 writes (checkpoint.save_checkpoint)."""
-        red = getattr(self.model, "ternary_evidence_reducer", None)
-        state = red.gather_full_state() if hasattr(red, "gather_full_state") else self.model.state_dict()
+        """Collective: every rank writes its own shard files (its ZeRO rows, ...); rank 0 writes
+        the index and renames. With --async-save the files are written in the background, and
+        the last step's save is waited for."""
+        state = self.model.state_dict()  # this rank's pieces: nothing is gathered
         floats = ckpt.gather_float_state(self.engine, self.model)
-        rng = ckpt._gather_json(ckpt.rng_state())
-        ledgers, ledger_counts = ckpt.gather_ledgers(self.model)
-        divergent, rank_keys = ckpt.gather_divergent(state)
+        ledger, ledger_count = ckpt.ledger_state(self.model)
         st = self.model.ternary_stats
         meta = {"plan": self.plan, "preset": self.plan.preset, "config": self.cfg, "seed": self.args.seed,
                 "world": self.world, "run_steps": self.args.steps,
                 "loaders": {k: v.state_dict() for k, v in self._loaders().items()},
-                "rng": rng, "ledger_counts": ledger_counts, "rank_keys": rank_keys,
                 "optimizer_steps": self.optimizer.steps,
                 "ternary_stats": {f.name: getattr(st, f.name) for f in dataclasses.fields(st)},
                 "engine": {k: getattr(self.engine, k) if hasattr(self.engine, k) else 0
                            for k in ("global_steps", "global_samples", "micro_steps")},
                 "history": self.history}
-        out = ckpt.save_checkpoint(self.save_dir, step, model_state=state, float_state=floats, meta=meta,
-                                   runtime_state={**ledgers, **divergent},
-                                   keep_last=self.args.keep_last, rank=self.rank)
+        out = self.ckpt_writer.save(self.save_dir, step, model_state=state, meta=meta, float_state=floats,
+                                    placements=ckpt.placements_for(self.model, state),
+                                    runtime_state=ledger,
+                                    rank_meta={"rng": ckpt.rng_state(), "ledger_counts": ledger_count},
+                                    keep_last=self.args.keep_last, rank=self.rank, world=self.world)
+        if self.ckpt_writer.async_save and step != self.args.steps:
+            return out
+        self.ckpt_writer.wait()
         if dist.is_initialized():
-            dist.barrier()  # nobody runs ahead (or exits) while rank 0 is still writing
+            dist.barrier()  # nobody runs ahead (or exits) while rank 0 is still renaming
         return out
 
     # -- one step ----------------------------------------------------------------------------
