@@ -42,8 +42,10 @@ class MoEGraph(nn.Module):
             self.scheduler = ContextAttentionScheduler(d, generator=generator)
             self.node_proj = TernaryLinear(cfg.codebook_dim, d, backend=backend, generator=generator)
         if cfg.use_moe:
-            self.experts = nn.ModuleList(Expert(d, cfg.expert_hidden, backend, generator)
-                                         for _ in range(cfg.n_experts))
+            # Keyed by global expert index: under expert parallelism a rank keeps only its own
+            # experts, and names (checkpoints) stay those of the whole model.
+            self.experts = nn.ModuleDict({str(e): Expert(d, cfg.expert_hidden, backend, generator)
+                                          for e in range(cfg.n_experts)})
             self.router = TernaryLinear(d, cfg.n_experts, backend=backend, generator=generator)
             self.halt = TernaryLinear(d, 1, backend=backend, generator=generator)
             # Pre-norm for each ACT step and a final norm: repeated residual expert steps
@@ -51,6 +53,7 @@ class MoEGraph(nn.Module):
             self.expert_norm = TernaryRMSNorm(d, cfg.norm_eps)
             self.out_norm = TernaryRMSNorm(d, cfg.norm_eps)
         self.top_k = cfg.moe_top_k
+        self.n_experts = cfg.n_experts
 
     # -- graph -------------------------------------------------------------------------------
     def graph_message(self, motif_ids: torch.Tensor, codebook: TernaryMatrix, edges: KGEdges,
@@ -77,8 +80,8 @@ class MoEGraph(nn.Module):
         top_w, top_i = probs.topk(self.top_k, dim=-1)
         top_w = top_w / top_w.sum(-1, keepdim=True)
         # Switch-style balance: n_experts * sum_e (fraction routed to e) * (mean prob of e).
-        frac = F.one_hot(top_i, len(self.experts)).float().sum((0, 1)) / top_i.numel()
-        balance = len(self.experts) * (frac * probs.mean(0)).sum()
+        frac = F.one_hot(top_i, self.n_experts).float().sum((0, 1)) / max(top_i.numel(), 1)
+        balance = self.n_experts * (frac * probs.mean(0)).sum() if x.shape[0] else probs.sum()
         return top_i, top_w.to(x.dtype), balance
 
     def dispatch(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
@@ -87,12 +90,17 @@ class MoEGraph(nn.Module):
         flat_e = top_i.reshape(-1)
         flat_row = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
         flat_w = top_w.reshape(-1)
-        for e, expert in enumerate(self.experts):
-            sel = (flat_e == e).nonzero().flatten()
+        for key, expert in self.experts.items():
+            sel = (flat_e == int(key)).nonzero().flatten()
             if sel.numel():
                 rows = flat_row[sel]
                 out = out.index_add(0, rows, expert(x[rows]) * flat_w[sel, None])
         return out
+
+    def keep_running(self, n_running: int) -> bool:
+        """Whether the ACT loop goes on (expert parallelism makes this a collective decision,
+        since every rank must take part in every dispatch)."""
+        return n_running > 0
 
     def act(self, h: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Adaptive computation over positions h [N, d]; halted positions are not recomputed."""
@@ -121,7 +129,7 @@ class MoEGraph(nn.Module):
             steps = steps.index_add(0, running, torch.ones_like(share))
             state = state.index_copy(0, running, x)
             running = running[~stop]
-            if running.numel() == 0:
+            if not self.keep_running(running.numel()):
                 break
         aux = {"balance": balance / max(step + 1, 1), "ponder": steps.mean()}
         return out, aux

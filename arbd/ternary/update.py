@@ -34,18 +34,17 @@ def commit_micro_batch(model: nn.Module, rule: TernaryRule, *, micro_batches: in
     `micro_batches` is the number of micro-batches in the whole step (all dp ranks)."""
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
-    stats = getattr(model, "ternary_stats", None)
-    mb_rule = with_step_salt(rule.scaled(rate_mult / micro_batches), stats)
+    mb_rule = with_step_salt(rule.scaled(rate_mult / micro_batches), model)
     for _, m in ternary_matrices(model):
         m.commit_micro_batch(mb_rule)
 
 
-def with_step_salt(rule: TernaryRule, stats: "UpdateStats | None") -> TernaryRule:
-    """The rule salted with the index of the coming step (updates applied or skipped so far:
-    the same on every rank, since skips are agreed collectively)."""
-    if stats is None:
-        return rule
-    return replace(rule, salt=stats.applied + stats.skipped_nonfinite_loss + stats.skipped_nonfinite_grad)
+def with_step_salt(rule: TernaryRule, model: nn.Module) -> TernaryRule:
+    """The rule salted with the model's step counter (`ternary_step`: updates applied so far,
+    the same on every rank since skips are agreed collectively). The counter is a buffer, so
+    checkpoints and re-partitioning carry it."""
+    step = getattr(model, "ternary_step", None)
+    return rule if step is None else replace(rule, salt=int(step))
 
 
 def ternary_state_bytes(model: nn.Module) -> tuple[int, int]:
@@ -87,7 +86,7 @@ def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats
     method applies the update itself (returning the step's total trit flips and scale moves).
     """
     mats = ternary_matrices(model)
-    rule = with_step_salt(rule, stats)
+    rule = with_step_salt(rule, model)
     loss_ok = all(_is_finite(l) for l in losses)
     if not loss_ok and reduce_evidence is None:
         stats.skipped_nonfinite_loss += 1
@@ -124,6 +123,8 @@ def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats
                 flips += s["trit_flips"]
                 moves += s["scale_moves"]
     stats.applied += 1
+    if isinstance(getattr(model, "ternary_step", None), torch.Tensor):
+        model.ternary_step += 1   # a skipped step changes nothing, its salt included
     stats.trit_flips += flips
     stats.scale_moves += moves
     stats.last = {"trit_flips": flips, "scale_moves": moves}
@@ -138,6 +139,11 @@ class TernaryUpdateMixin:
 
     ternary_rule: TernaryRule = TernaryRule()
     ternary_rate_mult: float = 1.0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Update calls so far; salts the rounding hash (rule.py), saved with the weights.
+        self.register_buffer("ternary_step", torch.zeros((), dtype=torch.int64))
     ternary_evidence_reducer: EvidenceReducer | None = None
     ternary_micro_batches: int = 1  # micro-batches per step over all dp ranks (vote share)
 
