@@ -5,6 +5,7 @@ The job takes the same path as on a GPU cluster (sbatch -> srun, one task per no
 with a c10d rendezvous on the head node from `scontrol show hostnames` -> 2 ranks), only with
 gloo instead of NCCL. Outside CI the module is skipped when Slurm is not installed or we are not
 root; in CI (CI set) it must run, so a missing Slurm is a failure there."""
+import hashlib
 import json
 import math
 import os
@@ -103,7 +104,7 @@ def test_sbatch_trains_on_two_ranks(slurm, tmp_path):
     port = env["ARBD_RDZV_PORT"]
     assert "1 node(s) x 2 rank(s) = 2" in text
     assert f"rdzv=localhost:{port}" in text
-    assert f"CHECKPOINT_DIR={env['CHECKPOINT_DIR']}" in text  # read from the environment
+    assert f"CHECKPOINT_DIR={env['CHECKPOINT_DIR']} save_interval=4" in text  # from the environment
     assert "world=2 dp=2" in text, text[-3000:]
 
     steps = [l for l in text.splitlines() if l.startswith("step ")]
@@ -119,6 +120,18 @@ def test_sbatch_trains_on_two_ranks(slurm, tmp_path):
     assert math.isfinite(hist[-1]["val_bpb"])
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     assert (tmp_path / "run" / "monitor" / "cpu-2" / "train_loss.csv").exists()
+
+    # the checkpoint went to CHECKPOINT_DIR (save interval defaults to the run's steps)
+    ckpt = Path(env["CHECKPOINT_DIR"])
+    assert (ckpt / "latest").read_text().strip() == "step-00000004", sorted(p.name for p in ckpt.iterdir())
+    index = json.loads((ckpt / "step-00000004" / "index.json").read_text())
+    assert index["step"] == 4 and index["world"] == 2 and index["seed"] == 0
+    assert index["history"][-1]["loss"] == pytest.approx(losses[-1])
+    files = index["files"]                      # every file the index lists, whole and unaltered
+    assert any(n.startswith("model") for n in files) and any(n.startswith("optimizer") for n in files)
+    for name, meta in files.items():
+        data = (ckpt / "step-00000004" / name).read_bytes()
+        assert len(data) == meta["bytes"] and hashlib.sha256(data).hexdigest() == meta["sha256"], name
 
 
 @pytest.mark.parametrize("extra, message", [
