@@ -106,7 +106,7 @@ def test_dispatch_equals_dense_mixture():
     x = torch.randn(7, CFG.d_model, dtype=torch.float64)
     top_i, top_w, _ = m.route(x)
     got = m.dispatch(x, top_i, top_w)
-    want = torch.stack([sum(top_w[r, k] * m.experts[int(top_i[r, k])](x[r:r + 1])[0]
+    want = torch.stack([sum(top_w[r, k] * m.experts[str(int(top_i[r, k]))](x[r:r + 1])[0]
                             for k in range(m.top_k)) for r in range(7)])
     assert torch.allclose(got, want)
 
@@ -125,7 +125,7 @@ def test_act_contributions_sum_to_one_and_respect_cap():
     assert float(aux["ponder"]) == CFG.act_max_steps
 
 
-def test_graph_message_reads_only_active_rows_and_feeds_their_evidence():
+def test_graph_message_reads_only_active_rows_as_constants():
     m = _moegraph()
     codebook = TernaryMatrix(CFG.shared_vq_size, CFG.codebook_dim)
     edges = KGEdges(CFG.shared_vq_size, CFG.kg_edges_per_node)
@@ -137,5 +137,6 @@ def test_graph_message_reads_only_active_rows_and_feeds_their_evidence():
     want5 = m.node_proj(((rows[5] + rows[9] + rows[300]) / 3)[None])[0]
     assert torch.allclose(msg[0, 0], want5) and torch.allclose(msg[0, 2], want5)
     msg.sum().backward()
-    idx, _ = codebook.evidence()
-    assert set(idx.tolist()) == {5, 9, 300}
+    # The graph reads codebook rows as constants (the codebook learns from its own loss), so
+    # the same code serves a row-sharded codebook; the projection learns.
+    assert not codebook.has_evidence and m.node_proj.weight.has_evidence

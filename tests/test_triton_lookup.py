@@ -66,6 +66,9 @@ def test_ids_and_choice_equal_torch(rows, dim, c, cell):
                                            cfg, quantize=True)
     scored = triton_lookup.best_of(xq, unit, m.packed, m.exponent, ri, rv, cfg, cb.hasher)
     assert torch.equal(fused, ref) and torch.equal(scored, ref)
+    via_api = lookup.search_candidates(x, m.packed, m.exponent, dim, cb.hasher, cb.layout, c,
+                                       1 << 26, use_triton=True)
+    assert torch.equal(via_api[0], ref) and via_api[1] == x.shape[0] * c
     # Same ids, hence the same quantized vectors.
     assert torch.equal(cb.decode_rows(got), cb.decode_rows(ref))
 

@@ -134,7 +134,7 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
             for layer in self.layers:
                 h = h + layer(h)
         if self.moegraph is not None:
-            codebook = self.shared_vq.codebook.matrix if self.shared_vq is not None else None
+            codebook = self.shared_vq.codebook if self.shared_vq is not None else None
             h, aux = self.moegraph(h, motif_ids, codebook, self.kg_edges, self.ledger.view())
             if "balance" in aux:
                 losses["balance"] = aux["balance"]
@@ -168,6 +168,11 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
             h = h + vq.hidden
             motif_ids = vq.ids
             losses["vq"] = vq.loss
+        if self.training:
+            # Training batches are unrelated windows: a batch's ledger starts from its own
+            # bytes, never from another micro-batch's predictions (which would also make the
+            # result depend on how micro-batches are spread over ranks).
+            self.ledger.reset()
         self.ledger.seed(ids)
         h = self._trunk(h, motif_ids, losses)
         logits = self.byte_head(h) * self.logit_scale.exp().to(h.dtype)
@@ -180,7 +185,9 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
             comp = self.composite(h)
             losses["composite"] = comp.loss
         if self.training and self.kg_edges is not None:
-            self.kg_edges.observe(motif_ids[:, :-1], motif_ids[:, 1:])
+            # Observed after the step's update (KGEdges.on_ternary_step), not now: forwards
+            # of one step all read the graph of the step's start, in any layout.
+            self.kg_edges.stage(motif_ids[:, :-1], motif_ids[:, 1:])
         # The ledger remembers what the model predicted (seed 14): the newest predictions.
         pred = logits[:, :, 0].argmax(-1)
         self.ledger.append(pred[:, -min(pred.shape[1], self.ledger.length):])

@@ -13,7 +13,32 @@ from torch import nn
 WEIGHT_MAX = 32767
 
 
-class KGEdges(nn.Module):
+class StagedObservations:
+    """Pairs seen during a step's forwards are staged and observed once, after the step's
+    update (`on_ternary_step`, called by apply_ternary_update). Every forward of a step thus
+    reads the graph as it stood at the step's start, however the step's micro-batches are
+    spread over data-parallel ranks, and one observe call sees the whole step's pairs."""
+
+    def stage(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        src, dst = src.detach().reshape(-1).long(), dst.detach().reshape(-1).long()
+        if src.shape != dst.shape:
+            raise ValueError(f"src and dst must pair up, got {src.numel()} and {dst.numel()} ids")
+        self._staged.append((src, dst))
+
+    def clear_staged(self) -> None:
+        self._staged = []
+
+    def on_ternary_step(self, applied: bool) -> None:
+        staged, self._staged = self._staged, []
+        if not applied:
+            return
+        empty = torch.zeros(0, dtype=torch.long, device=next(self.buffers()).device)
+        src = torch.cat([s for s, _ in staged]) if staged else empty
+        dst = torch.cat([d for _, d in staged]) if staged else empty
+        self.observe(src, dst)
+
+
+class KGEdges(StagedObservations, nn.Module):
     """num_nodes source rows; neighbour ids lie in [0, num_targets) (default num_nodes). A row
     shard of a larger graph holds few source rows but global neighbour ids (arbd/parallel/sharded_kg.py)."""
 
@@ -26,6 +51,7 @@ class KGEdges(nn.Module):
         self.num_targets = num_nodes if num_targets is None else num_targets
         self.register_buffer("dst", torch.full((num_nodes, capacity), -1, dtype=torch.int32, device=device))
         self.register_buffer("weight", torch.zeros(num_nodes, capacity, dtype=torch.int16, device=device))
+        self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def neighbors(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(neighbour ids int64 [U, capacity] with -1 for empty, weights int16) of `nodes`."""

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from arbd.config import ARBConfig
 from arbd.model.kg_edges import KGEdges
 from arbd.model.ledger import ContextAttentionScheduler
-from arbd.ternary import TernaryLinear, TernaryMatrix, TernaryRMSNorm, decoded_weight
+from arbd.ternary import TernaryLinear, TernaryRMSNorm
 
 HALT_EPS = 0.01
 
@@ -56,9 +56,14 @@ class MoEGraph(nn.Module):
         self.n_experts = cfg.n_experts
 
     # -- graph -------------------------------------------------------------------------------
-    def graph_message(self, motif_ids: torch.Tensor, codebook: TernaryMatrix, edges: KGEdges,
+    def graph_message(self, motif_ids: torch.Tensor, codebook, edges: KGEdges,
                       dtype: torch.dtype) -> torch.Tensor:
-        """Weighted mean of each active motif's neighbour rows (plus its own), projected to d."""
+        """Weighted mean of each active motif's neighbour rows (plus its own), projected to d.
+
+        `codebook` is anything with decode_rows(ids, dtype) (the shared VQ codebook, whole or
+        row-sharded). The rows are read as constants: the graph learns its projection, the
+        codebook learns from its own loss only, so a row-sharded codebook needs no evidence
+        path for rows fetched here."""
         uniq, inverse = torch.unique(motif_ids, sorted=True, return_inverse=True)
         nbr, w = edges.neighbors(uniq)                                   # [U, cap]
         ids = torch.cat([uniq[:, None], nbr], 1)                         # own row first
@@ -67,8 +72,10 @@ class MoEGraph(nn.Module):
         wts = torch.where(valid, wts, torch.zeros_like(wts))
         # Decode each distinct valid row once; empty slots read nothing.
         fetch, slot = torch.unique(ids[valid], sorted=True, return_inverse=True)
-        rows = torch.zeros(*ids.shape, codebook.cols, dtype=dtype, device=ids.device)
-        rows = rows.index_put((valid,), decoded_weight(codebook, dtype, rows=fetch)[slot])
+        with torch.no_grad():
+            fetched = codebook.decode_rows(fetch, dtype)
+        rows = torch.zeros(*ids.shape, fetched.shape[-1], dtype=dtype, device=ids.device)
+        rows = rows.index_put((valid,), fetched[slot])
         agg = (rows * (wts / wts.sum(1, keepdim=True)).to(dtype)[..., None]).sum(1)
         return self.node_proj(agg)[inverse]
 
@@ -135,7 +142,7 @@ class MoEGraph(nn.Module):
         return out, aux
 
     def forward(self, h: torch.Tensor, motif_ids: torch.Tensor | None = None,
-                codebook: TernaryMatrix | None = None, edges: KGEdges | None = None,
+                codebook=None, edges: KGEdges | None = None,
                 ledger_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         aux: dict[str, torch.Tensor] = {}
         if self.use_graph:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from arbd.model.kg_edges import KGEdges
+from arbd.model.kg_edges import KGEdges, StagedObservations
 from arbd.parallel.sharded_vq import shard_bounds
 
 
@@ -34,7 +34,7 @@ def _exchange(send: torch.Tensor, counts: torch.Tensor, group) -> tuple[torch.Te
     return recv, recv_counts
 
 
-class ShardedKGEdges(nn.Module):
+class ShardedKGEdges(StagedObservations, nn.Module):
     def __init__(self, num_nodes: int, capacity: int, *, group=None,
                  shard_sizes: Sequence[int] | None = None, device=None) -> None:
         super().__init__()
@@ -47,6 +47,7 @@ class ShardedKGEdges(nn.Module):
         self.local = KGEdges(self.global_stop - self.global_start, capacity, device=device,
                              num_targets=num_nodes)
         self._bounds_t = torch.tensor(self.bounds[1:-1], dtype=torch.int64)
+        self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def owner_of(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.searchsorted(self._bounds_t.to(ids.device), ids, right=True)

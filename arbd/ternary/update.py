@@ -21,9 +21,24 @@ def ternary_matrices(model: nn.Module) -> list[tuple[str, TernaryMatrix]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TernaryMatrix)]
 
 
+def evidence_owners(model: nn.Module) -> list[nn.Module]:
+    """Modules that keep and apply their own ternary evidence (row-sharded codebooks: their
+    updates are collective over the codebook group). They offer commit_micro_batch(rule),
+    apply_update(rule) and clear_step_evidence()."""
+    return [m for m in model.modules() if getattr(m, "ternary_evidence_owner", False)]
+
+
+def step_hooks(model: nn.Module) -> list[nn.Module]:
+    """Modules with `on_ternary_step(applied)`: state that changes once per step, after the
+    update (KG edges observed during the step's forwards)."""
+    return [m for m in model.modules() if callable(getattr(m, "on_ternary_step", None))]
+
+
 def clear_evidence(model: nn.Module) -> None:
     for _, m in ternary_matrices(model):
         m.clear_evidence()
+    for owner in evidence_owners(model):
+        owner.clear_step_evidence()
 
 
 def commit_micro_batch(model: nn.Module, rule: TernaryRule, *, micro_batches: int = 1,
@@ -37,6 +52,8 @@ def commit_micro_batch(model: nn.Module, rule: TernaryRule, *, micro_batches: in
     mb_rule = with_step_salt(rule.scaled(rate_mult / micro_batches), model)
     for _, m in ternary_matrices(model):
         m.commit_micro_batch(mb_rule)
+    for owner in evidence_owners(model):
+        owner.commit_micro_batch(mb_rule)
 
 
 def with_step_salt(rule: TernaryRule, model: nn.Module) -> TernaryRule:
@@ -88,14 +105,17 @@ def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats
     mats = ternary_matrices(model)
     rule = with_step_salt(rule, model)
     loss_ok = all(_is_finite(l) for l in losses)
+    owners, hooks = evidence_owners(model), step_hooks(model)
     if not loss_ok and reduce_evidence is None:
         stats.skipped_nonfinite_loss += 1
-        clear_evidence(model)
+        _skip(model, hooks)
         return False
     if getattr(reduce_evidence, "wants_votes", False) or any(m.has_votes for _, m in mats):
         mb_rule = rule.scaled(rate_mult / micro_batches)
         for _, m in mats:
             m.commit_micro_batch(mb_rule)
+        for owner in owners:
+            owner.commit_micro_batch(mb_rule)
     if not loss_ok:
         for _, m in mats:
             m.mark_nonfinite()
@@ -106,7 +126,7 @@ def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats
             stats.skipped_nonfinite_grad += 1
         else:
             stats.skipped_nonfinite_loss += 1
-        clear_evidence(model)
+        _skip(model, hooks)
         return False
     step_rule = rule.scaled(rate_mult) if rate_mult != 1.0 else rule
     flips = moves = 0
@@ -122,6 +142,12 @@ def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats
                 s = m.apply_update(step_rule)
                 flips += s["trit_flips"]
                 moves += s["scale_moves"]
+    for owner in owners:   # collective over each owner's group, in module order on every rank
+        s = owner.apply_update(step_rule)
+        flips += s["trit_flips"]
+        moves += s["scale_moves"]
+    for hook in hooks:
+        hook.on_ternary_step(True)
     stats.applied += 1
     if isinstance(getattr(model, "ternary_step", None), torch.Tensor):
         model.ternary_step += 1   # a skipped step changes nothing, its salt included
@@ -129,6 +155,12 @@ def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats
     stats.scale_moves += moves
     stats.last = {"trit_flips": flips, "scale_moves": moves}
     return True
+
+
+def _skip(model: nn.Module, hooks: list[nn.Module]) -> None:
+    clear_evidence(model)
+    for hook in hooks:
+        hook.on_ternary_step(False)
 
 
 class TernaryUpdateMixin:

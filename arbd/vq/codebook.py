@@ -197,13 +197,13 @@ class TernaryVQCodebook(CodebookCommon, nn.Module):
         if mode not in ("auto", "exact", "candidates"):
             raise ValueError(f"mode must be 'auto', 'exact' or 'candidates', got {mode!r}")
         use_cand = self.uses_candidates if mode == "auto" else mode == "candidates"
-        xq, unit = lookup.quantize_queries(flat)
         m = self.matrix
-        if use_cand:
-            ids, fetched = lookup.candidate_search(
-                xq, unit, m.packed, m.exponent, self.dim, self.hasher, self.layout,
+        if use_cand:  # search_candidates quantizes (inside the fused kernel on CUDA)
+            ids, fetched = lookup.search_candidates(
+                flat, m.packed, m.exponent, self.dim, self.hasher, self.layout,
                 self.candidate_count, self.max_chunk_bytes)
         else:
+            xq, unit = lookup.quantize_queries(flat)
             ids = lookup.exact_search(xq, unit, m.packed, m.exponent, self.dim, self.max_chunk_bytes)
             fetched = self.num_codes if flat.shape[0] else 0
         self.last_lookup = {"queries": flat.shape[0], "rows_fetched": int(fetched),

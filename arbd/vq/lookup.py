@@ -247,6 +247,22 @@ def candidate_search(xq: torch.Tensor, unit: torch.Tensor, packed: torch.Tensor,
     return torch.cat(out) if out else xq.new_zeros(0, dtype=torch.int64), fetched
 
 
+def search_candidates(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor, dim: int,
+                      hasher: SignHash, layout: CellLayout, candidate_count: int,
+                      max_chunk_bytes: int, use_triton: bool | None = None) -> tuple[torch.Tensor, int]:
+    """quantize_queries + candidate_search for raw float queries x [N, dim]. On the fused Triton
+    path the kernel quantizes x itself (the same rounding), which saves ~10 small launches."""
+    cfg = triton_plan(x, hasher, layout, candidate_count, use_triton)
+    if cfg is not None:
+        from arbd.vq import triton_lookup
+        ids = triton_lookup.candidate_search(x, None, packed, exponent, hasher, layout, cfg,
+                                             quantize=True)
+        return ids, x.shape[0] * candidate_count
+    xq, unit = quantize_queries(x)
+    return candidate_search(xq, unit, packed, exponent, dim, hasher, layout, candidate_count,
+                            max_chunk_bytes, use_triton=False)
+
+
 def exact_search(xq: torch.Tensor, unit: torch.Tensor, packed: torch.Tensor,
                  exponent: torch.Tensor, dim: int, max_chunk_bytes: int,
                  fetch=fetch_range) -> torch.Tensor:

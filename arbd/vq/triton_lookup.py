@@ -69,45 +69,56 @@ def _xq_at(x_ptr, n, offs, mask, scale, DIM: tl.constexpr, QUANTIZE: tl.constexp
 
 
 @triton.jit
-def _candidates(xq, sign_ptr, num_codes, DIM_P: tl.constexpr, BITS: tl.constexpr,
-                BITS_P: tl.constexpr, G: tl.constexpr, M: tl.constexpr, NSUB: tl.constexpr,
-                KEEP: tl.constexpr, KEEP_P: tl.constexpr, C: tl.constexpr, C_P: tl.constexpr):
-    """(ids int64 [C_P], valid [C_P]) for one query's int32 coordinates xq [DIM_P]."""
-    i = tl.arange(0, DIM_P)
+def _candidates(x_ptr, n, scale, sign_ptr, num_codes, DIM: tl.constexpr, QUANTIZE: tl.constexpr,
+                BITS: tl.constexpr, BITS_P: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
+                M: tl.constexpr, M_P: tl.constexpr, NSUB: tl.constexpr, KEEP: tl.constexpr,
+                KEEP_P: tl.constexpr, LOG_KEEP_P: tl.constexpr, C: tl.constexpr,
+                C_P: tl.constexpr):
+    """(ids int64 [C_P], valid [C_P]) of query n."""
+    # Hash: bit j sums the G consecutive coordinates of group j, loaded as a [bits, G] tile.
     j = tl.arange(0, BITS_P)
-    xs = xq * tl.load(sign_ptr + i, mask=i < BITS * G, other=0)
-    p = tl.sum(tl.where((i[:, None] // G) == j[None, :], xs[:, None], 0), axis=0)      # [BITS_P]
+    g = tl.arange(0, G_P)
+    coord = j[:, None] * G + g[None, :]
+    ok = (j[:, None] < BITS) & (g[None, :] < G)
+    xq = _xq_at(x_ptr, n, coord, ok, scale, DIM, QUANTIZE)
+    p = tl.sum(xq * tl.load(sign_ptr + coord, mask=ok, other=0), axis=1)         # [BITS_P]
     base = tl.sum(tl.where(p > 0, 1 << j, 0), axis=0)
-    # The M least confident bits, least first (unique keys: index in the low 6 bits).
-    bit_key = tl.where(j < BITS, tl.abs(p) * 64 + j, _INT32_MAX)
-    ordered = tl.sort(bit_key, 0)
-    k_ok = j < M
-    conf_k = tl.where(k_ok, ordered >> 6, 0)
-    flip_k = tl.where(k_ok, 1 << (ordered & 31), 0)          # ordered & 63 < BITS <= 30 where k_ok
-    # Every subset s of them: bit k of s flips the k-th least confident bit.
+    # The M least confident bits, least first (unique keys: bit index in the low 6 bits).
+    ordered = tl.sort(tl.where(j < BITS, tl.abs(p) * 64 + j, _INT32_MAX), 0)
+    low = _head(ordered, BITS_P, M_P)
+    k = tl.arange(0, M_P)
+    conf_k = tl.where(k < M, low >> 6, 0)
+    flip_k = tl.where(k < M, 1 << (low & 31), 0)             # low & 63 < BITS <= 30 where k < M
+    # Every subset s of them (bit k of s flips the k-th least confident bit), cheapest first.
     s = tl.arange(0, NSUB)
-    member = ((s[:, None] >> j[None, :]) & 1) != 0
-    cost = tl.sum(tl.where(member, conf_k[None, :], 0), axis=1)
-    keys = tl.sort(cost * NSUB + s, 0)
-    # Keep the KEEP cheapest: row 0 of the sorted keys seen as [NSUB // KEEP_P, KEEP_P].
-    r = tl.arange(0, NSUB // KEEP_P)
-    first = tl.sum(tl.where(r[:, None] == 0, tl.reshape(keys, (NSUB // KEEP_P, KEEP_P)), 0), axis=0)
-    sub = first & (NSUB - 1)
+    cost = tl.sum(tl.where(((s[:, None] >> k[None, :]) & 1) != 0, conf_k[None, :], 0), axis=1)
+    sub = _head(tl.sort(cost * NSUB + s, 0), NSUB, KEEP_P) & (NSUB - 1)
+    flips = tl.sum(tl.where(((sub[:, None] >> k[None, :]) & 1) != 0, flip_k[None, :], 0), axis=1)
     q = tl.arange(0, KEEP_P)
-    flips = tl.sum(tl.where(((sub[:, None] >> j[None, :]) & 1) != 0, flip_k[None, :], 0), axis=1)
     cell = (base ^ flips).to(tl.int64)
     start = (cell * num_codes) >> BITS                          # CellLayout.cell_start
     size = tl.where(q < KEEP, (((cell + 1) * num_codes) >> BITS) - start, 0).to(tl.int32)
     filled = tl.cumsum(size, 0)
     start32 = start.to(tl.int32)
-    # Slot c belongs to the probe whose [filled - size, filled) holds it.
+    # Slot c belongs to probe #{filled <= c} (torch's searchsorted, right=True): binary search.
     c = tl.arange(0, C_P)
-    hold = ((filled - size)[None, :] <= c[:, None]) & (c[:, None] < filled[None, :])
-    offset = tl.sum(tl.where(hold, (start32 - filled + size)[None, :], 0), axis=1)
-    valid = (tl.sum(hold.to(tl.int32), axis=1) > 0) & (c < C)
+    kk = tl.zeros((C_P,), dtype=tl.int32)
+    for e in tl.static_range(LOG_KEEP_P):
+        step = KEEP_P >> (e + 1)
+        kk = tl.where(tl.gather(filled, kk + (step - 1), 0) <= c, kk + step, kk)
+    kk = tl.where(tl.gather(filled, kk, 0) <= c, kk + 1, kk)
+    valid = (kk < KEEP) & (c < C)
+    offset = tl.gather(start32 - filled + size, tl.minimum(kk, KEEP_P - 1), 0)
     own = tl.sum(tl.where(q == 0, start32, 0), axis=0)
     ids = tl.where(valid, c + offset, own)
     return ids.to(tl.int64), valid
+
+
+@triton.jit
+def _head(v, N: tl.constexpr, H: tl.constexpr):
+    """The first H of the N elements of v (H divides N): row 0 of v seen as [N // H, H]."""
+    r = tl.arange(0, N // H)
+    return tl.sum(tl.where(r[:, None] == 0, tl.reshape(v, (N // H, H)), 0), axis=0)
 
 
 @triton.jit
@@ -115,17 +126,16 @@ def _lookup_kernel(x_ptr, unit_ptr, sign_ptr, packed_ptr, exp_ptr, scale_ptr, id
                    out_ptr, num_codes,
                    DIM: tl.constexpr, DIM_P: tl.constexpr, Q: tl.constexpr, NB: tl.constexpr,
                    NB_P: tl.constexpr, BITS: tl.constexpr, BITS_P: tl.constexpr, G: tl.constexpr,
-                   M: tl.constexpr, NSUB: tl.constexpr, KEEP: tl.constexpr, KEEP_P: tl.constexpr,
+                   G_P: tl.constexpr, M: tl.constexpr, M_P: tl.constexpr, NSUB: tl.constexpr,
+                   KEEP: tl.constexpr, KEEP_P: tl.constexpr, LOG_KEEP_P: tl.constexpr,
                    C: tl.constexpr, C_P: tl.constexpr, QUANTIZE: tl.constexpr,
                    COMPUTE_IDS: tl.constexpr, STORE_IDS: tl.constexpr, SCORE: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     scale, unit = _query_scale(x_ptr, unit_ptr, n, DIM, DIM_P, Q, QUANTIZE)
     c = tl.arange(0, C_P)
     if COMPUTE_IDS:
-        i = tl.arange(0, DIM_P)
-        xq = _xq_at(x_ptr, n, i, i < DIM, scale, DIM, QUANTIZE)
-        ids, valid = _candidates(xq, sign_ptr, num_codes, DIM_P, BITS, BITS_P, G, M, NSUB,
-                                 KEEP, KEEP_P, C, C_P)
+        ids, valid = _candidates(x_ptr, n, scale, sign_ptr, num_codes, DIM, QUANTIZE, BITS,
+                                 BITS_P, G, G_P, M, M_P, NSUB, KEEP, KEEP_P, LOG_KEEP_P, C, C_P)
         if STORE_IDS:
             tl.store(ids_ptr + n * C + c, ids, mask=c < C)
             tl.store(valid_ptr + n * C + c, valid.to(tl.int8), mask=c < C)
@@ -179,9 +189,10 @@ def plan(dim: int, hasher: SignHash, layout: CellLayout, candidate_count: int) -
     keep = min(probes, 1 << m)
     cfg = dict(DIM=dim, DIM_P=_p2(dim), Q=lookup.query_bits(dim), NB=packing.packed_cols(dim),
                NB_P=_p2(packing.packed_cols(dim)), BITS=bits, BITS_P=_p2(bits),
-               G=hasher.group_size, M=m, NSUB=1 << m, KEEP=keep, KEEP_P=_p2(keep),
+               G=hasher.group_size, G_P=_p2(hasher.group_size), M=m, M_P=_p2(m), NSUB=1 << m,
+               KEEP=keep, KEEP_P=_p2(keep), LOG_KEEP_P=_p2(keep).bit_length() - 1,
                C=candidate_count, C_P=_p2(candidate_count))
-    if cfg["C_P"] * max(cfg["KEEP_P"], cfg["NB_P"]) > 1 << 15 or cfg["NSUB"] * cfg["BITS_P"] > 1 << 15:
+    if cfg["C_P"] * cfg["NB_P"] > 1 << 15 or cfg["NSUB"] * cfg["M_P"] > 1 << 15:
         return None
     return cfg
 
