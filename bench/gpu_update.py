@@ -25,7 +25,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from arbd.ternary.rule import TUNED_RULE  # noqa: E402
+from arbd.ternary.rule import TUNED_RULE, apply_votes  # noqa: E402
+from arbd.ternary.triton_kernels import apply_votes_rows  # noqa: E402
 from arbd.vq.codebook import TernaryVQCodebook  # noqa: E402
 
 ROW_BYTES = 4 * 64 + 4 + 8 + 2 * (13 + 1 + 64 + 1)
@@ -60,6 +61,20 @@ def timed_update(m, set_evidence, reps: int = 15) -> float:
     return sorted(ts[2:])[reps // 2]
 
 
+def timed(fn, reps: int = 15) -> float:
+    """Median CUDA-event time of fn alone, in ms."""
+    ts = []
+    for _ in range(reps + 2):
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    return sorted(ts[2:])[reps // 2]
+
+
 def same_state(a, b) -> bool:
     return all(torch.equal(x.cpu(), y.cpu()) for x, y in
                ((a.packed, b.packed), (a.exponent, b.exponent), (a.t_accum, b.t_accum),
@@ -69,7 +84,7 @@ def same_state(a, b) -> bool:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--tables", default="10000000,5000000")
-    p.add_argument("--touched", default="16384,262144")
+    p.add_argument("--touched", default="16384,262144,1048576")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     bw = copy_bandwidth()
@@ -86,10 +101,19 @@ def main(argv: list[str] | None = None) -> dict:
             e_votes = torch.randint(-20, 21, (u,), generator=g, dtype=torch.int32)
             grad = torch.randn(u, 64, generator=g) * 1e-2
             row = {"rows": rows, "touched": u}
+            tri = copy.deepcopy(gpu)
+            gi, gv, ge, gg = idx.cuda(), votes.cuda(), e_votes.cuda(), grad.cuda()
             for m, dev in ((cpu, "cpu"), (gpu, "cuda")):
                 m.set_votes(idx.to(dev), votes.to(dev), e_votes.to(dev))
-                m.apply_update(TUNED_RULE)
+                want = m.apply_update(TUNED_RULE)
             row["votes_equal_cpu"] = same_state(cpu, gpu)
+            stats = apply_votes_rows(tri.packed, tri.t_accum, tri.exponent, tri.e_accum, gi, gv,
+                                     ge, TUNED_RULE)
+            row["triton_equal_cpu"] = (same_state(cpu, tri) and stats.tolist()
+                                       == [want["trit_flips"], want["scale_moves"]])
+            row["triton_ms"] = timed(lambda: apply_votes_rows(
+                tri.packed, tri.t_accum, tri.exponent, tri.e_accum, gi, gv, ge, TUNED_RULE))
+            del tri
             for m, dev in ((cpu, "cpu"), (gpu, "cuda")):
                 m.set_evidence(idx.to(dev), grad.to(dev))
                 m.apply_update(TUNED_RULE)
@@ -103,10 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
             row["float_untouched_equal"] = bool(
                 torch.equal(cpu.packed[keep], gpu.packed.cpu()[keep])
                 and torch.equal(cpu.t_accum[keep], gpu.t_accum.cpu()[keep]))
-            gi, gv, ge, gg = idx.cuda(), votes.cuda(), e_votes.cuda(), grad.cuda()
+            row["torch_rewrite_only_ms"] = timed(lambda: gpu._rewrite_rows(
+                gi, lambda *st: apply_votes(*st, gv, ge, TUNED_RULE)))
             row["votes_ms"] = timed_update(gpu, lambda: gpu.set_votes(gi, gv, ge))
             row["float_ms"] = timed_update(gpu, lambda: gpu.set_evidence(gi, gg))
-            for k in ("votes", "float"):
+            for k in ("votes", "float", "triton", "torch_rewrite_only"):
                 rate = u * ROW_BYTES / (row[f"{k}_ms"] / 1e3)
                 row[f"{k}_GB_per_s"] = rate / 1e9
                 row[f"{k}_pct_of_copy_bw"] = 100 * rate / bw

@@ -493,3 +493,97 @@ def weight_grad(gy: torch.Tensor, x: torch.Tensor, *, config: TileConfig | None 
         PRECISION=_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Touched-row update: rule.apply_votes on rows idx of a TernaryMatrix, in one pass.
+#
+# Each program takes BLOCK_R touched rows and reads, changes and writes back their packed trits,
+# trit accumulators, exponent and scale accumulator; the torch path (TernaryMatrix._rewrite_rows)
+# does the same in ~30 launches with int32 temporaries. A row's 5 * NB trit slots are held as a
+# [NB_P, 8] tile (byte b, digit d; d >= 5 unused), so unpacking and packing are per-byte sums.
+# Integer arithmetic only, so the result is bit-identical to the torch rule. Divisions are done on
+# magnitudes (trunc toward zero, as torch's rounding_mode="trunc"), which keeps the interpreter
+# (NumPy floor division) and the GPU (C truncation) in agreement.
+
+
+@triton.jit
+def _trunc_div(a, d):
+    q = tl.abs(a) // d
+    return tl.where(a < 0, -q, q)
+
+
+@triton.jit
+def _apply_votes_kernel(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev_ptr,
+                        stats_ptr, u, COLS: tl.constexpr, NB: tl.constexpr, NB_P: tl.constexpr,
+                        BLOCK_R: tl.constexpr, THRESHOLD: tl.constexpr, DECAY: tl.constexpr,
+                        FREEZE: tl.constexpr, CAP: tl.constexpr, ACC_MAX: tl.constexpr,
+                        SCALES: tl.constexpr, S_THRESHOLD: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < u
+    row = tl.load(idx_ptr + r, mask=live, other=0)
+    b = tl.arange(0, NB_P)
+    d = tl.arange(0, 8)
+    pow3 = tl.where(d == 0, 1, tl.where(d == 1, 3, tl.where(d == 2, 9, tl.where(d == 3, 27, 81))))
+    col = b[None, :, None] * 5 + d[None, None, :]                                  # [1, NB_P, 8]
+    cm = live[:, None, None] & (d[None, None, :] < 5) & (col < COLS)
+    bm = live[:, None] & (b[None, :] < NB)
+    byte = tl.load(packed_ptr + row[:, None] * NB + b[None, :], mask=bm, other=121).to(tl.int32)
+    trit = (byte[:, :, None] // pow3[None, None, :]) % 3 - 1
+    acc = tl.load(t_acc_ptr + row[:, None, None] * COLS + col, mask=cm, other=0).to(tl.int32)
+    if DECAY > 0:
+        acc = acc - _trunc_div(acc, 1 << DECAY)
+    acc += tl.load(votes_ptr + r[:, None, None] * COLS + col, mask=cm, other=0)
+    if FREEZE:
+        acc = acc * 0
+    n = tl.minimum(tl.maximum(_trunc_div(acc, THRESHOLD), -1 - trit), 1 - trit)
+    trit = trit + n
+    acc = acc - n * THRESHOLD
+    if CAP < ACC_MAX:
+        acc = tl.where((trit == 1) & (acc > CAP), CAP, tl.where((trit == -1) & (acc < -CAP), -CAP, acc))
+    acc = tl.minimum(tl.maximum(acc, -ACC_MAX), ACC_MAX)
+    tl.store(t_acc_ptr + row[:, None, None] * COLS + col, acc.to(tl.int8), mask=cm)
+    # Pack: slots past COLS in the last byte hold digit 1 (trit 0), as packing.pack_trits pads.
+    digit = tl.where(col < COLS, trit + 1, 1)
+    new_byte = tl.sum(tl.where(d[None, None, :] < 5, digit * pow3[None, None, :], 0), axis=2)
+    tl.store(packed_ptr + row[:, None] * NB + b[None, :], new_byte.to(tl.uint8), mask=bm)
+    flips = tl.sum(tl.sum(tl.sum(tl.where(cm, tl.abs(n), 0), axis=2), axis=1), axis=0)
+    tl.atomic_add(stats_ptr, flips)
+    if SCALES:
+        e = tl.load(exp_ptr + row, mask=live, other=0).to(tl.int32)
+        ea = tl.load(e_acc_ptr + row, mask=live, other=0).to(tl.int32)
+        if DECAY > 0:
+            ea = ea - _trunc_div(ea, 1 << DECAY)
+        ea += tl.load(ev_ptr + r, mask=live, other=0)
+        m = tl.minimum(tl.maximum(_trunc_div(ea, S_THRESHOLD), -128 - e), 127 - e)
+        ea = tl.minimum(tl.maximum(ea - m * S_THRESHOLD, -ACC_MAX), ACC_MAX)
+        tl.store(exp_ptr + row, (e + m).to(tl.int8), mask=live)
+        tl.store(e_acc_ptr + row, ea.to(tl.int8), mask=live)
+        tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(live, tl.abs(m), 0), axis=0))
+
+
+def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torch.Tensor,
+                     e_accum: torch.Tensor, idx: torch.Tensor, votes: torch.Tensor,
+                     e_votes: torch.Tensor | None, rule, *, block_r: int = 16,
+                     num_warps: int = 4) -> torch.Tensor:
+    """rule.apply_votes on the distinct rows idx, in place on the matrix buffers (packed uint8
+    [R, nb], t_accum int8 [R, cols], exponent / e_accum int8 [R]); votes int32 [U, cols],
+    e_votes int32 [U] or None. Returns int32 [2] (trit flips, scale moves) on the device, so
+    nothing waits for the host. idx must be distinct (TernaryMatrix.votes() merges duplicates)."""
+    from arbd.ternary.rule import ACC_MAX, MIN_ROW_FOR_ROW_NORM
+
+    cols, nb = t_accum.shape[1], packed.shape[1]
+    stats = torch.zeros(2, dtype=torch.int32, device=packed.device)
+    u = idx.numel()
+    if u == 0:
+        return stats
+    scales = bool(rule.learn_scales and e_votes is not None)
+    ev = e_votes.to(torch.int32).contiguous() if scales else stats
+    _apply_votes_kernel[(triton.cdiv(u, block_r),)](
+        packed, t_accum, exponent, e_accum, idx.reshape(-1).contiguous(),
+        votes.to(torch.int32).contiguous(), ev, stats, u, COLS=cols, NB=nb,
+        NB_P=triton.next_power_of_2(nb), BLOCK_R=block_r, THRESHOLD=rule.threshold,
+        DECAY=rule.decay_shift, FREEZE=bool(rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM),
+        CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales, S_THRESHOLD=rule.scale_threshold,
+        num_warps=num_warps)
+    return stats

@@ -1,0 +1,67 @@
+"""The Triton touched-row update (triton_kernels.apply_votes_rows) against TernaryMatrix's torch
+path, on CPU through TRITON_INTERPRET=1: after the same integer votes on the same rows, every byte
+of packed trits, accumulators, exponents and scale accumulators must be identical, and so must
+the flip / scale-move counts."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from arbd.ternary import triton_kernels as tk  # noqa: E402
+from arbd.ternary.rule import TUNED_RULE, TernaryRule  # noqa: E402
+from arbd.ternary.state import TernaryMatrix  # noqa: E402
+
+if type(tk._apply_votes_kernel).__name__ != "InterpretedFunction" and not torch.cuda.is_available():
+    pytest.skip("no CUDA and the Triton interpreter could not be enabled", allow_module_level=True)
+DEVICE = "cpu" if type(tk._apply_votes_kernel).__name__ == "InterpretedFunction" else "cuda"
+
+RULES = [TUNED_RULE, TernaryRule(),
+         TernaryRule(threshold=5, decay_shift=3, saturated_cap=20, scale_threshold=3),
+         TernaryRule(learn_scales=False, threshold=100)]
+
+
+@pytest.mark.parametrize("cols", [64, 37, 1])
+@pytest.mark.parametrize("rule", RULES, ids=["tuned", "default", "cap_decay", "no_scales"])
+def test_apply_votes_rows_equals_torch(cols, rule):
+    g = torch.Generator().manual_seed(cols)
+    rows, u = 300, 77                                     # 77: no multiple of the row block
+    ref = TernaryMatrix(rows, cols, generator=g)
+    ref.t_accum.copy_(torch.randint(-127, 128, ref.t_accum.shape, generator=g).to(torch.int8))
+    ref.e_accum.copy_(torch.randint(-127, 128, (rows,), generator=g).to(torch.int8))
+    ref.exponent.copy_(torch.randint(-128, 128, (rows,), generator=g).to(torch.int8))
+    got = copy.deepcopy(ref).to(DEVICE)
+    idx = torch.randperm(rows, generator=g)[:u]
+    votes = torch.randint(-300, 301, (u, cols), generator=g, dtype=torch.int32)
+    e_votes = torch.randint(-60, 61, (u,), generator=g, dtype=torch.int32)
+    ref.set_votes(idx, votes, e_votes)
+    want = ref.apply_update(rule)
+    stats = tk.apply_votes_rows(got.packed, got.t_accum, got.exponent, got.e_accum, idx.to(DEVICE),
+                                votes.to(DEVICE), e_votes.to(DEVICE), rule, block_r=16)
+    for name in ("packed", "t_accum", "exponent", "e_accum"):
+        assert torch.equal(getattr(got, name).cpu(), getattr(ref, name)), name
+    assert stats.tolist() == [want["trit_flips"], want["scale_moves"]]
+    assert want["trit_flips"] > 0 or cols == 1
+
+
+def test_apply_votes_rows_without_scale_votes_and_empty():
+    g = torch.Generator().manual_seed(5)
+    ref = TernaryMatrix(50, 64, generator=g)
+    got = copy.deepcopy(ref).to(DEVICE)
+    idx = torch.tensor([3, 9, 41])
+    votes = torch.randint(-90, 91, (3, 64), generator=g, dtype=torch.int32)
+    ref.set_votes(idx, votes, torch.zeros(3, dtype=torch.int32))
+    ref.apply_update(TUNED_RULE)
+    tk.apply_votes_rows(got.packed, got.t_accum, got.exponent, got.e_accum, idx.to(DEVICE),
+                        votes.to(DEVICE), torch.zeros(3, dtype=torch.int32, device=DEVICE), TUNED_RULE)
+    assert torch.equal(got.packed.cpu(), ref.packed) and torch.equal(got.t_accum.cpu(), ref.t_accum)
+    before = copy.deepcopy(got)
+    empty = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    s = tk.apply_votes_rows(got.packed, got.t_accum, got.exponent, got.e_accum, empty,
+                            torch.zeros(0, 64, dtype=torch.int32, device=DEVICE), None, TUNED_RULE)
+    assert s.tolist() == [0, 0] and torch.equal(got.packed, before.packed)
