@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
                                        == [want["trit_flips"], want["scale_moves"]])
             row["triton_ms"] = timed(lambda: apply_votes_rows(
                 tri.packed, tri.t_accum, tri.exponent, tri.e_accum, gi, gv, ge, TUNED_RULE))
+            for br in (32, 64):
+                row[f"triton_block{br}_ms"] = timed(lambda: apply_votes_rows(
+                    tri.packed, tri.t_accum, tri.exponent, tri.e_accum, gi, gv, ge, TUNED_RULE,
+                    block_r=br))
             del tri
             for m, dev in ((cpu, "cpu"), (gpu, "cuda")):
                 m.set_evidence(idx.to(dev), grad.to(dev))

@@ -137,3 +137,12 @@ def test_gather_rows_equals_indexing(width):
     ids = torch.randint(0, 1000, (50,), generator=g).to(DEVICE)
     assert torch.equal(triton_lookup.gather_rows(view, ids, block=64), view[ids])
     assert packing.packed_cols(64) == 13  # the codebook's row width is one of the cases
+
+
+def test_sign_tables_belong_to_their_hasher():
+    # A cache keyed by id(hasher) once handed a new codebook the signs of a freed one.
+    a = TernaryVQCodebook(5000, 64, candidate_count=8, exact_max=0, hash_seed=1, device=DEVICE)
+    b = TernaryVQCodebook(70001, 64, candidate_count=8, exact_max=0, hash_seed=2, device=DEVICE)
+    for cb in (a, b, a):
+        got = triton_lookup._signs(cb.hasher, torch.device(DEVICE)).cpu()
+        assert torch.equal(got, cb.hasher.signs.reshape(-1).to(torch.int32))

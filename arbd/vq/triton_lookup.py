@@ -209,15 +209,10 @@ def _scales(device: torch.device) -> torch.Tensor:
     return t
 
 
-_SIGNS: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
 def _signs(hasher: SignHash, device: torch.device) -> torch.Tensor:
-    key = (id(hasher), device)
-    t = _SIGNS.get(key)
-    if t is None:
-        t = _SIGNS[key] = hasher.signs.reshape(-1).to(device=device, dtype=torch.int32)
-    return t
+    # int32 [bits * g], cached by the hasher itself (a cache keyed by id(hasher) would hand a new
+    # hasher the signs of a dead one that had the same id).
+    return hasher._signs_on(device, torch.int32).reshape(-1)
 
 
 def _launch(x: torch.Tensor, unit: torch.Tensor | None, cfg: dict, hasher: SignHash,
