@@ -759,7 +759,10 @@ def read_checkpoint(spec: str | Path, *, plan: Any, config: Any, seed: int,
     keys = [k for k, v in model_state.items() if torch.is_tensor(v)]
     places = placements or whole_placements(index, keys)
     where = ckpt / INDEX
-    missing, extra = sorted(set(keys) - set(index["tensors"])), sorted(set(index["tensors"]) - set(keys))
+    # Under expert parallelism a rank holds only its experts: compare the union of every rank's
+    # keys with the checkpoint's (collective when distributed; every rank got this far).
+    union = set().union(*(set(k) for k in _gather_json(sorted(keys)))) if placements else set(keys)
+    missing, extra = sorted(set(keys) - set(index["tensors"])), sorted(set(index["tensors"]) - union)
     if missing or extra:
         raise CheckpointError(f"{where}: tensors do not match the model: missing {missing[:5]}, "
                               f"unexpected {extra[:5]}")
@@ -768,6 +771,8 @@ def read_checkpoint(spec: str | Path, *, plan: Any, config: Any, seed: int,
         if tensors[k].shape != model_state[k].shape:
             raise CheckpointError(f"{where}: {k} loads as {tuple(tensors[k].shape)}, the model "
                                   f"has {tuple(model_state[k].shape)}")
+    # Non-tensor entries (a shard's `_extra_state`) describe the model loaded into: keep them.
+    tensors.update({k: v for k, v in model_state.items() if not torch.is_tensor(v)})
     floats = _load_tensors(ckpt / OPTIM_FILE) if OPTIM_FILE in index["files"] else {}
     return ckpt, index, tensors, floats, runtime_for(ckpt, index, rank, world)
 

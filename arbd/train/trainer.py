@@ -118,7 +118,8 @@ class Trainer:
             # Verified and checked against this run before anything changes; loaded while the
             # model is still whole, so the reducer below partitions it for this dp.
             self.resumed = ckpt.read_checkpoint(resume, plan=plan, config=self.cfg, seed=args.seed,
-                                                model_state=model.state_dict(), save_dir=self.save_dir)
+                                                model_state=model.state_dict(), save_dir=self.save_dir,
+                                                placements=ckpt.placements_for(model))
             _, index, state, _, runtime = self.resumed
             model.load_state_dict(ckpt.rank_state(index, state, runtime, self.rank, self.world))
         if plan.layout.dp > 1:
