@@ -80,3 +80,23 @@ def test_ep_refuses_a_size_that_does_not_divide_the_experts():
     moe = MoEGraph(CFG)
     with pytest.raises(ValueError, match="divide the 4 experts"):
         parallelize_moe(moe, None, 3, 0)
+
+
+def _one_sided(rank, world):
+    """Rank 0 has no tokens and receives none; rank 1 routes only to its own experts. Both must
+    still run the reverse exchanges in backward (a skipped one deadlocks or mismatches)."""
+    moe = MoEGraph(CFG, generator=torch.Generator().manual_seed(7))
+    parallelize_moe(moe, torch.distributed.group.WORLD, world, rank)
+    n = 0 if rank == 0 else 3
+    x = torch.randn(n, CFG.d_model, dtype=torch.float64, requires_grad=True)
+    top_i = torch.tensor([[3, 2]] * n, dtype=torch.long).reshape(n, 2)
+    top_w = torch.full((n, 2), 0.5, dtype=torch.float64)
+    for _ in range(2):   # a second round fails loudly if the first one's exchanges were skipped
+        moe.dispatch(x, top_i, top_w).sum().backward()
+    return {"grad": x.grad, "evidence": [moe.experts[k].up.weight.has_evidence for k in moe.experts]}
+
+
+def test_ep_backward_with_a_rank_that_receives_nothing():
+    res = run_on_ranks(_one_sided, 2)
+    assert res[0]["evidence"] == [False, False] and res[1]["evidence"] == [True, True]
+    assert res[1]["grad"].shape == (3, CFG.d_model) and bool(res[1]["grad"].abs().sum() > 0)

@@ -26,8 +26,8 @@ def _worker(rank, world, shard_sizes):
         err = None
     except ValueError as e:
         err = str(e)
-    return {"rows": (edges.global_start, edges.global_stop, edges.local.dst.clone(),
-                     edges.local.weight.clone()), "asked": asked, "nbr": nbr, "w": w, "err": err}
+    return {"rows": (edges.global_start, edges.global_stop, edges.dst.clone(),
+                     edges.weight.clone()), "asked": asked, "nbr": nbr, "w": w, "err": err}
 
 
 @pytest.mark.parametrize("world, sizes", [(1, None), (2, [30, 7]), (3, None), (4, [1, 20, 6, 10])])

@@ -118,11 +118,14 @@ class MoEGraph(nn.Module):
         state = h
         steps = torch.zeros(n, dtype=torch.float32, device=h.device)
         balance = h.new_zeros((), dtype=torch.float32)
+        routed_steps = 0   # steps with positions still running here (expert parallelism may
+                           # run further, empty, steps for the other ranks of its group)
         for step in range(self.cfg.act_max_steps):
             x = state[running]
             xn = self.expert_norm(x)
             top_i, top_w, bal = self.route(xn)
             balance = balance + bal
+            routed_steps += int(x.shape[0] > 0)
             x = x + self.dispatch(xn, top_i, top_w)
             p = torch.sigmoid(self.halt(x).float()).squeeze(-1)
             mass = halted_mass[running]
@@ -138,7 +141,7 @@ class MoEGraph(nn.Module):
             running = running[~stop]
             if not self.keep_running(running.numel()):
                 break
-        aux = {"balance": balance / max(step + 1, 1), "ponder": steps.mean()}
+        aux = {"balance": balance / max(routed_steps, 1), "ponder": steps.mean()}
         return out, aux
 
     def forward(self, h: torch.Tensor, motif_ids: torch.Tensor | None = None,

@@ -26,7 +26,7 @@ import yaml
 from arbd.config import PRESETS, get_preset
 from arbd.parallel.mesh import Layout
 
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16", "fp64")   # fp64: CPU reference runs (equivalence tests)
 EVIDENCE_MODES = ("summed", "votes")
 
 

@@ -14,9 +14,8 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from arbd.model.kg_edges import KGEdges, StagedObservations
+from arbd.model.kg_edges import KGEdges
 from arbd.parallel.sharded_vq import shard_bounds
 
 
@@ -34,35 +33,37 @@ def _exchange(send: torch.Tensor, counts: torch.Tensor, group) -> tuple[torch.Te
     return recv, recv_counts
 
 
-class ShardedKGEdges(StagedObservations, nn.Module):
+class ShardedKGEdges(KGEdges):
+    """A KGEdges holding the adjacency rows [global_start, global_stop) of a `total_nodes`-node
+    graph: its buffers carry the same names as the whole graph's (checkpoints reshard by rows),
+    its neighbour ids are global, and observe / neighbors are collectives over `group`."""
+
     def __init__(self, num_nodes: int, capacity: int, *, group=None,
                  shard_sizes: Sequence[int] | None = None, device=None) -> None:
-        super().__init__()
-        self.group = group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        self.num_nodes, self.capacity = num_nodes, capacity
-        self.bounds = shard_bounds(num_nodes, self.world, shard_sizes)
-        self.global_start, self.global_stop = self.bounds[self.rank], self.bounds[self.rank + 1]
-        self.local = KGEdges(self.global_stop - self.global_start, capacity, device=device,
-                             num_targets=num_nodes)
-        self._bounds_t = torch.tensor(self.bounds[1:-1], dtype=torch.int64)
-        self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        bounds = shard_bounds(num_nodes, world, shard_sizes)
+        super().__init__(bounds[rank + 1] - bounds[rank], capacity, device=device,
+                         num_targets=num_nodes)
+        self.group, self.world, self.rank = group, world, rank
+        self.total_nodes, self.bounds = num_nodes, bounds
+        self.global_start, self.global_stop = bounds[rank], bounds[rank + 1]
+        self._bounds_t = torch.tensor(bounds[1:-1], dtype=torch.int64)
 
     def owner_of(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.searchsorted(self._bounds_t.to(ids.device), ids, right=True)
 
     def _agree_valid(self, *ids: torch.Tensor) -> None:
         """Every rank learns whether any rank got out-of-range ids, before any data moves."""
-        bad = any(t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_nodes) for t in ids)
+        bad = any(t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.total_nodes) for t in ids)
         flag = torch.tensor([int(bad)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         if int(flag):
-            raise ValueError(f"KG node ids must lie in [0, {self.num_nodes}) on every rank "
+            raise ValueError(f"KG node ids must lie in [0, {self.total_nodes}) on every rank "
                              f"({'this' if bad else 'another'} rank sent ids out of range)")
 
     @torch.no_grad()
-    def observe(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+    def observe(self, src: torch.Tensor, dst: torch.Tensor, *, drop_self: bool = True) -> int:
+        """Collective. Route each pair to its source's owner, which adds it to its rows."""
         src, dst = src.reshape(-1).long(), dst.reshape(-1).long()
         if src.shape != dst.shape:
             raise ValueError(f"src and dst must pair up, got {src.numel()} and {dst.numel()} ids")
@@ -74,12 +75,14 @@ class ShardedKGEdges(StagedObservations, nn.Module):
         pairs = torch.stack([src[order], dst[order]], 1)
         counts = torch.bincount(owner, minlength=self.world)   # world-sized, not table-sized
         recv, _ = _exchange(pairs, counts, self.group)
-        if recv.numel():
-            self.local.observe(recv[:, 0] - self.global_start, recv[:, 1], drop_self=False)
+        if not recv.numel():
+            return 0
+        return super().observe(recv[:, 0] - self.global_start, recv[:, 1], drop_self=False)
 
     @torch.no_grad()
     def neighbors(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(neighbour ids int64 [n, capacity], weights int16) of `nodes`, fetched from owners."""
+        """Collective. (neighbour ids int64 [n, capacity], weights int16) of `nodes`, fetched
+        from their owners."""
         nodes = nodes.reshape(-1).long()
         self._agree_valid(nodes)
         uniq, inverse = torch.unique(nodes, sorted=True, return_inverse=True)
@@ -87,6 +90,6 @@ class ShardedKGEdges(StagedObservations, nn.Module):
         counts = torch.bincount(owner, minlength=self.world)
         asked, asked_counts = _exchange(uniq, counts, self.group)
         local = asked - self.global_start
-        rows = torch.cat([self.local.dst[local].long(), self.local.weight[local].long()], 1)
+        rows = torch.cat([self.dst[local].long(), self.weight[local].long()], 1)
         back, _ = _exchange(rows, asked_counts, self.group)   # returns in our send order
         return back[:, :self.capacity][inverse], back[:, self.capacity:].to(torch.int16)[inverse]

@@ -263,6 +263,19 @@ class ShardedTernaryVQCodebook(CodebookCommon, nn.Module):
         """Group rank that owns each global row id (ids assumed in range)."""
         return torch.searchsorted(self._bounds_t[1:], ids.contiguous(), right=True)
 
+    # apply_ternary_update drives this module's own collective commit/update (update.py).
+    ternary_evidence_owner = True
+
+    def clear_step_evidence(self) -> None:
+        """Drop this rank's evidence and usage of the step (a skipped step; or a tensor-parallel
+        peer whose batch another rank of its tp group already contributes)."""
+        self._reset_step_state()
+
+    @property
+    def step_nonfinite(self) -> bool:
+        """Whether this rank's evidence of the step holds NaN/inf."""
+        return bool(self._local_flags() & _F_NONFINITE)
+
     def _reset_step_state(self) -> None:
         self._tag = 0                       # forwards since the last update (same on all ranks)
         self._queries = 0                   # this rank's queries since the last update

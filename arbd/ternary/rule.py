@@ -7,7 +7,7 @@ an int8 accumulator of its own. An update has two halves:
    weight becomes small integer "votes" q in accumulator units,
        q = clamp(sround(-g / s_row * rate * share), -max_vote, max_vote)
    s_row = mean |g| over the row (rows shorter than MIN_ROW_FOR_ROW_NORM use the tensor mean),
-   sround = stochastic rounding driven by a hash of (g's leading bits, global row, column, step):
+   sround = stochastic rounding driven by a hash of (x's leading bits, global row, column, step):
    unbiased, deterministic, independent of how rows are batched, sharded or ordered, no RNG state.
    `share` = 1 / (micro-batches per step), so a step's votes sum to `rate` per weight on average.
    The row's scale votes are the sign of -dL/dE per micro-batch (times scale_rate).
@@ -114,11 +114,14 @@ def _salt_mix(salt: int) -> int:
     return int(mix32(torch.tensor((salt * 0x9E3779B9 + 0x7F4A7C15) & M32)))
 
 
-def _sround(x: torch.Tensor, g: torch.Tensor, row_ids: torch.Tensor | None, rule: TernaryRule,
+def _sround(x: torch.Tensor, row_ids: torch.Tensor | None, rule: TernaryRule,
             col_offset: int = 0, row_len: int | None = None) -> torch.Tensor:
+    """Round x (evidence already normalised, in vote units) stochastically. The hash reads x's
+    own leading bits: x does not change when a layout scales the raw gradient uniformly (e.g.
+    DeepSpeed dividing each rank's loss by its own accumulation count), g's bits would."""
     if rule.rounding == "nearest":
         return torch.round(x)
-    return torch.floor(x + hash_uniform(g, row_ids, col_offset=col_offset, row_len=row_len,
+    return torch.floor(x + hash_uniform(x, row_ids, col_offset=col_offset, row_len=row_len,
                                         salt=rule.salt))
 
 
@@ -142,7 +145,7 @@ def quantize_evidence(grad: torch.Tensor, rule: TernaryRule, *, share: float = 1
     g = grad if grad.dtype == torch.float64 else grad.to(torch.float32)
     s = _row_norm(g, rule) if norm is None else norm.to(g.dtype)
     x = -g / (s + 1e-30) * (rule.evidence_rate * share)
-    q = _sround(x, g, row_ids, rule, col_offset, row_len)
+    q = _sround(x, row_ids, rule, col_offset, row_len)
     return q.clamp(-rule.max_vote, rule.max_vote).to(torch.int16)
 
 
@@ -172,7 +175,7 @@ def votes_from_scale_grad(g_e: torch.Tensor, rule: TernaryRule, row_ids: torch.T
     else:
         denom = g_e.abs().mean() if mean_abs is None else mean_abs
         x = -g_e / (denom + 1e-30) * rule.scale_rate
-    q = _sround(x[:, None], g_e[:, None], row_ids, rule)[:, 0]
+    q = _sround(x[:, None], row_ids, rule)[:, 0]
     return q.clamp(-rule.max_vote, rule.max_vote).to(torch.int16)
 
 

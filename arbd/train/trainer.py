@@ -24,10 +24,10 @@ from arbd.data import ByteBatches, ValWindows, load_corpus
 from arbd.data.modalities import ModalityBatches
 from arbd.model.arb import ARBModel, check_training_backend
 from arbd.parallel.mesh import Mesh
+from arbd.parallel.parallelize import ParallelReducer, parallelize
 from arbd.parallel.plan import load_plan
 from arbd.ternary import ternary_state_bytes
 from arbd.ternary.rule import TUNED_RULE
-from arbd.ternary.zero import make_ternary_reducer
 from arbd.train import checkpoint as ckpt
 from arbd.train.distributed import init_distributed
 from arbd.train.optim import TernaryOptimizer
@@ -96,10 +96,6 @@ class Trainer:
         if args.preset:
             plan = replace(plan, preset=args.preset)
         plan.validate(self.world)
-        if plan.layout.tp > 1 or plan.layout.ep > 1:
-            raise ValueError(f"plan {plan.name}: tensor parallel (tp={plan.layout.tp}) and expert "
-                             f"parallel (ep={plan.layout.ep}) are not wired into the trainer yet; "
-                             "use a plan with tp: 1 and ep: 1 (e.g. shard_plans/cpu-2.yaml)")
         self.plan = plan
         self.mesh = Mesh(plan.layout)
         backend = args.backend or ("triton" if self.device.type == "cuda" else plan.backend)
@@ -109,6 +105,8 @@ class Trainer:
         model = ARBModel(self.cfg, backend=backend, seed=args.seed, device=self.device)
         model.ternary_rule = TUNED_RULE
         model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
+        # MLA heads over tp, experts over ep, codebook rows over the codebook group.
+        parallelize(model, self.mesh)
         self.save_dir = Path(args.save_dir) if args.save_dir else Path(args.out) / "checkpoints"
         self.resumed = None
         self.ckpt_writer = ckpt.CheckpointWriter(async_save=getattr(args, "async_save", False))
@@ -122,10 +120,11 @@ class Trainer:
                                                 placements=ckpt.placements_for(model))
             _, index, state, _, runtime = self.resumed
             model.load_state_dict(ckpt.rank_state(index, state, runtime, self.rank, self.world))
-        if plan.layout.dp > 1:
-            # ZeRO stage >= 1: each dp rank keeps and updates the accumulators of its row block.
-            model.ternary_evidence_reducer = make_ternary_reducer(
-                model, self.mesh.dp_group, zero_stage=plan.zero_stage, mode=plan.evidence)
+        if self.world > 1:
+            # ZeRO stage >= 1: each dp rank keeps and updates the accumulators of its row block;
+            # experts reduce over their expert-dp group, codebooks update on their owners.
+            ParallelReducer(model, self.mesh, zero_stage=plan.zero_stage, mode=plan.evidence,
+                            dtype=torch.float64 if plan.dtype == "fp64" else torch.bfloat16)
         self.model = model
         self.optimizer = TernaryOptimizer(
             [p for p in model.parameters() if p.requires_grad], model, lr=1e-3,
@@ -137,7 +136,7 @@ class Trainer:
                                     "job_name": plan.name}
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
                                                     config=ds_config, mpu=self.mesh)
-        self.dtype = torch.bfloat16 if plan.dtype == "bf16" else torch.float32
+        self.dtype = {"bf16": torch.bfloat16, "fp64": torch.float64}.get(plan.dtype, torch.float32)
         corpus = load_corpus(args.data)
         dp, dpr = plan.layout.dp, self.mesh.dp_index
         self.text = ByteBatches(corpus.train, plan.seq_len, plan.micro_batch, grad_accum=plan.grad_accum,
@@ -235,6 +234,10 @@ class Trainer:
             self.optimizer.end_micro_batch()
             self.engine.step()
             loss_sum += float(loss.detach())
+        if self.plan.layout.dp > 1:   # the logged loss is the global batch's, not this rank's
+            t = torch.tensor([loss_sum], dtype=torch.float64)
+            dist.all_reduce(t, group=self.mesh.dp_group)
+            loss_sum = float(t) / self.plan.layout.dp
         stats = self.model.ternary_stats
         rec = {"loss": loss_sum / self.plan.grad_accum, **parts,
                "step_s": time.perf_counter() - t0, "trit_flips": stats.last.get("trit_flips", 0),

@@ -1,0 +1,129 @@
+"""Apply the mesh to a plain ARBModel (torchtitan style: the model knows nothing of ranks).
+
+`parallelize(model, mesh)` does, in order:
+1. tensor parallelism for the MLA heads over the tp group (tensor_parallel.py);
+2. expert parallelism for the MoEGraph experts over the ep group (expert_parallel.py);
+3. row-sharded codebooks (shared VQ, KG VQ) and KG edges over the codebook group, replacing the
+   whole ones (same hash seeds: a shard's rows are those rows of the whole table);
+and `ParallelReducer(model, mesh, ...)` then becomes the model's ternary evidence reducer
+(ZeRO over dp, see below).
+
+Who reduces which ternary evidence (ParallelReducer):
+- dense matrices replicated over dp (everything but experts and codebooks): over the dp group,
+  ZeRO-partitioned when the stage is >= 1 (tensor-parallel shards stay unpartitioned: their
+  update already needs the tp group, docs/decisions.md);
+- expert matrices: over the expert-data-parallel group (the ranks holding the same experts);
+  their owners already hold the evidence of every token of their ep group;
+- codebooks and KG edges: their owners apply the update (collective over the codebook group).
+  Ranks of one tp group see the same batch, so only tp index 0 contributes codebook evidence,
+  usage and KG pairs; the others drop theirs before the update.
+A non-finite value anywhere makes every rank of the world skip the step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from arbd.model.arb import ARBModel
+from arbd.parallel.expert_parallel import is_expert_matrix, parallelize_moe
+from arbd.parallel.mesh import Mesh
+from arbd.parallel.sharded_kg import ShardedKGEdges
+from arbd.parallel.sharded_vq import ShardedTernaryVQCodebook
+from arbd.parallel.tensor_parallel import parallelize_attention
+from arbd.ternary.dp import DPEvidenceReducer
+from arbd.ternary.rule import TernaryRule
+from arbd.ternary.state import TernaryMatrix
+from arbd.ternary.update import evidence_owners
+from arbd.ternary.zero import make_ternary_reducer
+from arbd.vq.codebook import TernaryVQCodebook
+
+Mats = list[tuple[str, TernaryMatrix]]
+
+
+def _sharded_twin(cb: TernaryVQCodebook, group) -> ShardedTernaryVQCodebook:
+    return ShardedTernaryVQCodebook(
+        cb.num_codes, cb.dim, group=group, semantics="micro", candidate_count=cb.candidate_count,
+        exact_max=cb.exact_max, cell_size=cb.cell_size, beta=cb.beta, hash_seed=cb.hash_seed,
+        max_chunk_bytes=cb.max_chunk_bytes, check_finite=cb.check_finite,
+        device=cb.matrix.packed.device)
+
+
+def shard_codebooks(model: ARBModel, group) -> None:
+    """Replace the shared VQ codebook, the KG VQ codebook and the KG edges by row-sharded twins."""
+    if model.shared_vq is not None:
+        model.shared_vq.codebook = _sharded_twin(model.shared_vq.codebook, group)
+    if model.composite is not None:
+        model.composite.kgvq = _sharded_twin(model.composite.kgvq, group)
+    if model.kg_edges is not None:
+        e = model.kg_edges
+        model.kg_edges = ShardedKGEdges(e.num_targets, e.capacity, group=group, device=e.dst.device)
+
+
+class ParallelReducer:
+    """The model's ternary evidence reducer under a mesh (module docstring)."""
+
+    def __init__(self, model: ARBModel, mesh: Mesh, *, zero_stage: int, mode: str,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        self.model, self.mesh = model, mesh
+        self.owners = evidence_owners(model)
+        self.owned = {id(m) for o in self.owners for m in o.modules() if isinstance(m, TernaryMatrix)}
+        self.dp = make_ternary_reducer(
+            model, mesh.dp_group, zero_stage=zero_stage, mode=mode, dtype=dtype,
+            partition=lambda name, m: m.tp_shard is None and not is_expert_matrix(name)) \
+            if zero_stage >= 1 else DPEvidenceReducer(mesh.dp_group, mode=mode, dtype=dtype)
+        expert_world = dist.get_world_size(mesh.expert_dp_group)
+        self.experts = DPEvidenceReducer(mesh.expert_dp_group, mode=mode, dtype=dtype) \
+            if expert_world > 1 else None
+        self.wants_votes = mode == "votes"
+        model.ternary_evidence_reducer = self
+
+    def _split(self, mats: Mats) -> tuple[Mats, Mats]:
+        dense = [(n, m) for n, m in mats if id(m) not in self.owned and not is_expert_matrix(n)]
+        experts = [(n, m) for n, m in mats if is_expert_matrix(n)]
+        return dense, experts
+
+    def __call__(self, mats: Mats) -> None:
+        dense, experts = self._split(mats)
+        self.dp(dense)
+        if self.experts is not None:
+            self.experts(experts)
+        if self.mesh.tp_index != 0:
+            # The tp group's batch is contributed once, by tp index 0.
+            for owner in self.owners:
+                owner.clear_step_evidence()
+            if self.model.kg_edges is not None:
+                self.model.kg_edges.clear_staged()
+        bad = any(not m.evidence_is_finite() for _, m in dense + experts) \
+            or any(o.step_nonfinite for o in self.owners)
+        flag = torch.tensor([int(bad)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag):
+            for _, m in mats:
+                m.mark_nonfinite()
+
+    def update_matrices(self, mats: Mats, rule: TernaryRule) -> dict[str, int]:
+        dense, experts = self._split(mats)
+        if hasattr(self.dp, "update_matrices"):
+            total = dict(self.dp.update_matrices(dense, rule))
+        else:
+            total = {"trit_flips": 0, "scale_moves": 0}
+            experts = dense + experts
+        for _, m in experts:
+            if m.has_evidence:
+                s = m.apply_update(rule)
+                total["trit_flips"] += s["trit_flips"]
+                total["scale_moves"] += s["scale_moves"]
+        return total
+
+
+def parallelize(model: ARBModel, mesh: Mesh) -> None:
+    """Split `model` over `mesh` in place (steps 1-3 of the module docstring). Call on a freshly
+    built whole model; then load a checkpoint (this rank's boxes), then install the reducer with
+    `ParallelReducer(model, mesh, ...)`, which partitions the accumulators (ZeRO)."""
+    lay = mesh.layout
+    if model.layers is not None and lay.tp > 1:
+        parallelize_attention(model.layers, mesh.tp_group, lay.tp, mesh.tp_index)
+    if model.moegraph is not None and lay.ep > 1:
+        parallelize_moe(model.moegraph, mesh.ep_group, lay.ep, mesh.dp_index % lay.ep)
+    if dist.get_world_size(mesh.cb_group) > 1:
+        shard_codebooks(model, mesh.cb_group)
