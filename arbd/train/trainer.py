@@ -147,7 +147,8 @@ class Trainer:
                                          dp_size=dp, seed=args.seed)
                       for m in MEDIA if getattr(args, f"{m}_weight") > 0}
         self.val = (ValWindows(corpus.val, plan.seq_len + 1, plan.micro_batch, dp_rank=dpr, dp_size=dp,
-                               max_windows=args.val_windows) if corpus.val else None)
+                               max_windows=args.val_windows)
+                    if corpus.val and (args.text_weight > 0 or args.code_weight > 0) else None)
         self.history: list[dict] = []
         self.start_step = 0
         if self.resumed is not None:
@@ -321,9 +322,23 @@ class Trainer:
         print(f"wrote {self.out / 'loss.png'} and {self.out / 'history.json'}", flush=True)
 
 
+# Modality entry points (launch/audio.py, vision.py, diffusion.py): their loss weights, and only
+# their components (seed 19: no VQ, graph, KV attention, router or unrelated heads). "diffusion"
+# trains the video generation path (VAE2D latents + VideoHead, compressed temporal windows):
+# arbd has no separate diffusion network.
+MODALITY_DEFAULTS = {
+    "audio": dict(text_weight=0.0, audio_weight=1.0),
+    "vision": dict(text_weight=0.0, image_weight=1.0),
+    "diffusion": dict(text_weight=0.0, video_weight=1.0),
+}
+
+
 def main(argv: list[str] | None = None, *, description: str = "arbd pretraining",
-         lightweight_text: bool = False) -> int:
-    args = build_parser(description, lightweight_text=lightweight_text).parse_args(argv)
+         lightweight_text: bool = False, modality: str | None = None) -> int:
+    parser = build_parser(description, lightweight_text=lightweight_text)
+    if modality is not None:
+        parser.set_defaults(no_vq=True, no_graph=True, no_attention=True, **MODALITY_DEFAULTS[modality])
+    args = parser.parse_args(argv)
     try:
         trainer = Trainer(args)
     except ckpt.CheckpointError as e:  # a clear one-line refusal, not a traceback
