@@ -195,7 +195,8 @@ def reduce_evidence_summed(mats: Mats, group=None, *, dtype: torch.dtype = torch
             g = torch.zeros(m.rows, m.cols, dtype=g.dtype).index_add_(0, idx, g)
         bufs.append(g.reshape(-1))
     if bufs:
-        flat = torch.cat([b.to(torch.float32) for b in bufs]).to(dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32  # float64 runs stay exact
+        flat = torch.cat([b.to(acc) for b in bufs]).to(dtype)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         if stats is not None:
             stats.payload_bytes += flat.numel() * flat.element_size()
@@ -220,7 +221,8 @@ def reduce_evidence_summed(mats: Mats, group=None, *, dtype: torch.dtype = torch
             m.clear_evidence()
             allid = torch.cat(ids)
             if allid.numel():
-                m.add_row_grad(allid, torch.cat(gs).to(torch.float32))
+                m.add_row_grad(allid, torch.cat(gs).to(torch.float64 if dtype == torch.float64
+                                                        else torch.float32))
         if int(flags[n + i]) > 0:
             m.mark_nonfinite()
     if stats is not None:
