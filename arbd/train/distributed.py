@@ -28,6 +28,12 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29512")
     cuda = torch.cuda.is_available()
+    if cuda and not torch.distributed.is_initialized():
+        # Both backends in every group: CUDA tensors (activations, rows, evidence) go over NCCL,
+        # the small CPU control tensors (flags, counts, agreement checks) over gloo. DeepSpeed
+        # then finds the group initialised and keeps it.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group("cpu:gloo,cuda:nccl")
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if cuda:

@@ -150,6 +150,7 @@ class Trainer:
                                max_windows=args.val_windows)
                     if corpus.val and (args.text_weight > 0 or args.code_weight > 0) else None)
         self.history: list[dict] = []
+        self._a2a_seen = 0
         self.start_step = 0
         if self.resumed is not None:
             self._restore(*self.resumed)
@@ -244,7 +245,22 @@ class Trainer:
                "step_s": time.perf_counter() - t0, "trit_flips": stats.last.get("trit_flips", 0),
                "skipped": stats.skipped_nonfinite_loss + stats.skipped_nonfinite_grad}
         rec["tokens_per_s"] = self.plan.global_batch * self.plan.seq_len / rec["step_s"]
+        rec["a2a_bytes"] = self._a2a_bytes() - self._a2a_seen   # this rank, this step
+        self._a2a_seen += rec["a2a_bytes"]
         return rec
+
+    def _a2a_bytes(self) -> int:
+        """Bytes this rank has sent to other ranks in all-to-alls so far: expert dispatch and
+        the sharded codebooks' lookups and updates."""
+        total = 0
+        for m in self.model.modules():
+            comm = getattr(m, "comm", None)
+            if comm is not None and hasattr(comm, "lookup_bytes"):
+                total += comm.lookup_bytes + comm.update_bytes
+            stats = getattr(getattr(m, "dispatch", None), "stats", None)
+            if isinstance(stats, dict):
+                total += stats.get("bytes_sent", 0)
+        return total
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -284,6 +300,7 @@ class Trainer:
                 rec["val_bpb"] = self.evaluate()
             if step == a.steps:
                 rec["val_bpb"] = self.evaluate()
+            self._a2a_seen = self._a2a_bytes()   # evaluation traffic is not a training step's
             self.history.append(rec)
             self.engine.monitor.write_events([(f"train/{k}", v, step) for k, v in rec.items()
                                               if isinstance(v, (int, float)) and k != "step"])

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Issue 11: the whole distributed stack on NCCL, on one multi-GPU node (nvidia-h200-x2/-x4/-x8).
+#
+#   bash bench/run_multi_gpu.sh [STEPS]        # writes $OUT (default runs/multi_gpu)/results.json
+#
+# 1. correctness: `deepspeed launch/pretrain.py` on all N GPUs with shard_plans/gpu-N.yaml (tp 2,
+#    ep 2 or 4, codebooks over all ranks where N allows) for STEPS (50) steps, against one GPU
+#    accumulating the same global batch; losses must agree within bf16 tolerance;
+# 2. weak scaling: tp 1, ep = dp = G, micro-batch fixed per GPU, G = 1, 2, 4, ... N: tokens/s,
+#    efficiency = tokens/s(G) / (G * tokens/s(1)), all-to-all bytes per step per rank;
+# 3. resharding: the N-GPU checkpoint resumes on 2 GPUs (same global batch) and trains on.
+# The CPU suite's state-equality tests run on gloo (CPU tensors); with the trainer's
+# "cpu:gloo,cuda:nccl" groups the runs above move every CUDA tensor over NCCL.
+#
+# DeepSpeed is not in the device image: carry it as wheels in .whl (see the device README) and
+# this script installs them into /tmp/site first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS=${1:-50}
+OUT=${OUT:-runs/multi_gpu}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ! python3 -c "import deepspeed" 2>/dev/null && [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+# ARBD_GPUS/PRESET/SEQ/DTYPE/BACKEND: a CPU dry run of this script (gloo), e.g.
+#   ARBD_GPUS=2 ARBD_PRESET=arb-tiny ARBD_SEQ=32 ARBD_DTYPE=fp32 ARBD_BACKEND=torch bash bench/run_multi_gpu.sh 3
+N=${ARBD_GPUS:-$(nvidia-smi -L | wc -l)}
+echo "run_multi_gpu: $N GPUs, $STEPS steps, out=$OUT"
+
+plan() {  # name dp tp ep micro accum -> a plan file under $OUT
+  cat > "$OUT/$1.yaml" <<EOF
+name: $1
+preset: ${ARBD_PRESET:-arb-small}
+layout: {dp: $2, tp: $3, ep: $4, codebook_shards: 0}
+zero_stage: 1
+micro_batch: $5
+grad_accum: $6
+seq_len: ${ARBD_SEQ:-512}
+dtype: ${ARBD_DTYPE:-bf16}
+backend: ${ARBD_BACKEND:-triton}
+evidence: summed
+EOF
+  echo "$OUT/$1.yaml"
+}
+
+train() {  # ngpus plan out [extra args]
+  local n=$1 p=$2 o=$3
+  shift 3
+  deepspeed --num_gpus "$n" --master_port $((29600 + RANDOM % 1000)) launch/pretrain.py \
+    --plan "$p" --steps "$STEPS" --no-progress --val-windows 16 --out "$o" \
+    --save-dir "$o/ckpt" --save-interval "$STEPS" "$@" 2>&1 | tee "$o.log" | grep -E "^(step|arbd)" || true
+  test -f "$o/history.json"
+}
+
+# 1. correctness against one GPU with the same global batch
+case $N in
+  2) PAR=$(plan par 2 1 2 4 1) ;;
+  4) PAR=$(plan par 2 2 2 4 1) ;;
+  *) PAR=$(plan par $((N / 2)) 2 $((N / 2 >= 4 ? 4 : 2)) 4 1) ;;
+esac
+DP=$(python3 -c "from arbd.parallel.plan import load_plan; print(load_plan('$PAR').layout.dp)")
+train "$N" "$PAR" "$OUT/par"
+train 1 "$(plan one 1 1 1 4 "$DP")" "$OUT/one"
+
+# 2. weak scaling (fixed micro-batch per GPU)
+G=1
+while [ "$G" -le "$N" ]; do
+  train "$G" "$(plan weak$G "$G" 1 "$G" 4 1)" "$OUT/weak$G" --no-save
+  G=$((G * 2))
+done
+
+# 3. the N-GPU checkpoint on 2 GPUs (dp 2, accumulation keeps the global batch)
+STEPS=$((STEPS + 5)) train 2 "$(plan two 2 1 2 4 $((DP / 2 > 0 ? DP / 2 : 1)))" "$OUT/two" \
+  --resume "$OUT/par/ckpt/latest"
+
+python3 - "$OUT" "$N" <<'EOF'
+import json, sys
+from pathlib import Path
+out, n = Path(sys.argv[1]), int(sys.argv[2])
+hist = lambda name: json.loads((out / name / "history.json").read_text())
+par, one = [r["loss"] for r in hist("par")], [r["loss"] for r in hist("one")]
+diff = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(par, one))
+weak = {}
+g = 1
+while g <= n:
+    h = hist(f"weak{g}")
+    h = h[3:] if len(h) > 5 else h          # skip warm-up steps
+    weak[g] = {"tokens_per_s": sum(r["tokens_per_s"] for r in h) / len(h),
+               "a2a_bytes_per_step": sum(r.get("a2a_bytes", 0) for r in h) / len(h)}
+    g *= 2
+for g, w in weak.items():
+    w["efficiency"] = w["tokens_per_s"] / (g * weak[1]["tokens_per_s"])
+two = hist("two")
+res = {"gpus": n, "steps": len(par), "max_rel_loss_diff_vs_one_gpu": diff,
+       "loss_first_last": [par[0], par[-1]], "weak_scaling": weak,
+       "resumed_on_2": {"steps": [two[0]["step"], two[-1]["step"]],
+                        "losses_after_resume": [r["loss"] for r in two[len(par):]]}}
+(out / "results.json").write_text(json.dumps(res, indent=1))
+print(json.dumps(res, indent=1))
+# The 2-GPU run restores the N-GPU history (same first losses) and trains 5 more steps.
+resumed = [r["loss"] for r in two[:len(par)]] == par and two[-1]["step"] == len(par) + 5
+ok = diff < 0.05 and resumed
+print("correctness", "OK" if ok else "FAILED", f"(max relative loss difference {diff:.4f})")
+sys.exit(0 if ok else 1)
+EOF
