@@ -185,3 +185,49 @@ def test_bad_inputs_raise_value_errors():
         tk.weight_grad(gy.half(), x)
     with pytest.raises(ValueError, match="2-D"):
         tk.weight_grad(gy.reshape(2, 2, 3), x)
+
+
+@pytest.mark.parametrize("m,split_k", [(1, 3), (16, 2), (40, 3)])
+def test_split_k_fixup_leaves_workspace_clean(m, split_k):
+    # The one-launch split-K (fixup) must give the reference and leave its workspace and counters
+    # zeroed: a second call on other data reuses them.
+    k, n = 170, 37
+    gen = torch.Generator().manual_seed(11 + m)
+    packed, exponent, w = _random_weight(n, k, gen)
+    cfg = tk.TileConfig(16, 16, 16, group=2, split_k=split_k, fixup=True, asm_decode=True)
+    for _ in range(2):
+        x = torch.randn(m, k, generator=gen).to(DEVICE)
+        y = tk.ternary_matmul(x, packed, exponent, k, config=cfg)
+        assert _rel_err(y, x.cpu().double() @ w.t()) < 1e-5
+        ws, counts = tk._WORKSPACE[torch.device(DEVICE) if DEVICE == "cpu" else y.device]
+        assert not ws.any() and not counts.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_weight_equals_packing_decode(dtype):
+    gen = torch.Generator().manual_seed(5)
+    k, n = 37, 300  # a partial last byte; every exponent from -128 to 127 below
+    trits = torch.randint(-1, 2, (n, k), generator=gen)
+    packed = packing.pack_trits(trits)
+    exponent = (torch.arange(n) % 256 - 128).to(torch.int8)
+    got = tk.decode_weight(packed.to(DEVICE), exponent.to(DEVICE), k, dtype).cpu()
+    assert torch.equal(got, packing.decode(packed, exponent, k, dtype))
+    every = torch.arange(243, dtype=torch.uint8).reshape(243, 1)
+    e0 = torch.zeros(243, dtype=torch.int8)
+    assert torch.equal(tk.decode_weight(every.to(DEVICE), e0.to(DEVICE), 5, dtype).cpu(),
+                       packing.decode(every, e0, 5, dtype))
+
+
+def test_dense_path_matches_reference():
+    # TileConfig(dense=True): decode W once, then torch.matmul (the large-M default on the GPU).
+    m, k, n = 12, 130, 65
+    gen = torch.Generator().manual_seed(9)
+    packed, exponent, w = _random_weight(n, k, gen)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.float16)
+    gy = torch.randn(m, n, generator=gen).to(DEVICE, torch.float16)
+    cfg = tk.TileConfig(16, 16, 16, dense=True)
+    y = tk.ternary_matmul(x, packed, exponent, k, config=cfg)
+    gx = tk.ternary_matmul_grad_input(gy, packed, exponent, k, config=cfg)
+    assert y.dtype == gx.dtype == torch.float16
+    assert _rel_err(y, x.cpu().double() @ w.t()) < 2e-3
+    assert _rel_err(gx, gy.cpu().double() @ w) < 2e-3

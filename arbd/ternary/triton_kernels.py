@@ -60,6 +60,14 @@ class TileConfig:
     split_k (forward only): programs per output tile, each summing a share of K into an fp32
     buffer with atomic adds (more parallelism for small M; the summation order is not fixed).
     prefetch (forward only): load the next tile's packed bytes one iteration ahead (see the kernel).
+    fixup (forward only, with split_k): the splits add into a cached fp32 workspace that stays zeroed
+    between calls, and the last split of each tile (found by an atomic counter) scales, casts and
+    stores it and zeroes the workspace again: one launch, no memset and no cast kernel.
+    asm_decode (bf16 / fp16 only): unpack with integer arithmetic on two bytes per 32-bit register
+    (inline PTX, _decode_planes_asm) instead of the fp32 _next_trit; ignored by the interpreter.
+    dense (forward and grad_input): decode W once into a transient [N, K] matrix of the input dtype
+    (decode_weight) and hand the product to torch.matmul (cuBLAS). For large M, where the decode
+    (about 2 * N * K bytes written) is small against the product.
     """
 
     block_m: int
@@ -71,6 +79,9 @@ class TileConfig:
     planar_x: bool = False
     split_k: int = 1
     prefetch: bool = False
+    fixup: bool = False
+    asm_decode: bool = False
+    dense: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,16 +119,84 @@ def _next_trit(rest):
     q3 = (rest * 0.3333333432674408 + 12582912.0) - 12582912.0  # q // 3
     return rest - 3.0 * q3, q3 - 1.0
 
+# Two packed bytes per 32-bit register, one in each 16-bit lane, so every integer op below works on
+# two bytes at once. Per digit: q3 = (q * 171) >> 9 is q // 3 for q <= 255 (lanes stay below 2**16,
+# so nothing carries into the neighbour lane; the mask drops what the shift moved across), the digit
+# is q - 3 * q3 (never negative, so no borrow either), and OR-ing it into the mantissa of the 16-bit
+# float BIAS (bf16 128 or fp16 1024, whose last mantissa bit is worth 1) gives BIAS + digit exactly;
+# one packed FMA then subtracts BIAS + 1. About 2.6 instructions per trit against about 4.5 for the
+# fp32 path. Input: 4 bytes in $10; outputs: plane d in $2d (elements 0, 1) and $2d+1 (2, 3).
+_DECODE_ASM = """
+{
+.reg .b32 lo, hi, q3l, q3h, dl, dh, one, neg;
+mov.b32 one, ONE;
+mov.b32 neg, NEG;
+prmt.b32 lo, $10, 0, 0x4140;
+prmt.b32 hi, $10, 0, 0x4342;
+""" + "".join(f"""
+mul.lo.u32 q3l, lo, 171;
+mul.lo.u32 q3h, hi, 171;
+shr.u32 q3l, q3l, 9;
+shr.u32 q3h, q3h, 9;
+and.b32 q3l, q3l, 0x007F007F;
+and.b32 q3h, q3h, 0x007F007F;
+mad.lo.u32 dl, q3l, 0xFFFFFFFD, lo;
+mad.lo.u32 dh, q3h, 0xFFFFFFFD, hi;
+or.b32 dl, dl, BIAS;
+or.b32 dh, dh, BIAS;
+fma.rn.TY ${2 * d}, dl, one, neg;
+fma.rn.TY ${2 * d + 1}, dh, one, neg;
+mov.b32 lo, q3l;
+mov.b32 hi, q3h;
+""" for d in range(4)) + """
+or.b32 dl, lo, BIAS;
+or.b32 dh, hi, BIAS;
+fma.rn.TY $8, dl, one, neg;
+fma.rn.TY $9, dh, one, neg;
+}
+"""
+_DECODE_ASM_BF16 = tl.constexpr(_DECODE_ASM.replace("BIAS", "0x43004300").replace("ONE", "0x3F803F80")
+                                .replace("NEG", "0xC301C301").replace("TY", "bf16x2"))
+_DECODE_ASM_FP16 = tl.constexpr(_DECODE_ASM.replace("BIAS", "0x64006400").replace("ONE", "0x3C003C00")
+                                .replace("NEG", "0xE401E401").replace("TY", "f16x2"))
+
+
+@triton.jit
+def _decode_planes_asm(q, BF16: tl.constexpr):
+    """The five digit planes of a uint8 tile as trits in bf16 (BF16) or fp16 (exact: see _DECODE_ASM)."""
+    if BF16:
+        return tl.inline_asm_elementwise(
+            _DECODE_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r", [q],
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(
+            _DECODE_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r", [q],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+
+@triton.jit
+def _x_plane(x_ptrs, stride_xd, kb, m_ok, K, d: tl.constexpr, X_PADDED: tl.constexpr):
+    """Columns k = 5 * kb + d of x, as a [BLOCK_KB, BLOCK_M] tile."""
+    if X_PADDED:
+        # Plane-major copy, zero-filled up to a whole number of tiles: only rows need a mask,
+        # which keeps the loads contiguous and vectorisable.
+        x_mask = m_ok[None, :]
+    else:
+        # Columns past K (the padding digits of the last byte) read as zero, so the padding trits
+        # never need to be checked.
+        x_mask = (kb * 5 + d < K)[:, None] & m_ok[None, :]
+    return tl.load(x_ptrs + d * stride_xd, mask=x_mask, other=0.0)
+
 
 @triton.jit
 def _ternary_matmul_kernel(
-    x_ptr, w_ptr, e_ptr, y_ptr,
-    M, N, K, KB, KB_PER_SPLIT,
+    x_ptr, w_ptr, e_ptr, y_ptr, ws_ptr, count_ptr,
+    M, N, K, KB, KB_PER_SPLIT, SPLITS,
     stride_xm, stride_xkb, stride_xd,  # x element (m, k = 5 * kb + d) sits at m*sxm + kb*sxkb + d*sxd
     stride_wn, stride_ym,
     inv_scale_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GROUP: tl.constexpr,
     X_PADDED: tl.constexpr, ATOMIC_OUT: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
+    FIXUP: tl.constexpr = False, ASM: tl.constexpr = False,
 ):
     # The tile is computed transposed, acc[n, m] = sum_k W[n, k] x[m, k]: the unpacked trits are the
     # left operand, which tensor cores can take straight from registers, and a small M (decode
@@ -155,29 +234,76 @@ def _ternary_matmul_kernel(
         else:
             q = tl.load(w_ptrs, mask=n_ok[:, None] & (kb < kb_stop)[None, :], other=_ZERO_TRITS_BYTE)
         w_ptrs += BLOCK_KB
-        rest = q.to(tl.float32) - 1.0
-        for d in tl.static_range(5):
-            if X_PADDED:
-                # Plane-major copy, zero-filled up to a whole number of tiles: only rows need a
-                # mask, which keeps the loads contiguous and vectorisable.
-                x_mask = m_ok[None, :]
-            else:
-                # Columns past K (the padding digits of the last byte) read as zero, so the padding
-                # trits never need to be checked.
-                x_mask = (kb * 5 + d < K)[:, None] & m_ok[None, :]
-            xt = tl.load(x_ptrs + d * stride_xd, mask=x_mask, other=0.0)
-            t, rest = _next_trit(rest)
-            acc += tl.dot(t.to(dtype), xt, input_precision=PRECISION)
+        if ASM:
+            t0, t1, t2, t3, t4 = _decode_planes_asm(q, dtype == tl.bfloat16)
+            acc += tl.dot(t0, _x_plane(x_ptrs, stride_xd, kb, m_ok, K, 0, X_PADDED), input_precision=PRECISION)
+            acc += tl.dot(t1, _x_plane(x_ptrs, stride_xd, kb, m_ok, K, 1, X_PADDED), input_precision=PRECISION)
+            acc += tl.dot(t2, _x_plane(x_ptrs, stride_xd, kb, m_ok, K, 2, X_PADDED), input_precision=PRECISION)
+            acc += tl.dot(t3, _x_plane(x_ptrs, stride_xd, kb, m_ok, K, 3, X_PADDED), input_precision=PRECISION)
+            acc += tl.dot(t4, _x_plane(x_ptrs, stride_xd, kb, m_ok, K, 4, X_PADDED), input_precision=PRECISION)
+        else:
+            rest = q.to(tl.float32) - 1.0
+            for d in tl.static_range(5):
+                xt = _x_plane(x_ptrs, stride_xd, kb, m_ok, K, d, X_PADDED)
+                t, rest = _next_trit(rest)
+                acc += tl.dot(t.to(dtype), xt, input_precision=PRECISION)
         x_ptrs += BLOCK_KB * stride_xkb
 
-    e = tl.load(e_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
-    acc = acc * tl.exp2(e * inv_scale_k)[:, None]
     y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
     y_mask = n_ok[:, None] & m_ok[None, :]
-    if ATOMIC_OUT:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)  # fp32 buffer, zeroed by the caller
+    if FIXUP:
+        # Split-K in one launch. Every split adds its partial sum into the tile's fp32 workspace;
+        # the barrier makes all of this program's adds happen before its (release) count, so the
+        # split that counts last sees every sum. It reads the workspace past L1 (.cg: the adds
+        # were made in L2), zeroes it and the counter for the next call, and writes y.
+        ws_ptrs = ws_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.atomic_add(ws_ptrs, acc, mask=y_mask, sem="relaxed")
+        tl.debug_barrier()
+        tile = tl.program_id(0)
+        done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        if done == SPLITS - 1:
+            acc = tl.load(ws_ptrs, mask=y_mask, other=0.0, cache_modifier=".cg")
+            tl.store(ws_ptrs, tl.zeros_like(acc), mask=y_mask)
+            tl.store(count_ptr + tile, 0)
+            e = tl.load(e_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+            acc = acc * tl.exp2(e * inv_scale_k)[:, None]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
     else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        e = tl.load(e_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+        acc = acc * tl.exp2(e * inv_scale_k)[:, None]
+        if ATOMIC_OUT:
+            tl.atomic_add(y_ptrs, acc, mask=y_mask)  # fp32 buffer, zeroed by the caller
+        else:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+# Magic multipliers: (q * _DIV_POW3[d]) >> 16 == q // 3**d for every byte q <= 255 (the rounding up of
+# 2**16 / 3**d adds at most q / 2**16 * 0.92 < 1 / 3**d), checked for all bytes in the tests.
+@triton.jit
+def _div_pow3_mul(d):
+    return tl.where(d == 0, 65536, tl.where(d == 1, 21846, tl.where(d == 2, 7282, tl.where(d == 3, 2428, 810))))
+
+
+@triton.jit
+def _decode_kernel(w_ptr, e_ptr, table_ptr, o_ptr, N, K, stride_wn, stride_on,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One [BLOCK_R, BLOCK_C] tile of the decoded W, written contiguously (vector stores); each
+    # packed byte is read by the five columns it holds (the repeats hit L1). The scale comes from
+    # a table in the output dtype rounded from float64, so the result equals packing.decode.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_ok = rows < N
+    c_ok = cols < K
+    byte = cols // 5
+    d = cols - 5 * byte
+    q = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + byte[None, :],
+                mask=r_ok[:, None] & c_ok[None, :], other=_ZERO_TRITS_BYTE).to(tl.int32)
+    qd = (q * _div_pow3_mul(d)[None, :]) >> 16
+    trit = qd - 3 * ((qd * 21846) >> 16) - 1
+    e = tl.load(e_ptr + rows, mask=r_ok, other=0).to(tl.int32)
+    scale = tl.load(table_ptr + e + 128, mask=r_ok, other=0.0)
+    out = trit.to(o_ptr.dtype.element_ty) * scale[:, None]
+    tl.store(o_ptr + rows[:, None].to(tl.int64) * stride_on + cols[None, :], out,
+             mask=r_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -292,7 +418,14 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def matmul_config(m: int, n: int, k: int, device: torch.device | None = None) -> TileConfig:
+# From this many rows of x on, the 16-bit forward and grad_input decode W once and call cuBLAS
+# (TileConfig.dense): the decode writes 2 * N * K bytes (~35 us at K = N = 7168 on the H100), small
+# against the product, and cuBLAS is faster than the fused kernels there (bench/RESULTS.md).
+DENSE_MIN_M = 1024
+
+
+def matmul_config(m: int, n: int, k: int, device: torch.device | None = None,
+                  dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     """Default tile shape for ternary_matmul (block_k in packed bytes)."""
     kb = math.ceil(k / 5)
     if _interpreting():
@@ -308,6 +441,8 @@ def matmul_config(m: int, n: int, k: int, device: torch.device | None = None) ->
         sms = _sm_count(device) if device is not None and device.type == "cuda" else 132
         split = max(1, min(math.ceil(8 * sms / tiles), math.ceil(kb / (2 * block_k))))
         return TileConfig(block_m, block_n, block_k, num_warps=4, num_stages=3, split_k=split)
+    if m >= DENSE_MIN_M and dtype != torch.float32:
+        return TileConfig(128, 128, 32, dense=True)
     # Fastest of the shapes measured at M=8192 (prefetch and the stride-5 x were slower).
     return TileConfig(128, 128, 32, num_warps=8, num_stages=3, planar_x=True)
 
@@ -321,6 +456,8 @@ def grad_input_config(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat1
         return TileConfig(_pow2_between(m, 16, 64), 64, 32, num_warps=4, num_stages=3)
     if dtype == torch.float32:
         return TileConfig(128, 64, 32, num_warps=8, num_stages=3)  # the fp32 shape checked on the GPU
+    if m >= DENSE_MIN_M:
+        return TileConfig(128, 128, 32, dense=True)
     return TileConfig(128, 128, 32, num_warps=8, num_stages=3)  # fastest measured at M=8192
 
 
@@ -408,7 +545,9 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    cfg = config or matmul_config(m, n, K, x.device)
+    cfg = config or matmul_config(m, n, K, x.device, x.dtype)
+    if cfg.dense:
+        return x @ decode_weight(packed, exponent, K, x.dtype).t()
     packed = packed.contiguous()
     exponent = exponent.contiguous()
     kb = packed.shape[1]
@@ -421,14 +560,23 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
     # Whole tiles per split, and no split left without work.
     kb_per_split = triton.cdiv(triton.cdiv(kb, max(cfg.split_k, 1)), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(kb, kb_per_split)
-    out = y if splits == 1 else torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    fixup = cfg.fixup and splits > 1
+    if fixup:
+        out = y
+        ws, counts = _workspace(x.device, m * n, tiles)
+    else:
+        out = y if splits == 1 else torch.zeros(m, n, dtype=torch.float32, device=x.device)
+        ws = counts = out  # unused
+    asm = cfg.asm_decode and x.dtype in (torch.bfloat16, torch.float16) and not _interpreting()
+    grid = (tiles, splits)
     # The kernels multiply E by 1 / SCALE_K; exact for SCALE_K = 16, within an ulp for any value.
     _ternary_matmul_kernel[grid](
-        xs, packed, exponent, out, m, n, K, kb, kb_per_split, *strides, packed.stride(0), out.stride(0),
-        1.0 / SCALE_K,
+        xs, packed, exponent, out, ws, counts, m, n, K, kb, kb_per_split, splits, *strides,
+        packed.stride(0), out.stride(0), 1.0 / SCALE_K,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KB=cfg.block_k, GROUP=cfg.group,
-        X_PADDED=cfg.planar_x, ATOMIC_OUT=splits > 1, PREFETCH=cfg.prefetch, PRECISION=_precision(x.dtype),
+        X_PADDED=cfg.planar_x, ATOMIC_OUT=splits > 1 and not fixup, PREFETCH=cfg.prefetch,
+        PRECISION=_precision(x.dtype), FIXUP=fixup, ASM=asm,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y if out is y else out.to(x.dtype)
@@ -451,6 +599,8 @@ def ternary_matmul_grad_input(gy: torch.Tensor, packed: torch.Tensor, exponent: 
     if n == 0:
         return gx.zero_()
     cfg = config or grad_input_config(m, n, K, gy.dtype)
+    if cfg.dense:
+        return gy @ decode_weight(packed, exponent, K, gy.dtype)
     gy = gy.contiguous()
     packed = packed.contiguous()
     exponent = exponent.contiguous()
@@ -462,6 +612,52 @@ def ternary_matmul_grad_input(gy: torch.Tensor, packed: torch.Tensor, exponent: 
         PRECISION=_precision(gy.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return gx
+
+
+# Split-K fixup workspace: fp32 sums and per-tile counters, both left zeroed by every launch that
+# uses them, so they are allocated (zeroed) once per device and reused. Launches on one device are
+# assumed to run in stream order; two streams running the split-K forward at once would share it.
+_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, elems: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ws, counts = _WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < elems or counts.numel() < tiles:
+        ws = torch.zeros(max(elems, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        counts = torch.zeros(max(tiles, 0 if counts is None else counts.numel()), dtype=torch.int32,
+                             device=device)
+        _WORKSPACE[device] = (ws, counts)
+    return ws, counts
+
+
+_SCALE_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def decode_weight(packed: torch.Tensor, exponent: torch.Tensor, K: int,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W [N, K] in dtype from packed trits and int8 exponents: equal to packing.decode, bit for bit.
+
+    One pass: reads the packed bytes, writes N * K elements (the dense path's transient matrix).
+    """
+    n = _check_weight(packed, exponent, K)
+    _check_devices(packed, exponent)
+    if dtype not in _KERNEL_DTYPES:
+        return packing.decode(packed, exponent, K, dtype)
+    key = (packed.device, dtype)
+    table = _SCALE_TABLES.get(key)
+    if table is None:
+        # The scale of every exponent -128..127 rounded once from float64, as packing does.
+        table = _SCALE_TABLES[key] = packing.exponent_to_scale(
+            torch.arange(-128, 128, dtype=torch.int8, device=packed.device), dtype)
+    out = torch.empty(n, K, dtype=dtype, device=packed.device)
+    if n == 0:
+        return out
+    packed = packed.contiguous()
+    block_r, block_c = (16, 128) if _interpreting() else (8, 512)
+    grid = (triton.cdiv(n, block_r), triton.cdiv(K, block_c))
+    _decode_kernel[grid](packed, exponent.contiguous(), table, out, n, K, packed.stride(0), out.stride(0),
+                         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    return out
 
 
 def weight_grad(gy: torch.Tensor, x: torch.Tensor, *, config: TileConfig | None = None) -> torch.Tensor:
