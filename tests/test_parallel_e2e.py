@@ -34,14 +34,17 @@ evidence: summed
 """
 
 
-def _run(tmp_path: Path, name: str, nproc: int, **layout) -> tuple[list[dict], dict]:
+def _run(tmp_path: Path, name: str, nproc: int, *, steps: int = STEPS, resume: Path | None = None,
+         **layout) -> tuple[list[dict], dict]:
     plan = tmp_path / f"{name}.yaml"
     plan.write_text(PLAN.format(name=name, **layout))
     out = tmp_path / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port()), str(ROOT / "launch/pretrain.py"), "--plan", str(plan),
-           "--steps", str(STEPS), "--save-interval", str(STEPS), "--no-progress", "--val-windows", "4", "--eval-interval", "0",
-           "--out", str(out), "--save-dir", str(out / "ckpt")]
+           "--steps", str(steps), "--save-interval", str(steps), "--no-progress",
+           "--val-windows", "4", "--eval-interval", "0", "--out", str(out), "--save-dir", str(out / "ckpt")]
+    if resume is not None:
+        cmd += ["--resume", str(resume)]
     env = dict(os.environ, PYTHONWARNINGS="ignore",
                TORCH_EXTENSIONS_DIR=str(ROOT / ".venv" / "torch_extensions"))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500, cwd=tmp_path)
@@ -70,3 +73,21 @@ def test_tp2_ep2_dp2_sharded_codebooks_equal_one_rank(tmp_path):
     # The float32 parameter (logit_scale) averages its gradient over dp in another order.
     for k in set(one_state) - set(exact):
         torch.testing.assert_close(par_state[k], one_state[k], rtol=1e-6, atol=1e-9)
+
+    # Resharding in the real trainer: the tp2 ep2 dp2 checkpoint resumes at W = 1 and at W = 2
+    # (tp 1, ep 2) and trains on exactly like the one-rank run's own checkpoint does. (Steps are
+    # 22 for all resumed runs, so their schedules agree; the float32 logit_scale is the one
+    # float difference between the two checkpoints, hence the tolerance.)
+    more = dict(steps=STEPS + 2)
+    for label, nproc, layout in (("w1", 1, dict(dp=1, tp=1, ep=1, accum=4)),
+                                 ("w2", 2, dict(dp=2, tp=1, ep=2, accum=2))):
+        a, a_state = _run(tmp_path, f"from_par_{label}", nproc, resume=tmp_path / "par" / "ckpt",
+                          **more, **layout)
+        b, b_state = _run(tmp_path, f"from_one_{label}", nproc, resume=tmp_path / "one" / "ckpt",
+                          **more, **layout)
+        assert [r["step"] for r in a][-2:] == [STEPS + 1, STEPS + 2]
+        torch.testing.assert_close(torch.tensor([r["loss"] for r in a[-2:]]),
+                                   torch.tensor([r["loss"] for r in b[-2:]]), rtol=1e-6, atol=1e-6)
+        assert abs(a[-1]["loss"] - one_loss[-1]) < 2.0   # continues the curve, no restart
+        moved = [k for k in exact if not torch.equal(a_state[k], one_state[k])]
+        assert moved, "the resumed steps changed nothing"

@@ -62,6 +62,8 @@ def build_parser(description: str, *, lightweight_text: bool = False) -> argpars
     p.add_argument("--backend", default=None, choices=["torch", "triton", "tilelang"],
                    help="ternary kernels (default: the plan's; triton on GPU)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--wall-clock-breakdown", action="store_true",
+                   help="DeepSpeed's forward/backward/step timers at every log interval")
     for flag in ("vq", "graph", "moe", "attention"):
         p.add_argument(f"--no-{flag}", action="store_true", default=lightweight_text)
     if lightweight_text:
@@ -132,6 +134,10 @@ class Trainer:
             rate_schedule=lambda s: warmup_cosine(s, args.steps, warmup=max(1, args.steps // 20)))
         ds_config = plan.deepspeed_config()
         self.out = Path(args.out)
+        # DeepSpeed's own timers (forward / backward / step, printed every steps_per_print).
+        ds_config["wall_clock_breakdown"] = bool(args.wall_clock_breakdown)
+        if args.wall_clock_breakdown:
+            ds_config["steps_per_print"] = max(1, args.log_interval)
         ds_config["csv_monitor"] = {"enabled": True, "output_path": str(self.out / "monitor"),
                                     "job_name": plan.name}
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
