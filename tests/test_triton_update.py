@@ -65,3 +65,25 @@ def test_apply_votes_rows_without_scale_votes_and_empty():
     s = tk.apply_votes_rows(got.packed, got.t_accum, got.exponent, got.e_accum, empty,
                             torch.zeros(0, 64, dtype=torch.int32, device=DEVICE), None, TUNED_RULE)
     assert s.tolist() == [0, 0] and torch.equal(got.packed, before.packed)
+
+
+def test_sparse_update_through_the_kernel_equals_the_torch_rule(monkeypatch):
+    """TernaryMatrix.apply_update on sparse row evidence (duplicate ids, float path) takes the
+    kernel when ROW_UPDATE_KERNEL says so; the result is byte-identical to the torch rule."""
+    from arbd.ternary import state
+
+    g = torch.Generator().manual_seed(5)
+    base = TernaryMatrix(300, 64, generator=g, device=DEVICE)
+    idx = torch.tensor([7, 299, 7, 0, 150], device=DEVICE)
+    grad = torch.randn(5, 64, generator=g).to(DEVICE)
+    out = {}
+    for mode in ("torch", "triton"):
+        monkeypatch.setattr(state, "ROW_UPDATE_KERNEL", mode)
+        m = copy.deepcopy(base)
+        for _ in range(3):
+            m.add_row_grad(idx, grad)
+            stats = m.apply_update(TUNED_RULE)
+        out[mode] = (stats, [b.clone() for b in m.buffers()])
+    assert out["torch"][0] == out["triton"][0] and out["torch"][0]["rows"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(out["torch"][1], out["triton"][1]))
+    assert not torch.equal(out["torch"][1][0], base.packed) or out["torch"][0]["scale_moves"] > 0

@@ -53,7 +53,7 @@ import torch.distributed as dist
 from torch import nn
 
 from arbd.ternary import packing
-from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, apply_votes, quantize_evidence,
+from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, quantize_evidence,
                                scale_grad, scale_votes, votes_from_scale_grad)
 from arbd.vq import lookup
 from arbd.vq.codebook import (CodebookCommon, DEFAULT_CELL_SIZE, DEFAULT_MAX_CHUNK_BYTES, USAGE_MAX,
@@ -925,7 +925,7 @@ class ShardedTernaryVQCodebook(CodebookCommon, nn.Module):
         """Apply integer votes to the owned rows `idx` through the matrix's own read-modify-write."""
         if idx.numel() == 0:
             return {"trit_flips": 0, "scale_moves": 0, "rows": 0}
-        return self.matrix._rewrite_rows(idx, lambda *st: apply_votes(*st, v, e, rule))
+        return self.matrix.apply_row_votes(idx, v, e, rule)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:

@@ -28,6 +28,11 @@ from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, apply_votes, q
 _NONZERO_FRACTION = 2 * (1 - 0.6914624612740131)
 
 
+# Touched-row updates: "auto" = the Triton kernel for sparse rows of CUDA matrices, "torch" =
+# always the torch rule, "triton" = the kernel everywhere (CPU tests under TRITON_INTERPRET=1).
+ROW_UPDATE_KERNEL = "auto"
+
+
 @dataclass(frozen=True)
 class TPShard:
     """Where a tensor-parallel TernaryMatrix sits in the whole matrix.
@@ -324,7 +329,21 @@ class TernaryMatrix(nn.Module):
         if grad is None:
             return {"trit_flips": 0, "scale_moves": 0, "rows": 0}
         q, ev = self.quantize(grad, rule, idx)
-        return self._rewrite_rows(idx, lambda *st: apply_votes(*st, q, ev, rule))
+        return self.apply_row_votes(idx, q, ev, rule)
+
+    @torch.no_grad()
+    def apply_row_votes(self, idx: torch.Tensor | None, votes: torch.Tensor,
+                        e_votes: torch.Tensor | None, rule: TernaryRule) -> dict[str, int]:
+        """The integer half of the rule on all rows (idx None) or the distinct rows idx. Touched
+        rows of an unpartitioned matrix on the GPU go through one Triton launch that reads and
+        writes only those rows (bit-identical to the torch rule, tests/test_triton_update.py)."""
+        use = ROW_UPDATE_KERNEL == "triton" or (ROW_UPDATE_KERNEL == "auto" and self.packed.is_cuda)
+        if idx is not None and use and not self.is_partitioned:
+            from arbd.ternary.triton_kernels import apply_votes_rows
+            flips, moves = apply_votes_rows(self.packed, self.t_accum, self.exponent, self.e_accum,
+                                            idx, votes, e_votes, rule).tolist()
+            return {"trit_flips": int(flips), "scale_moves": int(moves), "rows": int(idx.numel())}
+        return self._rewrite_rows(idx, lambda *st: apply_votes(*st, votes, e_votes, rule))
 
     def _rewrite_rows(self, idx: torch.Tensor | None, step) -> dict[str, int]:
         """Read (trits, t_accum, exponent, e_accum) of all rows or of rows `idx`, let `step` map
@@ -352,7 +371,7 @@ class TernaryMatrix(nn.Module):
     def _apply_votes(self, rule: TernaryRule) -> dict[str, int]:
         idx, v, e = self.votes()
         self.clear_evidence()
-        return self._rewrite_rows(idx, lambda *st: apply_votes(*st, v, e, rule))
+        return self.apply_row_votes(idx, v, e, rule)
 
     # -- row partition of the accumulators (ZeRO, arbd/ternary/zero.py) ------------------------
     @property
