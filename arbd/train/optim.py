@@ -49,7 +49,13 @@ class TernaryOptimizer(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         m = self.model
-        losses = self.pending_losses or [0.0]
+        if not self.pending_losses:
+            # No micro-batch since the last step: not a training step. (DeepSpeed's bf16
+            # wrapper calls step() once inside deepspeed.initialize; counting it would move the
+            # step counter, the rounding salt and the rate schedule one step ahead.) Every rank
+            # takes this branch together, so no collective is skipped on one rank only.
+            return False
+        losses = self.pending_losses
         if not self._float_grads_finite():
             losses = losses + [math.nan]
         self.pending_losses = []
