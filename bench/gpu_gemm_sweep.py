@@ -142,23 +142,24 @@ def timings() -> None:
     x = torch.randn(16, KN, generator=gen, device=DEV).to(torch.bfloat16)
     ref = x.float() @ w.float().t()
     base = timed("forward", 16, "cuBLAS bf16 x @ W.T", lambda: x @ w.t(), ref, None)
-    variants = [None, C(16, 64, 32, split_k=10),
-                C(16, 64, 32, split_k=10, fixup=True), C(16, 64, 32, split_k=10, fixup=True, asm_decode=True),
-                C(16, 64, 64, split_k=4, fixup=True, asm_decode=True), C(16, 64, 64, split_k=8, fixup=True, asm_decode=True),
-                C(16, 64, 128, split_k=4, fixup=True, asm_decode=True), C(16, 64, 128, split_k=8, fixup=True, asm_decode=True),
-                C(16, 128, 64, 4, split_k=8, fixup=True, asm_decode=True), C(16, 128, 64, 8, split_k=8, fixup=True, asm_decode=True),
-                C(16, 128, 128, 8, split_k=4, fixup=True, asm_decode=True), C(16, 64, 64, 4, split_k=8, fixup=True, asm_decode=True, prefetch=True),
-                C(16, 64, 64, 4, 2, split_k=16, fixup=True, asm_decode=True), C(16, 64, 32, 4, split_k=20, fixup=True, asm_decode=True)]
+    variants = [None, C(16, 64, 32, split_k=10), C(16, 64, 32, split_k=10, fixup=True, asm_decode=True),
+                C(16, 64, 32, split_k=6, fixup=True, asm_decode=True), C(16, 64, 32, split_k=14, fixup=True, asm_decode=True),
+                C(16, 64, 16, split_k=10, fixup=True, asm_decode=True), C(16, 64, 16, split_k=20, fixup=True, asm_decode=True),
+                C(16, 128, 32, 4, split_k=10, fixup=True, asm_decode=True), C(16, 128, 32, 8, split_k=10, fixup=True, asm_decode=True),
+                C(16, 64, 64, split_k=8, fixup=True, asm_decode=True), C(16, 64, 32, 4, 1, split_k=10, fixup=True, asm_decode=True),
+                C(16, 64, 32, 2, split_k=10, fixup=True, asm_decode=True), C(16, 64, 32, split_k=10, fixup=True),
+                None]
     for cfg in variants:
         timed("forward", 16, name(cfg), lambda: tk.ternary_matmul(x, packed, exponent, KN, config=cfg), ref, base)
     timed("forward", 16, "cuBLAS bf16 x @ W.T (again)", lambda: x @ w.t(), None, base)
     # ---- large M
-    for m in (256, 1024, 8192):
+    for m in (64, 128, 256, 8192):
         x = torch.randn(m, KN, generator=gen, device=DEV).to(torch.bfloat16)
         gy = torch.randn(m, KN, generator=gen, device=DEV).to(torch.bfloat16)
         big = m == 8192
         ref = x.float() @ w.float().t() if big else None
         base = timed("forward", m, "cuBLAS bf16 x @ W.T", lambda: x @ w.t(), ref, None)
+        timed("forward", m, "default", lambda: tk.ternary_matmul(x, packed, exponent, KN), ref, base)
         timed("forward", m, "dense (decode_weight + cuBLAS)",
               lambda: tk.ternary_matmul(x, packed, exponent, KN, config=C(128, 128, 32, dense=True)), ref, base)
         timed("forward", m, "fused bm128 bn128 bk32 w8 s3 planar (old default)",
@@ -172,6 +173,7 @@ def timings() -> None:
         del ref
         ref = gy.float() @ w.float() if big else None
         base = timed("grad_input", m, "cuBLAS bf16 gy @ W", lambda: gy @ w, ref, None)
+        timed("grad_input", m, "default", lambda: tk.ternary_matmul_grad_input(gy, packed, exponent, KN), ref, base)
         timed("grad_input", m, "dense (decode_weight + cuBLAS)",
               lambda: tk.ternary_matmul_grad_input(gy, packed, exponent, KN, config=C(128, 128, 32, dense=True)), ref, base)
         timed("grad_input", m, "fused bm128 bn128 bk32 w8 s3 (old default)",

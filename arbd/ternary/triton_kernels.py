@@ -174,6 +174,13 @@ def _decode_planes_asm(q, BF16: tl.constexpr):
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
 
 @triton.jit
+def _gpu_fence(like):
+    """fence.acq_rel.gpu in every thread (each holds at least one element of `like`)."""
+    tl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.b32 $0, 0;", "=r,r", [like.to(tl.int32)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _x_plane(x_ptrs, stride_xd, kb, m_ok, K, d: tl.constexpr, X_PADDED: tl.constexpr):
     """Columns k = 5 * kb + d of x, as a [BLOCK_KB, BLOCK_M] tile."""
     if X_PADDED:
@@ -196,7 +203,7 @@ def _ternary_matmul_kernel(
     inv_scale_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GROUP: tl.constexpr,
     X_PADDED: tl.constexpr, ATOMIC_OUT: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
-    FIXUP: tl.constexpr = False, ASM: tl.constexpr = False,
+    FIXUP: tl.constexpr = False, ASM: tl.constexpr = False, FENCE: tl.constexpr = False,
 ):
     # The tile is computed transposed, acc[n, m] = sum_k W[n, k] x[m, k]: the unpacked trits are the
     # left operand, which tensor cores can take straight from registers, and a small M (decode
@@ -258,6 +265,11 @@ def _ternary_matmul_kernel(
         # were made in L2), zeroes it and the counter for the next call, and writes y.
         ws_ptrs = ws_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
         tl.atomic_add(ws_ptrs, acc, mask=y_mask, sem="relaxed")
+        if FENCE:
+            # bar.sync alone does not make another thread's reductions visible at GPU scope (seen
+            # on the H100: sums went missing, more often the more adds a program made), so every
+            # thread fences its own adds before the barrier.
+            _gpu_fence(offs_m)
         tl.debug_barrier()
         tile = tl.program_id(0)
         done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
@@ -419,9 +431,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 # From this many rows of x on, the 16-bit forward and grad_input decode W once and call cuBLAS
-# (TileConfig.dense): the decode writes 2 * N * K bytes (~35 us at K = N = 7168 on the H100), small
-# against the product, and cuBLAS is faster than the fused kernels there (bench/RESULTS.md).
-DENSE_MIN_M = 1024
+# (TileConfig.dense): the decode writes 2 * N * K bytes (63 us at K = N = 7168 on the H100), small
+# against the product at large M; at M = 256 and 1024 it already beat the fused kernels
+# (0.47x / 0.72x cuBLAS against 0.43x / 0.35x, bench/RESULTS.md).
+DENSE_MIN_M = 256
 
 
 def matmul_config(m: int, n: int, k: int, device: torch.device | None = None,
@@ -436,11 +449,14 @@ def matmul_config(m: int, n: int, k: int, device: torch.device | None = None,
         # per SM. The 2-byte-aligned packed rows rule out asynchronous copies, so only other
         # programs hide the load latency, and many short programs also even out the last wave
         # (H100, M=16, K=N=7168: split 1 / 3 / 5 / 10 ran in 91 / 45 / 50 / 40 us; bench/RESULTS.md).
+        # The splits meet in one launch (fixup) and 16-bit inputs unpack with the PTX decode: at
+        # M=16, K=N=7168 that took 52 -> 32 us against 73 us for atomics + memset + cast (2026-11-24).
         block_m, block_n, block_k = _pow2_between(m, 16, 64), 64, 32
         tiles = math.ceil(n / block_n)
         sms = _sm_count(device) if device is not None and device.type == "cuda" else 132
         split = max(1, min(math.ceil(8 * sms / tiles), math.ceil(kb / (2 * block_k))))
-        return TileConfig(block_m, block_n, block_k, num_warps=4, num_stages=3, split_k=split)
+        return TileConfig(block_m, block_n, block_k, num_warps=4, num_stages=3, split_k=split,
+                          fixup=True, asm_decode=True)
     if m >= DENSE_MIN_M and dtype != torch.float32:
         return TileConfig(128, 128, 32, dense=True)
     # Fastest of the shapes measured at M=8192 (prefetch and the stride-5 x were slower).
@@ -576,7 +592,7 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
         packed.stride(0), out.stride(0), 1.0 / SCALE_K,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KB=cfg.block_k, GROUP=cfg.group,
         X_PADDED=cfg.planar_x, ATOMIC_OUT=splits > 1 and not fixup, PREFETCH=cfg.prefetch,
-        PRECISION=_precision(x.dtype), FIXUP=fixup, ASM=asm,
+        PRECISION=_precision(x.dtype), FIXUP=fixup, ASM=asm, FENCE=fixup and not _interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y if out is y else out.to(x.dtype)
