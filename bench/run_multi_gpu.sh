@@ -12,8 +12,8 @@
 # The CPU suite's state-equality tests run on gloo (CPU tensors); with the trainer's
 # "cpu:gloo,cuda:nccl" groups the runs above move every CUDA tensor over NCCL.
 #
-# DeepSpeed is not in the device image: carry it as wheels in .whl (see the device README) and
-# this script installs them into /tmp/site first.
+# DeepSpeed is not in the device image: carry it and its dependencies as wheels under .whl (as
+# bench/train_step_gpu.sh does, see the device README); this script installs them first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-50}
@@ -22,8 +22,9 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ! python3 -c "import deepspeed" 2>/dev/null && [ -d .whl ]; then
+  # shellcheck disable=SC2046
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
+    --target /tmp/site $(find .whl -name '*.whl')
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 # ARBD_GPUS/PRESET/SEQ/DTYPE/BACKEND: a CPU dry run of this script (gloo), e.g.
