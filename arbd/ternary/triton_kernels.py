@@ -60,9 +60,9 @@ class TileConfig:
     split_k (forward only): programs per output tile, each summing a share of K into an fp32
     buffer with atomic adds (more parallelism for small M; the summation order is not fixed).
     prefetch (forward only): load the next tile's packed bytes one iteration ahead (see the kernel).
-    fixup (forward only, with split_k): the splits add into a cached fp32 workspace that stays zeroed
-    between calls, and the last split of each tile (found by an atomic counter) scales, casts and
-    stores it and zeroes the workspace again: one launch, no memset and no cast kernel.
+    fixup (forward only, with split_k): the splits store fp32 partial sums (no atomics, no memset) and
+    one small kernel adds them in a fixed order, scales and casts: two launches instead of three,
+    and a deterministic result.
     asm_decode (bf16 / fp16 only): unpack with integer arithmetic on two bytes per 32-bit register
     (inline PTX, _decode_planes_asm) instead of the fp32 _next_trit; ignored by the interpreter.
     dense (forward and grad_input): decode W once into a transient [N, K] matrix of the input dtype
@@ -174,10 +174,17 @@ def _decode_planes_asm(q, BF16: tl.constexpr):
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
 
 @triton.jit
-def _gpu_fence(like):
-    """fence.acq_rel.gpu in every thread (each holds at least one element of `like`)."""
-    tl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.b32 $0, 0;", "=r,r", [like.to(tl.int32)],
-                              dtype=tl.int32, is_pure=False, pack=1)
+def _splitk_reduce_kernel(ws_ptr, e_ptr, y_ptr, M, N, SPLITS, stride_ym, inv_scale_k, BLOCK: tl.constexpr):
+    # y[m, n] = scale[n] * sum over splits of ws[split, m, n], in a fixed order (deterministic).
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < M * N
+    m = idx // N
+    n = idx - m * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in range(0, SPLITS):
+        acc += tl.load(ws_ptr + j * M * N + idx, mask=ok, other=0.0)
+    e = tl.load(e_ptr + n, mask=ok, other=0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + n, (acc * tl.exp2(e * inv_scale_k)).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -196,14 +203,14 @@ def _x_plane(x_ptrs, stride_xd, kb, m_ok, K, d: tl.constexpr, X_PADDED: tl.const
 
 @triton.jit
 def _ternary_matmul_kernel(
-    x_ptr, w_ptr, e_ptr, y_ptr, ws_ptr, count_ptr,
-    M, N, K, KB, KB_PER_SPLIT, SPLITS,
+    x_ptr, w_ptr, e_ptr, y_ptr, ws_ptr,
+    M, N, K, KB, KB_PER_SPLIT,
     stride_xm, stride_xkb, stride_xd,  # x element (m, k = 5 * kb + d) sits at m*sxm + kb*sxkb + d*sxd
     stride_wn, stride_ym,
     inv_scale_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GROUP: tl.constexpr,
     X_PADDED: tl.constexpr, ATOMIC_OUT: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
-    FIXUP: tl.constexpr = False, ASM: tl.constexpr = False, FENCE: tl.constexpr = False,
+    FIXUP: tl.constexpr = False, ASM: tl.constexpr = False,
 ):
     # The tile is computed transposed, acc[n, m] = sum_k W[n, k] x[m, k]: the unpacked trits are the
     # left operand, which tensor cores can take straight from registers, and a small M (decode
@@ -259,27 +266,13 @@ def _ternary_matmul_kernel(
     y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
     y_mask = n_ok[:, None] & m_ok[None, :]
     if FIXUP:
-        # Split-K in one launch. Every split adds its partial sum into the tile's fp32 workspace;
-        # the barrier makes all of this program's adds happen before its (release) count, so the
-        # split that counts last sees every sum. It reads the workspace past L1 (.cg: the adds
-        # were made in L2), zeroes it and the counter for the next call, and writes y.
-        ws_ptrs = ws_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
-        tl.atomic_add(ws_ptrs, acc, mask=y_mask, sem="relaxed")
-        if FENCE:
-            # bar.sync alone does not make another thread's reductions visible at GPU scope (seen
-            # on the H100: sums went missing, more often the more adds a program made), so every
-            # thread fences its own adds before the barrier.
-            _gpu_fence(offs_m)
-        tl.debug_barrier()
-        tile = tl.program_id(0)
-        done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-        if done == SPLITS - 1:
-            acc = tl.load(ws_ptrs, mask=y_mask, other=0.0, cache_modifier=".cg")
-            tl.store(ws_ptrs, tl.zeros_like(acc), mask=y_mask)
-            tl.store(count_ptr + tile, 0)
-            e = tl.load(e_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
-            acc = acc * tl.exp2(e * inv_scale_k)[:, None]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        # Split-K partial sums, stored plainly (no atomics, no zeroing) into ws[split, m, n];
+        # _splitk_reduce_kernel adds them in split order, scales and casts. A one-launch version
+        # (atomic adds, a per-tile counter, the last split finishing the tile) lost sums on the
+        # H100 even with a gpu-scope fence in every thread before the barrier, so it was dropped.
+        ws_ptrs = (ws_ptr + tl.program_id(1).to(tl.int64) * M * N + offs_m[None, :].to(tl.int64) * N
+                   + offs_n[:, None])
+        tl.store(ws_ptrs, acc, mask=y_mask)
     else:
         e = tl.load(e_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
         acc = acc * tl.exp2(e * inv_scale_k)[:, None]
@@ -449,8 +442,7 @@ def matmul_config(m: int, n: int, k: int, device: torch.device | None = None,
         # per SM. The 2-byte-aligned packed rows rule out asynchronous copies, so only other
         # programs hide the load latency, and many short programs also even out the last wave
         # (H100, M=16, K=N=7168: split 1 / 3 / 5 / 10 ran in 91 / 45 / 50 / 40 us; bench/RESULTS.md).
-        # The splits meet in one launch (fixup) and 16-bit inputs unpack with the PTX decode: at
-        # M=16, K=N=7168 that took 52 -> 32 us against 73 us for atomics + memset + cast (2026-11-24).
+        # Split-K partials + one reduce kernel (fixup), and the PTX decode for 16-bit inputs.
         block_m, block_n, block_k = _pow2_between(m, 16, 64), 64, 32
         tiles = math.ceil(n / block_n)
         sms = _sm_count(device) if device is not None and device.type == "cuda" else 132
@@ -580,21 +572,25 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
     fixup = cfg.fixup and splits > 1
     if fixup:
         out = y
-        ws, counts = _workspace(x.device, m * n, tiles)
+        ws = torch.empty(splits * m * n, dtype=torch.float32, device=x.device)
     else:
         out = y if splits == 1 else torch.zeros(m, n, dtype=torch.float32, device=x.device)
-        ws = counts = out  # unused
+        ws = out  # unused
     asm = cfg.asm_decode and x.dtype in (torch.bfloat16, torch.float16) and not _interpreting()
     grid = (tiles, splits)
     # The kernels multiply E by 1 / SCALE_K; exact for SCALE_K = 16, within an ulp for any value.
     _ternary_matmul_kernel[grid](
-        xs, packed, exponent, out, ws, counts, m, n, K, kb, kb_per_split, splits, *strides,
+        xs, packed, exponent, out, ws, m, n, K, kb, kb_per_split, *strides,
         packed.stride(0), out.stride(0), 1.0 / SCALE_K,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KB=cfg.block_k, GROUP=cfg.group,
         X_PADDED=cfg.planar_x, ATOMIC_OUT=splits > 1 and not fixup, PREFETCH=cfg.prefetch,
-        PRECISION=_precision(x.dtype), FIXUP=fixup, ASM=asm, FENCE=fixup and not _interpreting(),
+        PRECISION=_precision(x.dtype), FIXUP=fixup, ASM=asm,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if fixup:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](ws, exponent, y, m, n, splits, y.stride(0),
+                                                            1.0 / SCALE_K, BLOCK=block, num_warps=4)
     return y if out is y else out.to(x.dtype)
 
 
@@ -628,22 +624,6 @@ def ternary_matmul_grad_input(gy: torch.Tensor, packed: torch.Tensor, exponent: 
         PRECISION=_precision(gy.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return gx
-
-
-# Split-K fixup workspace: fp32 sums and per-tile counters, both left zeroed by every launch that
-# uses them, so they are allocated (zeroed) once per device and reused. Launches on one device are
-# assumed to run in stream order; two streams running the split-K forward at once would share it.
-_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _workspace(device: torch.device, elems: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ws, counts = _WORKSPACE.get(device, (None, None))
-    if ws is None or ws.numel() < elems or counts.numel() < tiles:
-        ws = torch.zeros(max(elems, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
-        counts = torch.zeros(max(tiles, 0 if counts is None else counts.numel()), dtype=torch.int32,
-                             device=device)
-        _WORKSPACE[device] = (ws, counts)
-    return ws, counts
 
 
 _SCALE_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
