@@ -66,6 +66,12 @@ def cfg_name(cfg: TileConfig | None) -> str:
         s += " planar"
     if cfg.prefetch:
         s += " prefetch"
+    if cfg.fixup:
+        s += " fixup"
+    if cfg.asm_decode:
+        s += " asm"
+    if cfg.dense:
+        s = "dense (decode_weight + cuBLAS)"
     return s
 
 
