@@ -4,7 +4,9 @@
     ternary_matmul_grad_input  gx = gy @ W      gy [M, N] -> gx [M, K]  (backward, input)
     weight_grad                gW = gy.T @ x    float32 [N, K]          (backward, evidence)
 
-W [N, K] is never materialised: the two ternary kernels read the packed bytes of their tile
+For 16-bit inputs with M >= DENSE_MIN_M rows, W is decoded once into a transient dense matrix
+(decode_weight) and the product goes to cuBLAS. Otherwise W [N, K] is never materialised:
+the two ternary kernels read the packed bytes of their tile
 (arbd/ternary/packing.py: 5 trits per byte, base 3, least significant digit first, digit =
 trit + 1) and turn them into trits in registers, right before the tensor-core product.
 
