@@ -31,6 +31,8 @@ _NONZERO_FRACTION = 2 * (1 - 0.6914624612740131)
 # Touched-row updates: "auto" = the Triton kernel for sparse rows of CUDA matrices, "torch" =
 # always the torch rule, "triton" = the kernel everywhere (CPU tests under TRITON_INTERPRET=1).
 ROW_UPDATE_KERNEL = "auto"
+# Dense float updates: "auto" = the fused Triton update on CUDA; "torch" / "triton" as above.
+DENSE_UPDATE_KERNEL = "auto"
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,14 @@ class TernaryMatrix(nn.Module):
         self.clear_evidence()
         if grad is None:
             return {"trit_flips": 0, "scale_moves": 0, "rows": 0}
+        use = DENSE_UPDATE_KERNEL == "triton" or (DENSE_UPDATE_KERNEL == "auto"
+                                                   and self.packed.is_cuda)
+        if use and idx is None and self.tp_shard is None and grad.dtype == torch.float32:
+            # One fused launch (arbd/ternary/triton_update.py), bit-identical to the rule below.
+            from arbd.ternary.triton_update import dense_update
+            flips, moves = dense_update(self.packed, self.t_accum, self.exponent, self.e_accum,
+                                        grad, rule).tolist()
+            return {"trit_flips": int(flips), "scale_moves": int(moves), "rows": self.rows}
         q, ev = self.quantize(grad, rule, idx)
         return self.apply_row_votes(idx, q, ev, rule)
 

@@ -1,0 +1,241 @@
+"""A fused GPU path for the dense ternary update (issue 10): float evidence in, new state out.
+
+`dense_update` does what TernaryMatrix.apply_update does for dense float32 evidence of a whole,
+unsharded matrix (quantize_evidence + scale_votes + apply_votes + pack), bit for bit, in three
+steps instead of some twenty torch passes:
+
+1. `_stats_kernel` reads g and the packed trits once and writes |g| and g * t (fp32). The row
+   reductions over them are torch's own `.mean` / `.sum` on tensors holding exactly the values
+   the torch path reduces, in the same layout, so s_row and dL/dE come out with the same bits on
+   the same device (a Triton reduction would sum in another order and move a few votes).
+   The [rows]-sized scale votes are the rule's own functions on those sums.
+2. `_dense_update_kernel`, one launch per matrix: per element x = -g / (s_row + 1e-30) * rate
+   (correctly rounded division, no FMA contraction), the hash uniform of rule.hash_uniform, the
+   vote, the integer accumulator rule, the repacked byte; per row the exponent step.
+3. Counts (trit flips, scale moves) stay on the device as int32 [2].
+
+Tiles cover BLOCK_R rows x BLOCK_B packed bytes. Each byte's five base-3 digits are walked one
+at a time (digit d of byte b is column 5b + d), so no gather is needed to unpack or repack.
+Integer divisions act on magnitudes (truncation toward zero, like torch's rounding_mode="trunc"),
+which keeps the interpreter (NumPy floor division) and the GPU (C truncation) in agreement.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from arbd.config import SCALE_K, TRITS_PER_BYTE
+from arbd.ternary import packing
+from arbd.ternary.rule import (ACC_MAX, MIN_ROW_FOR_ROW_NORM, TernaryRule, _salt_mix,
+                               votes_from_scale_grad)
+
+assert TRITS_PER_BYTE == 5, "triton_update assumes 5 trits per byte"
+
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: fp32 x + M - M rounds half to even
+
+
+@triton.jit
+def _trunc_div(a, d):
+    q = tl.abs(a) // d
+    return tl.where(a < 0, -q, q)
+
+
+@triton.jit
+def _mix32(x):
+    # arbd.hashing.mix32 on uint32: the products wrap mod 2**32 exactly as `& M32` does there.
+    x = x ^ (x >> 16)
+    x = x * 0x045D9F3B
+    x = x ^ (x >> 16)
+    x = x * 0x045D9F3B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _byte_tile(packed_ptr, pid_r, pid_b, R, NB: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_B: tl.constexpr):
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    live = r < R
+    bm = live[:, None] & (b[None, :] < NB)
+    r64 = r.to(tl.int64)
+    byte = tl.load(packed_ptr + r64[:, None] * NB + b[None, :], mask=bm, other=121).to(tl.int32)
+    # Bytes above 242 are not base-3 trits; packing's table decodes them as five zeros.
+    byte = tl.where(byte > 242, 121, byte)
+    return r, r64, b, live, bm, byte
+
+
+@triton.jit
+def _stats_kernel(g_ptr, packed_ptr, absg_ptr, gt_ptr, R, COLS: tl.constexpr, NB: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, PRODUCT: tl.constexpr):
+    r, r64, b, live, bm, rest = _byte_tile(packed_ptr, tl.program_id(0), tl.program_id(1), R,
+                                           NB, BLOCK_R, BLOCK_B)
+    for d in tl.static_range(5):
+        col = b * 5 + d
+        cm = bm & (col[None, :] < COLS)
+        off = r64[:, None] * COLS + col[None, :]
+        g = tl.load(g_ptr + off, mask=cm, other=0.0)
+        tl.store(absg_ptr + off, tl.abs(g), mask=cm)
+        if PRODUCT:
+            trit = rest % 3 - 1
+            tl.store(gt_ptr + off, g * trit.to(tl.float32), mask=cm)
+        rest = rest // 3
+
+
+@triton.jit(do_not_specialize=["R"])
+def _dense_update_kernel(g_ptr, stride_gr, stride_gc, negd_ptr, packed_ptr, t_acc_ptr, exp_ptr,
+                         e_acc_ptr, ev_ptr, stats_ptr, param_ptr, R,
+                         COLS: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_B: tl.constexpr, STOCHASTIC: tl.constexpr, MAX_VOTE: tl.constexpr,
+                         THRESHOLD: tl.constexpr, DECAY: tl.constexpr, FREEZE: tl.constexpr,
+                         CAP: tl.constexpr, ACC_MAX: tl.constexpr, SCALES: tl.constexpr,
+                         S_THRESHOLD: tl.constexpr):
+    pid_b = tl.program_id(1)
+    r, r64, b, live, bm, rest = _byte_tile(packed_ptr, tl.program_id(0), pid_b, R, NB,
+                                           BLOCK_R, BLOCK_B)
+    negd = tl.load(negd_ptr + r, mask=live, other=-1.0)          # -(s_row + 1e-30)
+    # int32 [2]: the bits of the fp32 rate torch multiplies by, and the salt's hash mix
+    rate32 = tl.load(param_ptr).to(tl.float32, bitcast=True)
+    salt = tl.load(param_ptr + 1).to(tl.uint32, bitcast=True)
+    magic = tl.full((), _ROUND_MAGIC, tl.float32)
+    new_byte = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.int32)
+    flips = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.int32)
+    p3 = 1
+    for d in tl.static_range(5):
+        col = b * 5 + d
+        cm = bm & (col[None, :] < COLS)
+        trit = tl.where(cm, rest % 3 - 1, 0)   # padding digits repack as trit 0, as pack_trits does
+        rest = rest // 3
+        off = r64[:, None] * COLS + col[None, :]
+        acc = tl.load(t_acc_ptr + off, mask=cm, other=0).to(tl.int32)
+        if FREEZE:
+            acc = acc * 0
+        else:
+            if DECAY > 0:
+                acc = acc - _trunc_div(acc, 1 << DECAY)
+            g = tl.load(g_ptr + r64[:, None] * stride_gr + col[None, :].to(tl.int64) * stride_gc,
+                        mask=cm, other=0.0)
+            # (-g) / d == g / (-d) exactly under round-to-nearest, signed zeros included.
+            x = tl.math.div_rn(g, negd[:, None]) * rate32
+            if STOCHASTIC:
+                coarse = ((x.to(tl.int32, bitcast=True) >> 16) & 0xFFFF).to(tl.uint32)
+                pos = r.to(tl.uint32)[:, None] * COLS + col.to(tl.uint32)[None, :]
+                h = _mix32(coarse ^ _mix32(pos ^ 0x5BD1E995) ^ salt)
+                u = (h >> 8).to(tl.float32) * tl.full((), 1.0 / (1 << 24), tl.float32)
+                q = tl.floor(x + u)
+            else:
+                # torch.round (half to even); clamping first keeps |x| in the trick's range
+                # and changes no clamped result.
+                xc = tl.minimum(tl.maximum(x, -256.0), 256.0)
+                q = (xc + magic) - magic
+            q = tl.minimum(tl.maximum(q, -MAX_VOTE), MAX_VOTE)
+            acc = acc + q.to(tl.int32)
+        n = tl.minimum(tl.maximum(_trunc_div(acc, THRESHOLD), -1 - trit), 1 - trit)
+        n = tl.where(cm, n, 0)
+        trit = trit + n
+        acc = acc - n * THRESHOLD
+        if CAP < ACC_MAX:
+            acc = tl.where((trit == 1) & (acc > CAP), CAP,
+                           tl.where((trit == -1) & (acc < -CAP), -CAP, acc))
+        acc = tl.minimum(tl.maximum(acc, -ACC_MAX), ACC_MAX)
+        tl.store(t_acc_ptr + off, acc.to(tl.int8), mask=cm)
+        new_byte += (trit + 1) * p3
+        flips += tl.abs(n)
+        p3 = p3 * 3
+    tl.store(packed_ptr + r64[:, None] * NB + b[None, :], new_byte.to(tl.uint8), mask=bm)
+    tl.atomic_add(stats_ptr, tl.sum(tl.sum(flips, axis=1), axis=0))
+    if SCALES:
+        if pid_b == 0:
+            e = tl.load(exp_ptr + r, mask=live, other=0).to(tl.int32)
+            ea = tl.load(e_acc_ptr + r, mask=live, other=0).to(tl.int32)
+            if DECAY > 0:
+                ea = ea - _trunc_div(ea, 1 << DECAY)
+            ea += tl.load(ev_ptr + r, mask=live, other=0)
+            m = tl.minimum(tl.maximum(_trunc_div(ea, S_THRESHOLD), -128 - e), 127 - e)
+            m = tl.where(live, m, 0)
+            ea = tl.minimum(tl.maximum(ea - m * S_THRESHOLD, -ACC_MAX), ACC_MAX)
+            tl.store(exp_ptr + r, (e + m).to(tl.int8), mask=live)
+            tl.store(e_acc_ptr + r, ea.to(tl.int8), mask=live)
+            tl.atomic_add(stats_ptr + 1, tl.sum(tl.abs(m), axis=0))
+
+
+def _tiles(rows: int, nb: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_B): about 1024 packed bytes (5120 weights) per program."""
+    block_b = min(64, triton.next_power_of_2(nb))
+    block_r = max(1, min(1024 // block_b, triton.next_power_of_2(rows)))
+    return block_r, block_b
+
+
+def supports(packed: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether dense_update can take this evidence (else the torch rule must)."""
+    return grad.dtype == torch.float32 and grad.dim() == 2 and grad.device == packed.device
+
+
+def row_statistics(grad: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor,
+                   rule: TernaryRule) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(-(s_row + 1e-30) as fp32 [rows], int32 scale votes [rows] or None), with the same bits
+    as quantize_evidence's normaliser and scale_votes on the same device."""
+    rows, cols = grad.shape
+    nb = packed.shape[1]
+    scales = rule.learn_scales
+    if grad.is_contiguous():
+        absg = torch.empty_like(grad)
+        gt = torch.empty_like(grad) if scales else absg
+        br, bb = _tiles(rows, nb)
+        _stats_kernel[(triton.cdiv(rows, br), triton.cdiv(nb, bb))](
+            grad, packed, absg, gt, rows, COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb,
+            PRODUCT=scales, num_warps=4)
+    else:
+        # Another layout reduces in another order: take the torch path's literal expressions.
+        absg = grad.abs()
+        gt = grad * packing.unpack_trits(packed, cols).to(torch.float32) if scales else None
+    if rule.norm == "row" and cols >= MIN_ROW_FOR_ROW_NORM:
+        s = absg.mean(dim=1, keepdim=True)
+    else:
+        s = absg.mean()
+    negd = (-(s + 1e-30)).reshape(-1).expand(rows).contiguous()
+    if not scales:
+        return negd, None
+    # rule.scale_grad, on the product already formed
+    scale = packing.exponent_to_scale(exponent, torch.float32)
+    g_e = gt.sum(1) * scale * (math.log(2) / SCALE_K)
+    return negd, votes_from_scale_grad(g_e, rule).to(torch.int32)
+
+
+@torch.no_grad()
+def dense_update(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torch.Tensor,
+                 e_accum: torch.Tensor, grad: torch.Tensor, rule: TernaryRule, *,
+                 num_warps: int = 4) -> torch.Tensor:
+    """quantize_evidence + scale_votes + apply_votes of a whole matrix's fp32 evidence grad
+    [rows, cols], in place on packed uint8 [rows, nb], t_accum int8 [rows, cols] and exponent /
+    e_accum int8 [rows]. Returns int32 [2] (trit flips, scale moves) on the device."""
+    if not supports(packed, grad):
+        raise ValueError(f"dense_update takes 2-d float32 evidence on {packed.device}, "
+                         f"got {grad.dtype} {tuple(grad.shape)} on {grad.device}")
+    rows, cols = t_accum.shape
+    nb = packed.shape[1]
+    if tuple(grad.shape) != (rows, cols) or nb != packing.packed_cols(cols):
+        raise ValueError(f"shapes do not match: grad {tuple(grad.shape)}, t_accum {(rows, cols)}, "
+                         f"packed {tuple(packed.shape)}")
+    for name, t in (("packed", packed), ("t_accum", t_accum), ("exponent", exponent),
+                    ("e_accum", e_accum)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    stats = torch.zeros(2, dtype=torch.int32, device=packed.device)
+    freeze = bool(rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM)
+    negd, ev = row_statistics(grad, packed, exponent, rule)
+    salt = _salt_mix(rule.salt)
+    params = torch.tensor([0, salt - (1 << 32) if salt >= 1 << 31 else salt], dtype=torch.int32)
+    params[:1] = torch.tensor([rule.evidence_rate], dtype=torch.float32).view(torch.int32)
+    params = params.to(packed.device, non_blocking=True)
+    br, bb = _tiles(rows, nb)
+    _dense_update_kernel[(triton.cdiv(rows, br), triton.cdiv(nb, bb))](
+        grad, grad.stride(0), grad.stride(1), negd, packed, t_accum, exponent, e_accum,
+        stats if ev is None else ev, stats, params, rows,
+        COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb, STOCHASTIC=rule.rounding == "stochastic",
+        MAX_VOTE=rule.max_vote, THRESHOLD=rule.threshold, DECAY=rule.decay_shift, FREEZE=freeze,
+        CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=ev is not None,
+        S_THRESHOLD=rule.scale_threshold, num_warps=num_warps, enable_fp_fusion=False)
+    return stats

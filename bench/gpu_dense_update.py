@@ -1,0 +1,161 @@
+"""The dense ternary update on the GPU: the torch rule against the fused Triton path.
+
+    python bench/gpu_dense_update.py --json runs/gpu_dense_update.json
+
+For arb-small-like matrices with fp32 evidence, `TernaryMatrix.apply_update` runs with
+state.DENSE_UPDATE_KERNEL = "torch" and = "triton" from the same start.
+Check: three successive updates (new evidence and salt each), then the number of bytes that
+differ between the two paths in packed / t_accum / exponent / e_accum, and the flip and
+scale-move counts of every step (goal: 0 bytes, equal counts).
+Time: median of CUDA-event timings of apply_update alone (evidence set before each, outside the
+timed region; the call ends with the host reading the counts, as the training step does), and of
+the fused path's two parts (row statistics; the fused kernel). GB/s is counted on the fewest
+bytes the update must move: fp32 evidence read (4 B per weight), packed trits read and written
+(0.4 B), trit accumulators read and written (2 B), i.e. 6.4 B per weight; a device-to-device
+copy measured in the same run gives the ceiling.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from dataclasses import replace
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from arbd.ternary import state  # noqa: E402
+from arbd.ternary.rule import TUNED_RULE, TernaryRule  # noqa: E402
+from arbd.ternary.state import TernaryMatrix  # noqa: E402
+from arbd.ternary.triton_update import dense_update, row_statistics  # noqa: E402
+
+SHAPES = [(1024, 4096), (4096, 1024), (7168, 7168)]
+BYTES_PER_WEIGHT = 4 + 2 * 0.2 + 2 * 1
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ts = []
+    for _ in range(23):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    return 2 * a.numel() / (sorted(ts[3:])[10] / 1e3)
+
+
+def make(shape, seed: int) -> TernaryMatrix:
+    gen = torch.Generator().manual_seed(seed)
+    m = TernaryMatrix(*shape, generator=gen)
+    m.t_accum.copy_(torch.randint(-30, 31, m.t_accum.shape, generator=gen).to(torch.int8))
+    m.e_accum.copy_(torch.randint(-10, 11, (shape[0],), generator=gen).to(torch.int8))
+    return m.cuda()
+
+
+def grads(shape, n: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    out = []
+    for _ in range(n):
+        g = torch.randn(*shape, generator=gen, device="cuda") * 1e-4
+        out.append(torch.where(g == 0, torch.full_like(g, 1e-7), g))
+    return out
+
+
+def run_path(base: TernaryMatrix, gs, rule: TernaryRule, mode: str):
+    state.DENSE_UPDATE_KERNEL = mode
+    m = copy.deepcopy(base)
+    stats = []
+    for step, g in enumerate(gs):
+        m._grad = g.clone()
+        stats.append(m.apply_update(replace(rule, salt=step + 1)))
+    state.DENSE_UPDATE_KERNEL = "auto"
+    return m, stats
+
+
+def check(shape, rule: TernaryRule, seed: int) -> dict:
+    base, gs = make(shape, seed), grads(shape, 3, seed)
+    ref, want = run_path(base, gs, rule, "torch")
+    out, got = run_path(base, gs, rule, "triton")
+    diff = {n: int((getattr(ref, n) != getattr(out, n)).sum())
+            for n in ("packed", "t_accum", "exponent", "e_accum")}
+    return {"differing_bytes": diff, "counts_equal": want == got,
+            "flips": [s["trit_flips"] for s in want], "moves": [s["scale_moves"] for s in want]}
+
+
+def median_ms(fn, before, reps: int) -> float:
+    ts = []
+    for _ in range(reps + 3):
+        before()
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    ts = sorted(ts[3:])
+    return ts[len(ts) // 2]
+
+
+def time_shape(shape, rule: TernaryRule, reps: int) -> dict:
+    m = make(shape, 1)
+    g = grads(shape, 1, 2)[0]
+    res = {}
+    for mode in ("torch", "triton"):
+        state.DENSE_UPDATE_KERNEL = mode
+        res[f"{mode}_ms"] = median_ms(lambda: m.apply_update(rule),
+                                      lambda: setattr(m, "_grad", g), reps)
+    state.DENSE_UPDATE_KERNEL = "auto"
+    res["stats_ms"] = median_ms(lambda: row_statistics(g, m.packed, m.exponent, rule),
+                                lambda: None, reps)
+    res["fused_total_ms"] = median_ms(
+        lambda: dense_update(m.packed, m.t_accum, m.exponent, m.e_accum, g, rule),
+        lambda: None, reps)
+    n = shape[0] * shape[1]
+    for k in ("torch", "triton"):
+        res[f"{k}_GBps"] = n * BYTES_PER_WEIGHT / (res[f"{k}_ms"] / 1e3) / 1e9
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = {"device": torch.cuda.get_device_name(), "copy_GBps": copy_bandwidth() / 1e9,
+           "checks": {}, "timings": {}}
+    rules = {"tuned": TUNED_RULE, "default_nearest": TernaryRule(),
+             "no_scales": replace(TUNED_RULE, learn_scales=False)}
+    for shape in SHAPES:
+        key = f"{shape[0]}x{shape[1]}"
+        for rname, rule in rules.items():
+            out["checks"][f"{key}/{rname}"] = c = check(shape, rule, seed=shape[0] + shape[1])
+            print(key, rname, c, flush=True)
+        out["timings"][key] = t = time_shape(shape, TUNED_RULE, args.reps)
+        print(key, t, flush=True)
+    print(f"\ndevice: {out['device']}; device-to-device copy {out['copy_GBps']:.0f} GB/s")
+    print("| matrix (fp32 evidence) | torch ms | fused ms | speed-up | torch GB/s | fused GB/s "
+          "| stats part ms | fused kernel part ms | differing bytes (3 rules x 3 steps) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for key, t in out["timings"].items():
+        nd = sum(sum(c["differing_bytes"].values()) for k, c in out["checks"].items()
+                 if k.startswith(key + "/"))
+        ok = all(c["counts_equal"] for k, c in out["checks"].items() if k.startswith(key + "/"))
+        print(f"| {key} | {t['torch_ms']:.3f} | {t['triton_ms']:.3f} | "
+              f"{t['torch_ms'] / t['triton_ms']:.1f}x | {t['torch_GBps']:.0f} | "
+              f"{t['triton_GBps']:.0f} | {t['stats_ms']:.3f} | "
+              f"{t['fused_total_ms'] - t['stats_ms']:.3f} | {nd}{'' if ok else ' (counts differ)'} |")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The fused dense update (triton_update.dense_update) against TernaryMatrix's torch path.
+
+On CPU the kernels run through TRITON_INTERPRET=1; on a CUDA machine the GPU-marked test runs
+them for real. After the same fp32 evidence, every byte of packed trits, accumulators, exponents
+and scale accumulators must be identical, and so must the flip / scale-move counts, over three
+successive updates (so later steps start from states the kernel wrote)."""
+import os
+
+# CPU: interpret the kernels. On the GPU machine run with TRITON_INTERPRET=0 to compile them
+# (then every test here compares against the torch rule on the same GPU).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import copy  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from arbd.ternary import state  # noqa: E402
+from arbd.ternary import triton_update as tu  # noqa: E402
+from arbd.ternary.rule import TUNED_RULE, TernaryRule  # noqa: E402
+from arbd.ternary.state import TernaryMatrix  # noqa: E402
+
+INTERPRETED = type(tu._dense_update_kernel).__name__ == "InterpretedFunction"
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("no CUDA and the Triton interpreter could not be enabled", allow_module_level=True)
+DEVICE = "cpu" if INTERPRETED else "cuda"
+
+RULES = {
+    "tuned": TUNED_RULE,
+    "default": TernaryRule(),
+    "stochastic_row": TernaryRule(rounding="stochastic", threshold=6),
+    "nearest_tensor_norm": TernaryRule(norm="tensor", threshold=4, evidence_rate=7.5),
+    "no_scales": replace(TUNED_RULE, learn_scales=False),
+    "cap_decay": TernaryRule(threshold=5, decay_shift=3, saturated_cap=20, scale_threshold=3,
+                             rounding="stochastic", max_vote=9, scale_mode="norm"),
+}
+SHAPES = [(37, 64), (19, 41), (50, 7), (33, 1), (5, 203)]
+
+
+def _nonzero_grad(shape, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    g = torch.randn(*shape, generator=gen) * scale
+    return torch.where(g == 0, torch.full_like(g, 1e-3), g)
+
+
+def _run(base: TernaryMatrix, grads, rule: TernaryRule, mode: str, monkeypatch):
+    monkeypatch.setattr(state, "DENSE_UPDATE_KERNEL", mode)
+    m = copy.deepcopy(base)
+    out = []
+    for step, g in enumerate(grads):
+        m.add_grad(g.to(m.packed.device))
+        out.append(m.apply_update(replace(rule, salt=rule.salt + 1000 * step)))
+    return out, m
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{r}x{c}" for r, c in SHAPES])
+@pytest.mark.parametrize("name", list(RULES))
+def test_dense_kernel_equals_torch(shape, name, monkeypatch):
+    rule = RULES[name]
+    rows, cols = shape
+    gen = torch.Generator().manual_seed(rows * 1000 + cols + len(name))
+    base = TernaryMatrix(rows, cols, generator=gen)
+    base.t_accum.copy_(torch.randint(-127, 128, base.t_accum.shape, generator=gen).to(torch.int8))
+    base.e_accum.copy_(torch.randint(-127, 128, (rows,), generator=gen).to(torch.int8))
+    base.exponent.copy_(torch.randint(-128, 128, (rows,), generator=gen).to(torch.int8))
+    # rows of very different magnitudes, so row and tensor norms differ
+    mags = torch.logspace(-3, 2, rows)[:, None]
+    grads = [_nonzero_grad(shape, gen) * mags for _ in range(3)]
+    base = base.to(DEVICE)
+    want, ref = _run(base, grads, replace(rule, salt=17), "torch", monkeypatch)
+    got, out = _run(base, grads, replace(rule, salt=17), "triton", monkeypatch)
+    for name_ in ("packed", "t_accum", "exponent", "e_accum"):
+        assert torch.equal(getattr(out, name_), getattr(ref, name_)), name_
+    assert got == want
+    assert sum(s["trit_flips"] for s in want) > 0 or rule.freeze_short_rows and cols < 8
+
+
+def test_dense_kernel_transposed_evidence_and_zeros(monkeypatch):
+    """Evidence in a transposed layout (read through strides) with exact zeros in it."""
+    gen = torch.Generator().manual_seed(3)
+    base = TernaryMatrix(24, 45, generator=gen).to(DEVICE)
+    g = torch.randn(45, 24, generator=gen).t()
+    g[3, :10] = 0.0
+    g[5] = -0.0
+    assert not g.is_contiguous()
+    out = {}
+    for mode in ("torch", "triton"):
+        monkeypatch.setattr(state, "DENSE_UPDATE_KERNEL", mode)
+        m = copy.deepcopy(base)
+        m._grad = g.to(DEVICE)      # add_grad's clone keeps the layout; set it as is
+        stats = m.apply_update(TUNED_RULE)
+        out[mode] = (stats, [b.clone() for b in m.buffers()])
+    assert out["torch"][0] == out["triton"][0]
+    assert all(torch.equal(a, b) for a, b in zip(out["torch"][1], out["triton"][1]))
+
+
+def test_dense_kernel_falls_back_for_float64(monkeypatch):
+    monkeypatch.setattr(state, "DENSE_UPDATE_KERNEL", "triton")
+    called = []
+    monkeypatch.setattr(tu, "dense_update", lambda *a, **k: called.append(1))
+    m = TernaryMatrix(8, 16, generator=torch.Generator().manual_seed(0))
+    m.add_grad(torch.randn(8, 16, dtype=torch.float64))
+    m.apply_update(TUNED_RULE)
+    assert not called
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs compiled kernels")
+@pytest.mark.parametrize("shape", [(1024, 4096), (4096, 1024), (2048, 7)])
+def test_dense_kernel_on_gpu_equals_torch_on_gpu(shape, monkeypatch):
+    """Compiled kernels against the torch rule on the same GPU, at model-like shapes."""
+    gen = torch.Generator().manual_seed(shape[0])
+    base = TernaryMatrix(*shape, generator=gen, device="cuda")
+    grads = [_nonzero_grad(shape, gen, 1e-4) for _ in range(3)]
+    want, ref = _run(base, grads, TUNED_RULE, "torch", monkeypatch)
+    got, out = _run(base, grads, TUNED_RULE, "triton", monkeypatch)
+    for name_ in ("packed", "t_accum", "exponent", "e_accum"):
+        assert torch.equal(getattr(out, name_), getattr(ref, name_)), name_
+    assert got == want
+
+
+@pytest.mark.parametrize("rule", [TernaryRule(evidence_rate=5.0, threshold=3), TernaryRule(
+    evidence_rate=5.0, threshold=3, rounding="stochastic")], ids=["nearest", "stochastic"])
+def test_dense_kernel_half_way_votes(rule, monkeypatch):
+    """Evidence landing exactly on k + 1/2 votes: "nearest" must round half to even."""
+    gen = torch.Generator().manual_seed(9)
+    base = TernaryMatrix(16, 40, generator=gen).to(DEVICE)
+    signs = torch.where(torch.rand(16, 40, generator=gen) < 0.5, -1.0, 1.0)
+    mags = torch.where(torch.arange(40) % 2 == 0, 1.0, 3.0)      # row means 2: x = +-2.5, +-7.5
+    grads = [signs * mags, signs * mags * 4.0, -signs * mags]
+    want, ref = _run(base, grads, rule, "torch", monkeypatch)
+    got, out = _run(base, grads, rule, "triton", monkeypatch)
+    for name_ in ("packed", "t_accum", "exponent", "e_accum"):
+        assert torch.equal(getattr(out, name_), getattr(ref, name_)), name_
+    assert got == want
