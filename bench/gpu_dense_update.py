@@ -31,7 +31,7 @@ from arbd.ternary.rule import TUNED_RULE, TernaryRule  # noqa: E402
 from arbd.ternary.state import TernaryMatrix  # noqa: E402
 from arbd.ternary.triton_update import dense_update, row_statistics  # noqa: E402
 
-SHAPES = [(1024, 4096), (4096, 1024), (7168, 7168)]
+SHAPES = [(1024, 4096), (4096, 1024), (7168, 7168), (2048, 1)]
 BYTES_PER_WEIGHT = 4 + 2 * 0.2 + 2 * 1
 
 
@@ -53,6 +53,7 @@ def make(shape, seed: int) -> TernaryMatrix:
     gen = torch.Generator().manual_seed(seed)
     m = TernaryMatrix(*shape, generator=gen)
     m.t_accum.copy_(torch.randint(-30, 31, m.t_accum.shape, generator=gen).to(torch.int8))
+    m.exponent.copy_(torch.randint(-60, 20, (shape[0],), generator=gen).to(torch.int8))
     m.e_accum.copy_(torch.randint(-10, 11, (shape[0],), generator=gen).to(torch.int8))
     return m.cuda()
 
@@ -117,6 +118,17 @@ def time_shape(shape, rule: TernaryRule, reps: int) -> dict:
         lambda: dense_update(m.packed, m.t_accum, m.exponent, m.e_accum, g, rule),
         lambda: None, reps)
     n = shape[0] * shape[1]
+    # tile sweep of the fused path (both kernels), GPU time per call
+    from arbd.ternary import triton_update as tu
+    default = (tu.TILE_BYTES, tu.TILE_MAX_B)
+    res["tiles_ms"] = {}
+    sweep = [(256, 256), (512, 512), (128, 128), (512, 256), (1024, 64)]
+    for tb, mb in sweep if shape == (7168, 7168) else []:
+        tu.TILE_BYTES, tu.TILE_MAX_B = tb, mb
+        res["tiles_ms"][f"{tb}/{mb}"] = median_ms(
+            lambda: dense_update(m.packed, m.t_accum, m.exponent, m.e_accum, g, rule),
+            lambda: None, reps)
+    tu.TILE_BYTES, tu.TILE_MAX_B = default
     for k in ("torch", "triton"):
         res[f"{k}_GBps"] = n * BYTES_PER_WEIGHT / (res[f"{k}_ms"] / 1e3) / 1e9
     return res

@@ -6,12 +6,13 @@ steps instead of some twenty torch passes:
 
 1. `_stats_kernel` reads g and the packed trits once and writes |g| and g * t (fp32). The row
    reductions over them are torch's own `.mean` / `.sum` on tensors holding exactly the values
-   the torch path reduces, in the same layout, so s_row and dL/dE come out with the same bits on
-   the same device (a Triton reduction would sum in another order and move a few votes).
-   The [rows]-sized scale votes are the rule's own functions on those sums.
+   the torch path reduces, in the same layout, so s_row and dL/dE get the same bits on the same
+   device (a Triton reduction sums in another order and would move a few votes). The rows' scale
+   evidence x_e (rule.votes_from_scale_grad before rounding) is a few torch ops on [rows].
 2. `_dense_update_kernel`, one launch per matrix: per element x = -g / (s_row + 1e-30) * rate
    (correctly rounded division, no FMA contraction), the hash uniform of rule.hash_uniform, the
-   vote, the integer accumulator rule, the repacked byte; per row the exponent step.
+   vote, the integer accumulator rule, the repacked byte; per row the scale vote (rounded with
+   the same hash at position = row) and the exponent step.
 3. Counts (trit flips, scale moves) stay on the device as int32 [2].
 
 Tiles cover BLOCK_R rows x BLOCK_B packed bytes. Each byte's five base-3 digits are walked one
@@ -21,6 +22,7 @@ which keeps the interpreter (NumPy floor division) and the GPU (C truncation) in
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,8 +31,7 @@ import triton.language as tl
 
 from arbd.config import SCALE_K, TRITS_PER_BYTE
 from arbd.ternary import packing
-from arbd.ternary.rule import (ACC_MAX, MIN_ROW_FOR_ROW_NORM, TernaryRule, _salt_mix,
-                               votes_from_scale_grad)
+from arbd.ternary.rule import ACC_MAX, MIN_ROW_FOR_ROW_NORM, TernaryRule, _salt_mix
 
 assert TRITS_PER_BYTE == 5, "triton_update assumes 5 trits per byte"
 
@@ -54,6 +55,21 @@ def _mix32(x):
 
 
 @triton.jit
+def _sround(x, pos, salt, STOCHASTIC: tl.constexpr, MAX_VOTE: tl.constexpr):
+    """rule._sround + clamp of fp32 x at hash positions pos (uint32), as int32 votes."""
+    if STOCHASTIC:
+        coarse = ((x.to(tl.int32, bitcast=True) >> 16) & 0xFFFF).to(tl.uint32)
+        h = _mix32(coarse ^ _mix32(pos ^ 0x5BD1E995) ^ salt)
+        q = tl.floor(x + (h >> 8).to(tl.float32) * tl.full((), 1.0 / (1 << 24), tl.float32))
+    else:
+        # torch.round (half to even); clamping first keeps |x| in the trick's range and
+        # changes no clamped result.
+        magic = tl.full((), _ROUND_MAGIC, tl.float32)
+        q = (tl.minimum(tl.maximum(x, -256.0), 256.0) + magic) - magic
+    return tl.minimum(tl.maximum(q, -MAX_VOTE), MAX_VOTE).to(tl.int32)
+
+
+@triton.jit
 def _byte_tile(packed_ptr, pid_r, pid_b, R, NB: tl.constexpr, BLOCK_R: tl.constexpr,
                BLOCK_B: tl.constexpr):
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -69,7 +85,8 @@ def _byte_tile(packed_ptr, pid_r, pid_b, R, NB: tl.constexpr, BLOCK_R: tl.conste
 
 @triton.jit
 def _stats_kernel(g_ptr, packed_ptr, absg_ptr, gt_ptr, R, COLS: tl.constexpr, NB: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, PRODUCT: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, ABS: tl.constexpr,
+                  PRODUCT: tl.constexpr):
     r, r64, b, live, bm, rest = _byte_tile(packed_ptr, tl.program_id(0), tl.program_id(1), R,
                                            NB, BLOCK_R, BLOCK_B)
     for d in tl.static_range(5):
@@ -77,29 +94,31 @@ def _stats_kernel(g_ptr, packed_ptr, absg_ptr, gt_ptr, R, COLS: tl.constexpr, NB
         cm = bm & (col[None, :] < COLS)
         off = r64[:, None] * COLS + col[None, :]
         g = tl.load(g_ptr + off, mask=cm, other=0.0)
-        tl.store(absg_ptr + off, tl.abs(g), mask=cm)
+        if ABS:
+            tl.store(absg_ptr + off, tl.abs(g), mask=cm)
         if PRODUCT:
             trit = rest % 3 - 1
             tl.store(gt_ptr + off, g * trit.to(tl.float32), mask=cm)
         rest = rest // 3
 
 
-@triton.jit(do_not_specialize=["R"])
-def _dense_update_kernel(g_ptr, stride_gr, stride_gc, negd_ptr, packed_ptr, t_acc_ptr, exp_ptr,
-                         e_acc_ptr, ev_ptr, stats_ptr, param_ptr, R,
+@triton.jit(do_not_specialize=["R", "rate_bits", "salt_bits"])
+def _dense_update_kernel(g_ptr, stride_gr, stride_gc, s_ptr, stride_s, packed_ptr, t_acc_ptr,
+                         exp_ptr, e_acc_ptr, xe_ptr, stats_ptr, R, rate_bits, salt_bits,
                          COLS: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr,
                          BLOCK_B: tl.constexpr, STOCHASTIC: tl.constexpr, MAX_VOTE: tl.constexpr,
                          THRESHOLD: tl.constexpr, DECAY: tl.constexpr, FREEZE: tl.constexpr,
                          CAP: tl.constexpr, ACC_MAX: tl.constexpr, SCALES: tl.constexpr,
-                         S_THRESHOLD: tl.constexpr):
+                         S_THRESHOLD: tl.constexpr, S_STOCHASTIC: tl.constexpr):
     pid_b = tl.program_id(1)
     r, r64, b, live, bm, rest = _byte_tile(packed_ptr, tl.program_id(0), pid_b, R, NB,
                                            BLOCK_R, BLOCK_B)
-    negd = tl.load(negd_ptr + r, mask=live, other=-1.0)          # -(s_row + 1e-30)
-    # int32 [2]: the bits of the fp32 rate torch multiplies by, and the salt's hash mix
-    rate32 = tl.load(param_ptr).to(tl.float32, bitcast=True)
-    salt = tl.load(param_ptr + 1).to(tl.uint32, bitcast=True)
-    magic = tl.full((), _ROUND_MAGIC, tl.float32)
+    # s_row (stride 0: the tensor mean); d = s + 1e-30 in fp32, as torch adds it
+    d = tl.load(s_ptr + r * stride_s, mask=live, other=1.0) + tl.full((), 1e-30, tl.float32)
+    negd = 0.0 - d
+    # int32 bits of the fp32 rate torch multiplies by, and of the salt's hash mix
+    rate32 = rate_bits.to(tl.int32).to(tl.float32, bitcast=True)
+    salt = salt_bits.to(tl.int32).to(tl.uint32, bitcast=True)
     new_byte = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.int32)
     flips = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.int32)
     p3 = 1
@@ -119,19 +138,8 @@ def _dense_update_kernel(g_ptr, stride_gr, stride_gc, negd_ptr, packed_ptr, t_ac
                         mask=cm, other=0.0)
             # (-g) / d == g / (-d) exactly under round-to-nearest, signed zeros included.
             x = tl.math.div_rn(g, negd[:, None]) * rate32
-            if STOCHASTIC:
-                coarse = ((x.to(tl.int32, bitcast=True) >> 16) & 0xFFFF).to(tl.uint32)
-                pos = r.to(tl.uint32)[:, None] * COLS + col.to(tl.uint32)[None, :]
-                h = _mix32(coarse ^ _mix32(pos ^ 0x5BD1E995) ^ salt)
-                u = (h >> 8).to(tl.float32) * tl.full((), 1.0 / (1 << 24), tl.float32)
-                q = tl.floor(x + u)
-            else:
-                # torch.round (half to even); clamping first keeps |x| in the trick's range
-                # and changes no clamped result.
-                xc = tl.minimum(tl.maximum(x, -256.0), 256.0)
-                q = (xc + magic) - magic
-            q = tl.minimum(tl.maximum(q, -MAX_VOTE), MAX_VOTE)
-            acc = acc + q.to(tl.int32)
+            pos = r.to(tl.uint32)[:, None] * COLS + col.to(tl.uint32)[None, :]
+            acc = acc + _sround(x, pos, salt, STOCHASTIC, MAX_VOTE)
         n = tl.minimum(tl.maximum(_trunc_div(acc, THRESHOLD), -1 - trit), 1 - trit)
         n = tl.where(cm, n, 0)
         trit = trit + n
@@ -152,7 +160,9 @@ def _dense_update_kernel(g_ptr, stride_gr, stride_gc, negd_ptr, packed_ptr, t_ac
             ea = tl.load(e_acc_ptr + r, mask=live, other=0).to(tl.int32)
             if DECAY > 0:
                 ea = ea - _trunc_div(ea, 1 << DECAY)
-            ea += tl.load(ev_ptr + r, mask=live, other=0)
+            # the row's scale vote: its x (rule.votes_from_scale_grad) hashes at position row
+            xe = tl.load(xe_ptr + r, mask=live, other=0.0)
+            ea += _sround(xe, r.to(tl.uint32), salt, S_STOCHASTIC, MAX_VOTE)
             m = tl.minimum(tl.maximum(_trunc_div(ea, S_THRESHOLD), -128 - e), 127 - e)
             m = tl.where(live, m, 0)
             ea = tl.minimum(tl.maximum(ea - m * S_THRESHOLD, -ACC_MAX), ACC_MAX)
@@ -161,10 +171,16 @@ def _dense_update_kernel(g_ptr, stride_gr, stride_gc, negd_ptr, packed_ptr, t_ac
             tl.atomic_add(stats_ptr + 1, tl.sum(tl.abs(m), axis=0))
 
 
+# Packed bytes per program (5 weights each) and the widest tile, in bytes along a row. One row
+# of 256 bytes per program beat 16 x 64 by 1.8x at 7168 x 7168 on an H100 (bench/RESULTS.md):
+# the digit planes read g at a stride of 5, and fewer rows in flight keep the lines in L1.
+TILE_BYTES, TILE_MAX_B = 256, 256
+
+
 def _tiles(rows: int, nb: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_B): about 1024 packed bytes (5120 weights) per program."""
-    block_b = min(64, triton.next_power_of_2(nb))
-    block_r = max(1, min(1024 // block_b, triton.next_power_of_2(rows)))
+    """(BLOCK_R, BLOCK_B): about TILE_BYTES packed bytes per program."""
+    block_b = min(TILE_MAX_B, triton.next_power_of_2(nb))
+    block_r = max(1, min(TILE_BYTES // block_b, triton.next_power_of_2(rows)))
     return block_r, block_b
 
 
@@ -173,35 +189,53 @@ def supports(packed: torch.Tensor, grad: torch.Tensor) -> bool:
     return grad.dtype == torch.float32 and grad.dim() == 2 and grad.device == packed.device
 
 
+@functools.lru_cache(maxsize=64)
+def _salt_bits(salt: int) -> int:
+    """rule._salt_mix as a signed int32 (every matrix of a step shares the salt)."""
+    v = _salt_mix(salt)
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _f32_bits(v: float) -> int:
+    """The bits of the fp32 torch turns a Python scalar into, as a signed int32."""
+    return int(torch.tensor([v], dtype=torch.float32).view(torch.int32)[0])
+
+
 def row_statistics(grad: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor,
-                   rule: TernaryRule) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(-(s_row + 1e-30) as fp32 [rows], int32 scale votes [rows] or None), with the same bits
-    as quantize_evidence's normaliser and scale_votes on the same device."""
+                   rule: TernaryRule, *, need_norm: bool = True
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(s: the fp32 normaliser of quantize_evidence, [rows, 1] or 0-d, or None without
+    need_norm; x_e: fp32 [rows], the scale evidence votes_from_scale_grad rounds, or None when
+    scales are not learnt), with the torch path's bits on the same device."""
     rows, cols = grad.shape
     nb = packed.shape[1]
     scales = rule.learn_scales
+    if not (need_norm or scales):
+        return None, None
     if grad.is_contiguous():
-        absg = torch.empty_like(grad)
-        gt = torch.empty_like(grad) if scales else absg
+        absg = torch.empty_like(grad) if need_norm else grad
+        gt = torch.empty_like(grad) if scales else grad
         br, bb = _tiles(rows, nb)
         _stats_kernel[(triton.cdiv(rows, br), triton.cdiv(nb, bb))](
             grad, packed, absg, gt, rows, COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb,
-            PRODUCT=scales, num_warps=4)
+            ABS=need_norm, PRODUCT=scales, num_warps=4)
     else:
         # Another layout reduces in another order: take the torch path's literal expressions.
         absg = grad.abs()
         gt = grad * packing.unpack_trits(packed, cols).to(torch.float32) if scales else None
-    if rule.norm == "row" and cols >= MIN_ROW_FOR_ROW_NORM:
-        s = absg.mean(dim=1, keepdim=True)
-    else:
-        s = absg.mean()
-    negd = (-(s + 1e-30)).reshape(-1).expand(rows).contiguous()
+    s = None
+    if need_norm:
+        s = absg.mean(dim=1, keepdim=True) if rule.norm == "row" and cols >= MIN_ROW_FOR_ROW_NORM \
+            else absg.mean()
     if not scales:
-        return negd, None
-    # rule.scale_grad, on the product already formed
-    scale = packing.exponent_to_scale(exponent, torch.float32)
-    g_e = gt.sum(1) * scale * (math.log(2) / SCALE_K)
-    return negd, votes_from_scale_grad(g_e, rule).to(torch.int32)
+        return s, None
+    # rule.scale_grad on the product already formed, then votes_from_scale_grad up to _sround
+    g_e = gt.sum(1) * packing.exponent_to_scale(exponent, torch.float32) * (math.log(2) / SCALE_K)
+    if rule.scale_mode == "sign":
+        x_e = -torch.sign(g_e) * rule.scale_rate
+    else:
+        x_e = -g_e / (g_e.abs().mean() + 1e-30) * rule.scale_rate
+    return s, x_e
 
 
 @torch.no_grad()
@@ -225,17 +259,17 @@ def dense_update(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torch.Te
             raise ValueError(f"{name} must be contiguous")
     stats = torch.zeros(2, dtype=torch.int32, device=packed.device)
     freeze = bool(rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM)
-    negd, ev = row_statistics(grad, packed, exponent, rule)
-    salt = _salt_mix(rule.salt)
-    params = torch.tensor([0, salt - (1 << 32) if salt >= 1 << 31 else salt], dtype=torch.int32)
-    params[:1] = torch.tensor([rule.evidence_rate], dtype=torch.float32).view(torch.int32)
-    params = params.to(packed.device, non_blocking=True)
+    s, x_e = row_statistics(grad, packed, exponent, rule, need_norm=not freeze)
+    s = stats if s is None else s
     br, bb = _tiles(rows, nb)
+    stochastic = rule.rounding == "stochastic"
     _dense_update_kernel[(triton.cdiv(rows, br), triton.cdiv(nb, bb))](
-        grad, grad.stride(0), grad.stride(1), negd, packed, t_accum, exponent, e_accum,
-        stats if ev is None else ev, stats, params, rows,
-        COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb, STOCHASTIC=rule.rounding == "stochastic",
+        grad, grad.stride(0), grad.stride(1), s, 1 if s.dim() == 2 else 0, packed, t_accum,
+        exponent, e_accum, stats if x_e is None else x_e, stats, rows,
+        _f32_bits(rule.evidence_rate), _salt_bits(rule.salt),
+        COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb, STOCHASTIC=stochastic,
         MAX_VOTE=rule.max_vote, THRESHOLD=rule.threshold, DECAY=rule.decay_shift, FREEZE=freeze,
-        CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=ev is not None,
-        S_THRESHOLD=rule.scale_threshold, num_warps=num_warps, enable_fp_fusion=False)
+        CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=x_e is not None,
+        S_THRESHOLD=rule.scale_threshold, S_STOCHASTIC=stochastic, num_warps=num_warps,
+        enable_fp_fusion=False)
     return stats
