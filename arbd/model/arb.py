@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
 
@@ -128,14 +129,27 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
         self.logit_scale = nn.Parameter(torch.zeros(1, device=device))
 
     # -- shared trunk ------------------------------------------------------------------------
+    # Activation checkpointing (plan field `activation_checkpointing`): each MLA layer and the
+    # MoEGraph block keep only their inputs and run their forward again in backward. Safe here
+    # because nothing they read changes within a step (KG edges and codebook rows move at the
+    # update, the ledger view is an argument), and every rank recomputes at the same point of
+    # its backward, so the collectives inside (tp, ep, codebook group) stay matched.
+    activation_checkpointing: bool = False
+
+    def _maybe_checkpoint(self, fn, *args):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
     def _trunk(self, h: torch.Tensor, motif_ids: torch.Tensor | None,
                losses: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.layers is not None:
             for layer in self.layers:
-                h = h + layer(h)
+                h = h + self._maybe_checkpoint(layer, h)
         if self.moegraph is not None:
             codebook = self.shared_vq.codebook if self.shared_vq is not None else None
-            h, aux = self.moegraph(h, motif_ids, codebook, self.kg_edges, self.ledger.view())
+            h, aux = self._maybe_checkpoint(self.moegraph, h, motif_ids, codebook, self.kg_edges,
+                                            self.ledger.view())
             if "balance" in aux:
                 losses["balance"] = aux["balance"]
                 losses["ponder"] = aux["ponder"]

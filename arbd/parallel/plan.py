@@ -10,6 +10,7 @@
     dtype: fp32            # fp32 | bf16 (bf16 on GPU)
     backend: torch         # torch | triton
     evidence: summed       # data-parallel ternary evidence: summed | votes
+    activation_checkpointing: false   # recompute MLA layers and MoEGraph in backward
 
 Every error names the field and a fix. The planner (memory table, communication volume,
 `arbd-plan`) is arbd/parallel/planner.py.
@@ -42,6 +43,7 @@ class Plan:
     dtype: str = "fp32"
     backend: str = "torch"
     evidence: str = "summed"
+    activation_checkpointing: bool = False   # MLA layers and MoEGraph recompute in backward
     extra: dict = field(default_factory=dict)
 
     @property
@@ -62,6 +64,9 @@ class Plan:
                 raise ValueError(f"plan {self.name}: {name} must be a positive int, got {v!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"plan {self.name}: dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"plan {self.name}: activation_checkpointing must be true or false, "
+                             f"got {self.activation_checkpointing!r}")
         if self.evidence not in EVIDENCE_MODES:
             raise ValueError(f"plan {self.name}: evidence must be one of {EVIDENCE_MODES}, "
                              f"got {self.evidence!r}")

@@ -210,7 +210,7 @@ class Estimate:
 
 
 def estimate(plan: Plan, world: int | None = None, *, act_steps: float | None = None,
-             checkpointing: bool = False, all_modalities: bool = False,
+             checkpointing: bool | None = None, all_modalities: bool = False,
              backend: str | None = None) -> Estimate:
     lay = plan.layout
     world = lay.world if world is None else world
@@ -236,6 +236,8 @@ def estimate(plan: Plan, world: int | None = None, *, act_steps: float | None = 
     floats = fp * (s + 4 + (4 if s == 2 else 0)) + 8 * fp // (dp if zero >= 1 else 1)
     acts = activation_bytes(cfg, plan.micro_batch, plan.seq_len, s, lay.tp, act_steps)
     act_full, act_ck = sum(acts.values()), checkpointed_bytes(acts, N, cfg.d_model, s)
+    if checkpointing is None:
+        checkpointing = plan.activation_checkpointing
     act = act_ck if checkpointing else act_full
     # Communication buffers alive at the evidence exchange (arbd/ternary/zero.py, dp.py):
     # ZeRO >= 1 concatenates every matrix's evidence in the wire dtype, receives dp blocks of its
@@ -436,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             plan.validate(world)
         except ValueError as e:
             raise PlanError(str(e)) from None
-        est = estimate(plan, world, act_steps=a.act_steps, checkpointing=a.checkpointing)
+        est = estimate(plan, world, act_steps=a.act_steps,
+                       checkpointing=a.checkpointing or plan.activation_checkpointing)
         report = (json.dumps({"plan": plan.name, "world": world, "peak": est.peak, "phase": est.phase,
                               "phases": est.phases, "rows": est.rows, "comm": est.comm,
                               "info": est.info}, indent=1) if a.json

@@ -107,6 +107,7 @@ class Trainer:
         model = ARBModel(self.cfg, backend=backend, seed=args.seed, device=self.device)
         model.ternary_rule = TUNED_RULE
         model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
+        model.activation_checkpointing = plan.activation_checkpointing
         # MLA heads over tp, experts over ep, codebook rows over the codebook group.
         parallelize(model, self.mesh)
         self.save_dir = Path(args.save_dir) if args.save_dir else Path(args.out) / "checkpoints"
