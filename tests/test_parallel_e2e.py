@@ -2,7 +2,8 @@
 and KG edges row-sharded over all 4, against one rank accumulating the same micro-batches.
 
 The arb-tiny full text stack (VQ, KG edges, MoEGraph, MLA with HCA, composite head) trains for
-20 steps in float64 under DeepSpeed (ZeRO-1 over dp). Required: the loss falls; the logged
+20 steps in float64 under DeepSpeed (ZeRO-1 over dp); the 4-rank run also recomputes its MLA
+layers and MoEGraph in backward (activation checkpointing), collectives included. Required: the loss falls; the logged
 losses equal the one-rank run's (1e-9); and the final checkpoints, each assembled whole from its
 per-rank shard files, hold the same ternary state bit for bit (packed trits, exponents,
 accumulators, codebook usage, KG edges).
@@ -31,13 +32,14 @@ seq_len: 32
 dtype: fp64
 backend: torch
 evidence: summed
+activation_checkpointing: {ck}
 """
 
 
 def _run(tmp_path: Path, name: str, nproc: int, *, steps: int = STEPS, resume: Path | None = None,
          **layout) -> tuple[list[dict], dict]:
     plan = tmp_path / f"{name}.yaml"
-    plan.write_text(PLAN.format(name=name, **layout))
+    plan.write_text(PLAN.format(name=name, ck=str(name == "par").lower(), **layout))
     out = tmp_path / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port()), str(ROOT / "launch/pretrain.py"), "--plan", str(plan),
