@@ -68,6 +68,8 @@ def _plan(a: argparse.Namespace) -> Plan:
     plan = load_plan(a.plan)
     kw = {k: v for k, v in (("preset", a.preset), ("micro_batch", a.micro_batch),
                             ("grad_accum", a.grad_accum), ("seq_len", a.seq_len)) if v is not None}
+    if a.activation_checkpointing:
+        kw["activation_checkpointing"] = True
     # One process: dp 1, no ZeRO for the ternary side (the h100 plans say the same).
     return replace(plan, **kw)
 
@@ -94,6 +96,7 @@ def _build(plan: Plan, device, backend: str) -> ARBModel:
     model = ARBModel(cfg, backend=backend, seed=0, device=device)
     model.ternary_rule = TUNED_RULE
     model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
+    model.activation_checkpointing = plan.activation_checkpointing
     return model
 
 
@@ -438,6 +441,8 @@ def main() -> None:
     p.add_argument("--mem-cap-gib", type=float, default=0.0,
                    help="torch.cuda.set_per_process_memory_fraction to this many GiB")
     p.add_argument("--evidence-probe", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute MLA layers and MoEGraph in backward (plan field)")
     p.add_argument("--phases", action="store_true", help="one extra step timed per phase")
     p.add_argument("--state", action="store_true", help="persistent state per component (ternary)")
     p.add_argument("--json", default=None)

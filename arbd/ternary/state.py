@@ -12,6 +12,7 @@ row sharding give bit-identical states.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,26 @@ _NONZERO_FRACTION = 2 * (1 - 0.6914624612740131)
 ROW_UPDATE_KERNEL = "auto"
 # Dense float updates: "auto" = the fused Triton update on CUDA; "torch" / "triton" as above.
 DENSE_UPDATE_KERNEL = "auto"
+
+
+_KERNEL_FAILED: set[tuple] = set()
+
+
+def _kernel_or_none(key: tuple, launch):
+    """Run a Triton update kernel; if it cannot be compiled for this shape (seen: triton 3.6's
+    TritonGPUOptimizeThreadLocality pass on 16-column rows), warn once and return None so the
+    caller takes the torch rule. Compilation fails before the launch, so nothing was written."""
+    if key in _KERNEL_FAILED:
+        return None
+    try:
+        return launch()
+    except RuntimeError as e:
+        if "PassManager" not in str(e) and "compil" not in str(e).lower():
+            raise
+        _KERNEL_FAILED.add(key)
+        warnings.warn(f"Triton update kernel {key} failed to compile ({str(e).splitlines()[0]}); "
+                      "using the torch rule for it")
+        return None
 
 
 @dataclass(frozen=True)
@@ -335,9 +356,11 @@ class TernaryMatrix(nn.Module):
         if use and idx is None and self.tp_shard is None and grad.dtype == torch.float32:
             # One fused launch (arbd/ternary/triton_update.py), bit-identical to the rule below.
             from arbd.ternary.triton_update import dense_update
-            flips, moves = dense_update(self.packed, self.t_accum, self.exponent, self.e_accum,
-                                        grad, rule).tolist()
-            return {"trit_flips": int(flips), "scale_moves": int(moves), "rows": self.rows}
+            counts = _kernel_or_none(("dense", self.cols), lambda: dense_update(
+                self.packed, self.t_accum, self.exponent, self.e_accum, grad, rule))
+            if counts is not None:
+                flips, moves = counts.tolist()
+                return {"trit_flips": int(flips), "scale_moves": int(moves), "rows": self.rows}
         q, ev = self.quantize(grad, rule, idx)
         return self.apply_row_votes(idx, q, ev, rule)
 
@@ -350,9 +373,12 @@ class TernaryMatrix(nn.Module):
         use = ROW_UPDATE_KERNEL == "triton" or (ROW_UPDATE_KERNEL == "auto" and self.packed.is_cuda)
         if idx is not None and use and not self.is_partitioned:
             from arbd.ternary.triton_kernels import apply_votes_rows
-            flips, moves = apply_votes_rows(self.packed, self.t_accum, self.exponent, self.e_accum,
-                                            idx, votes, e_votes, rule).tolist()
-            return {"trit_flips": int(flips), "scale_moves": int(moves), "rows": int(idx.numel())}
+            counts = _kernel_or_none(("rows", self.cols), lambda: apply_votes_rows(
+                self.packed, self.t_accum, self.exponent, self.e_accum, idx, votes, e_votes, rule))
+            if counts is not None:
+                flips, moves = counts.tolist()
+                return {"trit_flips": int(flips), "scale_moves": int(moves),
+                        "rows": int(idx.numel())}
         return self._rewrite_rows(idx, lambda *st: apply_votes(*st, votes, e_votes, rule))
 
     def _rewrite_rows(self, idx: torch.Tensor | None, step) -> dict[str, int]:
