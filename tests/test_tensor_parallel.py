@@ -113,3 +113,55 @@ def test_shard_matrix_slices_and_refuses_bad_input():
     layer = MLA(CFG)
     with pytest.raises(ValueError, match="divide the 4 heads"):
         parallelize_mla(layer, None, 3, 0)
+
+
+def _tp_zero(rank, world):
+    """tp 2 x dp 2 (ranks 2d + t): MLA shards whose accumulators are ZeRO-partitioned over dp,
+    float64 evidence summed over dp, then one tuned-rule update per step."""
+    from arbd.ternary.zero import ZeroPartitioner
+    from arbd.ternary.update import UpdateStats, apply_ternary_update
+
+    dist = torch.distributed
+    groups = {"tp": [dist.new_group([0, 1]), dist.new_group([2, 3])],
+              "dp": [dist.new_group([0, 2]), dist.new_group([1, 3])]}
+    d, t = divmod(rank, 2)
+    layer = MLA(CFG, generator=torch.Generator().manual_seed(3))
+    parallelize_mla(layer, groups["tp"][d], 2, t)
+    zp = ZeroPartitioner(layer, groups["dp"][t], "summed", dtype=torch.float64)
+    assert all(p.matrix.is_partitioned for p in zp.parts if p.matrix.tp_shard is not None)
+    stats = UpdateStats()
+    for step in range(2):
+        x, w = _inputs(step, torch.float64)      # batch 2: one sequence per dp rank
+        (layer(x[d:d + 1]) * w[d:d + 1]).sum().backward()
+        apply_ternary_update(layer, TUNED_RULE, stats, reduce_evidence=zp)
+    sd = zp.gather_full_state()
+    out = {}
+    for name, m in layer.named_modules():
+        if isinstance(m, TernaryMatrix):
+            pre = f"{name}." if name else ""
+            parts = [packing.unpack_trits(sd[pre + "packed"], m.cols), sd[pre + "exponent"],
+                     sd[pre + "t_accum"], sd[pre + "e_accum"]]
+            sh = m.tp_shard
+            if sh is not None:
+                for i in (0, 2) if sh.dim == 1 else (0, 1, 2, 3):
+                    pieces = [torch.empty_like(parts[i]) for _ in range(2)]
+                    dist.all_gather(pieces, parts[i].contiguous(), group=sh.group)
+                    parts[i] = torch.cat(pieces, dim=sh.dim if parts[i].dim() > 1 else 0)
+            out[name] = parts
+    return out
+
+
+def test_tp2_dp2_with_zero_partitioned_shards_equals_one_rank():
+    layer = MLA(CFG, generator=torch.Generator().manual_seed(3))
+    for step in range(2):
+        x, w = _inputs(step, torch.float64)
+        (layer(x) * w).sum().backward()
+        for m in layer.modules():
+            if isinstance(m, TernaryMatrix) and m.has_evidence:
+                m.apply_update(TUNED_RULE)
+    ref = {n: [m.trits(), m.exponent, m.t_accum, m.e_accum]
+           for n, m in layer.named_modules() if isinstance(m, TernaryMatrix)}
+    for r, got in enumerate(run_on_ranks(_tp_zero, 4)):
+        for name, parts in ref.items():
+            for i, (a, b) in enumerate(zip(got[name], parts)):
+                assert torch.equal(a, b), f"rank {r}: {name} part {i} differs from one rank"

@@ -10,8 +10,9 @@ and `ParallelReducer(model, mesh, ...)` then becomes the model's ternary evidenc
 
 Who reduces which ternary evidence (ParallelReducer):
 - dense matrices replicated over dp (everything but experts and codebooks): over the dp group,
-  ZeRO-partitioned when the stage is >= 1 (tensor-parallel shards stay unpartitioned: their
-  update already needs the tp group, docs/decisions.md);
+  ZeRO-partitioned when the stage is >= 1 (tensor-parallel shards too: each rank then keeps the
+  accumulators of 1/(tp*dp) of an MLA matrix; a row block completes its row statistics over the
+  tp group, see TernaryMatrix.quantize);
 - expert matrices: over the expert-data-parallel group (the ranks holding the same experts);
   their owners already hold the evidence of every token of their ep group;
 - codebooks and KG edges: their owners apply the update (collective over the codebook group).
@@ -69,7 +70,7 @@ class ParallelReducer:
         self.owned = {id(m) for o in self.owners for m in o.modules() if isinstance(m, TernaryMatrix)}
         self.dp = make_ternary_reducer(
             model, mesh.dp_group, zero_stage=zero_stage, mode=mode, dtype=dtype,
-            partition=lambda name, m: m.tp_shard is None and not is_expert_matrix(name)) \
+            partition=lambda name, m: not is_expert_matrix(name)) \
             if zero_stage >= 1 else DPEvidenceReducer(mesh.dp_group, mode=mode, dtype=dtype)
         expert_world = dist.get_world_size(mesh.expert_dp_group)
         self.experts = DPEvidenceReducer(mesh.expert_dp_group, mode=mode, dtype=dtype) \

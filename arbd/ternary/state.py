@@ -23,7 +23,7 @@ from torch import nn
 from arbd.config import SCALE_K
 from arbd.ternary import packing
 from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, apply_votes, quantize_evidence,
-                               scale_grad, scale_votes, votes_from_scale_grad)
+                               scale_grad, votes_from_scale_grad)
 
 # With t = sign(w) * (|w| > 0.5 sigma), a Gaussian draw gives P(t != 0) ~= 0.617.
 _NONZERO_FRACTION = 2 * (1 - 0.6914624612740131)
@@ -263,20 +263,32 @@ class TernaryMatrix(nn.Module):
             self._row_votes.append((idx, q, ev))
 
     @torch.no_grad()
-    def quantize(self, g: torch.Tensor, rule: TernaryRule,
-                 idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def scale_grad(self, g: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """dL/dE of all rows or rows idx from their evidence g; a column shard adds the other
+        tp ranks' partial row sums (collective over the tp group)."""
+        trits = self.trits() if idx is None else packing.unpack_trits(self.packed[idx], self.cols)
+        exps = self.exponent if idx is None else self.exponent[idx]
+        sh = self.tp_shard
+        reduce = (lambda t: _tp_sum(t, sh.group)) if sh is not None and sh.dim == 1 else None
+        return scale_grad(g, trits, exps, reduce_rows=reduce)
+
+    def quantize(self, g: torch.Tensor, rule: TernaryRule, idx: torch.Tensor | None = None, *,
+                 mean_abs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """int32 (votes [n, cols], scale votes [n]) of float evidence g for all rows or rows idx.
 
         A tensor-parallel shard votes as its part of the whole matrix would: row ids and column
         positions are global for the hash, and what the rule takes over a whole row (a row split
         by columns: mean |g| and dL/dE) or over all rows (a matrix split by rows: the "norm"
-        scale mean) is summed over the tp group first. Collective over that group."""
+        scale mean) is summed over the tp group first. Collective over that group.
+        `mean_abs`: the "norm" scale mean over all rows of this (local) matrix when g holds only
+        some of them (a ZeRO row block); by default the mean over the rows given."""
         trits = self.trits() if idx is None else packing.unpack_trits(self.packed[idx], self.cols)
         exps = self.exponent if idx is None else self.exponent[idx]
         sh = self.tp_shard
         if sh is None:
+            g_e = scale_grad(g, trits, exps)
             return (quantize_evidence(g, rule, row_ids=idx).to(torch.int32),
-                    scale_votes(g, trits, exps, rule, idx).to(torch.int32))
+                    votes_from_scale_grad(g_e, rule, idx, mean_abs).to(torch.int32))
         local = torch.arange(self.rows, device=g.device) if idx is None else idx
         if sh.dim == 0:
             if rule.norm != "row" or self.cols < MIN_ROW_FOR_ROW_NORM:
@@ -286,10 +298,10 @@ class TernaryMatrix(nn.Module):
             gids = local + sh.offset
             q = quantize_evidence(g, rule, row_ids=gids)
             g_e = scale_grad(g, trits, exps)
-            mean_abs = None
-            if rule.scale_mode == "norm":
-                tot = _tp_sum(g_e.abs().sum().reshape(1), sh.group)
-                mean_abs = (tot / sh.global_size)[0]
+            if rule.learn_scales and rule.scale_mode == "norm":
+                # The whole matrix's mean: this shard's row sum (all its rows) over the tp group.
+                local_sum = g_e.abs().sum() if mean_abs is None else mean_abs * self.rows
+                mean_abs = (_tp_sum(local_sum.reshape(1), sh.group) / sh.global_size)[0]
             ev = votes_from_scale_grad(g_e, rule, gids, mean_abs)
             return q.to(torch.int32), ev.to(torch.int32)
         # dim 1: this rank holds columns [offset, offset + cols) of every row.
@@ -302,7 +314,7 @@ class TernaryMatrix(nn.Module):
                               row_len=sh.global_size)
         # dL/dE sums over the whole row: add the column blocks' partial sums.
         g_e = scale_grad(gf, trits, exps, reduce_rows=lambda t: _tp_sum(t, sh.group))
-        ev = votes_from_scale_grad(g_e, rule, idx)
+        ev = votes_from_scale_grad(g_e, rule, idx, mean_abs)
         return q.to(torch.int32), ev.to(torch.int32)
 
     def votes(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:

@@ -52,8 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from arbd.ternary.dp import WireStats, reduce_evidence_sign_votes, reduce_evidence_summed
-from arbd.ternary.packing import unpack_trits
-from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, quantize_evidence, scale_grad,
+from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, scale_grad,
                                votes_from_scale_grad)
 from arbd.ternary.state import TernaryMatrix
 from arbd.ternary.update import ternary_matrices
@@ -350,11 +349,12 @@ class ZeroPartitioner:
                 if rule.norm != "row":
                     raise ValueError('partitioned "summed" updates need rule.norm == "row" '
                                      "(a tensor-wide norm needs the whole gradient)")
-                ids = torch.arange(m.row_start, m.row_stop)
-                q = quantize_evidence(ev, rule, row_ids=ids)
-                g_e = scale_grad_rows(ev, _block_trits(m), m.exponent[m.row_start:m.row_stop])
-                e_votes = block_scale_votes(g_e, rule, ids, mean_abs.get(id(m)))
-                ev = q
+                if rule.learn_scales and rule.scale_mode == "norm" and id(m) not in mean_abs:
+                    raise ValueError('scale_mode "norm" needs the mean |dL/dE| over all rows')
+                # TernaryMatrix.quantize: global row ids for the hash, and a tensor-parallel
+                # shard's row statistics completed over its tp group.
+                ev, e_votes = m.quantize(ev, rule, torch.arange(m.row_start, m.row_stop),
+                                         mean_abs=mean_abs.get(id(m)))
             s = m.apply_block_votes(ev, e_votes, rule)
             local[0] += s["trit_flips"]
             local[1] += s["scale_moves"]
@@ -373,7 +373,7 @@ class ZeroPartitioner:
         for p in todo:
             m = p.matrix
             g, _ = self._pending[id(m)]
-            rows.append(scale_grad_rows(g, _block_trits(m), m.exponent[m.row_start:m.row_stop]))
+            rows.append(m.scale_grad(g, torch.arange(m.row_start, m.row_stop)))
         full = self._gather_rows(todo, [r[:, None] for r in rows], rows[0].dtype)
         return {id(p.matrix): f[:, 0].abs().mean() for p, f in zip(todo, full)}
 
@@ -467,10 +467,6 @@ class ZeroPartitioner:
         self.parts, self._by_id, self._pending = [], {}, {}
         if getattr(self.model, "ternary_evidence_reducer", None) is self:
             self.model.ternary_evidence_reducer = None
-
-
-def _block_trits(m: TernaryMatrix) -> torch.Tensor:
-    return unpack_trits(m.packed[m.row_start:m.row_stop], m.cols)
 
 
 def make_ternary_reducer(model: nn.Module, group=None, *, zero_stage: int, mode: str = "votes",
