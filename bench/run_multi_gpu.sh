@@ -2,6 +2,7 @@
 # Issue 11: the whole distributed stack on NCCL, on one multi-GPU node (nvidia-h200-x2/-x4/-x8).
 #
 #   bash bench/run_multi_gpu.sh [STEPS]        # writes $OUT (default runs/multi_gpu)/results.json
+#   (WEAK_STEPS=n shortens the weak-scaling runs)
 #
 # 1. correctness: `deepspeed launch/pretrain.py` on all N GPUs with shard_plans/gpu-N.yaml (tp 2,
 #    ep 2 or 4, codebooks over all ranks where N allows) for STEPS (50) steps, against one GPU
@@ -70,7 +71,7 @@ train 1 "$(plan one 1 1 1 4 "$DP")" "$OUT/one"
 # 2. weak scaling (fixed micro-batch per GPU)
 G=1
 while [ "$G" -le "$N" ]; do
-  train "$G" "$(plan weak$G "$G" 1 "$G" 4 1)" "$OUT/weak$G" --no-save
+  STEPS=${WEAK_STEPS:-$STEPS} train "$G" "$(plan weak$G "$G" 1 "$G" 4 1)" "$OUT/weak$G" --no-save
   G=$((G * 2))
 done
 

@@ -58,7 +58,7 @@ def _all_gather_var(t: torch.Tensor, group) -> list[torch.Tensor]:
     dist.all_gather(ns, n, group=group)
     ns = [int(x) for x in ns]
     m = max(ns)
-    pad = torch.zeros((m,) + tuple(t.shape[1:]), dtype=t.dtype)
+    pad = torch.zeros((m,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
     pad[:t.shape[0]] = t
     outs = [torch.empty_like(pad) for _ in range(w)]
     dist.all_gather(outs, pad, group=group)
@@ -111,11 +111,11 @@ def reduce_evidence_sign_votes(mats: Mats, group=None, *, rule: TernaryRule | No
         m = mats[i][1]
         idx, v, e = m.votes()
         if v is None:
-            v = torch.zeros(m.rows, m.cols, dtype=torch.int32)
-            e = torch.zeros(m.rows, dtype=torch.int32)
+            v = torch.zeros(m.rows, m.cols, dtype=torch.int32, device=m.packed.device)
+            e = torch.zeros(m.rows, dtype=torch.int32, device=m.packed.device)
         elif idx is not None:  # sparse here, dense on another rank: densify
-            v = torch.zeros(m.rows, m.cols, dtype=torch.int32).index_add_(0, idx, v)
-            e = torch.zeros(m.rows, dtype=torch.int32).index_add_(0, idx, e)
+            v = torch.zeros(m.rows, m.cols, dtype=torch.int32, device=v.device).index_add_(0, idx, v)
+            e = torch.zeros(m.rows, dtype=torch.int32, device=e.device).index_add_(0, idx, e)
         bufs += [v.reshape(-1), e.reshape(-1)]
         shapes.append((m.rows, m.cols))
     if bufs:
@@ -129,7 +129,7 @@ def reduce_evidence_sign_votes(mats: Mats, group=None, *, rule: TernaryRule | No
             packed = packing.pack_trits(flat.to(torch.int8))
             outs = [torch.empty_like(packed) for _ in range(w)]
             dist.all_gather(outs, packed, group=group)
-            total = torch.zeros(flat.numel(), dtype=torch.int32)
+            total = torch.zeros(flat.numel(), dtype=torch.int32, device=flat.device)
             for o in outs:  # rank order; integer sums are exact anyway
                 total += packing.unpack_trits(o, flat.numel()).to(torch.int32)
             payload = packed.numel()
@@ -150,9 +150,10 @@ def reduce_evidence_sign_votes(mats: Mats, group=None, *, rule: TernaryRule | No
             continue
         idx, v, e = m.votes()
         if idx is None:
-            idx = torch.zeros(0, dtype=torch.int64)
-            v = torch.zeros(0, m.cols, dtype=torch.int32)
-            e = torch.zeros(0, dtype=torch.int32)
+            dv = m.packed.device
+            idx = torch.zeros(0, dtype=torch.int64, device=dv)
+            v = torch.zeros(0, m.cols, dtype=torch.int32, device=dv)
+            e = torch.zeros(0, dtype=torch.int32, device=dv)
         ids = _all_gather_var(idx, group)
         vs = _all_gather_var(v, group)
         es = _all_gather_var(e, group)
@@ -165,8 +166,10 @@ def reduce_evidence_sign_votes(mats: Mats, group=None, *, rule: TernaryRule | No
                 m.mark_nonfinite()
             continue
         uniq, inv = torch.unique(allid, sorted=True, return_inverse=True)
-        vv = torch.zeros(uniq.numel(), m.cols, dtype=torch.int32).index_add_(0, inv, torch.cat(vs))
-        ee = torch.zeros(uniq.numel(), dtype=torch.int32).index_add_(0, inv, torch.cat(es))
+        vv = torch.zeros(uniq.numel(), m.cols, dtype=torch.int32, device=allid.device).index_add_(
+            0, inv, torch.cat(vs))
+        ee = torch.zeros(uniq.numel(), dtype=torch.int32, device=allid.device).index_add_(
+            0, inv, torch.cat(es))
         m.set_votes(uniq, vv, ee, nonfinite=int(flags[n + i]) > 0)
     if stats is not None:
         stats.calls += 1
@@ -190,9 +193,9 @@ def reduce_evidence_summed(mats: Mats, group=None, *, dtype: torch.dtype = torch
         m = mats[i][1]
         idx, g = m.evidence()
         if g is None:
-            g = torch.zeros(m.rows, m.cols)
+            g = torch.zeros(m.rows, m.cols, device=m.packed.device)
         elif idx is not None:  # sparse here, dense on another rank: densify
-            g = torch.zeros(m.rows, m.cols, dtype=g.dtype).index_add_(0, idx, g)
+            g = torch.zeros(m.rows, m.cols, dtype=g.dtype, device=g.device).index_add_(0, idx, g)
         bufs.append(g.reshape(-1))
     if bufs:
         acc = torch.float64 if dtype == torch.float64 else torch.float32  # float64 runs stay exact
@@ -212,8 +215,8 @@ def reduce_evidence_summed(mats: Mats, group=None, *, dtype: torch.dtype = torch
         if i not in order:
             idx, g = m.evidence()
             if idx is None:
-                idx = torch.zeros(0, dtype=torch.int64)
-                g = torch.zeros(0, m.cols)
+                idx = torch.zeros(0, dtype=torch.int64, device=m.packed.device)
+                g = torch.zeros(0, m.cols, device=m.packed.device)
             ids = _all_gather_var(idx, group)
             gs = _all_gather_var(g.to(dtype), group)
             if stats is not None:

@@ -234,8 +234,10 @@ class ZeroPartitioner:
             if ev is not None and idx is not None:
                 # Sparse rows only here: densify. dp = 1 takes the dense path as soon as any
                 # micro-batch is dense; if none is, the check below refuses the step.
-                v = torch.zeros(m.rows, m.cols, dtype=ev[0].dtype).index_add_(0, idx, ev[0])
-                e = None if ev[1] is None else torch.zeros(m.rows, dtype=ev[1].dtype).index_add_(0, idx, ev[1])
+                dv = ev[0].device
+                v = torch.zeros(m.rows, m.cols, dtype=ev[0].dtype, device=dv).index_add_(0, idx, ev[0])
+                e = None if ev[1] is None else \
+                    torch.zeros(m.rows, dtype=ev[1].dtype, device=dv).index_add_(0, idx, ev[1])
                 ev = (v, e)
                 info[n + i] = 1
             elif ev is not None:
@@ -267,6 +269,7 @@ class ZeroPartitioner:
 
     def _exchange(self, mats: list[TernaryMatrix], local: list, max_vote: int) -> None:
         w, me = self.world, self.rank
+        dev = mats[0].packed.device   # the payload stays on the GPU (NCCL); flags use gloo
         votes = self.mode == "votes"
         if votes:
             bound = max_vote if self.exchange == "all_to_all" else max_vote * w
@@ -283,8 +286,8 @@ class ZeroPartitioner:
         def block(m: TernaryMatrix, ev, d: int) -> list[torch.Tensor]:
             a, b = self._by_id[id(m)].blocks[d]
             if ev is None:  # no evidence here this step, some on another rank
-                z = [torch.zeros((b - a) * m.cols, dtype=wire_dtype)]
-                return z + ([torch.zeros(b - a, dtype=wire_dtype)] if votes else [])
+                z = [torch.zeros((b - a) * m.cols, dtype=wire_dtype, device=dev)]
+                return z + ([torch.zeros(b - a, dtype=wire_dtype, device=dev)] if votes else [])
             out = [ev[0][a:b].reshape(-1).to(wire_dtype)]
             return out + ([ev[1][a:b].to(wire_dtype)] if votes else [])
 
@@ -295,13 +298,13 @@ class ZeroPartitioner:
         # votes carry each row's scale vote after its trit votes
         seg = [sum(rows_of(m, d) * (m.cols + int(votes)) for m in mats) for d in range(w)]
         sends = [torch.cat([t for m, ev in zip(mats, local) for t in block(m, ev, d)]) if seg[d] else
-                 torch.zeros(0, dtype=wire_dtype) for d in range(w)]
+                 torch.zeros(0, dtype=wire_dtype, device=dev) for d in range(w)]
         el = torch.empty(0, dtype=wire_dtype).element_size()
         if w == 1:
             total = sends[0].to(acc_dtype)
         elif self.exchange == "all_to_all":
             send = torch.cat(sends)
-            recv = torch.empty(w * seg[me], dtype=wire_dtype)
+            recv = torch.empty(w * seg[me], dtype=wire_dtype, device=dev)
             dist.all_to_all_single(recv, send, [seg[me]] * w, seg, group=self.group)
             total = recv[:seg[me]].to(acc_dtype, copy=True)
             for s in range(1, w):  # rank order: the order dp = 1 adds its micro-batches
@@ -309,10 +312,10 @@ class ZeroPartitioner:
             self.stats.exchange_bytes += (sum(seg) - seg[me]) * el
         else:
             mx = max(seg)
-            send = torch.zeros(w * mx, dtype=wire_dtype)
+            send = torch.zeros(w * mx, dtype=wire_dtype, device=dev)
             for d in range(w):
                 send[d * mx:d * mx + seg[d]] = sends[d]
-            out = torch.empty(mx, dtype=wire_dtype)
+            out = torch.empty(mx, dtype=wire_dtype, device=dev)
             _reduce_scatter(out, send, self.group)
             total = out[:seg[me]].to(acc_dtype)
             self.stats.exchange_bytes += (w - 1) * mx * el  # a ring moves W-1 padded blocks
@@ -353,8 +356,8 @@ class ZeroPartitioner:
                     raise ValueError('scale_mode "norm" needs the mean |dL/dE| over all rows')
                 # TernaryMatrix.quantize: global row ids for the hash, and a tensor-parallel
                 # shard's row statistics completed over its tp group.
-                ev, e_votes = m.quantize(ev, rule, torch.arange(m.row_start, m.row_stop),
-                                         mean_abs=mean_abs.get(id(m)))
+                rows = torch.arange(m.row_start, m.row_stop, device=ev.device)
+                ev, e_votes = m.quantize(ev, rule, rows, mean_abs=mean_abs.get(id(m)))
             s = m.apply_block_votes(ev, e_votes, rule)
             local[0] += s["trit_flips"]
             local[1] += s["scale_moves"]
@@ -373,7 +376,7 @@ class ZeroPartitioner:
         for p in todo:
             m = p.matrix
             g, _ = self._pending[id(m)]
-            rows.append(m.scale_grad(g, torch.arange(m.row_start, m.row_stop)))
+            rows.append(m.scale_grad(g, torch.arange(m.row_start, m.row_stop, device=g.device)))
         full = self._gather_rows(todo, [r[:, None] for r in rows], rows[0].dtype)
         return {id(p.matrix): f[:, 0].abs().mean() for p, f in zip(todo, full)}
 
@@ -386,12 +389,13 @@ class ZeroPartitioner:
             return [b.clone() for b in blocks]
         sizes = [max(b1 - b0 for b0, b1 in p.blocks) * t.shape[1] for p, t in zip(todo, blocks)]
         seg = sum(sizes)
-        send = torch.zeros(seg, dtype=dtype)
+        dev = blocks[0].device
+        send = torch.zeros(seg, dtype=dtype, device=dev)
         off = 0
         for t, k in zip(blocks, sizes):
             send[off:off + t.numel()] = t.reshape(-1)
             off += k
-        out = torch.empty(w * seg, dtype=dtype)
+        out = torch.empty(w * seg, dtype=dtype, device=dev)
         _all_gather_into(out, send, self.group)
         nbytes = (w - 1) * seg * send.element_size()
         if count == "control":
@@ -401,7 +405,7 @@ class ZeroPartitioner:
         fulls, off = [], 0
         for p, t, k in zip(todo, blocks, sizes):
             cols = t.shape[1]
-            full = torch.empty(p.matrix.rows, cols, dtype=dtype)
+            full = torch.empty(p.matrix.rows, cols, dtype=dtype, device=dev)
             for s, (a, b) in enumerate(p.blocks):
                 full[a:b] = out[s * seg + off:s * seg + off + (b - a) * cols].reshape(b - a, cols)
             fulls.append(full)
