@@ -25,7 +25,7 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONPATH=$PWD${PYTHONPATH:+:$P
 if ! python3 -c "import deepspeed" 2>/dev/null && [ -d .whl ]; then
   # shellcheck disable=SC2046
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site $(find .whl -name '*.whl')
+    --target /tmp/site $(find .whl -type f -name '*.whl')
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 # ARBD_GPUS/PRESET/SEQ/DTYPE/BACKEND: a CPU dry run of this script (gloo), e.g.
