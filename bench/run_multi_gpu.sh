@@ -26,7 +26,7 @@ if ! python3 -c "import deepspeed" 2>/dev/null && [ -d .whl ]; then
   # shellcheck disable=SC2046
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site $(find .whl -type f -name '*.whl')
-  export PYTHONPATH=$PYTHONPATH:/tmp/site
+  export PYTHONPATH=$PYTHONPATH:/tmp/site PATH=/tmp/site/bin:$PATH
 fi
 # ARBD_GPUS/PRESET/SEQ/DTYPE/BACKEND: a CPU dry run of this script (gloo), e.g.
 #   ARBD_GPUS=2 ARBD_PRESET=arb-tiny ARBD_SEQ=32 ARBD_DTYPE=fp32 ARBD_BACKEND=torch bash bench/run_multi_gpu.sh 3
