@@ -228,3 +228,17 @@ def test_dense_path_matches_reference():
     assert y.dtype == gx.dtype == torch.float16
     assert _rel_err(y, x.cpu().double() @ w.t()) < 2e-3
     assert _rel_err(gx, gy.cpu().double() @ w) < 2e-3
+
+
+def test_empty_inputs_through_the_triton_backend():
+    """An expert-parallel ACT step can leave a rank with no running tokens: every op of the
+    triton backend must accept zero rows (seen on 2 H200s before the fix)."""
+    from arbd.ternary import ops
+    from arbd.ternary.state import TernaryMatrix
+
+    m = TernaryMatrix(6, 7, generator=torch.Generator().manual_seed(0))
+    x = torch.zeros(0, 3, 7)
+    assert ops.linear_forward(x, m.packed, m.exponent, 7, "triton").shape == (0, 3, 6)
+    assert ops.linear_grad_input(torch.zeros(0, 6), m.packed, m.exponent, 7, "triton").shape == (0, 7)
+    g = ops.weight_grad(torch.zeros(0, 6), torch.zeros(0, 7), "triton")
+    assert g.shape == (6, 7) and not g.any()

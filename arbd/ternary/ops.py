@@ -37,7 +37,10 @@ def linear_forward(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {k}")
     if backend == "triton":
-        return _triton().ternary_matmul(x.reshape(-1, k), packed, exponent, k).reshape(*x.shape[:-1], -1)
+        if x.numel() == 0:   # e.g. an expert-parallel ACT step with no running tokens here
+            return x.new_zeros(*x.shape[:-1], packed.shape[0])
+        y = _triton().ternary_matmul(x.reshape(-1, k), packed, exponent, k)
+        return y.reshape(*x.shape[:-1], packed.shape[0])
     return x @ packing.decode(packed, exponent, k, x.dtype).t()
 
 
@@ -45,6 +48,8 @@ def linear_grad_input(gy: torch.Tensor, packed: torch.Tensor, exponent: torch.Te
                       backend: str = "torch") -> torch.Tensor:
     if backend == "triton":
         n = gy.shape[-1]
+        if gy.numel() == 0:
+            return gy.new_zeros(*gy.shape[:-1], k)
         return _triton().ternary_matmul_grad_input(gy.reshape(-1, n), packed, exponent, k).reshape(*gy.shape[:-1], k)
     return gy @ packing.decode(packed, exponent, k, gy.dtype)
 
@@ -53,6 +58,8 @@ def weight_grad(gy: torch.Tensor, x: torch.Tensor, backend: str = "torch") -> to
     gy2 = gy.reshape(-1, gy.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     if backend == "triton":
+        if gy2.shape[0] == 0:   # no rows: a zero gradient, as the matmul would give
+            return torch.zeros(gy2.shape[1], x2.shape[1], dtype=torch.float32, device=gy.device)
         return _triton().weight_grad(gy2, x2)
     out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return gy2.t().to(out_dtype) @ x2.to(out_dtype)
