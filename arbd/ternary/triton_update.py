@@ -32,16 +32,11 @@ import triton.language as tl
 from arbd.config import SCALE_K, TRITS_PER_BYTE
 from arbd.ternary import packing
 from arbd.ternary.rule import ACC_MAX, MIN_ROW_FOR_ROW_NORM, TernaryRule, _salt_mix
+from arbd.ternary.triton_kernels import _trunc_div  # the integer rule's truncating division
 
 assert TRITS_PER_BYTE == 5, "triton_update assumes 5 trits per byte"
 
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: fp32 x + M - M rounds half to even
-
-
-@triton.jit
-def _trunc_div(a, d):
-    q = tl.abs(a) // d
-    return tl.where(a < 0, -q, q)
 
 
 @triton.jit
