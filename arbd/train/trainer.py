@@ -62,6 +62,9 @@ def build_parser(description: str, *, lightweight_text: bool = False) -> argpars
     p.add_argument("--backend", default=None, choices=["torch", "triton", "tilelang"],
                    help="ternary kernels (default: the plan's; triton on GPU)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="steps over which the ternary evidence rate ramps up (0: steps / 20, at "
+                        "least 1); short runs of larger presets train more stably with more")
     p.add_argument("--wall-clock-breakdown", action="store_true",
                    help="DeepSpeed's forward/backward/step timers at every log interval")
     for flag in ("vq", "graph", "moe", "attention"):
@@ -132,7 +135,8 @@ class Trainer:
         self.optimizer = TernaryOptimizer(
             [p for p in model.parameters() if p.requires_grad], model, lr=1e-3,
             micro_batches=model.ternary_micro_batches,
-            rate_schedule=lambda s: warmup_cosine(s, args.steps, warmup=max(1, args.steps // 20)))
+            rate_schedule=lambda s: warmup_cosine(s, args.steps, warmup=args.warmup_steps
+                                                  or max(1, args.steps // 20)))
         ds_config = plan.deepspeed_config()
         self.out = Path(args.out)
         # DeepSpeed's own timers (forward / backward / step, printed every steps_per_print).
