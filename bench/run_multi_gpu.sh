@@ -2,7 +2,7 @@
 # Issue 11: the whole distributed stack on NCCL, on one multi-GPU node (nvidia-h200-x2/-x4/-x8).
 #
 #   bash bench/run_multi_gpu.sh [STEPS]        # writes $OUT (default runs/multi_gpu)/results.json
-#   (WEAK_STEPS=n shortens the weak-scaling runs)
+#   (WEAK_STEPS=n shortens the weak-scaling runs; TRAIN_ARGS="--warmup-steps 10" adds trainer flags)
 #
 # 1. correctness: `deepspeed launch/pretrain.py` on all N GPUs with shard_plans/gpu-N.yaml (tp 2,
 #    ep 2 or 4, codebooks over all ranks where N allows) for STEPS (50) steps, against one GPU
@@ -54,7 +54,7 @@ train() {  # ngpus plan out [extra args]
   shift 3
   deepspeed --num_gpus "$n" --master_port $((29600 + RANDOM % 1000)) launch/pretrain.py \
     --plan "$p" --steps "$STEPS" --no-progress --val-windows 16 --out "$o" \
-    --save-dir "$o/ckpt" --save-interval "$STEPS" "$@" 2>&1 | tee "$o.log" | grep -E "^(step|arbd)" || true
+    --save-dir "$o/ckpt" --save-interval "$STEPS" ${TRAIN_ARGS:-} "$@" 2>&1 | tee "$o.log" | grep -E "^(step|arbd)" || true
   test -f "$o/history.json"
 }
 
