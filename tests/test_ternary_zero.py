@@ -16,8 +16,7 @@ from arbd.ternary import (TernaryEmbeddingTable, TernaryLinear, TernaryMatrix, T
                           TernaryRule, TernaryUpdateMixin)
 from arbd.ternary.rule import quantize_evidence, scale_votes
 from arbd.ternary.update import commit_micro_batch
-from arbd.ternary.zero import (ZeroPartitioner, block_scale_votes, make_ternary_reducer, row_blocks,
-                               scale_grad_rows)
+from arbd.ternary.zero import ZeroPartitioner, make_ternary_reducer, row_blocks
 from arbd.train.optim import TernaryOptimizer
 
 RULE = TernaryRule(threshold=6, evidence_rate=4.0, rounding="stochastic", scale_mode="norm",
@@ -192,12 +191,15 @@ def test_block_quantisation_with_a_gathered_scale_norm_equals_the_whole_matrix()
     want_q = quantize_evidence(grad, RULE)
     want_e = scale_votes(grad, trits, m.exponent, RULE)
     assert want_q.abs().sum() > 0 and want_e.abs().sum() > 0
-    g_e = torch.cat([scale_grad_rows(grad[a:b], trits[a:b], m.exponent[a:b]) for a, b in row_blocks(7, 3)])
+    g_e = torch.cat([m.scale_grad(grad[a:b], torch.arange(a, b)) for a, b in row_blocks(7, 3)])
     mean_abs = g_e.abs().mean()  # what the ranks compute from the all-gathered rows
     for a, b in row_blocks(7, 3):
         ids = torch.arange(a, b)
         assert torch.equal(quantize_evidence(grad[a:b], RULE, row_ids=ids), want_q[a:b])
-        assert torch.equal(block_scale_votes(g_e[a:b], RULE, ids, mean_abs), want_e[a:b])
+        # the partitioner's block path (zero.py): TernaryMatrix.quantize with the gathered mean
+        q, e = m.quantize(grad[a:b], RULE, ids, mean_abs=mean_abs)
+        assert torch.equal(q, want_q[a:b].to(torch.int32))
+        assert torch.equal(e, want_e[a:b].to(torch.int32))
 
 
 def test_partitioned_matrix_frees_accumulators_refuses_whole_updates_and_round_trips():

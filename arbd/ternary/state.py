@@ -263,17 +263,22 @@ class TernaryMatrix(nn.Module):
             self._row_votes.append((idx, q, ev))
 
     @torch.no_grad()
+    def _trits_and_exponents(self, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if idx is None:
+            return self.trits(), self.exponent
+        return packing.unpack_trits(self.packed[idx], self.cols), self.exponent[idx]
+
     def scale_grad(self, g: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """dL/dE of all rows or rows idx from their evidence g; a column shard adds the other
         tp ranks' partial row sums (collective over the tp group)."""
-        trits = self.trits() if idx is None else packing.unpack_trits(self.packed[idx], self.cols)
-        exps = self.exponent if idx is None else self.exponent[idx]
+        trits, exps = self._trits_and_exponents(idx)
         sh = self.tp_shard
         reduce = (lambda t: _tp_sum(t, sh.group)) if sh is not None and sh.dim == 1 else None
         return scale_grad(g, trits, exps, reduce_rows=reduce)
 
     def quantize(self, g: torch.Tensor, rule: TernaryRule, idx: torch.Tensor | None = None, *,
-                 mean_abs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 mean_abs: torch.Tensor | None = None,
+                 g_e: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """int32 (votes [n, cols], scale votes [n]) of float evidence g for all rows or rows idx.
 
         A tensor-parallel shard votes as its part of the whole matrix would: row ids and column
@@ -281,12 +286,12 @@ class TernaryMatrix(nn.Module):
         by columns: mean |g| and dL/dE) or over all rows (a matrix split by rows: the "norm"
         scale mean) is summed over the tp group first. Collective over that group.
         `mean_abs`: the "norm" scale mean over all rows of this (local) matrix when g holds only
-        some of them (a ZeRO row block); by default the mean over the rows given."""
-        trits = self.trits() if idx is None else packing.unpack_trits(self.packed[idx], self.cols)
-        exps = self.exponent if idx is None else self.exponent[idx]
+        some of them (a ZeRO row block); by default the mean over the rows given. `g_e`: these
+        rows' dL/dE when the caller has it already (`scale_grad`, same arithmetic)."""
+        trits, exps = self._trits_and_exponents(idx)
         sh = self.tp_shard
         if sh is None:
-            g_e = scale_grad(g, trits, exps)
+            g_e = scale_grad(g, trits, exps) if g_e is None else g_e
             return (quantize_evidence(g, rule, row_ids=idx).to(torch.int32),
                     votes_from_scale_grad(g_e, rule, idx, mean_abs).to(torch.int32))
         local = torch.arange(self.rows, device=g.device) if idx is None else idx
@@ -297,7 +302,7 @@ class TernaryMatrix(nn.Module):
                                  f"{MIN_ROW_FOR_ROW_NORM} columns")
             gids = local + sh.offset
             q = quantize_evidence(g, rule, row_ids=gids)
-            g_e = scale_grad(g, trits, exps)
+            g_e = scale_grad(g, trits, exps) if g_e is None else g_e
             if rule.learn_scales and rule.scale_mode == "norm":
                 # The whole matrix's mean: this shard's row sum (all its rows) over the tp group.
                 local_sum = g_e.abs().sum() if mean_abs is None else mean_abs * self.rows
@@ -313,7 +318,8 @@ class TernaryMatrix(nn.Module):
         q = quantize_evidence(gf, rule, row_ids=idx, norm=norm, col_offset=sh.offset,
                               row_len=sh.global_size)
         # dL/dE sums over the whole row: add the column blocks' partial sums.
-        g_e = scale_grad(gf, trits, exps, reduce_rows=lambda t: _tp_sum(t, sh.group))
+        if g_e is None:
+            g_e = scale_grad(gf, trits, exps, reduce_rows=lambda t: _tp_sum(t, sh.group))
         ev = votes_from_scale_grad(g_e, rule, idx, mean_abs)
         return q.to(torch.int32), ev.to(torch.int32)
 

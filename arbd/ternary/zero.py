@@ -52,8 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from arbd.ternary.dp import WireStats, reduce_evidence_sign_votes, reduce_evidence_summed
-from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, scale_grad,
-                               votes_from_scale_grad)
+from arbd.ternary.rule import MIN_ROW_FOR_ROW_NORM, TernaryRule
 from arbd.ternary.state import TernaryMatrix
 from arbd.ternary.update import ternary_matrices
 
@@ -124,18 +123,6 @@ def _is_sparse_owned(model: nn.Module) -> set[int]:
         if getattr(mod, "sparse", False) is True:
             out.update(id(m) for m in mod.modules() if isinstance(m, TernaryMatrix))
     return out
-
-
-# Kept as names the tests use; the one implementation lives in rule.py.
-scale_grad_rows = scale_grad
-
-
-def block_scale_votes(g_e: torch.Tensor, rule: TernaryRule, row_ids: torch.Tensor,
-                      mean_abs: torch.Tensor | None) -> torch.Tensor:
-    """Scale votes of one row block; scale_mode "norm" needs the whole matrix's mean |dL/dE|."""
-    if rule.learn_scales and rule.scale_mode == "norm" and mean_abs is None:
-        raise ValueError('scale_mode "norm" needs the mean |dL/dE| over all rows')
-    return votes_from_scale_grad(g_e, rule, row_ids, mean_abs)
 
 
 class ZeroPartitioner:
@@ -343,7 +330,7 @@ class ZeroPartitioner:
                 s = m.apply_update(rule)
                 flips, moves = flips + s["trit_flips"], moves + s["scale_moves"]
         todo = [p for p in self.parts if id(p.matrix) in self._pending]
-        mean_abs = self._scale_norms(todo, rule) if self.mode == "summed" else {}
+        mean_abs, block_g_e = self._scale_norms(todo, rule) if self.mode == "summed" else ({}, {})
         local = torch.zeros(2, dtype=torch.int64)
         for p in todo:
             m = p.matrix
@@ -357,7 +344,8 @@ class ZeroPartitioner:
                 # TernaryMatrix.quantize: global row ids for the hash, and a tensor-parallel
                 # shard's row statistics completed over its tp group.
                 rows = torch.arange(m.row_start, m.row_stop, device=ev.device)
-                ev, e_votes = m.quantize(ev, rule, rows, mean_abs=mean_abs.get(id(m)))
+                ev, e_votes = m.quantize(ev, rule, rows, mean_abs=mean_abs.get(id(m)),
+                                         g_e=block_g_e.get(id(m)))
             s = m.apply_block_votes(ev, e_votes, rule)
             local[0] += s["trit_flips"]
             local[1] += s["scale_moves"]
@@ -368,17 +356,20 @@ class ZeroPartitioner:
             self.stats.control_bytes += local.numel() * 8
         return {"trit_flips": flips + int(local[0]), "scale_moves": moves + int(local[1])}
 
-    def _scale_norms(self, todo: list[_Part], rule: TernaryRule) -> dict[int, torch.Tensor]:
-        """Mean |dL/dE| over all rows of each matrix (summed mode, scale_mode "norm")."""
+    def _scale_norms(self, todo: list[_Part], rule: TernaryRule
+                     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Mean |dL/dE| over all rows of each matrix (summed mode, scale_mode "norm"), and this
+        rank's block of dL/dE rows (reused by the quantisation, not computed twice)."""
         if not (rule.learn_scales and rule.scale_mode == "norm") or not todo:
-            return {}
+            return {}, {}
         rows = []
         for p in todo:
             m = p.matrix
             g, _ = self._pending[id(m)]
             rows.append(m.scale_grad(g, torch.arange(m.row_start, m.row_stop, device=g.device)))
         full = self._gather_rows(todo, [r[:, None] for r in rows], rows[0].dtype)
-        return {id(p.matrix): f[:, 0].abs().mean() for p, f in zip(todo, full)}
+        return ({id(p.matrix): f[:, 0].abs().mean() for p, f in zip(todo, full)},
+                {id(p.matrix): r for p, r in zip(todo, rows)})
 
     def _gather_rows(self, todo: list[_Part], blocks: list[torch.Tensor],
                      dtype: torch.dtype, count: str = "control") -> list[torch.Tensor]:
