@@ -111,11 +111,7 @@ def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats
         _skip(model, hooks)
         return False
     if getattr(reduce_evidence, "wants_votes", False) or any(m.has_votes for _, m in mats):
-        mb_rule = rule.scaled(rate_mult / micro_batches)
-        for _, m in mats:
-            m.commit_micro_batch(mb_rule)
-        for owner in owners:
-            owner.commit_micro_batch(mb_rule)
+        commit_micro_batch(model, rule, micro_batches=micro_batches, rate_mult=rate_mult)
     if not loss_ok:
         for _, m in mats:
             m.mark_nonfinite()
