@@ -91,18 +91,22 @@ class MoEGraph(nn.Module):
         balance = self.n_experts * (frac * probs.mean(0)).sum() if x.shape[0] else probs.sum()
         return top_i, top_w.to(x.dtype), balance
 
+    def run_experts(self, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Each row of `rows` through the expert `expert_ids` names (experts this module holds),
+        in row order per expert. `rows * 0`, not zeros_like: the result stays in the autograd
+        graph even with no rows, so an expert-parallel backward enters every exchange."""
+        y = rows * 0
+        for key, expert in self.experts.items():
+            sel = (expert_ids == int(key)).nonzero().flatten()
+            if sel.numel():
+                y = y.index_copy(0, sel, expert(rows[sel]))
+        return y
+
     def dispatch(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         """Run each expert on its rows and combine (local version; EP swaps in all-to-all)."""
-        out = torch.zeros_like(x)
-        flat_e = top_i.reshape(-1)
         flat_row = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
-        flat_w = top_w.reshape(-1)
-        for key, expert in self.experts.items():
-            sel = (flat_e == int(key)).nonzero().flatten()
-            if sel.numel():
-                rows = flat_row[sel]
-                out = out.index_add(0, rows, expert(x[rows]) * flat_w[sel, None])
-        return out
+        y = self.run_experts(x[flat_row], top_i.reshape(-1))
+        return torch.zeros_like(x).index_add(0, flat_row, y * top_w.reshape(-1)[:, None])
 
     def keep_running(self, n_running: int) -> bool:
         """Whether the ACT loop goes on (expert parallelism makes this a collective decision,

@@ -75,14 +75,7 @@ class ExpertParallelDispatch:
         e_recv = torch.empty(sum(recv_l), dtype=flat_e.dtype, device=x.device)
         dist.all_to_all_single(e_recv, flat_e[order].contiguous(), recv_l, send_l, group=self.group)
         rows = all_to_all(x[flat_row[order]], send_l, recv_l, self.group)
-        # `rows * 0`, not zeros_like: y must stay in the graph even when this rank received no
-        # rows, or its backward would skip the reverse exchange that its peers enter.
-        y = rows * 0
-        for key, expert in self.moe.experts.items():
-            sel = (e_recv == int(key)).nonzero().flatten()
-            if sel.numel():
-                y = y.index_copy(0, sel, expert(rows[sel]))
-        back = all_to_all(y, recv_l, send_l, self.group)
+        back = all_to_all(self.moe.run_experts(rows, e_recv), recv_l, send_l, self.group)
         self.stats["dispatches"] += 1
         sent = sum(send_l) - send_l[dist.get_rank(self.group)]
         self.stats["rows_sent"] += sent
