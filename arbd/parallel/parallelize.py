@@ -68,10 +68,10 @@ class ParallelReducer:
         self.model, self.mesh = model, mesh
         self.owners = evidence_owners(model)
         self.owned = {id(m) for o in self.owners for m in o.modules() if isinstance(m, TernaryMatrix)}
+        # The ZeRO stage picks the dp reducer (stage 0: all-reduce, >= 1: partitioned rows).
         self.dp = make_ternary_reducer(
             model, mesh.dp_group, zero_stage=zero_stage, mode=mode, dtype=dtype,
-            partition=lambda name, m: not is_expert_matrix(name)) \
-            if zero_stage >= 1 else DPEvidenceReducer(mesh.dp_group, mode=mode, dtype=dtype)
+            partition=lambda name, m: not is_expert_matrix(name))
         expert_world = dist.get_world_size(mesh.expert_dp_group)
         self.experts = DPEvidenceReducer(mesh.expert_dp_group, mode=mode, dtype=dtype) \
             if expert_world > 1 else None
