@@ -55,7 +55,7 @@ def probe_update(rows: int = 8192, cols: int = 8192) -> float:
 def run_plan(path: str, steps: int) -> dict:
     plan = load_plan(path)
     cfg = planner.training_config(plan.preset)
-    dtype = torch.bfloat16 if plan.dtype == "bf16" else torch.float32
+    dtype = plan.torch_dtype
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -274,7 +274,7 @@ def run_ternary(a: argparse.Namespace) -> dict:
     opt = TernaryOptimizer([p for p in model.parameters() if p.requires_grad], model, lr=1e-3,
                            micro_batches=model.ternary_micro_batches,
                            rate_schedule=lambda s: warmup_cosine(s, total_steps, warmup=1))
-    dtype = {"bf16": torch.bfloat16, "fp64": torch.float64}.get(plan.dtype, torch.float32)
+    dtype = plan.torch_dtype
     engine, mode = None, "deepspeed engine (plan's config) + TernaryOptimizer"
     try:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from arbd.config import PRESETS, get_preset
@@ -45,6 +46,11 @@ class Plan:
     evidence: str = "summed"
     activation_checkpointing: bool = False   # MLA layers and MoEGraph recompute in backward
     extra: dict = field(default_factory=dict)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The activation dtype this plan trains in."""
+        return {"bf16": torch.bfloat16, "fp64": torch.float64}.get(self.dtype, torch.float32)
 
     @property
     def global_batch(self) -> int:

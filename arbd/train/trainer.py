@@ -119,8 +119,9 @@ class Trainer:
         ckpt.arm_test_kill(model, lambda: self.optimizer.steps, self.rank)  # only with ARBD_TEST_KILL
         resume = ckpt.resolve_resume(args.resume, self.save_dir)
         if resume:
-            # Verified and checked against this run before anything changes; loaded while the
-            # model is still whole, so the reducer below partitions it for this dp.
+            # Verified and checked against this run before anything changes; each rank loads the
+            # boxes of its tp / ep / codebook split, and the reducer below then partitions the
+            # accumulators for this dp.
             self.resumed = ckpt.read_checkpoint(resume, plan=plan, config=self.cfg, seed=args.seed,
                                                 model_state=model.state_dict(), save_dir=self.save_dir,
                                                 placements=ckpt.placements_for(model))
@@ -147,7 +148,7 @@ class Trainer:
                                     "job_name": plan.name}
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
                                                     config=ds_config, mpu=self.mesh)
-        self.dtype = {"bf16": torch.bfloat16, "fp64": torch.float64}.get(plan.dtype, torch.float32)
+        self.dtype = plan.torch_dtype
         corpus = load_corpus(args.data)
         dp, dpr = plan.layout.dp, self.mesh.dp_index
         self.text = ByteBatches(corpus.train, plan.seq_len, plan.micro_batch, grad_accum=plan.grad_accum,
