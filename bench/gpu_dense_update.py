@@ -30,23 +30,10 @@ from arbd.ternary import state  # noqa: E402
 from arbd.ternary.rule import TUNED_RULE, TernaryRule  # noqa: E402
 from arbd.ternary.state import TernaryMatrix  # noqa: E402
 from arbd.ternary.triton_update import dense_update, row_statistics  # noqa: E402
+from bench.gpu_update import copy_bandwidth  # noqa: E402
 
 SHAPES = [(1024, 4096), (4096, 1024), (7168, 7168), (2048, 1)]
 BYTES_PER_WEIGHT = 4 + 2 * 0.2 + 2 * 1
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ts = []
-    for _ in range(23):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return 2 * a.numel() / (sorted(ts[3:])[10] / 1e3)
 
 
 def make(shape, seed: int) -> TernaryMatrix:

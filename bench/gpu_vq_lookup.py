@@ -23,6 +23,7 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from arbd.vq import lookup, triton_lookup  # noqa: E402
 from arbd.vq.codebook import TernaryVQCodebook  # noqa: E402
+from bench.vq_quality import graph_lookup  # noqa: E402
 
 
 def queries(cb: TernaryVQCodebook, n: int, seed: int) -> torch.Tensor:
@@ -39,19 +40,9 @@ def graphed(cb: TernaryVQCodebook, x: torch.Tensor, triton_on: bool):
     """CUDA graph of one lookup; the path is fixed at capture by ARBD_VQ_TRITON."""
     os.environ["ARBD_VQ_TRITON"] = "1" if triton_on else "0"
     try:
-        static = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                cb.lookup(static, mode="candidates")
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = cb.lookup(static, mode="candidates")
-        graph.replay()
+        replay, out = graph_lookup(cb, x)
         torch.cuda.synchronize()
-        return graph.replay, out
+        return replay, out
     finally:
         os.environ.pop("ARBD_VQ_TRITON", None)
 
