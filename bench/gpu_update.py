@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from arbd.ternary.rule import TUNED_RULE, apply_votes  # noqa: E402
-from arbd.ternary.triton_kernels import apply_votes_rows  # noqa: E402
+from arbd.ternary.triton_update import apply_votes_rows  # noqa: E402
 from arbd.vq.codebook import TernaryVQCodebook  # noqa: E402
 
 ROW_BYTES = 4 * 64 + 4 + 8 + 2 * (13 + 1 + 64 + 1)

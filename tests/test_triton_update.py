@@ -1,4 +1,4 @@
-"""The Triton touched-row update (triton_kernels.apply_votes_rows) against TernaryMatrix's torch
+"""The Triton touched-row update (triton_update.apply_votes_rows) against TernaryMatrix's torch
 path, on CPU through TRITON_INTERPRET=1: after the same integer votes on the same rows, every byte
 of packed trits, accumulators, exponents and scale accumulators must be identical, and so must
 the flip / scale-move counts."""
@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from arbd.ternary import triton_kernels as tk  # noqa: E402
+from arbd.ternary import triton_update as tk  # noqa: E402
 from arbd.ternary.rule import TUNED_RULE, TernaryRule  # noqa: E402
 from arbd.ternary.state import TernaryMatrix  # noqa: E402
 

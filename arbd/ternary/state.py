@@ -390,7 +390,7 @@ class TernaryMatrix(nn.Module):
         writes only those rows (bit-identical to the torch rule, tests/test_triton_update.py)."""
         use = ROW_UPDATE_KERNEL == "triton" or (ROW_UPDATE_KERNEL == "auto" and self.packed.is_cuda)
         if idx is not None and use and not self.is_partitioned:
-            from arbd.ternary.triton_kernels import apply_votes_rows
+            from arbd.ternary.triton_update import apply_votes_rows
             counts = _kernel_or_none(("rows", self.cols), lambda: apply_votes_rows(
                 self.packed, self.t_accum, self.exponent, self.e_accum, idx, votes, e_votes, rule))
             if counts is not None:

@@ -1,4 +1,7 @@
-"""A fused GPU path for the dense ternary update (issue 10): float evidence in, new state out.
+"""GPU kernels for the ternary update (issue 10): the fused dense update of a whole matrix, and the
+touched-row update of sparse (codebook) rows at the end of the file.
+
+Dense: float evidence in, new state out.
 
 `dense_update` does what TernaryMatrix.apply_update does for dense float32 evidence of a whole,
 unsharded matrix (quantize_evidence + scale_votes + apply_votes + pack), bit for bit, in three
@@ -32,11 +35,17 @@ import triton.language as tl
 from arbd.config import SCALE_K, TRITS_PER_BYTE
 from arbd.ternary import packing
 from arbd.ternary.rule import ACC_MAX, MIN_ROW_FOR_ROW_NORM, TernaryRule, _salt_mix
-from arbd.ternary.triton_kernels import _trunc_div  # the integer rule's truncating division
 
 assert TRITS_PER_BYTE == 5, "triton_update assumes 5 trits per byte"
 
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: fp32 x + M - M rounds half to even
+
+
+@triton.jit
+def _trunc_div(a, d):
+    # Truncation toward zero, as torch's rounding_mode="trunc" (see the module docstring).
+    q = tl.abs(a) // d
+    return tl.where(a < 0, -q, q)
 
 
 @triton.jit
@@ -267,4 +276,107 @@ def dense_update(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torch.Te
         CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=x_e is not None,
         S_THRESHOLD=rule.scale_threshold, S_STOCHASTIC=stochastic, num_warps=num_warps,
         enable_fp_fusion=False)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Touched-row update: rule.apply_votes on rows idx of a TernaryMatrix, in one pass.
+#
+# Each program takes BLOCK_R touched rows and reads, changes and writes back their packed trits,
+# trit accumulators, exponent and scale accumulator; the torch path (TernaryMatrix._rewrite_rows)
+# does the same in ~30 launches with int32 temporaries. Touched rows are held as a
+# [rows, cols] tile (accumulators and votes load as contiguous vectors); tl.gather moves the
+# packed bytes to their columns and the trits back into [byte, digit] slots for packing.
+# Integer arithmetic only, so the result is bit-identical to the torch rule. Divisions are done on
+# magnitudes (trunc toward zero, as torch's rounding_mode="trunc"), which keeps the interpreter
+# (NumPy floor division) and the GPU (C truncation) in agreement.
+
+
+@triton.jit
+def _pow3(d):
+    return tl.where(d == 0, 1, tl.where(d == 1, 3, tl.where(d == 2, 9, tl.where(d == 3, 27, 81))))
+
+
+@triton.jit
+def _apply_votes_kernel(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev_ptr,
+                        stats_ptr, u, COLS: tl.constexpr, COLS_P: tl.constexpr, NB: tl.constexpr,
+                        NB_P: tl.constexpr, BLOCK_R: tl.constexpr, THRESHOLD: tl.constexpr,
+                        DECAY: tl.constexpr, FREEZE: tl.constexpr, CAP: tl.constexpr,
+                        ACC_MAX: tl.constexpr, SCALES: tl.constexpr, S_THRESHOLD: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < u
+    row = tl.load(idx_ptr + r, mask=live, other=0)
+    # Accumulators and votes in their natural [rows, cols] layout (contiguous, vector loads).
+    col = tl.arange(0, COLS_P)
+    cm = live[:, None] & (col[None, :] < COLS)
+    b = tl.arange(0, NB_P)
+    bm = live[:, None] & (b[None, :] < NB)
+    byte = tl.load(packed_ptr + row[:, None] * NB + b[None, :], mask=bm, other=121).to(tl.int32)
+    # Trit of column c: digit c % 5 of byte c // 5 (bytes moved across lanes by tl.gather).
+    by_col = tl.gather(byte, tl.broadcast_to(tl.minimum(col // 5, NB_P - 1)[None, :],
+                                             (BLOCK_R, COLS_P)), 1)
+    trit = (by_col // _pow3(col % 5)[None, :]) % 3 - 1
+    acc = tl.load(t_acc_ptr + row[:, None] * COLS + col[None, :], mask=cm, other=0).to(tl.int32)
+    if DECAY > 0:
+        acc = acc - _trunc_div(acc, 1 << DECAY)
+    acc += tl.load(votes_ptr + r[:, None] * COLS + col[None, :], mask=cm, other=0)
+    if FREEZE:
+        acc = acc * 0
+    n = tl.minimum(tl.maximum(_trunc_div(acc, THRESHOLD), -1 - trit), 1 - trit)
+    n = tl.where(cm, n, 0)
+    trit = trit + n
+    acc = acc - n * THRESHOLD
+    if CAP < ACC_MAX:
+        acc = tl.where((trit == 1) & (acc > CAP), CAP, tl.where((trit == -1) & (acc < -CAP), -CAP, acc))
+    acc = tl.minimum(tl.maximum(acc, -ACC_MAX), ACC_MAX)
+    tl.store(t_acc_ptr + row[:, None] * COLS + col[None, :], acc.to(tl.int8), mask=cm)
+    # Pack: slot (b, d) takes column 5b + d; slots past COLS hold digit 1 (trit 0), as
+    # packing.pack_trits pads.
+    d = tl.arange(0, 8)
+    slot = b[:, None] * 5 + d[None, :]                                             # [NB_P, 8]
+    src = tl.reshape(tl.minimum(slot, COLS_P - 1), (NB_P * 8,))
+    t_slot = tl.reshape(tl.gather(trit, tl.broadcast_to(src[None, :], (BLOCK_R, NB_P * 8)), 1),
+                        (BLOCK_R, NB_P, 8))
+    digit = tl.where(slot[None, :, :] < COLS, t_slot + 1, 1)
+    new_byte = tl.sum(tl.where(d[None, None, :] < 5, digit * _pow3(d)[None, None, :], 0), axis=2)
+    tl.store(packed_ptr + row[:, None] * NB + b[None, :], new_byte.to(tl.uint8), mask=bm)
+    tl.atomic_add(stats_ptr, tl.sum(tl.sum(tl.abs(n), axis=1), axis=0))
+    if SCALES:
+        e = tl.load(exp_ptr + row, mask=live, other=0).to(tl.int32)
+        ea = tl.load(e_acc_ptr + row, mask=live, other=0).to(tl.int32)
+        if DECAY > 0:
+            ea = ea - _trunc_div(ea, 1 << DECAY)
+        ea += tl.load(ev_ptr + r, mask=live, other=0)
+        m = tl.minimum(tl.maximum(_trunc_div(ea, S_THRESHOLD), -128 - e), 127 - e)
+        ea = tl.minimum(tl.maximum(ea - m * S_THRESHOLD, -ACC_MAX), ACC_MAX)
+        tl.store(exp_ptr + row, (e + m).to(tl.int8), mask=live)
+        tl.store(e_acc_ptr + row, ea.to(tl.int8), mask=live)
+        tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(live, tl.abs(m), 0), axis=0))
+
+
+def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torch.Tensor,
+                     e_accum: torch.Tensor, idx: torch.Tensor, votes: torch.Tensor,
+                     e_votes: torch.Tensor | None, rule, *, block_r: int = 16,
+                     num_warps: int = 4) -> torch.Tensor:
+    """rule.apply_votes on the distinct rows idx, in place on the matrix buffers (packed uint8
+    [R, nb], t_accum int8 [R, cols], exponent / e_accum int8 [R]); votes int32 [U, cols],
+    e_votes int32 [U] or None. Returns int32 [2] (trit flips, scale moves) on the device, so
+    nothing waits for the host. idx must be distinct (TernaryMatrix.votes() merges duplicates)."""
+    from arbd.ternary.rule import ACC_MAX, MIN_ROW_FOR_ROW_NORM
+
+    cols, nb = t_accum.shape[1], packed.shape[1]
+    stats = torch.zeros(2, dtype=torch.int32, device=packed.device)
+    u = idx.numel()
+    if u == 0:
+        return stats
+    scales = bool(rule.learn_scales and e_votes is not None)
+    ev = e_votes.to(torch.int32).contiguous() if scales else stats
+    _apply_votes_kernel[(triton.cdiv(u, block_r),)](
+        packed, t_accum, exponent, e_accum, idx.reshape(-1).contiguous(),
+        votes.to(torch.int32).contiguous(), ev, stats, u, COLS=cols,
+        COLS_P=triton.next_power_of_2(cols), NB=nb,
+        NB_P=triton.next_power_of_2(nb), BLOCK_R=block_r, THRESHOLD=rule.threshold,
+        DECAY=rule.decay_shift, FREEZE=bool(rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM),
+        CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales, S_THRESHOLD=rule.scale_threshold,
+        num_warps=num_warps)
     return stats
