@@ -1,12 +1,24 @@
-"""Where one training step's time goes: torch.profiler over one arb-small step (forward, backward,
-ternary update) on the GPU, after warm-up. Prints the top operators by device and by host time.
+"""Where one training micro-batch's time goes on the GPU (issue 10): arb-small forward + backward
+(+ the ternary update once), after warm-up.
 
     python3 bench/profile_step.py [--preset arb-small] [--micro-batch 8] [--seq-len 1024]
+        [--scaling 4,8,16] [--cprofile] [--torch-profile]
+
+Prints: wall time per micro-batch with one synchronisation at the end; with --scaling, tokens/s at
+several micro-batch sizes (tokens/s that grows with the batch means the host, not the GPU, sets
+the pace); with --cprofile, the Python functions that take the host's time (time spent blocked in
+a device synchronisation shows up under the call that synchronised: .item(), .tolist(),
+nonzero, int(tensor)); with --torch-profile, host and device totals, kernel launches and
+synchronisations counted from the profiler's events, and the top operators.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -17,12 +29,23 @@ from arbd.model.arb import ARBModel  # noqa: E402
 from arbd.parallel import planner  # noqa: E402
 from arbd.ternary.rule import TUNED_RULE  # noqa: E402
 
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="arb-small")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--scaling", default="", help="comma-separated micro-batch sizes to time")
+    p.add_argument("--cprofile", action="store_true")
+    p.add_argument("--torch-profile", action="store_true")
     p.add_argument("--rows", type=int, default=30)
     a = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -32,30 +55,78 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
 
-    def step() -> None:
-        ids = torch.randint(0, 256, (a.micro_batch, a.seq_len + 1), generator=g).to(dev)
+    def micro(batch: int) -> None:
+        ids = torch.randint(0, 256, (batch, a.seq_len + 1), generator=g).to(dev)
         out = model(ids, dtype=dtype)
         out.loss.backward()
-        model._ternary_update_memory(loss_signal=out.loss.detach())
+
+    def update() -> None:
+        model._ternary_update_memory(loss_signal=torch.ones((), device=dev))
 
     for _ in range(2):
-        step()
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if dev.type == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-        torch.cuda.synchronize()
-    with torch.profiler.profile(activities=acts) as prof:
-        step()
+        micro(a.micro_batch)
+        update()
+    _sync()
+    reps = 3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        micro(a.micro_batch)
+    _sync()
+    mb_s = (time.perf_counter() - t0) / reps
+    t0 = time.perf_counter()
+    update()
+    _sync()
+    print(f"micro-batch {a.micro_batch} x {a.seq_len}: forward+backward {mb_s * 1e3:.1f} ms "
+          f"({a.micro_batch * a.seq_len / mb_s:,.0f} tokens/s); one update {(time.perf_counter() - t0) * 1e3:.1f} ms")
+
+    for b in [int(x) for x in a.scaling.split(",") if x]:
+        for _ in range(3):   # new shapes compile Triton variants: keep that out of the timing
+            micro(b)
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            micro(b)
+        _sync()
+        s = (time.perf_counter() - t0) / reps
+        print(f"scaling: micro-batch {b}: {s * 1e3:.1f} ms, {b * a.seq_len / s:,.0f} tokens/s, "
+              f"peak {torch.cuda.max_memory_allocated() / 2**30 if dev.type == 'cuda' else 0:.2f} GiB")
+        update()
+
+    if a.cprofile:
+        _sync()
+        prof = cProfile.Profile()
+        prof.enable()
+        micro(a.micro_batch)
+        _sync()
+        prof.disable()
+        for key in ("tottime", "cumulative"):
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(a.rows)
+            print(f"-- cProfile by {key}\n" + "\n".join(ln for ln in buf.getvalue().splitlines() if ln.strip()))
+        buf = io.StringIO()
+        st = pstats.Stats(prof, stream=buf).sort_stats("tottime")
+        st.print_callers(r"item|tolist|nonzero|__bool__|__int__|_local_scalar|cpu|unique")
+        print("-- callers of synchronising calls\n" + "\n".join(ln for ln in buf.getvalue().splitlines() if ln.strip()))
+
+    if a.torch_profile:
+        acts = [torch.profiler.ProfilerActivity.CPU]
         if dev.type == "cuda":
-            torch.cuda.synchronize()
-    ev = prof.key_averages()
-    dev_t = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
-    print(f"step: host {sum(e.self_cpu_time_total for e in ev) / 1e3:.1f} ms, "
-          f"device {sum(dev_t(e) for e in ev) / 1e3:.1f} ms (self times, profiler on)")
-    for title, key in (("by device time", dev_t), ("by host time", lambda e: e.self_cpu_time_total)):
-        print(f"-- top {a.rows} {title}: name | host ms | device ms | calls")
-        for e in sorted(ev, key=key, reverse=True)[:a.rows]:
-            print(f"{e.key[:70]} | {e.self_cpu_time_total / 1e3:.2f} | {dev_t(e) / 1e3:.2f} | {e.count}")
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        _sync()
+        with torch.profiler.profile(activities=acts) as prof:
+            micro(a.micro_batch)
+            _sync()
+        ev = prof.key_averages()
+        dev_t = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
+        count = lambda names: sum(e.count for e in ev if e.key in names)  # noqa: E731
+        print(f"profiled micro-batch: host {sum(e.self_cpu_time_total for e in ev) / 1e3:.1f} ms, "
+              f"device {sum(dev_t(e) for e in ev) / 1e3:.1f} ms (self times, profiler on); "
+              f"launches {count(LAUNCH_EVENTS)}, synchronisations {count(SYNC_EVENTS)}, "
+              f"device-to-host copies {sum(e.count for e in ev if 'DtoH' in e.key or 'Device -> Pageable' in e.key)}")
+        for title, key in (("by device time", dev_t), ("by host time", lambda e: e.self_cpu_time_total)):
+            print(f"-- top {a.rows} {title}: name | host ms | device ms | calls")
+            for e in sorted(ev, key=key, reverse=True)[:a.rows]:
+                print(f"{e.key[:70]} | {e.self_cpu_time_total / 1e3:.2f} | {dev_t(e) / 1e3:.2f} | {e.count}")
 
 
 if __name__ == "__main__":

@@ -310,3 +310,18 @@ def test_bad_inputs_raise_with_expected_and_given():
         layer(torch.randn(2, 1, d), bad)
     with pytest.raises(ValueError, match="kv_cache_len must be >= hca_stride \\(4\\), got 2"):
         MLA(TINY.with_overrides(kv_cache_len=2))
+
+
+def test_rope_tables_cached_for_a_position_range_give_the_same_rotation():
+    from arbd.model import mla
+
+    x = torch.randn(2, 7, 3, 8, dtype=torch.float64)
+    pos = torch.arange(5, 12)
+    ref = mla.apply_rope(x, pos, 10000.0)                  # tables built for this call only
+    first = mla.apply_rope(x, pos, 10000.0, start=5)       # built and cached
+    again = mla.apply_rope(x, pos, 10000.0, start=5)       # from the cache
+    assert torch.equal(ref, first) and torch.equal(first, again)
+    key = (5, 7, 8, 10000.0, torch.float64, pos.device)
+    assert key in mla._ROPE_CACHE
+    # A different start is a different table: positions 0..6 rotate differently.
+    assert not torch.equal(mla.apply_rope(x, torch.arange(7), 10000.0, start=0), first)

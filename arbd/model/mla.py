@@ -43,11 +43,39 @@ from arbd.ternary.layers import TernaryLinear, TernaryRMSNorm
 # Position helpers.
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+# cos / sin tables by (first position, length, channels, theta, dtype, device). Training calls
+# rope twice per layer with the same positions 0..T-1; the tables cost ~10 kernel launches each,
+# and launches, not arithmetic, set the pace of a training step (bench/profile_step.py). Only
+# positions the caller states to be a plain range (`start`) are cached.
+_ROPE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_ROPE_CACHE_MAX = 64
+
+
+def _rope_tables(positions: torch.Tensor, d: int, theta: float, dtype: torch.dtype,
+                 start: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        inv = theta ** (-torch.arange(0, d, 2, device=positions.device, dtype=torch.float64) / d)
+        ang = positions.to(torch.float64)[:, None] * inv[None, :]  # [T, D/2]
+        return ang.cos().to(dtype), ang.sin().to(dtype)
+
+    if start is None:
+        return build()
+    key = (start, positions.numel(), d, theta, dtype, positions.device)
+    tables = _ROPE_CACHE.get(key)
+    if tables is None:
+        if len(_ROPE_CACHE) >= _ROPE_CACHE_MAX:
+            _ROPE_CACHE.clear()
+        tables = _ROPE_CACHE[key] = build()
+    return tables
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, *,
+               start: int | None = None) -> torch.Tensor:
     """Rotate channel pairs (x[2i], x[2i+1]) of x [B, T, ..., D] by positions[t] * theta^(-2i/D).
 
     Interleaved pairs, as DeepSeek's complex-number form. Angles are computed in float64 so large
-    absolute positions keep their precision, then cast to the compute dtype.
+    absolute positions keep their precision, then cast to the compute dtype. `start`: the caller
+    promises positions == arange(start, start + T), which lets the cos / sin tables be reused.
     """
     d = x.shape[-1]
     if d % 2:
@@ -55,10 +83,9 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.
     if positions.shape != (x.shape[1],):
         raise ValueError(f"RoPE positions must have shape ({x.shape[1]},), got {tuple(positions.shape)}")
     cdt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d)
-    ang = positions.to(torch.float64)[:, None] * inv[None, :]  # [T, D/2]
+    cos, sin = _rope_tables(positions, d, theta, cdt, start)
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 3) + (d // 2,)  # broadcast over batch and heads
-    cos, sin = ang.cos().to(cdt).view(shape), ang.sin().to(cdt).view(shape)
+    cos, sin = cos.view(shape), sin.view(shape)
     xf = x.to(cdt)
     x1, x2 = xf[..., 0::2], xf[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
@@ -247,10 +274,10 @@ class MLA(nn.Module):
         h = self.attn_norm(x)
         q = self.wq_b(self.q_norm(self.wq_a(h))).view(b, t, hl, self.qk_head_dim)
         q_nope, q_pe = q.split([nope, rope], dim=-1)
-        q = torch.cat([q_nope, apply_rope(q_pe, positions, self.cfg.rope_theta)], dim=-1)
+        q = torch.cat([q_nope, apply_rope(q_pe, positions, self.cfg.rope_theta, start=start)], dim=-1)
         c_kv, k_pe = self.wkv_a(h).split([self.kv_lora_rank, rope], dim=-1)
         c_kv = self.kv_norm(c_kv)
-        k_pe = self.rope_key(apply_rope(k_pe, positions, self.cfg.rope_theta))
+        k_pe = self.rope_key(apply_rope(k_pe, positions, self.cfg.rope_theta, start=start))
 
         if cache is None and t <= self.cfg.kv_cache_len:
             # Everything fits in the window: plain causal attention, no mask tensor.
