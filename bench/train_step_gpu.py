@@ -281,6 +281,8 @@ def run_ternary(a: argparse.Namespace) -> dict:
                                                config=plan.deepspeed_config(), mpu=mesh)
     except Exception as e:  # stated in the result, never silently
         mode = f"no engine (deepspeed.initialize failed: {type(e).__name__}: {e})"
+    if plan.activation_checkpointing:
+        mode += ", activation checkpointing"
     _sync()
     build_s = time.perf_counter() - t0
     persistent = _alloc()
