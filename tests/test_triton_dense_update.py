@@ -135,3 +135,30 @@ def test_dense_kernel_half_way_votes(rule, monkeypatch):
     for name_ in ("packed", "t_accum", "exponent", "e_accum"):
         assert torch.equal(getattr(out, name_), getattr(ref, name_)), name_
     assert got == want
+
+
+def test_apply_updates_reads_device_counts_once_and_matches_per_matrix_updates(monkeypatch):
+    # update.apply_updates leaves the kernel's counts on the device until the end; totals and
+    # states must equal matrix-by-matrix updates with the torch rule.
+    from arbd.ternary.update import apply_updates
+
+    rule = TernaryRule(threshold=2, scale_threshold=2)
+    gen = torch.Generator().manual_seed(7)
+    mats = [TernaryMatrix(r, c, generator=gen, device=DEVICE) for r, c in ((37, 64), (19, 41), (33, 1))]
+    grads = [_nonzero_grad((m.rows, m.cols), gen) for m in mats]
+    ref = copy.deepcopy(mats)
+    monkeypatch.setattr(state, "DENSE_UPDATE_KERNEL", "torch")
+    flips = moves = 0
+    for m, g in zip(ref, grads):
+        m.add_grad(g.to(m.packed.device))
+        s = m.apply_update(rule)
+        flips, moves = flips + s["trit_flips"], moves + s["scale_moves"]
+    monkeypatch.setattr(state, "DENSE_UPDATE_KERNEL", "triton")
+    for m, g in zip(mats, grads):
+        m.add_grad(g.to(m.packed.device))
+    got = apply_updates([(str(i), m) for i, m in enumerate(mats)], rule)
+    assert flips > 0 and got == {"trit_flips": flips, "scale_moves": moves}
+    assert all(isinstance(v, int) for v in got.values())
+    for a, b in zip(ref, mats):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+        assert not b.has_evidence

@@ -34,7 +34,7 @@ from arbd.parallel.tensor_parallel import parallelize_attention
 from arbd.ternary.dp import DPEvidenceReducer
 from arbd.ternary.rule import TernaryRule
 from arbd.ternary.state import TernaryMatrix
-from arbd.ternary.update import evidence_owners
+from arbd.ternary.update import apply_updates, evidence_owners
 from arbd.ternary.zero import make_ternary_reducer
 from arbd.vq.codebook import TernaryVQCodebook
 
@@ -109,11 +109,9 @@ class ParallelReducer:
         else:
             total = {"trit_flips": 0, "scale_moves": 0}
             experts = dense + experts
-        for _, m in experts:
-            if m.has_evidence:
-                s = m.apply_update(rule)
-                total["trit_flips"] += s["trit_flips"]
-                total["scale_moves"] += s["scale_moves"]
+        s = apply_updates(experts, rule)
+        total["trit_flips"] += s["trit_flips"]
+        total["scale_moves"] += s["scale_moves"]
         return total
 
 

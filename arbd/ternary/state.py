@@ -352,10 +352,13 @@ class TernaryMatrix(nn.Module):
 
     # -- update ------------------------------------------------------------------------------
     @torch.no_grad()
-    def apply_update(self, rule: TernaryRule) -> dict[str, int]:
+    def apply_update(self, rule: TernaryRule, *, counts_on_device: bool = False) -> dict:
         """Apply the accumulator rule to the rows that have evidence, then drop the evidence.
 
         Dense evidence updates every row; sparse evidence reads and writes only touched rows.
+        Returns trit_flips / scale_moves as ints; with counts_on_device, a GPU kernel's counts
+        may instead come back as "counts" (int32 [2] on the device), so that a loop over many
+        matrices does not wait for each one (update.apply_updates reads them all at once).
         """
         if self.is_partitioned:
             raise RuntimeError("this TernaryMatrix holds only the accumulators of rows "
@@ -377,6 +380,8 @@ class TernaryMatrix(nn.Module):
             counts = _kernel_or_none(("dense", self.cols), lambda: dense_update(
                 self.packed, self.t_accum, self.exponent, self.e_accum, grad, rule))
             if counts is not None:
+                if counts_on_device:
+                    return {"counts": counts, "rows": self.rows}
                 flips, moves = counts.tolist()
                 return {"trit_flips": int(flips), "scale_moves": int(moves), "rows": self.rows}
         q, ev = self.quantize(grad, rule, idx)

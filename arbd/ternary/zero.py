@@ -54,7 +54,7 @@ from torch import nn
 from arbd.ternary.dp import WireStats, reduce_evidence_sign_votes, reduce_evidence_summed
 from arbd.ternary.rule import MIN_ROW_FOR_ROW_NORM, TernaryRule
 from arbd.ternary.state import TernaryMatrix
-from arbd.ternary.update import ternary_matrices
+from arbd.ternary.update import apply_updates, ternary_matrices
 
 Mats = list[tuple[str, TernaryMatrix]]
 
@@ -324,11 +324,9 @@ class ZeroPartitioner:
     @torch.no_grad()
     def update_matrices(self, mats: Mats, rule: TernaryRule) -> dict[str, int]:
         """Called by apply_ternary_update once the step is known to be finite everywhere."""
-        flips = moves = 0
-        for _, m in mats:  # replicated: the same update on every rank, counted once
-            if id(m) not in self._by_id and m.has_evidence:
-                s = m.apply_update(rule)
-                flips, moves = flips + s["trit_flips"], moves + s["scale_moves"]
+        # replicated matrices: the same update on every rank, counted once
+        s = apply_updates([(n, m) for n, m in mats if id(m) not in self._by_id], rule)
+        flips, moves = s["trit_flips"], s["scale_moves"]
         todo = [p for p in self.parts if id(p.matrix) in self._pending]
         mean_abs, block_g_e = self._scale_norms(todo, rule) if self.mode == "summed" else ({}, {})
         local = torch.zeros(2, dtype=torch.int64)
