@@ -2,12 +2,13 @@
 
 TRITON_INTERPRET must be set before triton is imported (it decides at @triton.jit time whether the
 kernels are compiled or interpreted); it stays set for the rest of the pytest process. bf16
-arithmetic is wrong in the interpreter, so only fp32 and fp16 are checked here;
-bench/gpu_ternary_check.py checks bf16 on a GPU.
+arithmetic is wrong in the interpreter, so only fp32 and fp16 are checked here; on a CUDA machine,
+`TRITON_INTERPRET=0 pytest -m gpu tests/test_triton_kernels.py` runs the GPU-marked tests (bf16
+included) on compiled kernels, and bench/gpu_ternary_check.py checks bf16 too.
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -242,3 +243,118 @@ def test_empty_inputs_through_the_triton_backend():
     assert ops.linear_grad_input(torch.zeros(0, 6), m.packed, m.exponent, 7, "triton").shape == (0, 7)
     g = ops.weight_grad(torch.zeros(0, 6), torch.zeros(0, 7), "triton")
     assert g.shape == (6, 7) and not g.any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Small-M forward (_ternary_small_m_kernel)
+
+
+def _small(mp, bn, bk, split, align, planar):
+    return tk.TileConfig(mp, bn, bk, split_k=split, planar_x=planar, asm_decode=True, small_m=True, align=align)
+
+
+# Ragged on purpose: K not a multiple of 5 (partial last byte), N not a multiple of block_n * classes,
+# M from 1 to 33; align 4 / 8 / 16 with these K give 1 to 16 row classes, and the splits leave
+# short or empty last splits.
+SMALL_M_CASES = [
+    (1, 37, 19, _small(16, 16, 16, 1, 16, True)),
+    (16, 173, 40, _small(16, 16, 16, 3, 4, False)),
+    (17, 101, 33, _small(32, 16, 16, 2, 8, True)),
+    (33, 64, 20, _small(64, 16, 32, 1, 16, True)),
+    (5, 130, 70, _small(16, 32, 16, 4, 16, True)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,k,n,cfg", SMALL_M_CASES)
+def test_small_m_kernel_matches_float64_reference(m, k, n, cfg, dtype):
+    gen = torch.Generator().manual_seed(m * 7 + k + n)
+    packed, exponent, w = _random_weight(n, k, gen)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)  # every element must be written
+    y = tk._small_m_matmul(x, packed, exponent, k, cfg, out=out)
+    assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
+    assert _rel_err(y, x.cpu().double() @ w.t()) < TOL[dtype]
+    # Through the public entry point with the same config.
+    assert _rel_err(tk.ternary_matmul(x, packed, exponent, k, config=cfg), x.cpu().double() @ w.t()) < TOL[dtype]
+
+
+def test_small_m_unaligned_buffer_falls_back_to_one_class():
+    # A packed view that starts one byte into its storage: no row classes, bytes read one by one.
+    m, k, n = 4, 43, 21
+    gen = torch.Generator().manual_seed(21)
+    trits = torch.randint(-1, 2, (n, k), generator=gen)
+    rows = packing.pack_trits(trits)
+    storage = torch.zeros(rows.numel() + 1, dtype=torch.uint8)
+    storage[1:] = rows.reshape(-1)
+    packed = storage[1:].view(n, rows.shape[1]).to(DEVICE) if DEVICE == "cpu" else None
+    if packed is None:  # .to() would realign the copy; build the offset view on the device instead
+        dev = storage.to(DEVICE)
+        packed = dev[1:].view(n, rows.shape[1])
+    exponent = torch.randint(-48, 48, (n,), generator=gen).to(torch.int8)
+    w = packing.decode(rows, exponent, k, torch.float64)
+    x = torch.randn(m, k, generator=gen).to(DEVICE)
+    y = tk._small_m_matmul(x, packed, exponent.to(DEVICE), k, _small(16, 16, 16, 2, 16, True))
+    assert _rel_err(y, x.cpu().double() @ w.t()) < TOL[torch.float32]
+
+
+def _decode2_reference(fmt: str) -> torch.Tensor:
+    """The _DECODE2_ASM instruction sequence, replayed with float64 arithmetic rounded to the 16-bit
+    format after every FMA (exact: all operands are short), for every byte 0..242: [243, 5] trits."""
+    consts = tk._DECODE2_CONSTS[fmt]
+    ftype = torch.bfloat16 if fmt == "bf16x2" else torch.float16
+
+    def val(key):  # one lane of a packed constant
+        bits = int(consts[key], 16) & 0xFFFF
+        return torch.tensor([bits - (bits >> 15) * 0x10000], dtype=torch.int16).view(ftype).double()
+
+    def fma(a, b, c):
+        return (a * b + c).to(ftype).double()
+
+    q = torch.arange(243, dtype=torch.int64)
+    q1 = ((q * 171) >> 9) & 0x7F
+    bias = val("BIAS")
+    # or.b32 with BIAS puts the small integer into the mantissa: BIAS + integer, exactly.
+    trits = [fma(bias + (q - 3 * q1).double(), val("ONE"), val("CSUB"))]
+    u = bias + q1.double()
+    for _ in range(3):
+        nxt = fma(u, val("THIRD"), val("CC"))
+        trits.append(fma(fma(nxt, val("NEG3"), u), val("ONE"), val("CADD")))
+        u = nxt
+    trits.append(fma(u, val("ONE"), val("CSUB")))
+    return torch.stack(trits, dim=1)
+
+
+@pytest.mark.parametrize("fmt", ["bf16x2", "f16x2"])
+def test_decode2_arithmetic_is_exact_for_every_byte(fmt):
+    want = packing.unpack_trits(torch.arange(243, dtype=torch.uint8).reshape(243, 1), 5).double()
+    assert torch.equal(_decode2_reference(fmt), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRETED, reason="needs compiled kernels (TRITON_INTERPRET=0 on a CUDA machine)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_m_on_gpu(dtype):
+    """bf16 / fp16 through the compiled small-M kernel: all 243 byte values bit for bit, ragged shapes
+    against float64, the model shape through ternary_matmul's default."""
+    gen = torch.Generator().manual_seed(5)
+    every = torch.arange(243, dtype=torch.uint8).reshape(243, 1)
+    e = torch.randint(-128, 128, (243,), generator=gen).to(torch.int8)
+    for split in (1, 2):
+        y = tk._small_m_matmul(torch.eye(5, dtype=dtype, device="cuda"), every.cuda(), e.cuda(), 5,
+                               _small(16, 64, 64, split, 16, True))
+        assert torch.equal(y.t().cpu(), packing.decode(every, e, 5, dtype))
+    tol = 3e-3
+    for m, k, n, cfg in SMALL_M_CASES + [(16, 7168, 7168, None), (1, 7168, 7168, None), (32, 1001, 515, None),
+                                         (23, 4096, 1000, None)]:
+        packed, exponent, w = _random_weight(n, k, gen)
+        for rep in range(2):  # fresh x each time
+            x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+            if cfg is None:
+                assert tk.matmul_config(m, n, k, x.device, dtype).small_m
+                y = tk.ternary_matmul(x, packed, exponent, k)
+            else:
+                y = tk._small_m_matmul(x, packed, exponent, k, cfg,
+                                       out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"))
+            assert not torch.isnan(y).any()
+            assert _rel_err(y, x.cpu().double() @ w.t()) < tol, (m, k, n, cfg)

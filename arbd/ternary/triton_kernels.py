@@ -5,7 +5,9 @@
     weight_grad                gW = gy.T @ x    float32 [N, K]          (backward, evidence)
 
 For 16-bit inputs with M >= DENSE_MIN_M rows, W is decoded once into a transient dense matrix
-(decode_weight) and the product goes to cuBLAS. Otherwise W [N, K] is never materialised:
+(decode_weight) and the product goes to cuBLAS. For 16-bit inputs with M <= SMALL_M_MAX rows the
+forward takes _ternary_small_m_kernel (aligned row classes, plane-major x, a cheaper decode; see the
+comment above it). Otherwise W [N, K] is never materialised:
 the two ternary kernels read the packed bytes of their tile
 (arbd/ternary/packing.py: 5 trits per byte, base 3, least significant digit first, digit =
 trit + 1) and turn them into trits in registers, right before the tensor-core product.
@@ -70,6 +72,10 @@ class TileConfig:
     dense (forward and grad_input): decode W once into a transient [N, K] matrix of the input dtype
     (decode_weight) and hand the product to torch.matmul (cuBLAS). For large M, where the decode
     (about 2 * N * K bytes written) is small against the product.
+    small_m (forward only, M <= block_m): _ternary_small_m_kernel instead; block_m is then the padded
+    width of x (16, 32 or 64), planar_x picks the plane-major copy of x (else a stride-5 gather),
+    split_k splits K into fp32 partials added by _splitk_reduce_kernel, and align (1, 4, 8 or 16
+    bytes) sets the row classes. maxnreg caps registers per thread (measured slower at M = 16).
     """
 
     block_m: int
@@ -84,6 +90,9 @@ class TileConfig:
     fixup: bool = False
     asm_decode: bool = False
     dense: bool = False
+    small_m: bool = False
+    align: int = 16
+    maxnreg: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +292,214 @@ def _ternary_matmul_kernel(
         else:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
+
+# ---------------------------------------------------------------------------------------------
+# Small-M forward (M <= SMALL_M_MAX): a kernel built around the byte stream.
+#
+# At M = 16 every packed byte meets 5 * 16 activations, so moving the bytes, decoding them and
+# feeding x to the tensor cores all matter; _ternary_matmul_kernel pays for 1-byte loads that the
+# software pipeline cannot take (rows are ceil(K/5) bytes long, so only 1- or 2-byte aligned), a
+# stride-5 gather of x per plane, and 2.7 integer ops per trit. This path changes all three:
+#   * Row classes. A program takes rows r, r + G, r + 2G, ... of one class r (G = ALIGN /
+#     gcd(KB, ALIGN)); every row of a class starts the same distance s_r = (r * KB) % ALIGN past an
+#     ALIGN-byte boundary, so the program reads each row from s_r bytes before its start and all of
+#     its loads are ALIGN-byte aligned: vector loads that Triton's pipeline can copy asynchronously.
+#     The s_r leading bytes belong to the previous row and meet zero activations (see below), as do
+#     bytes past the row's end.
+#   * x as planes. A small first kernel writes xp[d, PAD + kb, m] = x[m, 5 * kb + d] (zero outside
+#     x, including PAD leading rows for the shifted reads), so each plane tile is a contiguous block
+#     that goes to shared memory and straight into the MMA. (X_PLANAR=False gathers from x instead.)
+#   * A cheaper decode (_DECODE2_ASM): after the first digit, the digits come out of packed 16-bit
+#     float FMAs, about 1.8 instructions per trit.
+# Split-K partial sums go to a workspace and _splitk_reduce_kernel adds, scales and casts them.
+# H100, M = 16, K = N = 7168 (bench/RESULTS.md): 0.020 ms per call (x planes 1.6 us, main kernel
+# 15.7 us, reduce 2.0 us) against 0.0375 ms for cuBLAS bf16; the main kernel issues in only about a
+# third of its cycles (three 4-warp programs per SM at most, by registers and shared memory; the
+# MMAs with register operands wait for each other), so it is far from the bandwidth floor.
+
+# Two bytes per 32-bit register (one per 16-bit lane). Digit 0 as in _DECODE_ASM (q1 = q // 3 by
+# (q * 171) >> 9). Then u = BIAS + q1 is a 16-bit float whose last mantissa bit is worth 1 (bf16:
+# 128 + q1, fp16: 1024 + q1), and one FMA gives the next quotient in the same form,
+# u' = fma(u, THIRD, C) = BIAS + q1 // 3 (THIRD = 1/3 rounded to the format, C chosen so that the
+# round-to-nearest lands on the floor for every q; checked for all 243 bytes in the tests), one
+# FMA gives the digit against an exact offset, fma(u', -3, u) = trit - OFS (OFS = 2 * BIAS - 1), and
+# one more removes OFS. The last digit is u - (BIAS + 1). 18 instructions per 10 trits.
+_DECODE2_ASM = """
+{
+.reg .b32 lo, hi, ql, qh, dl, dh, ul, uh, nl, nh, al, ah, third, cc, neg3, one, cadd, csub;
+mov.b32 third, THIRD;
+mov.b32 cc, CC;
+mov.b32 neg3, NEG3;
+mov.b32 one, ONE;
+mov.b32 cadd, CADD;
+mov.b32 csub, CSUB;
+prmt.b32 lo, $10, 0, 0x4140;
+prmt.b32 hi, $10, 0, 0x4342;
+mul.lo.u32 ql, lo, 171;
+mul.lo.u32 qh, hi, 171;
+shr.u32 ql, ql, 9;
+shr.u32 qh, qh, 9;
+and.b32 ql, ql, 0x007F007F;
+and.b32 qh, qh, 0x007F007F;
+mad.lo.u32 dl, ql, 0xFFFFFFFD, lo;
+mad.lo.u32 dh, qh, 0xFFFFFFFD, hi;
+or.b32 dl, dl, BIAS;
+or.b32 dh, dh, BIAS;
+fma.rn.TY $0, dl, one, csub;
+fma.rn.TY $1, dh, one, csub;
+or.b32 ul, ql, BIAS;
+or.b32 uh, qh, BIAS;
+""" + "".join(f"""
+fma.rn.TY nl, ul, third, cc;
+fma.rn.TY nh, uh, third, cc;
+fma.rn.TY al, nl, neg3, ul;
+fma.rn.TY ah, nh, neg3, uh;
+fma.rn.TY ${2 * d}, al, one, cadd;
+fma.rn.TY ${2 * d + 1}, ah, one, cadd;
+mov.b32 ul, nl;
+mov.b32 uh, nh;
+""" for d in range(1, 4)) + """
+fma.rn.TY $8, ul, one, csub;
+fma.rn.TY $9, uh, one, csub;
+}
+"""
+# Constants, both lanes: BIAS (128 / 1024), THIRD (bf16 171/512, fp16 1365/4096), C (85 / 682.5),
+# -3, 1, OFS = 255 / 2047, -(BIAS + 1) = -129 / -1025.
+_DECODE2_CONSTS = {
+    "bf16x2": dict(BIAS="0x43004300", THIRD="0x3EAB3EAB", CC="0x42AA42AA", NEG3="0xC040C040",
+                   ONE="0x3F803F80", CADD="0x437F437F", CSUB="0xC301C301"),
+    "f16x2": dict(BIAS="0x64006400", THIRD="0x35553555", CC="0x61556155", NEG3="0xC200C200",
+                  ONE="0x3C003C00", CADD="0x67FF67FF", CSUB="0xE401E401"),
+}
+
+
+def _decode2_asm(ty: str) -> str:
+    text = _DECODE2_ASM.replace("TY", ty)
+    for key, value in _DECODE2_CONSTS[ty].items():
+        text = text.replace(key, value)
+    return text
+
+
+_DECODE2_ASM_BF16 = tl.constexpr(_decode2_asm("bf16x2"))
+_DECODE2_ASM_FP16 = tl.constexpr(_decode2_asm("f16x2"))
+
+
+@triton.jit
+def _decode2_planes(q, BF16: tl.constexpr):
+    """The five digit planes of a uint8 tile as bf16 (BF16) or fp16 trits, exact (_DECODE2_ASM)."""
+    if BF16:
+        return tl.inline_asm_elementwise(
+            _DECODE2_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r", [q],
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(
+            _DECODE2_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r", [q],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _x_planes_kernel(x_ptr, xp_ptr, M, K, stride_xm, ROWS, PAD, MP: tl.constexpr, BLOCK_R: tl.constexpr):
+    # xp[d, r, m] = x[m, 5 * (r - PAD) + d] for r < ROWS, m < MP; zero where that is outside x.
+    # All five loads are issued before the first store, so the program waits for memory once.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    kb = rows - PAD
+    offs_m = tl.arange(0, MP)
+    ok = (kb >= 0)[:, None] & (offs_m < M)[None, :]
+    src = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (kb * 5)[:, None]
+    v0 = tl.load(src + 0, mask=ok & (kb * 5 + 0 < K)[:, None], other=0.0)
+    v1 = tl.load(src + 1, mask=ok & (kb * 5 + 1 < K)[:, None], other=0.0)
+    v2 = tl.load(src + 2, mask=ok & (kb * 5 + 2 < K)[:, None], other=0.0)
+    v3 = tl.load(src + 3, mask=ok & (kb * 5 + 3 < K)[:, None], other=0.0)
+    v4 = tl.load(src + 4, mask=ok & (kb * 5 + 4 < K)[:, None], other=0.0)
+    dst = xp_ptr + rows[:, None].to(tl.int64) * MP + offs_m[None, :]
+    keep = (rows < ROWS)[:, None]
+    plane = ROWS.to(tl.int64) * MP
+    tl.store(dst, v0, mask=keep)
+    tl.store(dst + plane, v1, mask=keep)
+    tl.store(dst + 2 * plane, v2, mask=keep)
+    tl.store(dst + 3 * plane, v3, mask=keep)
+    tl.store(dst + 4 * plane, v4, mask=keep)
+
+
+@triton.jit
+def _small_m_x_tile(x_ptr, xp_ptr, p, offs_m, M, K, stride_xm, ROWS, PAD,
+                    d: tl.constexpr, MP: tl.constexpr, X_PLANAR: tl.constexpr):
+    """Activations for plane d at row-relative byte positions p: a [len(p), MP] tile, zero outside x."""
+    if X_PLANAR:
+        return tl.load(xp_ptr + d * ROWS * MP + (PAD + p)[:, None] * MP + offs_m[None, :])
+    else:
+        k = p * 5 + d
+        return tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + k[:, None],
+                       mask=((p >= 0) & (k < K))[:, None] & (offs_m < M)[None, :], other=0.0)
+
+
+@triton.jit
+def _ternary_small_m_kernel(
+    x_ptr, xp_ptr, w_ptr, e_ptr, y_ptr, ws_ptr,
+    M, N, K, KB, W_TOTAL, ROWS, PAD, TILES_PER_SPLIT,
+    stride_xm, stride_ym, inv_scale_k,
+    G: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, MP: tl.constexpr,
+    X_PLANAR: tl.constexpr, SPLIT_OUT: tl.constexpr, DECODE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Output tile, transposed: acc[i, m] for rows n = base + r + G * i of W and all MP columns of y.
+    # The decoded trits are the left operand, so M = 16 sits on the narrow side of the MMA.
+    pid = tl.program_id(0)
+    r = pid % G
+    base = (pid // G) * (BLOCK_N * G)
+    shift = (r * KB) % ALIGN
+    offs_i = tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_KB)
+    offs_m = tl.arange(0, MP)
+    rows = base + r + G * offs_i
+    # Byte offset of each row's first loaded byte (s_r before the row): a multiple of ALIGN.
+    row_start = tl.multiple_of(rows.to(tl.int64) * KB - shift, ALIGN)
+    n_tiles = tl.cdiv(KB + shift, BLOCK_KB)
+    t_start = tl.program_id(1) * TILES_PER_SPLIT
+    t_stop = tl.minimum(t_start + TILES_PER_SPLIT, n_tiles)
+    dtype = y_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
+    for t in range(t_start, t_stop):
+        offs = row_start[:, None] + (t * BLOCK_KB + offs_j)[None, :]
+        # Only the end of the buffer needs a mask: bytes of a neighbouring row meet zero activations.
+        q = tl.load(w_ptr + offs, mask=offs < W_TOTAL)
+        p = t * BLOCK_KB - shift + offs_j  # byte position inside the row, -shift .. KB + ALIGN
+        x0 = _small_m_x_tile(x_ptr, xp_ptr, p, offs_m, M, K, stride_xm, ROWS, PAD, 0, MP, X_PLANAR)
+        x1 = _small_m_x_tile(x_ptr, xp_ptr, p, offs_m, M, K, stride_xm, ROWS, PAD, 1, MP, X_PLANAR)
+        x2 = _small_m_x_tile(x_ptr, xp_ptr, p, offs_m, M, K, stride_xm, ROWS, PAD, 2, MP, X_PLANAR)
+        x3 = _small_m_x_tile(x_ptr, xp_ptr, p, offs_m, M, K, stride_xm, ROWS, PAD, 3, MP, X_PLANAR)
+        x4 = _small_m_x_tile(x_ptr, xp_ptr, p, offs_m, M, K, stride_xm, ROWS, PAD, 4, MP, X_PLANAR)
+        if DECODE == 2:
+            t0, t1, t2, t3, t4 = _decode2_planes(q, dtype == tl.bfloat16)
+        elif DECODE == 1:
+            t0, t1, t2, t3, t4 = _decode_planes_asm(q, dtype == tl.bfloat16)
+        else:
+            rest = q.to(tl.float32) - 1.0
+            t0, rest = _next_trit(rest)
+            t1, rest = _next_trit(rest)
+            t2, rest = _next_trit(rest)
+            t3, t4 = _next_trit(rest)
+            t0 = t0.to(dtype)
+            t1 = t1.to(dtype)
+            t2 = t2.to(dtype)
+            t3 = t3.to(dtype)
+            t4 = t4.to(dtype)
+        acc = tl.dot(t0, x0, acc, input_precision=PRECISION)
+        acc = tl.dot(t1, x1, acc, input_precision=PRECISION)
+        acc = tl.dot(t2, x2, acc, input_precision=PRECISION)
+        acc = tl.dot(t3, x3, acc, input_precision=PRECISION)
+        acc = tl.dot(t4, x4, acc, input_precision=PRECISION)
+
+    n_ok = rows < N
+    mask = n_ok[:, None] & (offs_m < M)[None, :]
+    if SPLIT_OUT:
+        ws_ptrs = ws_ptr + (tl.program_id(1).to(tl.int64) * M + offs_m[None, :]) * N + rows[:, None]
+        tl.store(ws_ptrs, acc, mask=mask)
+    else:
+        e = tl.load(e_ptr + rows, mask=n_ok, other=0).to(tl.float32)
+        acc = acc * tl.exp2(e * inv_scale_k)[:, None]
+        tl.store(y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None], acc.to(dtype), mask=mask)
+
+
 # Magic multipliers: (q * _DIV_POW3[d]) >> 16 == q // 3**d for every byte q <= 255 (the rounding up of
 # 2**16 / 3**d adds at most q / 2**16 * 0.92 < 1 / 3**d), checked for all bytes in the tests.
 @triton.jit
@@ -432,6 +649,29 @@ def _sm_count(device: torch.device) -> int:
 DENSE_MIN_M = 256
 
 
+# Up to this many rows of x, the 16-bit forward takes _ternary_small_m_kernel (small_m_config).
+# H100, K = N = 7168: M = 1 / 16 / 32 ran in 17.5 / 19.9 / 25.9 us against 26.2 / 26.5 / 46.5 us for
+# the fused kernel below (bench/RESULTS.md).
+SMALL_M_MAX = 32
+
+
+def small_m_config(m: int, n: int, k: int, device: torch.device | None = None) -> TileConfig:
+    """Launch shape of the small-M forward: split-K up to as many programs as fit on the SMs at once
+    (three per SM at this shape's registers and shared memory), never into a second wave.
+
+    H100, M = 16, K = N = 7168 (112 programs before splitting): split 1 / 2 / 3 / 4 ran in
+    20.9 / 19.7 / 19.9 / 21.3 us per call; wider blocks, mma.sync shapes and register caps were slower.
+    """
+    kb = math.ceil(k / 5)
+    block_n, block_k, align = 64, 64, 16
+    classes = align // math.gcd(kb, align)
+    programs = math.ceil(n / (block_n * classes)) * classes
+    sms = _sm_count(device) if device is not None and device.type == "cuda" else 132
+    split = max(1, min(3 * sms // programs, math.ceil((kb + align - 1) / block_k)))
+    return TileConfig(_pow2_between(m, 16, 64), block_n, block_k, num_warps=4, num_stages=3, split_k=split,
+                      planar_x=True, asm_decode=True, small_m=True, align=align)
+
+
 def matmul_config(m: int, n: int, k: int, device: torch.device | None = None,
                   dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     """Default tile shape for ternary_matmul (block_k in packed bytes)."""
@@ -439,6 +679,8 @@ def matmul_config(m: int, n: int, k: int, device: torch.device | None = None,
     if _interpreting():
         # The interpreter pays per program and per op, not per FLOP: few, large tiles.
         return TileConfig(_pow2_between(m, 16, 64), _pow2_between(n, 16, 128), _pow2_between(kb, 16, 64))
+    if m <= SMALL_M_MAX and dtype != torch.float32:
+        return small_m_config(m, n, k, device)
     if m <= 64:
         # Bound by reading the packed bytes: one M tile, and split-K up to about eight programs
         # per SM. The 2-byte-aligned packed rows rule out asynchronous copies, so only other
@@ -534,6 +776,54 @@ def _plane_major(x: torch.Tensor, kb: int) -> torch.Tensor:
     return x.reshape(x.shape[0], kb, 5).transpose(1, 2).contiguous()
 
 
+def _small_m_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor, K: int, cfg: TileConfig,
+                    out: torch.Tensor | None = None, decode: int = 2) -> torch.Tensor:
+    """ternary_matmul through _ternary_small_m_kernel (M <= cfg.block_m); `out` [M, N] may be given.
+
+    decode (16-bit inputs with cfg.asm_decode, compiled only): 2 = _DECODE2_ASM, 1 = _DECODE_ASM;
+    otherwise the fp32 _next_trit path.
+    """
+    m = x.shape[0]
+    n, kb = packed.shape
+    mp = cfg.block_m
+    assert m <= mp, f"small-M kernel takes at most {mp} rows, got {m}"
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    x = x.contiguous()
+    packed = packed.contiguous()
+    exponent = exponent.contiguous()
+    # Row classes need the buffer itself ALIGN-aligned; otherwise read byte by byte (one class).
+    align = cfg.align if packed.data_ptr() % cfg.align == 0 else 1
+    g = align // math.gcd(kb, align)
+    n_tiles = triton.cdiv(kb + align - 1, cfg.block_k)
+    pad = align
+    rows = pad + n_tiles * cfg.block_k
+    if cfg.planar_x:
+        xp = torch.empty(5, rows, mp, dtype=x.dtype, device=x.device)
+        block_r = 64
+        _x_planes_kernel[(triton.cdiv(rows, block_r),)](x, xp, m, K, x.stride(0), rows, pad, MP=mp,
+                                                        BLOCK_R=block_r, num_warps=4)
+    else:
+        xp = x  # unused
+    per_split = triton.cdiv(n_tiles, max(cfg.split_k, 1))
+    splits = triton.cdiv(n_tiles, per_split)
+    ws = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else y
+    asm = cfg.asm_decode and x.dtype in (torch.bfloat16, torch.float16) and not _interpreting()
+    grid = (triton.cdiv(n, cfg.block_n * g) * g, splits)
+    _ternary_small_m_kernel[grid](
+        x, xp, packed, exponent, y, ws, m, n, K, kb, n * kb, rows, pad, per_split,
+        x.stride(0), y.stride(0), 1.0 / SCALE_K,
+        G=g, ALIGN=align, BLOCK_N=cfg.block_n, BLOCK_KB=cfg.block_k, MP=mp, X_PLANAR=cfg.planar_x,
+        SPLIT_OUT=splits > 1, DECODE=decode if asm else 0, PRECISION=_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
+    )
+    if splits > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](ws, exponent, y, m, n, splits, y.stride(0),
+                                                            1.0 / SCALE_K, BLOCK=block, num_warps=4)
+    return y
+
+
 # ---------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -558,6 +848,8 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
     cfg = config or matmul_config(m, n, K, x.device, x.dtype)
     if cfg.dense:
         return x @ decode_weight(packed, exponent, K, x.dtype).t()
+    if cfg.small_m and m <= cfg.block_m:
+        return _small_m_matmul(x, packed, exponent, K, cfg, out=y)
     packed = packed.contiguous()
     exponent = exponent.contiguous()
     kb = packed.shape[1]
