@@ -243,14 +243,17 @@ def evidence_probe(model: ARBModel, plan: Plan, inputs, dtype, reps: int = 2) ->
                 f"{tag}_peak_bytes": max(peaks)}
 
     res = run("with_evidence")
-    saved = (ops.weight_grad, TernaryMatrix.add_grad, TernaryMatrix.add_row_grad)
+    saved = (ops.weight_grad, TernaryMatrix.add_grad, TernaryMatrix.add_row_grad,
+             TernaryMatrix.add_grad_product)
     ops.weight_grad = lambda gy, x, backend="torch": None
     TernaryMatrix.add_grad = lambda self, grad: None
+    TernaryMatrix.add_grad_product = lambda self, gy, x, backend="torch": None
     TernaryMatrix.add_row_grad = lambda self, idx, rows: None
     try:
         res.update(run("no_evidence"))
     finally:
-        ops.weight_grad, TernaryMatrix.add_grad, TernaryMatrix.add_row_grad = saved
+        (ops.weight_grad, TernaryMatrix.add_grad, TernaryMatrix.add_row_grad,
+         TernaryMatrix.add_grad_product) = saved
     return res
 
 

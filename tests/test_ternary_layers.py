@@ -194,3 +194,50 @@ def test_bad_inputs_name_expected_and_given():
         _Tiny()._ternary_update_memory()
     with pytest.raises(ValueError, match="threshold"):
         TernaryRule(threshold=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weight_grad_into_adds_the_product_to_the_evidence(dtype):
+    from arbd.ternary import ops
+
+    g = torch.Generator().manual_seed(11)
+    gy = torch.randn(3, 5, 7, generator=g, dtype=dtype)
+    x = torch.randn(3, 5, 4, generator=g, dtype=dtype)
+    ref = gy.reshape(-1, 7).double().t() @ x.reshape(-1, 4).double()
+    first = ops.weight_grad_into(None, gy, x)
+    assert first.dtype == dtype and torch.allclose(first.double(), ref, rtol=1e-6, atol=1e-6)
+    acc = first.clone()
+    out = ops.weight_grad_into(acc, gy, x)
+    assert out is acc and torch.allclose(acc.double(), 2 * ref, rtol=1e-6, atol=1e-6)
+
+
+def test_linear_evidence_goes_through_add_grad_product():
+    layer = TernaryLinear(6, 4, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(3))
+    gy = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4))
+    for _ in range(2):
+        layer(x).backward(gy)
+    _, ev = layer.weight.evidence()
+    ref = 2 * (gy.reshape(-1, 4).double().t() @ x.reshape(-1, 6).double())
+    assert torch.allclose(ev.double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="gradient must have shape"):
+        layer.weight.add_grad_product(gy, x[..., :5])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_weight_grad_into_accumulates_in_place_with_cublas_on_gpu():
+    from arbd.ternary import ops
+
+    dev = torch.device("cuda")
+    assert ops._addmm_into_fp32_ok(dev), "torch.addmm(out_dtype=float32) missing or wrong here"
+    g = torch.Generator(device=dev).manual_seed(5)
+    gy = torch.randn(1000, 96, device=dev, generator=g).to(torch.bfloat16)
+    x = torch.randn(1000, 80, device=dev, generator=g).to(torch.bfloat16)
+    ref = gy.double().t() @ x.double()
+    acc = ops.weight_grad_into(None, gy, x)
+    assert acc.dtype == torch.float32
+    ptr = acc.data_ptr()
+    acc = ops.weight_grad_into(acc, gy, x)
+    assert acc.data_ptr() == ptr   # added in place: no [N, K] temporary kept
+    torch.testing.assert_close(acc.double(), 2 * ref, rtol=1e-4, atol=1e-3)

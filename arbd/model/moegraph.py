@@ -93,14 +93,18 @@ class MoEGraph(nn.Module):
 
     def run_experts(self, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Each row of `rows` through the expert `expert_ids` names (experts this module holds),
-        in row order per expert. `rows * 0`, not zeros_like: the result stays in the autograd
-        graph even with no rows, so an expert-parallel backward enters every exchange."""
-        y = rows * 0
-        for key, expert in self.experts.items():
-            sel = (expert_ids == int(key)).nonzero().flatten()
-            if sel.numel():
-                y = y.index_copy(0, sel, expert(rows[sel]))
-        return y
+        in row order per expert. One stable sort groups the rows by expert and one read of the
+        counts sizes the groups (one host synchronisation per call instead of one per expert;
+        the step is bound by host launches, bench/RESULTS.md). `rows * 0`, not zeros_like: the
+        result stays in the autograd graph even with no rows, so an expert-parallel backward
+        enters every exchange."""
+        if rows.shape[0] == 0:
+            return rows * 0
+        order = torch.argsort(expert_ids, stable=True)
+        counts = torch.bincount(expert_ids, minlength=self.n_experts).tolist()
+        groups = rows[order].split(counts)
+        outs = [self.experts[str(e)](group) for e, group in enumerate(groups) if group.shape[0]]
+        return (rows * 0).index_copy(0, order, torch.cat(outs))
 
     def dispatch(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         """Run each expert on its rows and combine (local version; EP swaps in all-to-all)."""

@@ -33,7 +33,7 @@ class _LinearFn(torch.autograd.Function):
         gx = None
         if ctx.needs_input_grad[0]:
             gx = ops.linear_grad_input(gy, m.packed, m.exponent, m.cols, ctx.backend)
-        m.add_grad(ops.weight_grad(gy, x, ctx.backend))
+        m.add_grad_product(gy, x, ctx.backend)
         return gx, None, None, None
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from arbd.config import SCALE_K
-from arbd.ternary import packing
+from arbd.ternary import ops, packing
 from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, apply_votes, quantize_evidence,
                                scale_grad, votes_from_scale_grad)
 
@@ -175,6 +175,14 @@ class TernaryMatrix(nn.Module):
             raise ValueError(f"gradient must have shape {(self.rows, self.cols)}, got {tuple(grad.shape)}")
         g = _evidence_dtype(grad.detach())
         self._grad = g.clone() if self._grad is None else self._grad.add_(g)
+
+    def add_grad_product(self, gy: torch.Tensor, x: torch.Tensor, backend: str = "torch") -> None:
+        """Accumulate dL/dW = gy^T x (gy [..., rows], x [..., cols]) without forming it apart
+        where cuBLAS can add into the evidence in place (ops.weight_grad_into)."""
+        shape = (gy.shape[-1], x.shape[-1])
+        if shape != (self.rows, self.cols):
+            raise ValueError(f"gradient must have shape {(self.rows, self.cols)}, got {shape}")
+        self._grad = ops.weight_grad_into(self._grad, gy.detach(), x.detach(), backend)
 
     def add_row_grad(self, idx: torch.Tensor, grad_rows: torch.Tensor) -> None:
         """Accumulate dL/dW for the listed rows only (sparse path). Duplicates are summed later."""
