@@ -284,3 +284,38 @@ def test_bad_inputs_name_expected_and_given():
         mg(torch.full((1, 5), 300), torch.zeros(1, 3, D))
     with pytest.raises(ValueError, match=r"expects \[B, T, 64\], got \(1, 5, 32\)"):
         LTIInjection(CFG)(torch.zeros(1, 5, 32))
+
+
+def _hash_ids_one_order_at_a_time(ids, orders, num_hashes, table_size):
+    # Reference: the definition in memgram's docstring, order by order and hash by hash.
+    from arbd.config import NGRAM
+    from arbd.hashing import M32, mix32
+    from arbd.model.memgram import PAD_BYTE
+
+    b, t = ids.shape
+    tp = t - NGRAM + 1
+    max_n = max(orders)
+    padded = torch.cat([torch.full((b, max_n - 1), PAD_BYTE, dtype=torch.long), ids.long()], 1)
+    out = []
+    for n in orders:
+        per_hash = []
+        for j in range(num_hashes):
+            s = torch.full((b, tp), int(mix32(torch.tensor((0x9E3779B9 * (16 * n + j + 1)) & M32))),
+                           dtype=torch.long)
+            for c in range(n):
+                start = max_n - 1 + NGRAM - n + c
+                s = mix32((s * 0x01000193 + padded[:, start:start + tp] + 1) & M32)
+            per_hash.append(s % table_size)
+        out.append(torch.stack(per_hash, -1))
+    return torch.stack(out, -2)
+
+
+@pytest.mark.parametrize("orders,num_hashes", [((2, 3, 4), 2), ((1,), 1), ((5, 2), 3), ((3, 3), 2)])
+def test_ngram_hashes_of_all_orders_at_once_equal_one_order_at_a_time(orders, num_hashes):
+    from arbd.model.memgram import ngram_hash_ids
+
+    ids = torch.randint(0, 256, (3, 11), generator=torch.Generator().manual_seed(1))
+    got = ngram_hash_ids(ids, orders, num_hashes, 1009)
+    want = _hash_ids_one_order_at_a_time(ids, orders, num_hashes, 1009)
+    assert got.shape == want.shape == (3, 9, len(orders), num_hashes)
+    assert torch.equal(got, want)
