@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--scaling", default="", help="comma-separated micro-batch sizes to time")
     p.add_argument("--cprofile", action="store_true")
     p.add_argument("--torch-profile", action="store_true")
+    p.add_argument("--profile-update", action="store_true", help="cProfile one ternary update")
     p.add_argument("--rows", type=int, default=30)
     a = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,6 +108,21 @@ def main() -> None:
         st = pstats.Stats(prof, stream=buf).sort_stats("tottime")
         st.print_callers(r"item|tolist|nonzero|__bool__|__int__|_local_scalar|cpu|unique")
         print("-- callers of synchronising calls\n" + "\n".join(ln for ln in buf.getvalue().splitlines() if ln.strip()))
+
+    if a.profile_update:
+        micro(a.micro_batch)
+        _sync()
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        update()
+        _sync()
+        prof.disable()
+        print(f"-- one update under cProfile: {(time.perf_counter() - t0) * 1e3:.1f} ms")
+        for key in ("tottime", "cumulative"):
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(a.rows)
+            print(f"-- update, by {key}\n" + "\n".join(ln for ln in buf.getvalue().splitlines() if ln.strip()))
 
     if a.torch_profile:
         acts = [torch.profiler.ProfilerActivity.CPU]
