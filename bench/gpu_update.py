@@ -1,6 +1,10 @@
 """Touched-row codebook updates on the GPU: correctness against the CPU and bandwidth.
 
     python bench/gpu_update.py --json runs/gpu_update.json
+    python bench/gpu_update.py --sweep [--baseline OLD.py] --json runs/gpu_update_sweep.json
+
+The sweep (below, `sweep`) times only the Triton kernel, its variants and optionally an earlier
+version of triton_update.py (--baseline) on random states of the real table sizes.
 
 The real tables: the SharedVQ codebook (10,000,000 x 64) and the KG VQ (5,000,000 x 64), built
 on the CPU and copied to the GPU. For U touched rows (distinct random ids) the same evidence is
@@ -18,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from arbd.ternary import packing  # noqa: E402
 from arbd.ternary.rule import TUNED_RULE, apply_votes  # noqa: E402
 from arbd.ternary.triton_update import apply_votes_rows  # noqa: E402
 from arbd.vq.codebook import TernaryVQCodebook  # noqa: E402
@@ -81,12 +88,175 @@ def same_state(a, b) -> bool:
                 (a.e_accum, b.e_accum)))
 
 
+# -- sweep: the kernel alone ------------------------------------------------------------------
+# Variants of apply_votes_rows (keyword arguments); "default" is what TernaryMatrix calls.
+VARIANTS = {
+    "default": {},
+    "gather_b32_w4": dict(packing_mode="gather", block_r=32),
+    "gather_b16_w4_loop_p8": dict(packing_mode="gather", programs_per_sm=8),
+    "gather_b16_w4_noevict": dict(packing_mode="gather", evict_first=False),
+    "scan_b32_w8_loop_p4": dict(packing_mode="scan"),
+    "scan_b32_w4_grid": dict(packing_mode="scan", block_r=32, num_warps=4, programs_per_sm=None),
+    "scan_b16_w4_grid": dict(packing_mode="scan", block_r=16, num_warps=4, programs_per_sm=None),
+}
+
+
+def _timer(device: str):
+    """Median-of-reps timer: CUDA events on the GPU, the host clock otherwise (interpreter)."""
+    def run(fn, reps: int = 20, warm: int = 3) -> float:
+        ts = []
+        for i in range(reps + warm):
+            if device == "cuda":
+                torch.cuda.synchronize()
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                torch.cuda.synchronize()
+                t = s.elapsed_time(e)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                t = (time.perf_counter() - t0) * 1e3
+            if i >= warm:
+                ts.append(t)
+        return sorted(ts)[len(ts) // 2]
+    return run
+
+
+def _random_state(rows: int, cols: int, g: torch.Generator, device: str) -> list[torch.Tensor]:
+    """packed uint8, t_accum int8, exponent int8, e_accum int8: random, valid, never all zero."""
+    nb = packing.packed_cols(cols)
+    return [torch.randint(0, 243, (rows, nb), generator=g, device=device, dtype=torch.uint8),
+            torch.randint(-127, 128, (rows, cols), generator=g, device=device, dtype=torch.int8),
+            torch.randint(-128, 128, (rows,), generator=g, device=device, dtype=torch.int8),
+            torch.randint(-127, 128, (rows,), generator=g, device=device, dtype=torch.int8)]
+
+
+def _torch_rule_rows(state: list[torch.Tensor], idx, votes, e_votes, rule, cols: int):
+    """The torch rule on rows idx (what TernaryMatrix._rewrite_rows does): the new state and
+    the counts."""
+    packed, t_acc, exp, e_acc = state
+    tr, ta, ex, ea, st = apply_votes(packing.unpack_trits(packed[idx], cols), t_acc[idx],
+                                     exp[idx], e_acc[idx], votes, e_votes, rule)
+    out = [t.clone() for t in state]
+    out[0][idx], out[1][idx], out[2][idx], out[3][idx] = packing.pack_trits(tr), ta, ex, ea
+    return out, [int(st["trit_flips"]), int(st["scale_moves"])]
+
+
+def _sector_bytes(idx: torch.Tensor, nb: int, cols: int) -> int:
+    """Bytes in whole 32-byte sectors the update must move: votes, scale votes and ids stream in
+    once; every distinct sector of packed / t_accum / exponent / e_accum that a touched row
+    lies in is read once and written once (DRAM moves sectors, not bytes)."""
+    def sectors(start, length):
+        first, last = start // 32, (start + length - 1) // 32
+        s = torch.cat([first, last]) if length > 1 else first
+        return int(torch.unique(s).numel()) if length <= 32 else -1
+
+    u = idx.numel()
+    i = idx.long()
+    packed_s = sectors(i * nb, nb)
+    exp_s = sectors(i, 1)
+    t_acc = 2 * u * ((cols + 31) // 32) * 32   # 64-byte rows: whole sectors
+    return u * (4 * cols + 4 + 8) + t_acc + 2 * 32 * (packed_s + 2 * exp_s)
+
+
+def sweep(args) -> dict:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    timed_ms = _timer(dev)
+    base = None
+    if args.baseline:
+        spec = importlib.util.spec_from_file_location("baseline_update", args.baseline)
+        base = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(base)
+    bw = copy_bandwidth() if dev == "cuda" else float("nan")
+    out: dict = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+                 "copy_TB_per_s": bw / 1e12, "row_bytes": ROW_BYTES, "results": []}
+    print(f"device-to-device copy: {bw / 1e12:.2f} TB/s", flush=True)
+    variants = {k: (apply_votes_rows, v) for k, v in VARIANTS.items()
+                if args.variants is None or k in args.variants.split(",")}
+    if base is not None:
+        variants["old_b16"] = (base.apply_votes_rows, dict(block_r=16))
+        variants["old_b32"] = (base.apply_votes_rows, dict(block_r=32))
+    cols, rule = 64, TUNED_RULE
+    for case in args.cases.split(","):
+        rows, u, order = case.split(":")
+        rows, u = int(rows), int(u)
+        g = torch.Generator(device=dev).manual_seed(rows + u)
+        state0 = _random_state(rows, cols, g, dev)
+        idx = torch.randperm(rows, generator=g, device=dev)[:u]
+        if order == "sorted":                # what TernaryMatrix.votes() hands over
+            idx = idx.sort().values
+        votes = torch.randint(-40, 41, (u, cols), generator=g, device=dev, dtype=torch.int32)
+        e_votes = torch.randint(-20, 21, (u,), generator=g, device=dev, dtype=torch.int32)
+        want, want_stats = _torch_rule_rows(state0, idx, votes, e_votes, rule, cols)
+        head = {"rows": rows, "touched": u, "order": order, "torch_stats": want_stats,
+                "sector_bytes": _sector_bytes(idx, state0[0].shape[1], cols)}
+        if not args.no_cpu_check:
+            # the CPU torch rule on the touched rows' state, against the GPU torch rule
+            t0 = time.perf_counter()
+            cpu_rows = [t[idx].cpu() for t in state0]
+            ci = torch.arange(u)
+            cpu_new, cpu_stats = _torch_rule_rows(cpu_rows, ci, votes.cpu(), e_votes.cpu(), rule,
+                                                  cols)
+            head["gpu_torch_equals_cpu"] = (cpu_stats == want_stats and all(
+                torch.equal(a, w[idx].cpu()) for a, w in zip(cpu_new, want)))
+            head["cpu_check_s"] = round(time.perf_counter() - t0, 1)
+        print(head, flush=True)
+        work = [t.clone() for t in state0]
+        for name, (fn, kw) in variants.items():
+            for w, s0 in zip(work, state0):
+                w.copy_(s0)
+            stats = fn(*work, idx, votes, e_votes, rule, **kw)
+            equal = stats.tolist() == want_stats and all(
+                torch.equal(a, b) for a, b in zip(work, want))
+            ms = timed_ms(lambda: fn(*work, idx, votes, e_votes, rule, **kw))
+            rate = u * ROW_BYTES / (ms / 1e3)
+            row = {**{k: head[k] for k in ("rows", "touched", "order")}, "variant": name,
+                   "equal_torch": equal, "ms": ms, "GB_per_s": rate / 1e9,
+                   "pct_of_copy_bw": 100 * rate / bw,
+                   "sector_pct_of_copy_bw": 100 * head["sector_bytes"] / (ms / 1e3) / bw}
+            out["results"].append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
+                  flush=True)
+        out.setdefault("cases", []).append(head)
+        del state0, want, work
+    try:   # registers per compiled variant (Triton's per-device cache of the kernel)
+        from arbd.ternary.triton_update import _apply_votes_kernel
+        for kern in _apply_votes_kernel.device_caches[0][0].values():
+            print("compiled:", kern.metadata.num_warps, "warps,", kern.n_regs, "regs,",
+                  kern.n_spills, "spills", flush=True)
+    except Exception as e:  # noqa: BLE001 - a report only
+        print("no register report:", e)
+    print("\n| rows | touched | order | variant | equal | ms | GB/s | % copy | % copy (sectors) |")
+    for r in out["results"]:
+        print(f"| {r['rows']:,} | {r['touched']:,} | {r['order']} | {r['variant']} | "
+              f"{r['equal_torch']} | {r['ms']:.4f} | {r['GB_per_s']:.0f} | "
+              f"{r['pct_of_copy_bw']:.1f} | {r['sector_pct_of_copy_bw']:.1f} |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--tables", default="10000000,5000000")
     p.add_argument("--touched", default="16384,262144,1048576")
     p.add_argument("--json", default=None)
+    p.add_argument("--sweep", action="store_true", help="time the kernel and its variants only")
+    p.add_argument("--cases", default="10000000:1048576:random,10000000:1048576:sorted,"
+                   "5000000:4194304:random,5000000:4194304:sorted,5000000:1048576:random,"
+                   "10000000:262144:random,10000000:16384:random",
+                   help="sweep: rows:touched:random|sorted, ...")
+    p.add_argument("--variants", default=None, help="sweep: comma-separated VARIANTS keys")
+    p.add_argument("--baseline", default=None, help="sweep: an earlier triton_update.py to time")
+    p.add_argument("--no-cpu-check", action="store_true")
     args = p.parse_args(argv)
+    if args.sweep:
+        out = sweep(args)
+        if args.json:
+            os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return out
     bw = copy_bandwidth()
     out: dict = {"device": torch.cuda.get_device_name(), "copy_TB_per_s": bw / 1e12,
                  "row_bytes": ROW_BYTES, "results": []}

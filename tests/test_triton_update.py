@@ -1,10 +1,12 @@
 """The Triton touched-row update (triton_update.apply_votes_rows) against TernaryMatrix's torch
-path, on CPU through TRITON_INTERPRET=1: after the same integer votes on the same rows, every byte
-of packed trits, accumulators, exponents and scale accumulators must be identical, and so must
-the flip / scale-move counts."""
+path: after the same integer votes on the same rows, every byte of packed trits, accumulators,
+exponents and scale accumulators must be identical, and so must the flip / scale-move counts.
+
+On CPU the kernel runs through TRITON_INTERPRET=1; on the GPU machine run with TRITON_INTERPRET=0
+to compile it (every test then compares the compiled kernel with the torch rule)."""
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import copy  # noqa: E402
 
@@ -26,27 +28,73 @@ RULES = [TUNED_RULE, TernaryRule(),
          TernaryRule(learn_scales=False, threshold=100)]
 
 
-@pytest.mark.parametrize("cols", [64, 37, 1])
-@pytest.mark.parametrize("rule", RULES, ids=["tuned", "default", "cap_decay", "no_scales"])
-def test_apply_votes_rows_equals_torch(cols, rule):
-    g = torch.Generator().manual_seed(cols)
-    rows, u = 300, 77                                     # 77: no multiple of the row block
-    ref = TernaryMatrix(rows, cols, generator=g)
-    ref.t_accum.copy_(torch.randint(-127, 128, ref.t_accum.shape, generator=g).to(torch.int8))
-    ref.e_accum.copy_(torch.randint(-127, 128, (rows,), generator=g).to(torch.int8))
-    ref.exponent.copy_(torch.randint(-128, 128, (rows,), generator=g).to(torch.int8))
+def _random_matrix(rows, cols, g):
+    m = TernaryMatrix(rows, cols, generator=g)
+    m.t_accum.copy_(torch.randint(-127, 128, m.t_accum.shape, generator=g).to(torch.int8))
+    m.e_accum.copy_(torch.randint(-127, 128, (rows,), generator=g).to(torch.int8))
+    m.exponent.copy_(torch.randint(-128, 128, (rows,), generator=g).to(torch.int8))
+    return m
+
+
+def _check_against_torch(cols, rule, rows, u, seed, vote_dtype=torch.int32, **kernel_args):
+    g = torch.Generator().manual_seed(seed)
+    ref = _random_matrix(rows, cols, g)
     got = copy.deepcopy(ref).to(DEVICE)
     idx = torch.randperm(rows, generator=g)[:u]
-    votes = torch.randint(-300, 301, (u, cols), generator=g, dtype=torch.int32)
+    lim = 300 if vote_dtype != torch.int8 else 127
+    votes = torch.randint(-lim, lim + 1, (u, cols), generator=g, dtype=torch.int32)
     e_votes = torch.randint(-60, 61, (u,), generator=g, dtype=torch.int32)
     ref.set_votes(idx, votes, e_votes)
     want = ref.apply_update(rule)
-    stats = tk.apply_votes_rows(got.packed, got.t_accum, got.exponent, got.e_accum, idx.to(DEVICE),
-                                votes.to(DEVICE), e_votes.to(DEVICE), rule, block_r=16)
+    stats = tk.apply_votes_rows(got.packed, got.t_accum, got.exponent, got.e_accum,
+                                idx.to(DEVICE), votes.to(vote_dtype).to(DEVICE),
+                                e_votes.to(vote_dtype).to(DEVICE), rule, **kernel_args)
     for name in ("packed", "t_accum", "exponent", "e_accum"):
         assert torch.equal(getattr(got, name).cpu(), getattr(ref, name)), name
     assert stats.tolist() == [want["trit_flips"], want["scale_moves"]]
+    return want
+
+
+# 8-16 columns: the widths triton 3.6 could not compile the earlier gather kernel for.
+@pytest.mark.parametrize("cols", [64, 37, 1, 8, 12, 13, 16, 24, 100])
+@pytest.mark.parametrize("rule", RULES, ids=["tuned", "default", "cap_decay", "no_scales"])
+def test_apply_votes_rows_equals_torch(cols, rule):
+    # 77 rows: no multiple of the row block. TUNED_RULE freezes rows under 8 columns.
+    want = _check_against_torch(cols, rule, 300, 77, cols)
     assert want["trit_flips"] > 0 or cols == 1
+
+
+# Both packings, several blocks per program (the grid is sized to the GPU: 4 "SMs" under the
+# interpreter, 132 on an H100, so 300 / 7000 rows in blocks of 16 give each program several),
+# block tails, with and without the streaming hint. "gather" only for rows of 8+ packed bytes:
+# triton 3.6 cannot compile it for narrower ones (row_packing never picks it there).
+ROWS, TOUCHED = (600, 300) if DEVICE == "cpu" else (9000, 7000)
+
+
+@pytest.mark.parametrize("cols,knobs", [
+    (64, dict(packing_mode="gather")),
+    (37, dict(packing_mode="gather", block_r=16, num_warps=4, programs_per_sm=1)),
+    (64, dict(packing_mode="gather", block_r=32, num_warps=8, programs_per_sm=2,
+              evict_first=False)),
+    (64, dict(packing_mode="scan")),
+    (64, dict(packing_mode="scan", block_r=16, num_warps=4, programs_per_sm=1)),
+    (13, dict(packing_mode="scan", block_r=64, num_warps=4, programs_per_sm=None)),
+    (16, dict(packing_mode="scan", block_r=16, num_warps=2, programs_per_sm=1)),
+], ids=["g64", "g37_p1", "g64_w8_noevict", "s64", "s64_p1", "s13_oneblock", "s16_w2_p1"])
+def test_packings_and_block_loop_equal_torch(cols, knobs):
+    _check_against_torch(cols, TernaryRule(threshold=5, decay_shift=3, saturated_cap=20,
+                                           scale_threshold=3), ROWS, TOUCHED, 11 + cols, **knobs)
+
+
+def test_row_packing_avoids_gather_on_narrow_rows():
+    assert [tk.row_packing(c) for c in (1, 8, 13, 16, 20, 21, 24, 64, 100)] == \
+        ["scan"] * 5 + ["gather"] * 4
+
+
+@pytest.mark.parametrize("vote_dtype", [torch.int16, torch.int8], ids=["int16", "int8"])
+def test_narrow_votes_equal_torch(vote_dtype):
+    """int16 / int8 votes are read as they are and widened in the kernel."""
+    _check_against_torch(64, TUNED_RULE, 300, 120, 3, vote_dtype=vote_dtype)
 
 
 def test_apply_votes_rows_without_scale_votes_and_empty():
@@ -90,9 +138,9 @@ def test_sparse_update_through_the_kernel_equals_the_torch_rule(monkeypatch):
 
 
 def test_a_kernel_that_cannot_compile_falls_back_to_the_torch_rule(monkeypatch):
-    """Triton 3.6 fails to compile the row kernel for 8-16 column rows on the GPU; the matrix then
-    takes the torch rule (same bytes) and warns once, instead of failing the step. Other
-    errors still surface."""
+    """A row kernel that fails to compile (as triton 3.6 did for 8-16-column rows before the
+    "scan" packing) leaves the matrix on the torch rule (same bytes) with one warning, instead of
+    failing the step. Other errors still surface."""
     import warnings
 
     from arbd.ternary import state

@@ -144,8 +144,8 @@ def _dense_update_kernel(g_ptr, stride_gr, stride_gc, s_ptr, stride_s, packed_pt
             x = tl.math.div_rn(g, negd[:, None]) * rate32
             pos = r.to(tl.uint32)[:, None] * COLS + col.to(tl.uint32)[None, :]
             acc = acc + _sround(x, pos, salt, STOCHASTIC, MAX_VOTE)
+        # Masked-off elements read acc 0, vote 0 and byte 121 (trit 0), so they move nothing.
         n = tl.minimum(tl.maximum(_trunc_div(acc, THRESHOLD), -1 - trit), 1 - trit)
-        n = tl.where(cm, n, 0)
         trit = trit + n
         acc = acc - n * THRESHOLD
         if CAP < ACC_MAX:
@@ -154,10 +154,10 @@ def _dense_update_kernel(g_ptr, stride_gr, stride_gc, s_ptr, stride_s, packed_pt
         acc = tl.minimum(tl.maximum(acc, -ACC_MAX), ACC_MAX)
         tl.store(t_acc_ptr + off, acc.to(tl.int8), mask=cm)
         new_byte += (trit + 1) * p3
-        flips += tl.abs(n)
+        flips += tl.sum(tl.abs(n), axis=1)
         p3 = p3 * 3
     tl.store(packed_ptr + r64[:, None] * NB + b[None, :], new_byte.to(tl.uint8), mask=bm)
-    tl.atomic_add(stats_ptr, tl.sum(tl.sum(flips, axis=1), axis=0))
+    tl.atomic_add(stats_ptr, tl.sum(flips, axis=0))
     if SCALES:
         if pid_b == 0:
             e = tl.load(exp_ptr + r, mask=live, other=0).to(tl.int32)
@@ -282,12 +282,20 @@ def dense_update(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torch.Te
 # ---------------------------------------------------------------------------------------------
 # Touched-row update: rule.apply_votes on rows idx of a TernaryMatrix, in one pass.
 #
-# Each program takes BLOCK_R touched rows and reads, changes and writes back their packed trits,
-# trit accumulators, exponent and scale accumulator; the torch path (TernaryMatrix._rewrite_rows)
-# does the same in ~30 launches with int32 temporaries. Touched rows are held as a
-# [rows, cols] tile (accumulators and votes load as contiguous vectors); tl.gather moves the
-# packed bytes to their columns and the trits back into [byte, digit] slots for packing.
-# Integer arithmetic only, so the result is bit-identical to the torch rule. Divisions are done on
+# A program walks blocks of BLOCK_R touched rows. Votes and trit accumulators stay in their
+# [rows, cols] layout, so they move as contiguous vectors (walking each byte's five digits, as
+# _dense_update_kernel does, made every access a strided scalar one and ran 3x slower:
+# bench/RESULTS.md, "Touched-row update, round 2"). Column c's trit is digit c % 5 of byte c // 5,
+# taken by a multiply-shift. Two ways to move between bytes and columns:
+# - "gather" (rows of 8+ packed bytes, the fastest measured): the row's bytes load once and
+#   tl.gather spreads them to columns; packing gathers the new trits into [byte, digit] slots and
+#   sums each byte's five. Triton 3.6 cannot compile this for rows of under 8 bytes (its
+#   OptimizeThreadLocality pass asserts on the small gathers).
+# - "scan" (the narrow rows): each column loads its own byte (a row's bytes share one or two
+#   sectors, so the repeats hit L1); packing is a segmented prefix sum of digit * 3**(c % 5) over
+#   each byte's five columns, stored by the byte's last column. No gather, so every width compiles;
+#   its per-column byte loads and stores make it slower on wide rows.
+# Integer arithmetic only, so the result is bit-identical to the torch rule. Divisions act on
 # magnitudes (trunc toward zero, as torch's rounding_mode="trunc"), which keeps the interpreter
 # (NumPy floor division) and the GPU (C truncation) in agreement.
 
@@ -298,85 +306,195 @@ def _pow3(d):
 
 
 @triton.jit
-def _apply_votes_kernel(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev_ptr,
-                        stats_ptr, u, COLS: tl.constexpr, COLS_P: tl.constexpr, NB: tl.constexpr,
-                        NB_P: tl.constexpr, BLOCK_R: tl.constexpr, THRESHOLD: tl.constexpr,
-                        DECAY: tl.constexpr, FREEZE: tl.constexpr, CAP: tl.constexpr,
-                        ACC_MAX: tl.constexpr, SCALES: tl.constexpr, S_THRESHOLD: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    live = r < u
-    row = tl.load(idx_ptr + r, mask=live, other=0)
-    # Accumulators and votes in their natural [rows, cols] layout (contiguous, vector loads).
+def _segment_sum(a, head_a, b, head_b):
+    # prefix sums that restart where head is set (the first column of each packed byte)
+    return tl.where(head_b != 0, b, a + b), head_a | head_b
+
+
+@triton.jit
+def _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev_ptr, u, blk,
+               COLS: tl.constexpr, COLS_P: tl.constexpr, NB: tl.constexpr, NB_P: tl.constexpr,
+               PAD: tl.constexpr, BLOCK_R: tl.constexpr, THRESHOLD: tl.constexpr,
+               DECAY: tl.constexpr, FREEZE: tl.constexpr, CAP: tl.constexpr,
+               ACC_MAX: tl.constexpr, SCALES: tl.constexpr, S_THRESHOLD: tl.constexpr,
+               GATHER: tl.constexpr, EVICT: tl.constexpr):
+    """rule.apply_votes on touched rows [blk * BLOCK_R, (blk + 1) * BLOCK_R); returns the
+    rows' trit flips and scale moves. GATHER: the "gather" packing of the comment above,
+    else "scan"."""
+    # Per-column constants (loop-invariant: the compiler hoists them).
     col = tl.arange(0, COLS_P)
-    cm = live[:, None] & (col[None, :] < COLS)
+    cin = col < COLS
+    byte_of = col // 5
+    digit = col % 5
+    p3 = _pow3(digit)
+    magic = (65535 + p3) // p3               # (x * magic) >> 16 == x // 3**d for x < 256
+    head = (digit == 0).to(tl.int32)
+    last = cin & ((digit == 4) | (col == COLS - 1))
+    # digits past the last column pack as 1 (trit 0), as pack_trits pads
+    pad = tl.where(col == COLS - 1, PAD, 0)
+    r = tl.arange(0, BLOCK_R).to(tl.int64) + blk * BLOCK_R      # u < 2**31: no overflow
+    live = r < u
+    row = tl.load(idx_ptr + r, mask=live, other=0, eviction_policy=EVICT).to(tl.int64)
+    if COLS == COLS_P:
+        # a mask constant along the row lets the loads and stores be 16-byte vectors
+        cm = live[:, None]
+    else:
+        cm = live[:, None] & cin[None, :]
     b = tl.arange(0, NB_P)
     bm = live[:, None] & (b[None, :] < NB)
-    byte = tl.load(packed_ptr + row[:, None] * NB + b[None, :], mask=bm, other=121).to(tl.int32)
-    # Trit of column c: digit c % 5 of byte c // 5 (bytes moved across lanes by tl.gather).
-    by_col = tl.gather(byte, tl.broadcast_to(tl.minimum(col // 5, NB_P - 1)[None, :],
-                                             (BLOCK_R, COLS_P)), 1)
-    trit = (by_col // _pow3(col % 5)[None, :]) % 3 - 1
-    acc = tl.load(t_acc_ptr + row[:, None] * COLS + col[None, :], mask=cm, other=0).to(tl.int32)
-    if DECAY > 0:
-        acc = acc - _trunc_div(acc, 1 << DECAY)
-    acc += tl.load(votes_ptr + r[:, None] * COLS + col[None, :], mask=cm, other=0)
-    if FREEZE:
-        acc = acc * 0
-    n = tl.minimum(tl.maximum(_trunc_div(acc, THRESHOLD), -1 - trit), 1 - trit)
-    n = tl.where(cm, n, 0)
-    trit = trit + n
-    acc = acc - n * THRESHOLD
-    if CAP < ACC_MAX:
-        acc = tl.where((trit == 1) & (acc > CAP), CAP, tl.where((trit == -1) & (acc < -CAP), -CAP, acc))
-    acc = tl.minimum(tl.maximum(acc, -ACC_MAX), ACC_MAX)
-    tl.store(t_acc_ptr + row[:, None] * COLS + col[None, :], acc.to(tl.int8), mask=cm)
-    # Pack: slot (b, d) takes column 5b + d; slots past COLS hold digit 1 (trit 0), as
-    # packing.pack_trits pads.
-    d = tl.arange(0, 8)
-    slot = b[:, None] * 5 + d[None, :]                                             # [NB_P, 8]
-    src = tl.reshape(tl.minimum(slot, COLS_P - 1), (NB_P * 8,))
-    t_slot = tl.reshape(tl.gather(trit, tl.broadcast_to(src[None, :], (BLOCK_R, NB_P * 8)), 1),
-                        (BLOCK_R, NB_P, 8))
-    digit = tl.where(slot[None, :, :] < COLS, t_slot + 1, 1)
-    new_byte = tl.sum(tl.where(d[None, None, :] < 5, digit * _pow3(d)[None, None, :], 0), axis=2)
-    tl.store(packed_ptr + row[:, None] * NB + b[None, :], new_byte.to(tl.uint8), mask=bm)
-    tl.atomic_add(stats_ptr, tl.sum(tl.sum(tl.abs(n), axis=1), axis=0))
+    if GATHER:
+        by = tl.load(packed_ptr + row[:, None] * NB + b[None, :], mask=bm, other=121)
+        by = tl.gather(by, tl.broadcast_to(tl.minimum(byte_of, NB_P - 1)[None, :],
+                                           (BLOCK_R, COLS_P)), 1)
+    else:
+        by = tl.load(packed_ptr + row[:, None] * NB + byte_of[None, :], mask=cm, other=121)
+    by = by.to(tl.int32)
+    # Bytes above 242 are not base-3 trits; packing's table decodes them as five zeros.
+    by = tl.where(by > 242, 121, by)
+    trit = ((by * magic[None, :]) >> 16) % 3 - 1
+    off = row[:, None] * COLS + col[None, :]
     if SCALES:
         e = tl.load(exp_ptr + row, mask=live, other=0).to(tl.int32)
         ea = tl.load(e_acc_ptr + row, mask=live, other=0).to(tl.int32)
+        ev = tl.load(ev_ptr + r, mask=live, other=0, eviction_policy=EVICT).to(tl.int32)
+    if FREEZE:
+        acc = trit * 0                      # the rule zeroes frozen rows' accumulators
+    else:
+        acc = tl.load(t_acc_ptr + off, mask=cm, other=0).to(tl.int32)
+        if DECAY > 0:
+            acc = acc - _trunc_div(acc, 1 << DECAY)
+        acc += tl.load(votes_ptr + r[:, None] * COLS + col[None, :], mask=cm, other=0,
+                       eviction_policy=EVICT).to(tl.int32)
+    # Masked-off elements read acc 0, vote 0 and byte 121 (trit 0), so they move nothing.
+    n = tl.minimum(tl.maximum(_trunc_div(acc, THRESHOLD), -1 - trit), 1 - trit)
+    trit = trit + n
+    acc = acc - n * THRESHOLD
+    if CAP < ACC_MAX:
+        acc = tl.where((trit == 1) & (acc > CAP), CAP,
+                       tl.where((trit == -1) & (acc < -CAP), -CAP, acc))
+    acc = tl.minimum(tl.maximum(acc, -ACC_MAX), ACC_MAX)
+    tl.store(t_acc_ptr + off, acc.to(tl.int8), mask=cm)
+    flips = tl.sum(tl.abs(n), axis=1)
+    if GATHER:
+        # slot (b, d) takes column 5b + d; slots past COLS hold digit 1 (trit 0)
+        d = tl.arange(0, 8)
+        slot = b[:, None] * 5 + d[None, :]                                   # [NB_P, 8]
+        src = tl.reshape(tl.minimum(slot, COLS_P - 1), (NB_P * 8,))
+        t_slot = tl.reshape(tl.gather(trit, tl.broadcast_to(src[None, :], (BLOCK_R, NB_P * 8)),
+                                      1), (BLOCK_R, NB_P, 8))
+        dig = tl.where(slot[None, :, :] < COLS, t_slot + 1, 1)
+        packed = tl.sum(tl.where(d[None, None, :] < 5, dig * _pow3(d)[None, None, :], 0), axis=2)
+        tl.store(packed_ptr + row[:, None] * NB + b[None, :], packed.to(tl.uint8), mask=bm)
+    else:
+        packed, _ = tl.associative_scan(
+            ((trit + 1) * p3[None, :], tl.broadcast_to(head[None, :], (BLOCK_R, COLS_P))), 1,
+            _segment_sum)
+        if PAD:
+            packed += pad[None, :]
+        tl.store(packed_ptr + row[:, None] * NB + byte_of[None, :], packed.to(tl.uint8),
+                 mask=live[:, None] & last[None, :])
+    if SCALES:
         if DECAY > 0:
             ea = ea - _trunc_div(ea, 1 << DECAY)
-        ea += tl.load(ev_ptr + r, mask=live, other=0)
+        ea += ev
         m = tl.minimum(tl.maximum(_trunc_div(ea, S_THRESHOLD), -128 - e), 127 - e)
+        m = tl.where(live, m, 0)
         ea = tl.minimum(tl.maximum(ea - m * S_THRESHOLD, -ACC_MAX), ACC_MAX)
         tl.store(exp_ptr + row, (e + m).to(tl.int8), mask=live)
         tl.store(e_acc_ptr + row, ea.to(tl.int8), mask=live)
-        tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(live, tl.abs(m), 0), axis=0))
+        moves = tl.abs(m)
+    else:
+        moves = flips * 0
+    return flips, moves
+
+
+@triton.jit(do_not_specialize=["u"])
+def _apply_votes_kernel(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev_ptr,
+                        stats_ptr, u, COLS: tl.constexpr, COLS_P: tl.constexpr, NB: tl.constexpr,
+                        NB_P: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                        THRESHOLD: tl.constexpr, DECAY: tl.constexpr, FREEZE: tl.constexpr,
+                        CAP: tl.constexpr, ACC_MAX: tl.constexpr, SCALES: tl.constexpr,
+                        S_THRESHOLD: tl.constexpr, GATHER: tl.constexpr, EVICT: tl.constexpr,
+                        LOOP: tl.constexpr):
+    # LOOP: a grid of a few programs per SM walks all blocks (one atomic per program); else one
+    # block per program (a loop there would only hold registers: 124 against 64 at 16 x 64).
+    if LOOP:
+        flips = tl.zeros((BLOCK_R,), dtype=tl.int32)
+        moves = tl.zeros((BLOCK_R,), dtype=tl.int32)
+        for blk in tl.range(tl.program_id(0), tl.cdiv(u, BLOCK_R), tl.num_programs(0)):
+            f, m = _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr,
+                              ev_ptr, u, blk, COLS, COLS_P, NB, NB_P, PAD, BLOCK_R, THRESHOLD,
+                              DECAY, FREEZE, CAP, ACC_MAX, SCALES, S_THRESHOLD, GATHER, EVICT)
+            flips += f
+            moves += m
+    else:
+        flips, moves = _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr,
+                                  ev_ptr, u, tl.program_id(0), COLS, COLS_P, NB, NB_P, PAD,
+                                  BLOCK_R, THRESHOLD, DECAY, FREEZE, CAP, ACC_MAX, SCALES,
+                                  S_THRESHOLD, GATHER, EVICT)
+    tl.atomic_add(stats_ptr, tl.sum(flips, axis=0))
+    if SCALES:
+        tl.atomic_add(stats_ptr + 1, tl.sum(moves, axis=0))
+
+
+# (rows per block, warps per program, programs per SM or None for one block per program) of the
+# two packings; the tuning runs are in bench/RESULTS.md ("Touched-row update, round 2").
+ROW_CONFIG = {"gather": (16, 4, None), "scan": (32, 8, 4)}
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4             # the interpreter: a few programs, so the block loop is exercised
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def row_packing(cols: int) -> str:
+    """The packing apply_votes_rows uses for rows of `cols` trits (see the comment above)."""
+    return "gather" if triton.next_power_of_2(packing.packed_cols(cols)) >= 8 else "scan"
+
+
+_DEFAULT = object()
 
 
 def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torch.Tensor,
                      e_accum: torch.Tensor, idx: torch.Tensor, votes: torch.Tensor,
-                     e_votes: torch.Tensor | None, rule, *, block_r: int = 16,
-                     num_warps: int = 4) -> torch.Tensor:
+                     e_votes: torch.Tensor | None, rule: TernaryRule, *,
+                     packing_mode: str | None = None, block_r: int | None = None,
+                     num_warps: int | None = None, programs_per_sm=_DEFAULT,
+                     evict_first: bool = True) -> torch.Tensor:
     """rule.apply_votes on the distinct rows idx, in place on the matrix buffers (packed uint8
-    [R, nb], t_accum int8 [R, cols], exponent / e_accum int8 [R]); votes int32 [U, cols],
-    e_votes int32 [U] or None. Returns int32 [2] (trit flips, scale moves) on the device, so
-    nothing waits for the host. idx must be distinct (TernaryMatrix.votes() merges duplicates)."""
-    from arbd.ternary.rule import ACC_MAX, MIN_ROW_FOR_ROW_NORM
-
+    [R, nb], t_accum int8 [R, cols], exponent / e_accum int8 [R]); votes [U, cols] and e_votes
+    [U] (or None) of int8, int16 or int32 (other integer types are cast to int32 first, as the
+    rule does). Returns int32 [2] (trit flips, scale moves) on the device, so nothing waits for
+    the host. idx must be distinct (TernaryMatrix.votes() merges duplicates).
+    packing_mode "gather" / "scan" (default: row_packing(cols)); block_r, num_warps and
+    programs_per_sm (None: one program per block) default to ROW_CONFIG of that packing."""
     cols, nb = t_accum.shape[1], packed.shape[1]
     stats = torch.zeros(2, dtype=torch.int32, device=packed.device)
     u = idx.numel()
     if u == 0:
         return stats
+    mode = packing_mode or row_packing(cols)
+    br, nw, pps = ROW_CONFIG[mode]
+    br, nw = block_r or br, num_warps or nw
+    pps = pps if programs_per_sm is _DEFAULT else programs_per_sm
+
+    def narrow(t: torch.Tensor) -> torch.Tensor:
+        return (t if t.dtype in (torch.int8, torch.int16, torch.int32)
+                else t.to(torch.int32)).contiguous()
+
     scales = bool(rule.learn_scales and e_votes is not None)
-    ev = e_votes.to(torch.int32).contiguous() if scales else stats
-    _apply_votes_kernel[(triton.cdiv(u, block_r),)](
-        packed, t_accum, exponent, e_accum, idx.reshape(-1).contiguous(),
-        votes.to(torch.int32).contiguous(), ev, stats, u, COLS=cols,
-        COLS_P=triton.next_power_of_2(cols), NB=nb,
-        NB_P=triton.next_power_of_2(nb), BLOCK_R=block_r, THRESHOLD=rule.threshold,
+    blocks = triton.cdiv(u, br)
+    grid = blocks if pps is None else min(blocks, pps * _sm_count(packed.device))
+    tail = cols % 5
+    _apply_votes_kernel[(grid,)](
+        packed, t_accum, exponent, e_accum, idx.reshape(-1).contiguous(), narrow(votes),
+        narrow(e_votes) if scales else stats, stats, u, COLS=cols,
+        COLS_P=triton.next_power_of_2(cols), NB=nb, NB_P=triton.next_power_of_2(nb),
+        PAD=(3 ** 5 - 3 ** tail) // 2 if tail else 0, BLOCK_R=br, THRESHOLD=rule.threshold,
         DECAY=rule.decay_shift, FREEZE=bool(rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM),
         CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales, S_THRESHOLD=rule.scale_threshold,
-        num_warps=num_warps)
+        GATHER=mode == "gather", EVICT="evict_first" if evict_first else "", LOOP=pps is not None,
+        num_warps=nw)
     return stats
