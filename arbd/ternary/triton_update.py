@@ -144,8 +144,8 @@ def _dense_update_kernel(g_ptr, stride_gr, stride_gc, s_ptr, stride_s, packed_pt
             x = tl.math.div_rn(g, negd[:, None]) * rate32
             pos = r.to(tl.uint32)[:, None] * COLS + col.to(tl.uint32)[None, :]
             acc = acc + _sround(x, pos, salt, STOCHASTIC, MAX_VOTE)
-        # Masked-off elements read acc 0, vote 0 and byte 121 (trit 0), so they move nothing.
         n = tl.minimum(tl.maximum(_trunc_div(acc, THRESHOLD), -1 - trit), 1 - trit)
+        n = tl.where(cm, n, 0)
         trit = trit + n
         acc = acc - n * THRESHOLD
         if CAP < ACC_MAX:
@@ -154,10 +154,10 @@ def _dense_update_kernel(g_ptr, stride_gr, stride_gc, s_ptr, stride_s, packed_pt
         acc = tl.minimum(tl.maximum(acc, -ACC_MAX), ACC_MAX)
         tl.store(t_acc_ptr + off, acc.to(tl.int8), mask=cm)
         new_byte += (trit + 1) * p3
-        flips += tl.sum(tl.abs(n), axis=1)
+        flips += tl.abs(n)
         p3 = p3 * 3
     tl.store(packed_ptr + r64[:, None] * NB + b[None, :], new_byte.to(tl.uint8), mask=bm)
-    tl.atomic_add(stats_ptr, tl.sum(flips, axis=0))
+    tl.atomic_add(stats_ptr, tl.sum(tl.sum(flips, axis=1), axis=0))
     if SCALES:
         if pid_b == 0:
             e = tl.load(exp_ptr + r, mask=live, other=0).to(tl.int32)
