@@ -33,7 +33,7 @@ from arbd.parallel.sharded_vq import ShardedTernaryVQCodebook
 from arbd.parallel.tensor_parallel import parallelize_attention
 from arbd.ternary.dp import DPEvidenceReducer
 from arbd.ternary.rule import TernaryRule
-from arbd.ternary.state import TernaryMatrix
+from arbd.ternary.state import TernaryMatrix, all_evidence_finite
 from arbd.ternary.update import apply_updates, evidence_owners
 from arbd.ternary.zero import make_ternary_reducer
 from arbd.vq.codebook import TernaryVQCodebook
@@ -94,7 +94,7 @@ class ParallelReducer:
                 owner.clear_step_evidence()
             if self.model.kg_edges is not None:
                 self.model.kg_edges.clear_staged()
-        bad = any(not m.evidence_is_finite() for _, m in dense + experts) \
+        bad = not all_evidence_finite([m for _, m in dense + experts]) \
             or any(o.step_nonfinite for o in self.owners)
         flag = torch.tensor([int(bad)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

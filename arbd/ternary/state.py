@@ -86,6 +86,19 @@ def _evidence_dtype(g: torch.Tensor) -> torch.Tensor:
     return g if g.dtype == torch.float64 else g.to(torch.float32)
 
 
+def all_evidence_finite(mats: list[TernaryMatrix]) -> bool:
+    """Whether every matrix's evidence is finite, read back with one synchronisation per
+    device (a check per matrix would wait on the GPU once per matrix)."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for m in mats:
+        f = m._finite_flag()
+        if f is False:
+            return False
+        if f is not True:
+            flags.setdefault(f.device, []).append(f)
+    return all(bool(torch.stack(fs).all()) for fs in flags.values())
+
+
 class TernaryMatrix(nn.Module):
     def __init__(self, rows: int, cols: int, *, std: float | None = None,
                  init: str = "random", generator: torch.Generator | None = None,
@@ -220,10 +233,14 @@ class TernaryMatrix(nn.Module):
             self.add_row_grad(idx, grad)
 
     def evidence_is_finite(self) -> bool:
+        return all_evidence_finite([self])
+
+    def _finite_flag(self) -> torch.Tensor | bool:
+        """True/False, or a 0-d device bool when the evidence has to be looked at."""
         if self._votes_nonfinite:
             return False
         _, g = self.evidence()
-        return g is None or bool(torch.isfinite(g).all())
+        return True if g is None else torch.isfinite(g).all()
 
     def clear_evidence(self) -> None:
         self._grad = None

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from arbd.ternary.rule import TernaryRule
-from arbd.ternary.state import TernaryMatrix
+from arbd.ternary.state import TernaryMatrix, all_evidence_finite
 
 EvidenceReducer = Callable[[list[tuple[str, TernaryMatrix]]], None]
 
@@ -117,7 +117,7 @@ def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats
             m.mark_nonfinite()
     if reduce_evidence is not None:
         reduce_evidence(mats)
-    if not all(m.evidence_is_finite() for _, m in mats):
+    if not all_evidence_finite([m for _, m in mats]):
         if loss_ok:
             stats.skipped_nonfinite_grad += 1
         else:

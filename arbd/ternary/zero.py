@@ -53,7 +53,7 @@ from torch import nn
 
 from arbd.ternary.dp import WireStats, reduce_evidence_sign_votes, reduce_evidence_summed
 from arbd.ternary.rule import MIN_ROW_FOR_ROW_NORM, TernaryRule
-from arbd.ternary.state import TernaryMatrix
+from arbd.ternary.state import TernaryMatrix, all_evidence_finite
 from arbd.ternary.update import apply_updates, ternary_matrices
 
 Mats = list[tuple[str, TernaryMatrix]]
@@ -196,7 +196,7 @@ class ZeroPartitioner:
             else:
                 reduce_evidence_summed(rest, self.group, dtype=self.dtype, stats=self.replicated_stats)
         # Identical on every rank after the reduction above.
-        rest_bad = not all(m.evidence_is_finite() for _, m in rest)
+        rest_bad = not all_evidence_finite([m for _, m in rest])
 
         local: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
         n = len(part)
