@@ -25,13 +25,13 @@ run() {  # name, arguments
 PLAN="--plan shard_plans/h100-arb-small.yaml ${TSB_ARGS:-}"
 for pair in ${TSB_MICRO:-8:4 16:2 32:1}; do
   mb=${pair%:*} acc=${pair#*:}
-  run "ternary_mb$mb" ternary $PLAN --micro-batch "$mb" --grad-accum "$acc"
+  run "ternary_mb$mb" ternary $PLAN --micro-batch "$mb" --grad-accum "$acc" --activation-checkpointing off
   run "dense_mb$mb" dense $PLAN --micro-batch "$mb" --grad-accum "$acc"
 done
 ck=${TSB_CKPT-32:1}
 if [ -n "$ck" ]; then
   run "ternary_mb${ck%:*}_ckpt" ternary $PLAN --micro-batch "${ck%:*}" --grad-accum "${ck#*:}" \
-    --activation-checkpointing
+    --activation-checkpointing on
 fi
 grep -E "Error|Traceback" "$OUT/all.log" | tail -n 10
 python3 bench/train_step_gpu.py report "$OUT"/*.json | tee "$OUT/report.md"

@@ -68,8 +68,8 @@ def _plan(a: argparse.Namespace) -> Plan:
     plan = load_plan(a.plan)
     kw = {k: v for k, v in (("preset", a.preset), ("micro_batch", a.micro_batch),
                             ("grad_accum", a.grad_accum), ("seq_len", a.seq_len)) if v is not None}
-    if a.activation_checkpointing:
-        kw["activation_checkpointing"] = True
+    if a.activation_checkpointing != "plan":
+        kw["activation_checkpointing"] = a.activation_checkpointing == "on"
     # One process: dp 1, no ZeRO for the ternary side (the h100 plans say the same).
     return replace(plan, **kw)
 
@@ -334,6 +334,9 @@ def run_dense(a: argparse.Namespace) -> dict:
 
     device = _start(a)
     plan = _plan(a)
+    if a.activation_checkpointing == "plan":
+        # The baseline is dense training as usually run: no recomputation unless asked for.
+        plan = replace(plan, activation_checkpointing=False)
     t0 = time.perf_counter()
     model = _build(plan, device, "torch")   # ternary kernels unused: every ternary module is swapped
     swapped = densify(model)
@@ -366,7 +369,8 @@ def run_dense(a: argparse.Namespace) -> dict:
             model.kg_edges.on_ternary_step(True)
 
     res = {"model": "dense", "mode": f"deepspeed engine, torch Adam (fused={CUDA}), ZeRO stage "
-           f"{a.zero_stage}, bf16", "swapped_modules": swapped, "float_params": n_params,
+           f"{a.zero_stage}, bf16" + (", activation checkpointing" if plan.activation_checkpointing else ""),
+           "swapped_modules": swapped, "float_params": n_params,
            "param_dtype": str(next(model.parameters()).dtype), "build_s": build_s,
            "persistent_after_build_bytes": persistent}
     res.update(_run_steps(a, plan, micro, boundary))
@@ -446,8 +450,10 @@ def main() -> None:
     p.add_argument("--mem-cap-gib", type=float, default=0.0,
                    help="torch.cuda.set_per_process_memory_fraction to this many GiB")
     p.add_argument("--evidence-probe", action="store_true")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute MLA layers and MoEGraph in backward (plan field)")
+    p.add_argument("--activation-checkpointing", nargs="?", const="on", default="plan",
+                   choices=("plan", "on", "off"),
+                   help="recompute MLA layers and MoEGraph in backward: the plan's setting "
+                        "(default; the dense twin then runs without), on, or off")
     p.add_argument("--phases", action="store_true", help="one extra step timed per phase")
     p.add_argument("--state", action="store_true", help="persistent state per component (ternary)")
     p.add_argument("--json", default=None)
