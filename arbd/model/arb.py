@@ -129,11 +129,13 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
         self.logit_scale = nn.Parameter(torch.zeros(1, device=device))
 
     # -- shared trunk ------------------------------------------------------------------------
-    # Activation checkpointing (plan field `activation_checkpointing`): each MLA layer and the
-    # MoEGraph block keep only their inputs and run their forward again in backward. Safe here
-    # because nothing they read changes within a step (KG edges and codebook rows move at the
-    # update, the ledger view is an argument), and every rank recomputes at the same point of
-    # its backward, so the collectives inside (tp, ep, codebook group) stay matched.
+    # Activation checkpointing (plan field `activation_checkpointing`): each MLA layer, the
+    # MoEGraph block, MemGram, LTI and the ByteHead keep only their inputs and run their forward
+    # again in backward. Safe here because nothing they read changes within a step (KG edges and
+    # codebook rows move at the update, the ledger view is an argument), their forwards change no
+    # state, and every rank recomputes at the same point of its backward, so the collectives
+    # inside (tp, ep, codebook group) stay matched. The VQ blocks are not recomputed: their
+    # forward records codebook usage.
     activation_checkpointing: bool = False
 
     def _maybe_checkpoint(self, fn, *args):
@@ -173,9 +175,9 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
         losses: dict[str, torch.Tensor] = {}
         h = self.sequencer(ids, dtype)
         if self.memgram is not None:
-            h = self.memgram(ids, h)
+            h = self._maybe_checkpoint(self.memgram, ids, h)
         if self.lti is not None:
-            h = self.lti(h)
+            h = self._maybe_checkpoint(self.lti, h)
         motif_ids = None
         if self.shared_vq is not None:
             vq = self.shared_vq(h)
@@ -189,7 +191,7 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
             self.ledger.reset()
         self.ledger.seed(ids)
         h = self._trunk(h, motif_ids, losses)
-        logits = self.byte_head(h) * self.logit_scale.exp().to(h.dtype)
+        logits = self._maybe_checkpoint(self.byte_head, h) * self.logit_scale.exp().to(h.dtype)
         t = ids.shape[1]
         terms = [F.cross_entropy(logits[:, :t - NGRAM - j, j].reshape(-1, logits.shape[-1]).float(),
                                  ids[:, NGRAM + j:].reshape(-1)) for j in range(NGRAM)]

@@ -191,9 +191,10 @@ def activation_bytes(cfg: ARBConfig, micro_batch: int, seq_len: int, s: int, tp:
 
 
 def checkpointed_bytes(acts: dict[str, int], N: int, d: int, s: int) -> int:
-    """With activation checkpointing of every MLA layer and of MoEGraph, only their inputs stay
-    (N x d each) plus, during backward, one recomputed block at a time."""
-    ck = [k for k in acts if k.startswith("layers.") or k == "moegraph"]
+    """With activation checkpointing of every MLA layer, MoEGraph, MemGram, LTI and the ByteHead
+    (ARBModel._maybe_checkpoint), only their inputs stay (N x d each) plus, during backward, one
+    recomputed block at a time."""
+    ck = [k for k in acts if k.startswith("layers.") or k in ("moegraph", "memgram", "lti", "byte_head")]
     rest = sum(v for k, v in acts.items() if k not in ck)
     return rest + len(ck) * N * d * s + (max(acts[k] for k in ck) if ck else 0)
 
