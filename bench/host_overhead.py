@@ -58,7 +58,7 @@ def main() -> None:
     lin = TernaryLinear(K, N, backend="triton", device=dev)
     packed, exp = lin.weight.packed, lin.weight.exponent
     ms = torch.randint(300, 3000, (64,)).tolist()
-    ms2 = torch.randint(300, 3000, (64,)).tolist()   # fresh sizes for the bucketed cases
+    ms2 = torch.randint(300, 3000, (64,)).tolist()   # sizes cuBLAS has not seen in this process
     it = iter(range(10**9))
     cases = {
         "torch add (1024 floats)": lambda: small.add(1.0),
@@ -86,9 +86,9 @@ def main() -> None:
     dense = torch.nn.Linear(K, N, bias=False, device=dev, dtype=bf)
     cases["nn.Linear bf16 forward+backward M=8176"] = lambda: dense(xr).backward(gy)
     from arbd.ternary import ops
-    cases["ops.linear_forward, M varying 300..3000 (row buckets)"] = \
+    cases["ops.linear_forward, M varying 300..3000"] = \
         lambda: ops.linear_forward(x[: ms2[next(it) % 64]], packed, exp, K, "triton")
-    cases["ops.linear_grad_input, M varying 300..3000 (row buckets)"] = \
+    cases["ops.linear_grad_input, M varying 300..3000"] = \
         lambda: ops.linear_grad_input(gy[: ms2[next(it) % 64]], packed, exp, K, "triton")
     rows = {}
     print("| operation | enqueue us/call | device us/call |\n| --- | ---: | ---: |")
