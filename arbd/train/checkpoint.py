@@ -146,36 +146,63 @@ def set_rng_state(s: dict[str, Any]) -> None:
 
 
 # -- float parameters' AdamW state through DeepSpeed -----------------------------------------
-def _zero_optimizer(engine):
-    """DeepSpeed's ZeRO stage 1/2 optimizer if the engine uses one, else None."""
+def _flat_groups(engine) -> list[tuple[torch.Tensor, dict, object, list, list[int]]] | None:
+    """How DeepSpeed's wrapper lays the float parameters out, or None when the engine's
+    optimizer keeps its state per parameter. Per param group: (this rank's fp32 slice of the
+    flat buffer, the inner optimizer's state dict keyed by that slice, the dp group, the
+    parameters in flat order, their offsets in the whole flat buffer).
+
+    ZeRO stage 1/2 (`single_partition_of_fp32_groups`) and the bf16 optimizer DeepSpeed uses at
+    stage 0 with bf16 (`fp32_groups_flat_partition`) both keep one flat fp32 buffer per group,
+    cut into equal slices over the dp group, with the AdamW state keyed by the slice."""
     opt = getattr(engine, "optimizer", None)
-    return opt if hasattr(opt, "single_partition_of_fp32_groups") else None
+    if hasattr(opt, "single_partition_of_fp32_groups"):
+        return [(part, opt.optimizer.state, opt.real_dp_process_group[i],
+                 list(opt.round_robin_bit16_groups[i]), list(opt.round_robin_bit16_offsets[i]))
+                for i, part in enumerate(opt.single_partition_of_fp32_groups)]
+    if hasattr(opt, "fp32_groups_flat_partition") and hasattr(opt, "bf16_groups"):
+        out = []
+        for i, part in enumerate(opt.fp32_groups_flat_partition):
+            params = list(opt.bf16_groups[i])
+            offsets = [sum(q.numel() for q in params[:j]) for j in range(len(params))]
+            out.append((part, opt.optimizer.state, opt.real_dp_process_group[i], params, offsets))
+        return out
+    return None
 
 
-def _param_names(model: torch.nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}
+def _param_names(model: torch.nn.Module, engine=None) -> dict[int, str]:
+    """id -> parameter name, the fp32 master copies of DeepSpeed's per-parameter 16-bit wrapper
+    (FP16_UnfusedOptimizer: `fp16_groups[i][j]` trained through `fp32_groups[i][j]`, the tensor
+    the AdamW state is keyed by) included under their parameter's name."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = getattr(engine, "optimizer", None)
+    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):
+        for low, masters in zip(opt.fp16_groups, opt.fp32_groups):
+            if isinstance(masters, (list, tuple)):
+                for p, master in zip(low, masters):
+                    names[id(master)] = names[id(p)]
+    return names
 
 
 def gather_float_state(engine, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """AdamW state (exp_avg, exp_avg_sq, step) per float parameter name, whole, on every rank.
 
-    Under ZeRO 1/2 each dp rank holds one slice of a flat fp32 buffer per param group and the
-    AdamW state of that slice: the slices are all-gathered and cut back into parameters. Without
-    ZeRO the state is keyed by the parameters themselves. Collective under ZeRO."""
-    names = _param_names(model)
+    Under DeepSpeed's flat layouts (_flat_groups) each dp rank holds one slice of a flat fp32
+    buffer per param group and the AdamW state of that slice: the slices are all-gathered and cut
+    back into parameters. Otherwise the state is keyed by the parameters themselves. Collective
+    under the flat layouts."""
+    names = _param_names(model, engine)
     out: dict[str, torch.Tensor] = {}
-    zo = _zero_optimizer(engine)
-    if zo is None:
+    groups = _flat_groups(engine)
+    if groups is None:
         opt = getattr(engine, "optimizer", None) or engine
         for p, st in opt.state.items():
             for k, v in st.items():
                 if torch.is_tensor(v):
                     out[f"{names[id(p)]}.{k}"] = v.detach().cpu().clone().reshape(v.shape)
         return out
-    group = zo.real_dp_process_group[0] if hasattr(zo, "real_dp_process_group") else None
-    for i, part in enumerate(zo.single_partition_of_fp32_groups):
-        st = zo.optimizer.state.get(part, {})
-        g = zo.real_dp_process_group[i] if hasattr(zo, "real_dp_process_group") else group
+    for part, states, g, params, offsets in groups:
+        st = states.get(part, {})
         world = dist.get_world_size(g) if _dist_on() else 1
         for key in ("exp_avg", "exp_avg_sq"):
             local = st.get(key)
@@ -190,12 +217,12 @@ def gather_float_state(engine, model: torch.nn.Module) -> dict[str, torch.Tensor
             else:
                 pieces = [local]
             flat = torch.cat(pieces).cpu()
-            for p, off in zip(zo.round_robin_bit16_groups[i], zo.round_robin_bit16_offsets[i]):
+            for p, off in zip(params, offsets):
                 out[f"{names[id(p)]}.{key}"] = flat[off:off + p.numel()].view(p.shape).clone()
         if "step" in st:
             step = st["step"]
             step = step.detach().cpu().clone() if torch.is_tensor(step) else torch.tensor(float(step))
-            for p in zo.round_robin_bit16_groups[i]:
+            for p in params:
                 out[f"{names[id(p)]}.step"] = step.clone()
     return out
 
@@ -203,11 +230,13 @@ def gather_float_state(engine, model: torch.nn.Module) -> dict[str, torch.Tensor
 @torch.no_grad()
 def load_float_state(engine, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Put whole AdamW state (gather_float_state's form) back, re-sliced for this dp rank, and
-    refresh ZeRO's fp32 master slices from the (already loaded) model parameters."""
-    names = _param_names(model)
-    zo = _zero_optimizer(engine)
-    if zo is None:
+    refresh the fp32 master slices from the (already loaded) model parameters."""
+    names = _param_names(model, engine)
+    groups = _flat_groups(engine)
+    if groups is None:
         opt = getattr(engine, "optimizer", None) or engine
+        if hasattr(opt, "refresh_fp32_params"):   # fp32 masters from the loaded 16-bit params
+            opt.refresh_fp32_params()
         for group in opt.param_groups:
             for p in group["params"]:
                 n = names[id(p)]
@@ -216,26 +245,23 @@ def load_float_state(engine, model: torch.nn.Module, state: dict[str, torch.Tens
                 if st:
                     opt.state[p] = st
         return
-    for i, part in enumerate(zo.single_partition_of_fp32_groups):
-        g = zo.real_dp_process_group[i]
+    for part, states, g, params, offsets in groups:
         rank = dist.get_rank(g) if _dist_on() else 0
         world = dist.get_world_size(g) if _dist_on() else 1
-        params = zo.round_robin_bit16_groups[i]
-        offsets = zo.round_robin_bit16_offsets[i]
         size = part.numel()
         lo, hi = rank * size, (rank + 1) * size
 
         def sliced(key: str | None) -> torch.Tensor:
             flat = torch.zeros(size * world, dtype=part.dtype)
             for p, off in zip(params, offsets):
-                src = p.detach() if key is None else state[f"{names[id(p)]}.{key}"]
+                src = p.detach().cpu() if key is None else state[f"{names[id(p)]}.{key}"]
                 flat[off:off + p.numel()] = src.reshape(-1).to(part.dtype)
             return flat[lo:hi].to(part.device)
 
         part.data.copy_(sliced(None))
         first = names[id(params[0])]
         if f"{first}.exp_avg" in state:
-            st = zo.optimizer.state.setdefault(part, {})
+            st = states.setdefault(part, {})
             st["exp_avg"] = sliced("exp_avg")
             st["exp_avg_sq"] = sliced("exp_avg_sq")
             st["step"] = state[f"{first}.step"].clone()
@@ -716,7 +742,12 @@ def load_model_state(ckpt: Path, index: dict[str, Any], placements: dict[str, Pl
         if tuple(e["shape"]) != pl.global_shape or bool(e["packed"]) != pl.packed:
             raise CheckpointError(f"{where}: {k} is {tuple(e['shape'])} (packed={e['packed']}) in "
                                   f"the checkpoint, the model has {pl.global_shape} (packed={pl.packed})")
-        if dtypes is not None and getattr(torch, e["dtype"]) != dtypes[k]:
+        saved = getattr(torch, e["dtype"])
+        # Integer state (packed trits, exponents, accumulators, counts) must match exactly; a
+        # float parameter may differ in width: DeepSpeed's bf16 engine saves it in bf16 and the
+        # model is built in fp32 before the engine casts it (load_state_dict copies across).
+        if dtypes is not None and saved != dtypes[k] and not (saved.is_floating_point
+                                                              and dtypes[k].is_floating_point):
             raise CheckpointError(f"{where}: {k} is {e['dtype']}, the model has {dtypes[k]}")
         try:
             out[k] = assemble(k, e, pl, read)
