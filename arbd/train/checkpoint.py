@@ -240,8 +240,11 @@ def load_float_state(engine, model: torch.nn.Module, state: dict[str, torch.Tens
         for group in opt.param_groups:
             for p in group["params"]:
                 n = names[id(p)]
-                st = {k: state[f"{n}.{k}"].clone() for k in ("exp_avg", "exp_avg_sq", "step")
+                # Moments live with their parameter (the GPU); torch's AdamW keeps `step` on the CPU.
+                st = {k: state[f"{n}.{k}"].to(p.device, p.dtype) for k in ("exp_avg", "exp_avg_sq")
                       if f"{n}.{k}" in state}
+                if f"{n}.step" in state:
+                    st["step"] = state[f"{n}.step"].clone()
                 if st:
                     opt.state[p] = st
         return
