@@ -30,7 +30,7 @@ from arbd.ternary import state  # noqa: E402
 from arbd.ternary.rule import TUNED_RULE, TernaryRule  # noqa: E402
 from arbd.ternary.state import TernaryMatrix  # noqa: E402
 from arbd.ternary.triton_update import dense_update, row_statistics  # noqa: E402
-from bench.gpu_update import copy_bandwidth  # noqa: E402
+from bench.gpu_update import copy_bandwidth, event_median_ms  # noqa: E402
 
 SHAPES = [(1024, 4096), (4096, 1024), (7168, 7168), (2048, 1)]
 BYTES_PER_WEIGHT = 4 + 2 * 0.2 + 2 * 1
@@ -75,35 +75,19 @@ def check(shape, rule: TernaryRule, seed: int) -> dict:
             "flips": [s["trit_flips"] for s in want], "moves": [s["scale_moves"] for s in want]}
 
 
-def median_ms(fn, before, reps: int) -> float:
-    ts = []
-    for _ in range(reps + 3):
-        before()
-        torch.cuda.synchronize()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    ts = sorted(ts[3:])
-    return ts[len(ts) // 2]
-
-
 def time_shape(shape, rule: TernaryRule, reps: int) -> dict:
     m = make(shape, 1)
     g = grads(shape, 1, 2)[0]
     res = {}
     for mode in ("torch", "triton"):
         state.DENSE_UPDATE_KERNEL = mode
-        res[f"{mode}_ms"] = median_ms(lambda: m.apply_update(rule),
-                                      lambda: setattr(m, "_grad", g), reps)
+        res[f"{mode}_ms"] = event_median_ms(lambda: m.apply_update(rule), reps,
+                                            before=lambda: setattr(m, "_grad", g), warmup=3)
     state.DENSE_UPDATE_KERNEL = "auto"
-    res["stats_ms"] = median_ms(lambda: row_statistics(g, m.packed, m.exponent, rule),
-                                lambda: None, reps)
-    res["fused_total_ms"] = median_ms(
-        lambda: dense_update(m.packed, m.t_accum, m.exponent, m.e_accum, g, rule),
-        lambda: None, reps)
+    res["stats_ms"] = event_median_ms(lambda: row_statistics(g, m.packed, m.exponent, rule),
+                                      reps, warmup=3)
+    res["fused_total_ms"] = event_median_ms(
+        lambda: dense_update(m.packed, m.t_accum, m.exponent, m.e_accum, g, rule), reps, warmup=3)
     n = shape[0] * shape[1]
     # tile sweep of the fused path (both kernels), GPU time per call
     from arbd.ternary import triton_update as tu
@@ -112,9 +96,8 @@ def time_shape(shape, rule: TernaryRule, reps: int) -> dict:
     sweep = [(256, 256), (512, 512), (128, 128), (512, 256), (1024, 64)]
     for tb, mb in sweep if shape == (7168, 7168) else []:
         tu.TILE_BYTES, tu.TILE_MAX_B = tb, mb
-        res["tiles_ms"][f"{tb}/{mb}"] = median_ms(
-            lambda: dense_update(m.packed, m.t_accum, m.exponent, m.e_accum, g, rule),
-            lambda: None, reps)
+        res["tiles_ms"][f"{tb}/{mb}"] = event_median_ms(
+            lambda: dense_update(m.packed, m.t_accum, m.exponent, m.e_accum, g, rule), reps, warmup=3)
     tu.TILE_BYTES, tu.TILE_MAX_B = default
     for k in ("torch", "triton"):
         res[f"{k}_GBps"] = n * BYTES_PER_WEIGHT / (res[f"{k}_ms"] / 1e3) / 1e9

@@ -39,39 +39,13 @@ from arbd.vq.codebook import TernaryVQCodebook  # noqa: E402
 ROW_BYTES = 4 * 64 + 4 + 8 + 2 * (13 + 1 + 64 + 1)
 
 
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy (median of 20)."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
+def event_median_ms(fn, reps: int = 15, before=None, warmup: int = 2) -> float:
+    """Median CUDA-event time of fn in ms over reps calls, after warmup untimed ones; `before`
+    (untimed, e.g. resetting evidence) runs ahead of each call."""
     ts = []
-    for _ in range(23):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return 2 * a.numel() / (sorted(ts[3:])[10] / 1e3)
-
-
-def timed_update(m, set_evidence, reps: int = 15) -> float:
-    ts = []
-    for _ in range(reps + 2):
-        set_evidence()
-        torch.cuda.synchronize()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        m.apply_update(TUNED_RULE)
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return sorted(ts[2:])[reps // 2]
-
-
-def timed(fn, reps: int = 15) -> float:
-    """Median CUDA-event time of fn alone, in ms."""
-    ts = []
-    for _ in range(reps + 2):
+    for _ in range(reps + warmup):
+        if before is not None:
+            before()
         torch.cuda.synchronize()
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
@@ -79,7 +53,23 @@ def timed(fn, reps: int = 15) -> float:
         e.record()
         torch.cuda.synchronize()
         ts.append(s.elapsed_time(e))
-    return sorted(ts[2:])[reps // 2]
+    return sorted(ts[warmup:])[reps // 2]
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy (median of 20)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * a.numel() / (event_median_ms(lambda: b.copy_(a), reps=20, warmup=3) / 1e3)
+
+
+def timed_update(m, set_evidence, reps: int = 15) -> float:
+    return event_median_ms(lambda: m.apply_update(TUNED_RULE), reps, before=set_evidence)
+
+
+def timed(fn, reps: int = 15) -> float:
+    """Median CUDA-event time of fn alone, in ms."""
+    return event_median_ms(fn, reps)
 
 
 def same_state(a, b) -> bool:
@@ -104,22 +94,14 @@ VARIANTS = {
 def _timer(device: str):
     """Median-of-reps timer: CUDA events on the GPU, the host clock otherwise (interpreter)."""
     def run(fn, reps: int = 20, warm: int = 3) -> float:
+        if device == "cuda":
+            return event_median_ms(fn, reps, warmup=warm)
         ts = []
         for i in range(reps + warm):
-            if device == "cuda":
-                torch.cuda.synchronize()
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                torch.cuda.synchronize()
-                t = s.elapsed_time(e)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                t = (time.perf_counter() - t0) * 1e3
+            t0 = time.perf_counter()
+            fn()
             if i >= warm:
-                ts.append(t)
+                ts.append((time.perf_counter() - t0) * 1e3)
         return sorted(ts)[len(ts) // 2]
     return run
 
