@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -36,26 +35,11 @@ import triton  # noqa: E402
 from arbd.ternary import packing  # noqa: E402
 from arbd.ternary import triton_kernels as tk  # noqa: E402
 from arbd.ternary.triton_kernels import TileConfig as C  # noqa: E402
+from bench.gpu_gemm_sweep import log, rel_err, weight  # noqa: E402 - the sweep's own helpers
 
-START = time.time()
 DEV = torch.device("cuda")
 KN = 7168
 W_COPIES, CALLS, REPLAYS = 8, 32, 10
-
-
-def log(msg: str) -> None:
-    print(f"[{time.time() - START:6.1f}s] {msg}", flush=True)
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.double() - ref).norm() / ref.norm())
-
-
-def weight(n: int, k: int, gen: torch.Generator):
-    trits = torch.randint(-1, 2, (n, k), generator=gen, device=DEV)
-    centre = int(-16 * 0.5 * math.log2(k))
-    exponent = torch.randint(centre - 8, centre + 8, (n,), generator=gen, device=DEV).to(torch.int8)
-    return packing.pack_trits(trits), exponent
 
 
 def small(bn: int, bk: int, warps: int, stages: int, split: int, mp: int = 16, align: int = 16,
