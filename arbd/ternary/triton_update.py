@@ -49,6 +49,32 @@ def _trunc_div(a, d):
 
 
 @triton.jit
+def _trit_moves(acc, trit, THRESHOLD: tl.constexpr):
+    """rule.apply_votes: how far each trit moves (-2..2, kept inside -1..1) for accumulators acc."""
+    return tl.minimum(tl.maximum(_trunc_div(acc, THRESHOLD), -1 - trit), 1 - trit)
+
+
+@triton.jit
+def _settle(acc, trit, n, THRESHOLD: tl.constexpr, CAP: tl.constexpr, ACC_MAX: tl.constexpr):
+    """rule.apply_votes once the moves n are known: the new trits and accumulators (spent votes
+    removed, saturated trits capped, the int8 range kept)."""
+    trit = trit + n
+    acc = acc - n * THRESHOLD
+    if CAP < ACC_MAX:
+        acc = tl.where((trit == 1) & (acc > CAP), CAP,
+                       tl.where((trit == -1) & (acc < -CAP), -CAP, acc))
+    return trit, tl.minimum(tl.maximum(acc, -ACC_MAX), ACC_MAX)
+
+
+@triton.jit
+def _scale_step(ea, e, live, S_THRESHOLD: tl.constexpr, ACC_MAX: tl.constexpr):
+    """The exponent half of the rule for rows (live masks the tail): (exponent moves, new ea)."""
+    m = tl.minimum(tl.maximum(_trunc_div(ea, S_THRESHOLD), -128 - e), 127 - e)
+    m = tl.where(live, m, 0)
+    return m, tl.minimum(tl.maximum(ea - m * S_THRESHOLD, -ACC_MAX), ACC_MAX)
+
+
+@triton.jit
 def _mix32(x):
     # arbd.hashing.mix32 on uint32: the products wrap mod 2**32 exactly as `& M32` does there.
     x = x ^ (x >> 16)
@@ -144,14 +170,8 @@ def _dense_update_kernel(g_ptr, stride_gr, stride_gc, s_ptr, stride_s, packed_pt
             x = tl.math.div_rn(g, negd[:, None]) * rate32
             pos = r.to(tl.uint32)[:, None] * COLS + col.to(tl.uint32)[None, :]
             acc = acc + _sround(x, pos, salt, STOCHASTIC, MAX_VOTE)
-        n = tl.minimum(tl.maximum(_trunc_div(acc, THRESHOLD), -1 - trit), 1 - trit)
-        n = tl.where(cm, n, 0)
-        trit = trit + n
-        acc = acc - n * THRESHOLD
-        if CAP < ACC_MAX:
-            acc = tl.where((trit == 1) & (acc > CAP), CAP,
-                           tl.where((trit == -1) & (acc < -CAP), -CAP, acc))
-        acc = tl.minimum(tl.maximum(acc, -ACC_MAX), ACC_MAX)
+        n = tl.where(cm, _trit_moves(acc, trit, THRESHOLD), 0)
+        trit, acc = _settle(acc, trit, n, THRESHOLD, CAP, ACC_MAX)
         tl.store(t_acc_ptr + off, acc.to(tl.int8), mask=cm)
         new_byte += (trit + 1) * p3
         flips += tl.abs(n)
@@ -167,9 +187,7 @@ def _dense_update_kernel(g_ptr, stride_gr, stride_gc, s_ptr, stride_s, packed_pt
             # the row's scale vote: its x (rule.votes_from_scale_grad) hashes at position row
             xe = tl.load(xe_ptr + r, mask=live, other=0.0)
             ea += _sround(xe, r.to(tl.uint32), salt, S_STOCHASTIC, MAX_VOTE)
-            m = tl.minimum(tl.maximum(_trunc_div(ea, S_THRESHOLD), -128 - e), 127 - e)
-            m = tl.where(live, m, 0)
-            ea = tl.minimum(tl.maximum(ea - m * S_THRESHOLD, -ACC_MAX), ACC_MAX)
+            m, ea = _scale_step(ea, e, live, S_THRESHOLD, ACC_MAX)
             tl.store(exp_ptr + r, (e + m).to(tl.int8), mask=live)
             tl.store(e_acc_ptr + r, ea.to(tl.int8), mask=live)
             tl.atomic_add(stats_ptr + 1, tl.sum(tl.abs(m), axis=0))
@@ -366,13 +384,8 @@ def _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev
         acc += tl.load(votes_ptr + r[:, None] * COLS + col[None, :], mask=cm, other=0,
                        eviction_policy=EVICT).to(tl.int32)
     # Masked-off elements read acc 0, vote 0 and byte 121 (trit 0), so they move nothing.
-    n = tl.minimum(tl.maximum(_trunc_div(acc, THRESHOLD), -1 - trit), 1 - trit)
-    trit = trit + n
-    acc = acc - n * THRESHOLD
-    if CAP < ACC_MAX:
-        acc = tl.where((trit == 1) & (acc > CAP), CAP,
-                       tl.where((trit == -1) & (acc < -CAP), -CAP, acc))
-    acc = tl.minimum(tl.maximum(acc, -ACC_MAX), ACC_MAX)
+    n = _trit_moves(acc, trit, THRESHOLD)
+    trit, acc = _settle(acc, trit, n, THRESHOLD, CAP, ACC_MAX)
     tl.store(t_acc_ptr + off, acc.to(tl.int8), mask=cm)
     flips = tl.sum(tl.abs(n), axis=1)
     if GATHER:
@@ -397,9 +410,7 @@ def _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev
         if DECAY > 0:
             ea = ea - _trunc_div(ea, 1 << DECAY)
         ea += ev
-        m = tl.minimum(tl.maximum(_trunc_div(ea, S_THRESHOLD), -128 - e), 127 - e)
-        m = tl.where(live, m, 0)
-        ea = tl.minimum(tl.maximum(ea - m * S_THRESHOLD, -ACC_MAX), ACC_MAX)
+        m, ea = _scale_step(ea, e, live, S_THRESHOLD, ACC_MAX)
         tl.store(exp_ptr + row, (e + m).to(tl.int8), mask=live)
         tl.store(e_acc_ptr + row, ea.to(tl.int8), mask=live)
         moves = tl.abs(m)
