@@ -10,12 +10,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/train_step_gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
-if [ -d .whl/ds ] && ! python3 -c "import deepspeed" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/ds/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:$PWD"
-fi
+. bench/ds_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 date -u
 run() {  # name, time limit (s), arguments
