@@ -38,6 +38,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _print_stats(title: str, report, prof: cProfile.Profile) -> None:
+    """report(stats) prints into a buffer; print it under title without blank lines."""
+    buf = io.StringIO()
+    report(pstats.Stats(prof, stream=buf))
+    print(f"-- {title}\n" + "\n".join(ln for ln in buf.getvalue().splitlines() if ln.strip()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="arb-small")
@@ -93,36 +100,28 @@ def main() -> None:
               f"peak {torch.cuda.max_memory_allocated() / 2**30 if dev.type == 'cuda' else 0:.2f} GiB")
         update()
 
-    if a.cprofile:
-        _sync()
-        prof = cProfile.Profile()
-        prof.enable()
-        micro(a.micro_batch)
-        _sync()
-        prof.disable()
-        for key in ("tottime", "cumulative"):
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(a.rows)
-            print(f"-- cProfile by {key}\n" + "\n".join(ln for ln in buf.getvalue().splitlines() if ln.strip()))
-        buf = io.StringIO()
-        st = pstats.Stats(prof, stream=buf).sort_stats("tottime")
-        st.print_callers(r"item|tolist|nonzero|__bool__|__int__|_local_scalar|cpu|unique")
-        print("-- callers of synchronising calls\n" + "\n".join(ln for ln in buf.getvalue().splitlines() if ln.strip()))
-
-    if a.profile_update:
-        micro(a.micro_batch)
+    def profiled(fn, title: str) -> cProfile.Profile:
+        """Run fn (synchronised) under cProfile; print its top functions by self and total time."""
         _sync()
         prof = cProfile.Profile()
         t0 = time.perf_counter()
         prof.enable()
-        update()
+        fn()
         _sync()
         prof.disable()
-        print(f"-- one update under cProfile: {(time.perf_counter() - t0) * 1e3:.1f} ms")
+        print(f"-- {title} under cProfile: {(time.perf_counter() - t0) * 1e3:.1f} ms")
         for key in ("tottime", "cumulative"):
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(a.rows)
-            print(f"-- update, by {key}\n" + "\n".join(ln for ln in buf.getvalue().splitlines() if ln.strip()))
+            _print_stats(f"{title}, by {key}", lambda st: st.sort_stats(key).print_stats(a.rows), prof)
+        return prof
+
+    if a.cprofile:
+        prof = profiled(lambda: micro(a.micro_batch), "one micro-batch")
+        _print_stats("callers of synchronising calls", lambda st: st.sort_stats("tottime").print_callers(
+            r"item|tolist|nonzero|__bool__|__int__|_local_scalar|cpu|unique"), prof)
+
+    if a.profile_update:
+        micro(a.micro_batch)
+        profiled(update, "one update")
 
     if a.torch_profile:
         acts = [torch.profiler.ProfilerActivity.CPU]
