@@ -1,6 +1,6 @@
 """The dense ternary update on the GPU: the torch rule against the fused Triton path.
 
-    python bench/gpu_dense_update.py --json runs/gpu_dense_update.json
+    python bench/gpu_dense_update.py --json runs/gpu_dense_update.json [--model arb-small]
 
 For arb-small-like matrices with fp32 evidence, `TernaryMatrix.apply_update` runs with
 state.DENSE_UPDATE_KERNEL = "torch" and = "triton" from the same start.
@@ -9,10 +9,16 @@ differ between the two paths in packed / t_accum / exponent / e_accum, and the f
 scale-move counts of every step (goal: 0 bytes, equal counts).
 Time: median of CUDA-event timings of apply_update alone (evidence set before each, outside the
 timed region; the call ends with the host reading the counts, as the training step does), and of
-the fused path's two parts (row statistics; the fused kernel). GB/s is counted on the fewest
+the fused kernels alone. GB/s is counted on the fewest
 bytes the update must move: fp32 evidence read (4 B per weight), packed trits read and written
 (0.4 B), trit accumulators read and written (2 B), i.e. 6.4 B per weight; a device-to-device
 copy measured in the same run gives the ceiling.
+
+--model PRESET: every TernaryMatrix of that preset's model on the GPU, each with random fp32
+evidence, updated (a) together by update.apply_updates (the fused kernels, one group per column
+count), (b) one matrix at a time (apply_update, the same kernels, launched per matrix), (c) by the
+torch rule; wall time per whole-model update with one count read-back, and whether (a) and (b)
+leave every state byte equal to (c).
 """
 from __future__ import annotations
 
@@ -29,7 +35,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from arbd.ternary import state  # noqa: E402
 from arbd.ternary.rule import TUNED_RULE, TernaryRule  # noqa: E402
 from arbd.ternary.state import TernaryMatrix  # noqa: E402
-from arbd.ternary.triton_update import dense_update, row_statistics  # noqa: E402
+from arbd.ternary.triton_update import dense_update  # noqa: E402
+from arbd.ternary.update import apply_updates, ternary_matrices  # noqa: E402
 from bench.gpu_update import copy_bandwidth, event_median_ms  # noqa: E402
 
 SHAPES = [(1024, 4096), (4096, 1024), (7168, 7168), (2048, 1)]
@@ -84,9 +91,7 @@ def time_shape(shape, rule: TernaryRule, reps: int) -> dict:
         res[f"{mode}_ms"] = event_median_ms(lambda: m.apply_update(rule), reps,
                                             before=lambda: setattr(m, "_grad", g), warmup=3)
     state.DENSE_UPDATE_KERNEL = "auto"
-    res["stats_ms"] = event_median_ms(lambda: row_statistics(g, m.packed, m.exponent, rule),
-                                      reps, warmup=3)
-    res["fused_total_ms"] = event_median_ms(
+    res["fused_kernels_ms"] = event_median_ms(
         lambda: dense_update(m.packed, m.t_accum, m.exponent, m.e_accum, g, rule), reps, warmup=3)
     n = shape[0] * shape[1]
     # tile sweep of the fused path (both kernels), GPU time per call
@@ -104,10 +109,62 @@ def time_shape(shape, rule: TernaryRule, reps: int) -> dict:
     return res
 
 
+def model_update(preset: str, rule: TernaryRule, reps: int) -> dict:
+    """Whole-model update three ways (module docstring); ms per update, host wall time."""
+    import time
+
+    from arbd.model.arb import ARBModel
+    from arbd.parallel import planner
+    model = ARBModel(planner.training_config(preset), backend="triton", seed=0, device="cuda")
+    mats = ternary_matrices(model)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    gs = [torch.randn(m.rows, m.cols, generator=gen, device="cuda") * 1e-4 for _, m in mats]
+    start = copy.deepcopy([m.state_dict() for _, m in mats])
+
+    def per_matrix(ms, r):
+        counts = [m.apply_update(r, counts_on_device=True) for _, m in ms]
+        dev = [c["counts"] for c in counts if "counts" in c]
+        return torch.stack(dev).sum(0).tolist() if dev else None
+
+    ways = {"grouped": ("triton", apply_updates), "per_matrix": ("triton", per_matrix),
+            "torch": ("torch", lambda ms, r: [m.apply_update(r) for _, m in ms])}
+    res, finals = {"matrices": len(mats), "weights": sum(m.rows * m.cols for _, m in mats)}, {}
+    for name, (mode, fn) in ways.items():
+        state.DENSE_UPDATE_KERNEL = mode
+        times = []
+        for step in range(reps + 2):
+            if step == 2:   # the first two compile and warm the allocator
+                for (_, m), sd in zip(mats, start):
+                    m.load_state_dict(sd)
+            for (_, m), g in zip(mats, gs):
+                m._grad = g.clone()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(mats, replace(rule, salt=step))
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        finals[name] = [copy.deepcopy(m.state_dict()) for _, m in mats]
+        for (_, m), sd in zip(mats, start):
+            m.load_state_dict(sd)
+        res[f"{name}_ms"] = sorted(times[2:])[len(times[2:]) // 2] * 1e3
+    state.DENSE_UPDATE_KERNEL = "auto"
+    for name in ("grouped", "per_matrix"):
+        res[f"{name}_differing_bytes"] = sum(int((a[k] != b[k]).sum()) for a, b in zip(
+            finals[name], finals["torch"]) for k in a)
+    print(f"\n{preset}: {res['matrices']} matrices, {res['weights']:,} weights; whole-model update "
+          f"(median of {reps}, host wall, ends with the count read-back): grouped "
+          f"{res['grouped_ms']:.2f} ms, per matrix {res['per_matrix_ms']:.2f} ms, torch rule "
+          f"{res['torch_ms']:.2f} ms; grouped {res['per_matrix_ms'] / res['grouped_ms']:.1f}x per-matrix, "
+          f"{res['torch_ms'] / res['grouped_ms']:.1f}x torch; bytes differing from torch: grouped "
+          f"{res['grouped_differing_bytes']}, per matrix {res['per_matrix_differing_bytes']}")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--model", default=None, help="also time a whole model's update (a preset)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     out = {"device": torch.cuda.get_device_name(), "copy_GBps": copy_bandwidth() / 1e9,
@@ -123,16 +180,18 @@ def main() -> None:
         print(key, t, flush=True)
     print(f"\ndevice: {out['device']}; device-to-device copy {out['copy_GBps']:.0f} GB/s")
     print("| matrix (fp32 evidence) | torch ms | fused ms | speed-up | torch GB/s | fused GB/s "
-          "| stats part ms | fused kernel part ms | differing bytes (3 rules x 3 steps) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| fused kernels alone ms | differing bytes (3 rules x 3 steps) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for key, t in out["timings"].items():
         nd = sum(sum(c["differing_bytes"].values()) for k, c in out["checks"].items()
                  if k.startswith(key + "/"))
         ok = all(c["counts_equal"] for k, c in out["checks"].items() if k.startswith(key + "/"))
         print(f"| {key} | {t['torch_ms']:.3f} | {t['triton_ms']:.3f} | "
               f"{t['torch_ms'] / t['triton_ms']:.1f}x | {t['torch_GBps']:.0f} | "
-              f"{t['triton_GBps']:.0f} | {t['stats_ms']:.3f} | "
-              f"{t['fused_total_ms'] - t['stats_ms']:.3f} | {nd}{'' if ok else ' (counts differ)'} |")
+              f"{t['triton_GBps']:.0f} | {t['fused_kernels_ms']:.3f} | "
+              f"{nd}{'' if ok else ' (counts differ)'} |")
+    if args.model:
+        out["model"] = model_update(args.model, TUNED_RULE, args.reps)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

@@ -23,7 +23,7 @@ from arbd.ternary import triton_update as tu  # noqa: E402
 from arbd.ternary.rule import TUNED_RULE, TernaryRule  # noqa: E402
 from arbd.ternary.state import TernaryMatrix  # noqa: E402
 
-INTERPRETED = type(tu._dense_update_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = type(tu._group_update_kernel).__name__ == "InterpretedFunction"
 if not INTERPRETED and not torch.cuda.is_available():
     pytest.skip("no CUDA and the Triton interpreter could not be enabled", allow_module_level=True)
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -99,7 +99,7 @@ def test_dense_kernel_transposed_evidence_and_zeros(monkeypatch):
 def test_dense_kernel_falls_back_for_float64(monkeypatch):
     monkeypatch.setattr(state, "DENSE_UPDATE_KERNEL", "triton")
     called = []
-    monkeypatch.setattr(tu, "dense_update", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(tu, "dense_update_many", lambda *a, **k: called.append(1))
     m = TernaryMatrix(8, 16, generator=torch.Generator().manual_seed(0))
     m.add_grad(torch.randn(8, 16, dtype=torch.float64))
     m.apply_update(TUNED_RULE)
@@ -137,28 +137,84 @@ def test_dense_kernel_half_way_votes(rule, monkeypatch):
     assert got == want
 
 
-def test_apply_updates_reads_device_counts_once_and_matches_per_matrix_updates(monkeypatch):
-    # update.apply_updates leaves the kernel's counts on the device until the end; totals and
-    # states must equal matrix-by-matrix updates with the torch rule.
+GROUPED = [(37, 64), (19, 64), (5, 64), (19, 41), (33, 1), (2, 1), (50, 7), (13, 7)]
+
+
+def _updated_apart_and_together(shapes, rule, monkeypatch, device=DEVICE, scale=1.0, seed=7):
+    """The same matrices and evidence, updated one by one with the torch rule and together by
+    update.apply_updates with the fused kernels: (per-matrix totals, apply_updates' result,
+    reference matrices, kernel-updated matrices)."""
     from arbd.ternary.update import apply_updates
 
-    rule = TernaryRule(threshold=2, scale_threshold=2)
-    gen = torch.Generator().manual_seed(7)
-    mats = [TernaryMatrix(r, c, generator=gen, device=DEVICE) for r, c in ((37, 64), (19, 41), (33, 1))]
-    grads = [_nonzero_grad((m.rows, m.cols), gen) for m in mats]
+    gen = torch.Generator().manual_seed(seed)
+    mats = [TernaryMatrix(r, c, generator=gen, device=device) for r, c in shapes]
+    for m in mats:   # start from busy accumulators so that moves happen at once
+        m.t_accum.copy_(torch.randint(-100, 101, m.t_accum.shape, generator=gen).to(torch.int8))
+        m.e_accum.copy_(torch.randint(-100, 101, (m.rows,), generator=gen).to(torch.int8))
+    grads = [_nonzero_grad((m.rows, m.cols), gen, scale) * torch.logspace(-2, 1, m.rows)[:, None]
+             for m in mats]
     ref = copy.deepcopy(mats)
     monkeypatch.setattr(state, "DENSE_UPDATE_KERNEL", "torch")
     flips = moves = 0
     for m, g in zip(ref, grads):
-        m.add_grad(g.to(m.packed.device))
+        m.add_grad(g.to(device))
         s = m.apply_update(rule)
         flips, moves = flips + s["trit_flips"], moves + s["scale_moves"]
     monkeypatch.setattr(state, "DENSE_UPDATE_KERNEL", "triton")
     for m, g in zip(mats, grads):
-        m.add_grad(g.to(m.packed.device))
+        m.add_grad(g.to(device))
     got = apply_updates([(str(i), m) for i, m in enumerate(mats)], rule)
-    assert flips > 0 and got == {"trit_flips": flips, "scale_moves": moves}
+    return {"trit_flips": flips, "scale_moves": moves}, got, ref, mats
+
+
+@pytest.mark.parametrize("name", ["tuned", "nearest_tensor_norm", "cap_decay", "no_scales"])
+def test_apply_updates_groups_matrices_and_matches_per_matrix_updates(name, monkeypatch):
+    # Matrices of one column count share launches (three at most per count), their rows
+    # numbered across the group; counts stay on the device until the end. Totals and every
+    # state byte must equal matrix-by-matrix updates with the torch rule.
+    calls = []
+    real = tu.dense_update_many
+    monkeypatch.setattr(tu, "dense_update_many", lambda items, rule: calls.append(
+        len(items)) or real(items, rule))
+    want, got, ref, mats = _updated_apart_and_together(GROUPED, replace(RULES[name], salt=5),
+                                                       monkeypatch)
+    assert sorted(calls) == [1, 2, 2, 3]     # cols 41; 1 and 7 (two matrices each); 64
+    assert want["trit_flips"] > 0 and got == want
     assert all(isinstance(v, int) for v in got.values())
     for a, b in zip(ref, mats):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
         assert not b.has_evidence
+
+
+def test_apply_updates_keeps_matrices_the_kernel_cannot_take_apart(monkeypatch):
+    # Sparse row evidence goes through the matrix's own path beside a fused group.
+    from arbd.ternary.update import apply_updates
+
+    gen = torch.Generator().manual_seed(11)
+    mats = [TernaryMatrix(12, 20, generator=gen, device=DEVICE) for _ in range(3)]
+    ref = copy.deepcopy(mats)
+    idx = torch.tensor([1, 4, 4, 9])
+    rows = _nonzero_grad((4, 20), gen)
+    dense = [_nonzero_grad((12, 20), gen) for _ in range(2)]
+    totals = {}
+    for mode, ms in (("torch", ref), ("triton", mats)):
+        monkeypatch.setattr(state, "DENSE_UPDATE_KERNEL", mode)
+        ms[0].add_row_grad(idx.to(DEVICE), rows.to(DEVICE))
+        for m, g in zip(ms[1:], dense):
+            m.add_grad(g.to(DEVICE))
+        totals[mode] = apply_updates([(str(i), m) for i, m in enumerate(ms)],
+                                     replace(TUNED_RULE, threshold=2, scale_threshold=2))
+    assert totals["torch"] == totals["triton"] and totals["torch"]["trit_flips"] > 0
+    for a, b in zip(ref, mats):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs compiled kernels")
+def test_grouped_update_on_gpu_equals_torch_on_gpu(monkeypatch):
+    shapes = [(1024, 4096), (3000, 4096), (4096, 1024), (512, 1024), (2048, 1), (4096, 1)]
+    want, got, ref, mats = _updated_apart_and_together(shapes, TUNED_RULE, monkeypatch,
+                                                       device="cuda", scale=1e-4)
+    assert want["trit_flips"] > 0 and got == want
+    for a, b in zip(ref, mats):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -53,7 +53,7 @@ import torch.distributed as dist
 from torch import nn
 
 from arbd.ternary import packing
-from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, quantize_evidence,
+from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, abs_mean, quantize_evidence,
                                scale_grad, scale_votes, votes_from_scale_grad)
 from arbd.vq import lookup
 from arbd.vq.codebook import (CodebookCommon, DEFAULT_CELL_SIZE, DEFAULT_MAX_CHUNK_BYTES, USAGE_MAX,
@@ -873,7 +873,7 @@ class ShardedTernaryVQCodebook(CodebookCommon, nn.Module):
             return scale_votes(g, trits, exps, rule, gids)
         g_e = scale_grad(g, trits, exps)
         every = self._gather_in_rank_order(g_e)
-        return votes_from_scale_grad(g_e, rule, gids, every.abs().mean())
+        return votes_from_scale_grad(g_e, rule, gids, abs_mean(every))
 
     def _gather_in_rank_order(self, t: torch.Tensor) -> torch.Tensor:
         n = torch.tensor([t.numel()], dtype=torch.int64)

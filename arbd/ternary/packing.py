@@ -98,13 +98,18 @@ _SCALES = torch.tensor([2.0 ** (e / SCALE_K) for e in range(-128, 128)], dtype=t
 _SCALE_CACHE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def exponent_to_scale(exponent: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """int8 log scale E to scale = 2 ** (E / SCALE_K), by table lookup."""
-    key = (exponent.device, dtype)
+def exponent_to_scale_table(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[256]: the scale of exponent E at index E + 128 (cached per device and dtype)."""
+    key = (torch.device(device), dtype)
     table = _SCALE_CACHE.get(key)
     if table is None:
-        table = _SCALE_CACHE[key] = _SCALES.to(device=exponent.device, dtype=dtype)
-    return table[exponent.long() + 128]
+        table = _SCALE_CACHE[key] = _SCALES.to(device=device, dtype=dtype)
+    return table
+
+
+def exponent_to_scale(exponent: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int8 log scale E to scale = 2 ** (E / SCALE_K), by table lookup."""
+    return exponent_to_scale_table(exponent.device, dtype)[exponent.long() + 128]
 
 
 def scale_to_exponent(scale: torch.Tensor) -> torch.Tensor:

@@ -126,10 +126,24 @@ def _sround(x: torch.Tensor, row_ids: torch.Tensor | None, rule: TernaryRule,
 
 
 # -- evidence ---------------------------------------------------------------------------------
+# Every sum the rule takes over a row or a matrix accumulates in float64 and is then rounded to
+# the evidence's dtype. A float64 sum of float32 terms hardly depends on the order of its terms,
+# so the torch path, the fused GPU update (triton_update.py, which sums tiles of rows in its own
+# order) and sharded layouts that add partial sums all land on the same float32 bits.
+def row_sums(t: torch.Tensor) -> torch.Tensor:
+    """float64 sums over dim 1, [R, 1]."""
+    return t.sum(dim=1, keepdim=True, dtype=torch.float64)
+
+
+def abs_mean(t: torch.Tensor) -> torch.Tensor:
+    """mean |t| over all entries, summed in float64, as a 0-d tensor of t's dtype."""
+    return (t.abs().sum(dtype=torch.float64) / max(t.numel(), 1)).to(t.dtype)
+
+
 def _row_norm(g: torch.Tensor, rule: TernaryRule) -> torch.Tensor:
     if rule.norm == "row" and g.shape[1] >= MIN_ROW_FOR_ROW_NORM:
-        return g.abs().mean(dim=1, keepdim=True)
-    return g.abs().mean()
+        return (row_sums(g.abs()) / g.shape[1]).to(g.dtype)
+    return abs_mean(g)
 
 
 def quantize_evidence(grad: torch.Tensor, rule: TernaryRule, *, share: float = 1.0,
@@ -155,10 +169,10 @@ def scale_grad(grad: torch.Tensor, trits: torch.Tensor, exponent: torch.Tensor, 
     `reduce_rows` completes the row sums when the columns are split over ranks."""
     dt = torch.float64 if grad.dtype == torch.float64 else torch.float32
     scale = exponent_to_scale(exponent, dt)
-    sums = (grad.to(dt) * trits.to(dt)).sum(1)
+    sums = row_sums(grad.to(dt) * trits.to(dt))[:, 0]
     if reduce_rows is not None:
-        sums = reduce_rows(sums)
-    return sums * scale * (math.log(2) / SCALE_K)
+        sums = reduce_rows(sums)   # float64 partial sums of a row split by columns
+    return sums.to(dt) * scale * (math.log(2) / SCALE_K)
 
 
 def votes_from_scale_grad(g_e: torch.Tensor, rule: TernaryRule, row_ids: torch.Tensor | None = None,
@@ -173,7 +187,7 @@ def votes_from_scale_grad(g_e: torch.Tensor, rule: TernaryRule, row_ids: torch.T
     if rule.scale_mode == "sign":
         x = -torch.sign(g_e) * rule.scale_rate
     else:
-        denom = g_e.abs().mean() if mean_abs is None else mean_abs
+        denom = abs_mean(g_e) if mean_abs is None else mean_abs
         x = -g_e / (denom + 1e-30) * rule.scale_rate
     q = _sround(x[:, None], row_ids, rule)[:, 0]
     return q.clamp(-rule.max_vote, rule.max_vote).to(torch.int16)

@@ -23,7 +23,7 @@ from torch import nn
 from arbd.config import SCALE_K
 from arbd.ternary import ops, packing
 from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, apply_votes, quantize_evidence,
-                               scale_grad, votes_from_scale_grad)
+                               row_sums, scale_grad, votes_from_scale_grad)
 
 # With t = sign(w) * (|w| > 0.5 sigma), a Gaussian draw gives P(t != 0) ~= 0.617.
 _NONZERO_FRACTION = 2 * (1 - 0.6914624612740131)
@@ -330,16 +330,18 @@ class TernaryMatrix(nn.Module):
             g_e = scale_grad(g, trits, exps) if g_e is None else g_e
             if rule.learn_scales and rule.scale_mode == "norm":
                 # The whole matrix's mean: this shard's row sum (all its rows) over the tp group.
-                local_sum = g_e.abs().sum() if mean_abs is None else mean_abs * self.rows
-                mean_abs = (_tp_sum(local_sum.reshape(1), sh.group) / sh.global_size)[0]
+                local_sum = (g_e.abs().sum(dtype=torch.float64) if mean_abs is None
+                             else mean_abs.double() * self.rows)
+                mean_abs = (_tp_sum(local_sum.reshape(1), sh.group) / sh.global_size)[0].to(g_e.dtype)
             ev = votes_from_scale_grad(g_e, rule, gids, mean_abs)
             return q.to(torch.int32), ev.to(torch.int32)
         # dim 1: this rank holds columns [offset, offset + cols) of every row.
         gf = g if g.dtype == torch.float64 else g.to(torch.float32)
         if rule.norm == "row" and sh.global_size >= MIN_ROW_FOR_ROW_NORM:
-            norm = _tp_sum(gf.abs().sum(1, keepdim=True), sh.group) / sh.global_size
+            norm = (_tp_sum(row_sums(gf.abs()), sh.group) / sh.global_size).to(gf.dtype)
         else:
-            norm = _tp_sum(gf.abs().sum().reshape(1, 1), sh.group) / (self.rows * sh.global_size)
+            total = gf.abs().sum(dtype=torch.float64).reshape(1, 1)
+            norm = (_tp_sum(total, sh.group) / (self.rows * sh.global_size)).to(gf.dtype)
         q = quantize_evidence(gf, rule, row_ids=idx, norm=norm, col_offset=sh.offset,
                               row_len=sh.global_size)
         # dL/dE sums over the whole row: add the column blocks' partial sums.
@@ -393,24 +395,37 @@ class TernaryMatrix(nn.Module):
             if self._grad is not None or self._row_grads:
                 self.commit_micro_batch(rule)
             return self._apply_votes(rule)
-        idx, grad = self.evidence()
-        self.clear_evidence()
-        if grad is None:
-            return {"trit_flips": 0, "scale_moves": 0, "rows": 0}
-        use = DENSE_UPDATE_KERNEL == "triton" or (DENSE_UPDATE_KERNEL == "auto"
-                                                   and self.packed.is_cuda)
-        if use and idx is None and self.tp_shard is None and grad.dtype == torch.float32:
-            # One fused launch (arbd/ternary/triton_update.py), bit-identical to the rule below.
-            from arbd.ternary.triton_update import dense_update
-            counts = _kernel_or_none(("dense", self.cols), lambda: dense_update(
-                self.packed, self.t_accum, self.exponent, self.e_accum, grad, rule))
+        fused = self.fused_update_item()
+        if fused is not None:
+            from arbd.ternary.triton_update import dense_update_many
+            counts = _kernel_or_none(("dense", self.cols),
+                                     lambda: dense_update_many([fused], rule))
             if counts is not None:
+                self.clear_evidence()
                 if counts_on_device:
                     return {"counts": counts, "rows": self.rows}
                 flips, moves = counts.tolist()
                 return {"trit_flips": int(flips), "scale_moves": int(moves), "rows": self.rows}
+        idx, grad = self.evidence()
+        self.clear_evidence()
+        if grad is None:
+            return {"trit_flips": 0, "scale_moves": 0, "rows": 0}
         q, ev = self.quantize(grad, rule, idx)
         return self.apply_row_votes(idx, q, ev, rule)
+
+    def fused_update_item(self):
+        """This matrix's state and dense float32 evidence as a triton_update.DenseItem when the
+        fused GPU update can take it (whole unsharded matrix, no votes, no sparse rows), else
+        None. update.apply_updates batches these by column count."""
+        use = DENSE_UPDATE_KERNEL == "triton" or (DENSE_UPDATE_KERNEL == "auto"
+                                                   and self.packed.is_cuda)
+        g = self._grad
+        if not use or g is None or self._row_grads or self.has_votes or self._votes_nonfinite \
+                or self.tp_shard is not None or self.is_partitioned or g.dtype != torch.float32 \
+                or ("dense", self.cols) in _KERNEL_FAILED:
+            return None
+        from arbd.ternary.triton_update import DenseItem
+        return DenseItem(self.packed, self.t_accum, self.exponent, self.e_accum, g.contiguous())
 
     @torch.no_grad()
     def apply_row_votes(self, idx: torch.Tensor | None, votes: torch.Tensor,

@@ -3,20 +3,19 @@ touched-row update of sparse (codebook) rows at the end of the file.
 
 Dense: float evidence in, new state out.
 
-`dense_update` does what TernaryMatrix.apply_update does for dense float32 evidence of a whole,
-unsharded matrix (quantize_evidence + scale_votes + apply_votes + pack), bit for bit, in three
-steps instead of some twenty torch passes:
+`dense_update_many` does what TernaryMatrix.apply_update does for dense float32 evidence of
+whole, unsharded matrices (quantize_evidence + scale_votes + apply_votes + pack), bit for bit,
+for every matrix of one column count at once (update.apply_updates groups the step's matrices):
 
-1. `_stats_kernel` reads g and the packed trits once and writes |g| and g * t (fp32). The row
-   reductions over them are torch's own `.mean` / `.sum` on tensors holding exactly the values
-   the torch path reduces, in the same layout, so s_row and dL/dE get the same bits on the same
-   device (a Triton reduction sums in another order and would move a few votes). The rows' scale
-   evidence x_e (rule.votes_from_scale_grad before rounding) is a few torch ops on [rows].
-2. `_dense_update_kernel`, one launch per matrix: per element x = -g / (s_row + 1e-30) * rate
-   (correctly rounded division, no FMA contraction), the hash uniform of rule.hash_uniform, the
-   vote, the integer accumulator rule, the repacked byte; per row the scale vote (rounded with
-   the same hash at position = row) and the exponent step.
-3. Counts (trit flips, scale moves) stay on the device as int32 [2].
+1. `_row_sums_kernel`: per row, sum |g| and sum g * t in float64, as the rule does, and dL/dE.
+   rule.py sums in float64 so that the kernel's order of the terms leaves the float32 result
+   alone (it could move only for a sum within ~1e-16 of a float32 rounding boundary).
+2. `_matrix_means_kernel` (only when the rule needs a per-matrix mean: "tensor" norm rows, or
+   scale_mode "norm"): one program per matrix.
+3. `_group_update_kernel`: per element x = -g / (s_row + 1e-30) * rate (correctly rounded
+   division, no FMA contraction), the hash uniform of rule.hash_uniform, the vote, the integer
+   accumulator rule, the repacked byte; per row the scale vote (rounded with the same hash at
+   position = row) and the exponent step. Counts (trit flips, scale moves) stay on the device.
 
 Tiles cover BLOCK_R rows x BLOCK_B packed bytes. Each byte's five base-3 digits are walked one
 at a time (digit d of byte b is column 5b + d), so no gather is needed to unpack or repack.
@@ -27,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -99,53 +99,115 @@ def _sround(x, pos, salt, STOCHASTIC: tl.constexpr, MAX_VOTE: tl.constexpr):
     return tl.minimum(tl.maximum(q, -MAX_VOTE), MAX_VOTE).to(tl.int32)
 
 
+# A group is every matrix of the step with the same column count (COLS is a compile-time
+# constant). Its rows are numbered one after another (group rows). `tab` int64 [n, 8] holds per
+# matrix the addresses of g, packed, t_accum, exponent and e_accum, its first group row and its
+# row count; `row_mat` int32 the matrix of every group row. One launch thus covers all the
+# group's matrices (a launch per matrix, with its torch glue, made the update host-bound).
+
+
 @triton.jit
-def _byte_tile(packed_ptr, pid_r, pid_b, R, NB: tl.constexpr, BLOCK_R: tl.constexpr,
-               BLOCK_B: tl.constexpr):
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    live = r < R
+def _group_rows(tab_ptr, row_mat_ptr, gr, live):
+    """For group rows gr: (table row pointer, matrix index, matrix-local row as int64)."""
+    m = tl.load(row_mat_ptr + gr, mask=live, other=0).to(tl.int64)
+    t = tab_ptr + m * 8
+    lr = gr.to(tl.int64) - tl.load(t + 5, mask=live, other=0)
+    return t, m, lr
+
+
+@triton.jit
+def _ptr(t, field: tl.constexpr, live, ty: tl.constexpr):
+    return tl.load(t + field, mask=live, other=0).to(tl.pointer_type(ty))
+
+
+@triton.jit
+def _packed_tile(t, lr, live, b, NB: tl.constexpr):
     bm = live[:, None] & (b[None, :] < NB)
-    r64 = r.to(tl.int64)
-    byte = tl.load(packed_ptr + r64[:, None] * NB + b[None, :], mask=bm, other=121).to(tl.int32)
+    bp = _ptr(t, 1, live, tl.uint8) + lr * NB
+    byte = tl.load(bp[:, None] + b[None, :], mask=bm, other=121).to(tl.int32)
     # Bytes above 242 are not base-3 trits; packing's table decodes them as five zeros.
-    byte = tl.where(byte > 242, 121, byte)
-    return r, r64, b, live, bm, byte
+    return bp, bm, tl.where(byte > 242, 121, byte)
+
+
+@triton.jit(do_not_specialize=["TOTAL", "ge_bits"])
+def _row_sums_kernel(tab_ptr, row_mat_ptr, scale_tab_ptr, abs_sum_ptr, ge_ptr, TOTAL, ge_bits,
+                     COLS: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_B: tl.constexpr, ABS: tl.constexpr, PRODUCT: tl.constexpr):
+    """Per group row: sum |g| (float64) and dL/dE = fp32(sum g * t) * scale * ln2 / k (fp32)."""
+    gr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = gr < TOTAL
+    t, m, lr = _group_rows(tab_ptr, row_mat_ptr, gr, live)
+    gp = _ptr(t, 0, live, tl.float32) + lr * COLS
+    acc_abs = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float64)
+    acc_gt = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float64)
+    for b0 in range(0, NB, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        bp, bm, rest = _packed_tile(t, lr, live, b, NB)
+        for d in tl.static_range(5):
+            col = b * 5 + d
+            cm = bm & (col[None, :] < COLS)
+            g = tl.load(gp[:, None] + col[None, :], mask=cm, other=0.0)
+            if ABS:
+                acc_abs += tl.abs(g).to(tl.float64)
+            if PRODUCT:
+                acc_gt += (g * (rest % 3 - 1).to(tl.float32)).to(tl.float64)
+            rest = rest // 3
+    if ABS:
+        tl.store(abs_sum_ptr + gr, tl.sum(acc_abs, axis=1), mask=live)
+    if PRODUCT:
+        e = tl.load(_ptr(t, 3, live, tl.int8) + lr, mask=live, other=0).to(tl.int32)
+        scale = tl.load(scale_tab_ptr + e + 128, mask=live, other=0.0)
+        c = ge_bits.to(tl.int32).to(tl.float32, bitcast=True)
+        tl.store(ge_ptr + gr, tl.sum(acc_gt, axis=1).to(tl.float32) * scale * c, mask=live)
 
 
 @triton.jit
-def _stats_kernel(g_ptr, packed_ptr, absg_ptr, gt_ptr, R, COLS: tl.constexpr, NB: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, ABS: tl.constexpr,
-                  PRODUCT: tl.constexpr):
-    r, r64, b, live, bm, rest = _byte_tile(packed_ptr, tl.program_id(0), tl.program_id(1), R,
-                                           NB, BLOCK_R, BLOCK_B)
-    for d in tl.static_range(5):
-        col = b * 5 + d
-        cm = bm & (col[None, :] < COLS)
-        off = r64[:, None] * COLS + col[None, :]
-        g = tl.load(g_ptr + off, mask=cm, other=0.0)
-        if ABS:
-            tl.store(absg_ptr + off, tl.abs(g), mask=cm)
-        if PRODUCT:
-            trit = rest % 3 - 1
-            tl.store(gt_ptr + off, g * trit.to(tl.float32), mask=cm)
-        rest = rest // 3
+def _matrix_means_kernel(tab_ptr, abs_sum_ptr, ge_ptr, tensor_s_ptr, mean_ge_ptr,
+                         COLS: tl.constexpr, BLOCK: tl.constexpr, TENSOR_NORM: tl.constexpr,
+                         MEAN_GE: tl.constexpr):
+    """Per matrix, in float64: mean |g| over the whole matrix ("tensor" norm) and mean |dL/dE|
+    over its rows (scale_mode "norm"), each rounded once to fp32."""
+    m = tl.program_id(0)
+    base = tl.load(tab_ptr + m * 8 + 5)
+    rows = tl.load(tab_ptr + m * 8 + 6)
+    acc_a = tl.zeros((BLOCK,), dtype=tl.float64)
+    acc_e = tl.zeros((BLOCK,), dtype=tl.float64)
+    for r0 in range(0, rows, BLOCK):
+        r = r0 + tl.arange(0, BLOCK)
+        ok = r < rows
+        if TENSOR_NORM:
+            acc_a += tl.load(abs_sum_ptr + base + r, mask=ok, other=0.0)
+        if MEAN_GE:
+            acc_e += tl.abs(tl.load(ge_ptr + base + r, mask=ok, other=0.0)).to(tl.float64)
+    if TENSOR_NORM:
+        tl.store(tensor_s_ptr + m, (tl.sum(acc_a, axis=0) / (rows * COLS).to(tl.float64)).to(tl.float32))
+    if MEAN_GE:
+        tl.store(mean_ge_ptr + m, (tl.sum(acc_e, axis=0) / rows.to(tl.float64)).to(tl.float32))
 
 
-@triton.jit(do_not_specialize=["R", "rate_bits", "salt_bits"])
-def _dense_update_kernel(g_ptr, stride_gr, stride_gc, s_ptr, stride_s, packed_ptr, t_acc_ptr,
-                         exp_ptr, e_acc_ptr, xe_ptr, stats_ptr, R, rate_bits, salt_bits,
+@triton.jit(do_not_specialize=["TOTAL", "rate_bits", "srate_bits", "salt_bits"])
+def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr, mean_ge_ptr,
+                         stats_ptr, TOTAL, rate_bits, srate_bits, salt_bits,
                          COLS: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr,
                          BLOCK_B: tl.constexpr, STOCHASTIC: tl.constexpr, MAX_VOTE: tl.constexpr,
                          THRESHOLD: tl.constexpr, DECAY: tl.constexpr, FREEZE: tl.constexpr,
-                         CAP: tl.constexpr, ACC_MAX: tl.constexpr, SCALES: tl.constexpr,
-                         S_THRESHOLD: tl.constexpr, S_STOCHASTIC: tl.constexpr):
+                         ROW_NORM: tl.constexpr, CAP: tl.constexpr, ACC_MAX: tl.constexpr,
+                         SCALES: tl.constexpr, NORM_SCALES: tl.constexpr,
+                         S_THRESHOLD: tl.constexpr):
     pid_b = tl.program_id(1)
-    r, r64, b, live, bm, rest = _byte_tile(packed_ptr, tl.program_id(0), pid_b, R, NB,
-                                           BLOCK_R, BLOCK_B)
-    # s_row (stride 0: the tensor mean); d = s + 1e-30 in fp32, as torch adds it
-    d = tl.load(s_ptr + r * stride_s, mask=live, other=1.0) + tl.full((), 1e-30, tl.float32)
-    negd = 0.0 - d
+    gr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = gr < TOTAL
+    t, m, lr = _group_rows(tab_ptr, row_mat_ptr, gr, live)
+    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    bp, bm, rest = _packed_tile(t, lr, live, b, NB)
+    gp = _ptr(t, 0, live, tl.float32) + lr * COLS
+    tp = _ptr(t, 2, live, tl.int8) + lr * COLS
+    # s: the row's (or the matrix's) mean |g|; d = s + 1e-30 in fp32, as torch adds it
+    if ROW_NORM:
+        s = (tl.load(abs_sum_ptr + gr, mask=live, other=1.0) / COLS).to(tl.float32)
+    else:
+        s = tl.load(tensor_s_ptr + m, mask=live, other=1.0)
+    negd = 0.0 - (s + tl.full((), 1e-30, tl.float32))
     # int32 bits of the fp32 rate torch multiplies by, and of the salt's hash mix
     rate32 = rate_bits.to(tl.int32).to(tl.float32, bitcast=True)
     salt = salt_bits.to(tl.int32).to(tl.uint32, bitcast=True)
@@ -157,40 +219,46 @@ def _dense_update_kernel(g_ptr, stride_gr, stride_gc, s_ptr, stride_s, packed_pt
         cm = bm & (col[None, :] < COLS)
         trit = tl.where(cm, rest % 3 - 1, 0)   # padding digits repack as trit 0, as pack_trits does
         rest = rest // 3
-        off = r64[:, None] * COLS + col[None, :]
-        acc = tl.load(t_acc_ptr + off, mask=cm, other=0).to(tl.int32)
+        acc = tl.load(tp[:, None] + col[None, :], mask=cm, other=0).to(tl.int32)
         if FREEZE:
             acc = acc * 0
         else:
             if DECAY > 0:
                 acc = acc - _trunc_div(acc, 1 << DECAY)
-            g = tl.load(g_ptr + r64[:, None] * stride_gr + col[None, :].to(tl.int64) * stride_gc,
-                        mask=cm, other=0.0)
+            g = tl.load(gp[:, None] + col[None, :], mask=cm, other=0.0)
             # (-g) / d == g / (-d) exactly under round-to-nearest, signed zeros included.
             x = tl.math.div_rn(g, negd[:, None]) * rate32
-            pos = r.to(tl.uint32)[:, None] * COLS + col.to(tl.uint32)[None, :]
+            pos = lr.to(tl.uint32)[:, None] * COLS + col.to(tl.uint32)[None, :]
             acc = acc + _sround(x, pos, salt, STOCHASTIC, MAX_VOTE)
         n = tl.where(cm, _trit_moves(acc, trit, THRESHOLD), 0)
         trit, acc = _settle(acc, trit, n, THRESHOLD, CAP, ACC_MAX)
-        tl.store(t_acc_ptr + off, acc.to(tl.int8), mask=cm)
+        tl.store(tp[:, None] + col[None, :], acc.to(tl.int8), mask=cm)
         new_byte += (trit + 1) * p3
         flips += tl.abs(n)
         p3 = p3 * 3
-    tl.store(packed_ptr + r64[:, None] * NB + b[None, :], new_byte.to(tl.uint8), mask=bm)
+    tl.store(bp[:, None] + b[None, :], new_byte.to(tl.uint8), mask=bm)
     tl.atomic_add(stats_ptr, tl.sum(tl.sum(flips, axis=1), axis=0))
     if SCALES:
         if pid_b == 0:
-            e = tl.load(exp_ptr + r, mask=live, other=0).to(tl.int32)
-            ea = tl.load(e_acc_ptr + r, mask=live, other=0).to(tl.int32)
+            ep = _ptr(t, 3, live, tl.int8) + lr
+            eap = _ptr(t, 4, live, tl.int8) + lr
+            e = tl.load(ep, mask=live, other=0).to(tl.int32)
+            ea = tl.load(eap, mask=live, other=0).to(tl.int32)
             if DECAY > 0:
                 ea = ea - _trunc_div(ea, 1 << DECAY)
-            # the row's scale vote: its x (rule.votes_from_scale_grad) hashes at position row
-            xe = tl.load(xe_ptr + r, mask=live, other=0.0)
-            ea += _sround(xe, r.to(tl.uint32), salt, S_STOCHASTIC, MAX_VOTE)
-            m, ea = _scale_step(ea, e, live, S_THRESHOLD, ACC_MAX)
-            tl.store(exp_ptr + r, (e + m).to(tl.int8), mask=live)
-            tl.store(e_acc_ptr + r, ea.to(tl.int8), mask=live)
-            tl.atomic_add(stats_ptr + 1, tl.sum(tl.abs(m), axis=0))
+            ge = tl.load(ge_ptr + gr, mask=live, other=0.0)
+            srate32 = srate_bits.to(tl.int32).to(tl.float32, bitcast=True)
+            # rule.votes_from_scale_grad: its x, hashed at position = the matrix's row
+            if NORM_SCALES:
+                mean = tl.load(mean_ge_ptr + m, mask=live, other=1.0)
+                xe = tl.math.div_rn(ge, 0.0 - (mean + tl.full((), 1e-30, tl.float32))) * srate32
+            else:
+                xe = (0.0 - tl.where(ge > 0, 1.0, tl.where(ge < 0, -1.0, 0.0))) * srate32
+            ea += _sround(xe, lr.to(tl.uint32), salt, STOCHASTIC, MAX_VOTE)
+            mv, ea = _scale_step(ea, e, live, S_THRESHOLD, ACC_MAX)
+            tl.store(ep, (e + mv).to(tl.int8), mask=live)
+            tl.store(eap, ea.to(tl.int8), mask=live)
+            tl.atomic_add(stats_ptr + 1, tl.sum(tl.abs(mv), axis=0))
 
 
 # Packed bytes per program (5 weights each) and the widest tile, in bytes along a row. One row
@@ -206,9 +274,112 @@ def _tiles(rows: int, nb: int) -> tuple[int, int]:
     return block_r, block_b
 
 
+@dataclass(frozen=True)
+class DenseItem:
+    """One matrix's state (updated in place) and its fp32 evidence [rows, cols]."""
+    packed: torch.Tensor
+    t_accum: torch.Tensor
+    exponent: torch.Tensor
+    e_accum: torch.Tensor
+    grad: torch.Tensor
+
+
 def supports(packed: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether dense_update can take this evidence (else the torch rule must)."""
+    """Whether the fused dense update can take this evidence (else the torch rule must)."""
     return grad.dtype == torch.float32 and grad.dim() == 2 and grad.device == packed.device
+
+
+def _check(it: DenseItem) -> None:
+    rows, cols = it.t_accum.shape
+    if not supports(it.packed, it.grad):
+        raise ValueError(f"dense_update takes 2-d float32 evidence on {it.packed.device}, "
+                         f"got {it.grad.dtype} {tuple(it.grad.shape)} on {it.grad.device}")
+    if tuple(it.grad.shape) != (rows, cols) or it.packed.shape != (rows, packing.packed_cols(cols)):
+        raise ValueError(f"shapes do not match: grad {tuple(it.grad.shape)}, t_accum {(rows, cols)}, "
+                         f"packed {tuple(it.packed.shape)}")
+    for name in ("packed", "t_accum", "exponent", "e_accum", "grad"):
+        if not getattr(it, name).is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+
+
+@functools.lru_cache(maxsize=64)
+def _row_matrix_map(device: torch.device, rows: tuple[int, ...]) -> torch.Tensor:
+    """int32 [sum(rows)]: the matrix index of every group row (the same each step)."""
+    n = torch.arange(len(rows), dtype=torch.int32)
+    return torch.repeat_interleave(n, torch.tensor(rows)).to(device)
+
+
+def _table(items: list[DenseItem], device: torch.device) -> torch.Tensor:
+    rows, base = [], 0
+    for it in items:
+        r = it.t_accum.shape[0]
+        rows.append([it.grad.data_ptr(), it.packed.data_ptr(), it.t_accum.data_ptr(),
+                     it.exponent.data_ptr(), it.e_accum.data_ptr(), base, r, 0])
+        base += r
+    tab = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":   # pinned + async: no wait for the work already queued
+        return tab.pin_memory().to(device, non_blocking=True)
+    return tab
+
+
+def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
+                      stats: torch.Tensor | None = None, num_warps: int = 4) -> torch.Tensor:
+    """quantize_evidence + scale_votes + apply_votes of whole matrices of one column count, in
+    place, bit for bit as TernaryMatrix's torch path, in three launches for all of them (two
+    without a per-matrix mean). Adds (trit flips, scale moves) into `stats` (int32 [2] on the
+    device, made if None) and returns it."""
+    if not items:
+        raise ValueError("dense_update_many needs at least one matrix")
+    for it in items:
+        _check(it)
+    cols = items[0].t_accum.shape[1]
+    if any(it.t_accum.shape[1] != cols for it in items):
+        raise ValueError("dense_update_many takes matrices of one column count; group them first")
+    dev = items[0].packed.device
+    if any(it.packed.device != dev for it in items):
+        raise ValueError("dense_update_many takes matrices on one device")
+    nb = packing.packed_cols(cols)
+    rows = tuple(it.t_accum.shape[0] for it in items)
+    total = sum(rows)
+    stats = torch.zeros(2, dtype=torch.int32, device=dev) if stats is None else stats
+    tab = _table(items, dev)
+    row_mat = _row_matrix_map(dev, rows)
+    freeze = bool(rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM)
+    row_norm = rule.norm == "row" and cols >= MIN_ROW_FOR_ROW_NORM
+    scales = rule.learn_scales
+    norm_scales = scales and rule.scale_mode == "norm"
+    need_abs = not freeze
+    abs_sum = torch.empty(total if need_abs else 1, dtype=torch.float64, device=dev)
+    ge = torch.empty(total if scales else 1, dtype=torch.float32, device=dev)
+    per_mat = torch.empty(2, len(items), dtype=torch.float32, device=dev)   # tensor s, mean |ge|
+    br, bb = _tiles(total, nb)
+    if need_abs or scales:
+        _row_sums_kernel[(triton.cdiv(total, br),)](
+            tab, row_mat, packing.exponent_to_scale_table(dev), abs_sum, ge, total,
+            _f32_bits(math.log(2) / SCALE_K), COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb,
+            ABS=need_abs, PRODUCT=scales, num_warps=num_warps)
+    tensor_norm = need_abs and not row_norm
+    if tensor_norm or norm_scales:
+        _matrix_means_kernel[(len(items),)](tab, abs_sum, ge, per_mat[0], per_mat[1], COLS=cols,
+                                            BLOCK=1024, TENSOR_NORM=tensor_norm,
+                                            MEAN_GE=norm_scales, num_warps=4)
+    stochastic = rule.rounding == "stochastic"
+    _group_update_kernel[(triton.cdiv(total, br), triton.cdiv(nb, bb))](
+        tab, row_mat, abs_sum, per_mat[0], ge, per_mat[1], stats, total,
+        _f32_bits(rule.evidence_rate), _f32_bits(rule.scale_rate), _salt_bits(rule.salt),
+        COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb, STOCHASTIC=stochastic, MAX_VOTE=rule.max_vote,
+        THRESHOLD=rule.threshold, DECAY=rule.decay_shift, FREEZE=freeze, ROW_NORM=row_norm,
+        CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales, NORM_SCALES=norm_scales,
+        S_THRESHOLD=rule.scale_threshold, num_warps=num_warps, enable_fp_fusion=False)
+    return stats
+
+
+def dense_update(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torch.Tensor,
+                 e_accum: torch.Tensor, grad: torch.Tensor, rule: TernaryRule, *,
+                 num_warps: int = 4) -> torch.Tensor:
+    """dense_update_many of one matrix; returns its int32 [2] (trit flips, scale moves)."""
+    return dense_update_many([DenseItem(packed, t_accum, exponent, e_accum, grad)], rule,
+                             num_warps=num_warps)
 
 
 @functools.lru_cache(maxsize=64)
@@ -218,83 +389,10 @@ def _salt_bits(salt: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
+@functools.lru_cache(maxsize=256)
 def _f32_bits(v: float) -> int:
     """The bits of the fp32 torch turns a Python scalar into, as a signed int32."""
     return int(torch.tensor([v], dtype=torch.float32).view(torch.int32)[0])
-
-
-def row_statistics(grad: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor,
-                   rule: TernaryRule, *, need_norm: bool = True
-                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(s: the fp32 normaliser of quantize_evidence, [rows, 1] or 0-d, or None without
-    need_norm; x_e: fp32 [rows], the scale evidence votes_from_scale_grad rounds, or None when
-    scales are not learnt), with the torch path's bits on the same device."""
-    rows, cols = grad.shape
-    nb = packed.shape[1]
-    scales = rule.learn_scales
-    if not (need_norm or scales):
-        return None, None
-    if grad.is_contiguous():
-        absg = torch.empty_like(grad) if need_norm else grad
-        gt = torch.empty_like(grad) if scales else grad
-        br, bb = _tiles(rows, nb)
-        _stats_kernel[(triton.cdiv(rows, br), triton.cdiv(nb, bb))](
-            grad, packed, absg, gt, rows, COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb,
-            ABS=need_norm, PRODUCT=scales, num_warps=4)
-    else:
-        # Another layout reduces in another order: take the torch path's literal expressions.
-        absg = grad.abs()
-        gt = grad * packing.unpack_trits(packed, cols).to(torch.float32) if scales else None
-    s = None
-    if need_norm:
-        s = absg.mean(dim=1, keepdim=True) if rule.norm == "row" and cols >= MIN_ROW_FOR_ROW_NORM \
-            else absg.mean()
-    if not scales:
-        return s, None
-    # rule.scale_grad on the product already formed, then votes_from_scale_grad up to _sround
-    g_e = gt.sum(1) * packing.exponent_to_scale(exponent, torch.float32) * (math.log(2) / SCALE_K)
-    if rule.scale_mode == "sign":
-        x_e = -torch.sign(g_e) * rule.scale_rate
-    else:
-        x_e = -g_e / (g_e.abs().mean() + 1e-30) * rule.scale_rate
-    return s, x_e
-
-
-@torch.no_grad()
-def dense_update(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torch.Tensor,
-                 e_accum: torch.Tensor, grad: torch.Tensor, rule: TernaryRule, *,
-                 num_warps: int = 4) -> torch.Tensor:
-    """quantize_evidence + scale_votes + apply_votes of a whole matrix's fp32 evidence grad
-    [rows, cols], in place on packed uint8 [rows, nb], t_accum int8 [rows, cols] and exponent /
-    e_accum int8 [rows]. Returns int32 [2] (trit flips, scale moves) on the device."""
-    if not supports(packed, grad):
-        raise ValueError(f"dense_update takes 2-d float32 evidence on {packed.device}, "
-                         f"got {grad.dtype} {tuple(grad.shape)} on {grad.device}")
-    rows, cols = t_accum.shape
-    nb = packed.shape[1]
-    if tuple(grad.shape) != (rows, cols) or nb != packing.packed_cols(cols):
-        raise ValueError(f"shapes do not match: grad {tuple(grad.shape)}, t_accum {(rows, cols)}, "
-                         f"packed {tuple(packed.shape)}")
-    for name, t in (("packed", packed), ("t_accum", t_accum), ("exponent", exponent),
-                    ("e_accum", e_accum)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    stats = torch.zeros(2, dtype=torch.int32, device=packed.device)
-    freeze = bool(rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM)
-    s, x_e = row_statistics(grad, packed, exponent, rule, need_norm=not freeze)
-    s = stats if s is None else s
-    br, bb = _tiles(rows, nb)
-    stochastic = rule.rounding == "stochastic"
-    _dense_update_kernel[(triton.cdiv(rows, br), triton.cdiv(nb, bb))](
-        grad, grad.stride(0), grad.stride(1), s, 1 if s.dim() == 2 else 0, packed, t_accum,
-        exponent, e_accum, stats if x_e is None else x_e, stats, rows,
-        _f32_bits(rule.evidence_rate), _salt_bits(rule.salt),
-        COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb, STOCHASTIC=stochastic,
-        MAX_VOTE=rule.max_vote, THRESHOLD=rule.threshold, DECAY=rule.decay_shift, FREEZE=freeze,
-        CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=x_e is not None,
-        S_THRESHOLD=rule.scale_threshold, S_STOCHASTIC=stochastic, num_warps=num_warps,
-        enable_fp_fusion=False)
-    return stats
 
 
 # ---------------------------------------------------------------------------------------------

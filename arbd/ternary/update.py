@@ -153,19 +153,38 @@ def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats
 def apply_updates(mats: list[tuple[str, nn.Module]], rule: TernaryRule) -> dict[str, int]:
     """apply_update on every matrix that has evidence; the total trit flips and scale moves.
 
-    The GPU kernels leave their counts on the device; they are summed and read once at the end,
-    so the host issues every matrix's launches without waiting for the previous matrix (one
-    synchronisation per step instead of one per matrix: the update is host-bound)."""
+    Matrices the fused GPU update can take are updated together, a few launches per column
+    count (triton_update.dense_update_many), the others one by one. Counts stay on the device
+    and are read once at the end: one synchronisation per step, and the host issues the whole
+    update without waiting (it is host-bound otherwise)."""
+    from arbd.ternary.state import _kernel_or_none
     flips = moves = 0
-    on_device = []
+    on_device, groups, single = [], {}, []
     for _, m in mats:
-        if m.has_evidence:
-            s = m.apply_update(rule, counts_on_device=True)
-            if "counts" in s:
-                on_device.append(s["counts"])
-            else:
-                flips += s["trit_flips"]
-                moves += s["scale_moves"]
+        if not m.has_evidence:
+            continue
+        item = m.fused_update_item()
+        if item is None:
+            single.append(m)
+        else:
+            groups.setdefault((m.cols, item.grad.device), []).append((m, item))
+    for (cols, _), members in groups.items():
+        from arbd.ternary.triton_update import dense_update_many
+        counts = _kernel_or_none(("dense", cols), lambda: dense_update_many(
+            [item for _, item in members], rule))
+        if counts is None:   # the kernel does not compile here: the torch rule, per matrix
+            single.extend(m for m, _ in members)
+            continue
+        on_device.append(counts)
+        for m, _ in members:
+            m.clear_evidence()
+    for m in single:
+        s = m.apply_update(rule, counts_on_device=True)
+        if "counts" in s:
+            on_device.append(s["counts"])
+        else:
+            flips += s["trit_flips"]
+            moves += s["scale_moves"]
     if on_device:
         f, mv = torch.stack(on_device).sum(0, dtype=torch.int64).tolist()
         flips, moves = flips + f, moves + mv

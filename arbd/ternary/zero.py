@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from arbd.ternary.dp import WireStats, reduce_evidence_sign_votes, reduce_evidence_summed
-from arbd.ternary.rule import MIN_ROW_FOR_ROW_NORM, TernaryRule
+from arbd.ternary.rule import MIN_ROW_FOR_ROW_NORM, TernaryRule, abs_mean
 from arbd.ternary.state import TernaryMatrix, all_evidence_finite
 from arbd.ternary.update import apply_updates, ternary_matrices
 
@@ -366,7 +366,7 @@ class ZeroPartitioner:
             g, _ = self._pending[id(m)]
             rows.append(m.scale_grad(g, torch.arange(m.row_start, m.row_stop, device=g.device)))
         full = self._gather_rows(todo, [r[:, None] for r in rows], rows[0].dtype)
-        return ({id(p.matrix): f[:, 0].abs().mean() for p, f in zip(todo, full)},
+        return ({id(p.matrix): abs_mean(f[:, 0]) for p, f in zip(todo, full)},
                 {id(p.matrix): r for p, r in zip(todo, rows)})
 
     def _gather_rows(self, todo: list[_Part], blocks: list[torch.Tensor],
