@@ -232,12 +232,13 @@ def test_weight_grad_into_accumulates_in_place_with_cublas_on_gpu():
     dev = torch.device("cuda")
     assert ops._addmm_into_fp32_ok(dev), "torch.addmm(out_dtype=float32) missing or wrong here"
     g = torch.Generator(device=dev).manual_seed(5)
-    gy = torch.randn(1000, 96, device=dev, generator=g).to(torch.bfloat16)
-    x = torch.randn(1000, 80, device=dev, generator=g).to(torch.bfloat16)
-    ref = gy.double().t() @ x.double()
-    acc = ops.weight_grad_into(None, gy, x)
-    assert acc.dtype == torch.float32
-    ptr = acc.data_ptr()
-    acc = ops.weight_grad_into(acc, gy, x)
-    assert acc.data_ptr() == ptr   # added in place: no [N, K] temporary kept
-    torch.testing.assert_close(acc.double(), 2 * ref, rtol=1e-4, atol=1e-3)
+    for m in (1000, 4097, 300, 4096):   # ragged M runs on zero-padded rows (bucket_rows)
+        gy = torch.randn(m, 96, device=dev, generator=g).to(torch.bfloat16)
+        x = torch.randn(m, 80, device=dev, generator=g).to(torch.bfloat16)
+        ref = gy.double().t() @ x.double()
+        acc = ops.weight_grad_into(None, gy, x)
+        assert acc.dtype == torch.float32
+        ptr = acc.data_ptr()
+        acc = ops.weight_grad_into(acc, gy, x)
+        assert acc.data_ptr() == ptr   # added in place: no [N, K] temporary kept
+        torch.testing.assert_close(acc.double(), 2 * ref, rtol=1e-4, atol=1e-3)

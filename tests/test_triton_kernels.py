@@ -231,6 +231,34 @@ def test_dense_path_matches_reference():
     assert _rel_err(gx, gy.cpu().double() @ w) < 2e-3
 
 
+def test_bucket_rows_rounds_up_to_eight_sizes_per_octave():
+    for m in list(range(1, 3000)) + [4095, 4096, 4097, 32767, 32768, 32769, 100_001]:
+        b = tk.bucket_rows(m)
+        assert b >= m and b % 128 == 0
+        assert b - m < max(128, m / 8)
+        assert tk.bucket_rows(b) == b   # a bucket is its own bucket: shapes repeat
+    assert len({tk.bucket_rows(m) for m in range(2049, 4097)}) == 8
+    assert tk.bucket_rows(32768) == 32768
+
+
+@pytest.mark.parametrize("m", [tk.DENSE_MIN_M + 1, 700, 1025])
+def test_dense_path_pads_ragged_rows_and_drops_the_padding(m):
+    # M not on a bucket: the product runs on padded rows (whatever they hold) and returns [m, n].
+    k, n = 45, 33
+    gen = torch.Generator().manual_seed(m)
+    packed, exponent, w = _random_weight(n, k, gen)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.float16)
+    gy = torch.randn(m, n, generator=gen).to(DEVICE, torch.float16)
+    cfg = tk.TileConfig(16, 16, 16, dense=True)
+    y = tk.ternary_matmul(x, packed, exponent, k, config=cfg)
+    gx = tk.ternary_matmul_grad_input(gy, packed, exponent, k, config=cfg)
+    assert tk.bucket_rows(m) > m and y.shape == (m, n) and gx.shape == (m, k)
+    wd = tk.decode_weight(packed, exponent, k, torch.float16)
+    torch.testing.assert_close(y, x @ wd.t(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(gx, gy @ wd, rtol=1e-3, atol=1e-3)
+    assert _rel_err(y, x.cpu().double() @ w.t()) < 2e-3
+
+
 def test_empty_inputs_through_the_triton_backend():
     """An expert-parallel ACT step can leave a rank with no running tokens: every op of the
     triton backend must accept zero rows (seen on 2 H200s before the fix)."""

@@ -649,6 +649,34 @@ def _sm_count(device: torch.device) -> int:
 DENSE_MIN_M = 256
 
 
+# cuBLAS spends 0.1-4 ms of host time on a product shape it has not run before in the process and
+# ~20-30 us on one it has (H100, torch 2.11, bench/host_overhead.py --shapes). Expert batches
+# change M every call, so products whose M is not a round size run on M rounded up to one of eight
+# sizes per octave (at most 12.5% more rows); the shapes then repeat from step to step.
+def bucket_rows(m: int) -> int:
+    """The smallest multiple of 2**(bit_length(m) - 4) (at least 128) that is >= m."""
+    step = 1 << max(7, m.bit_length() - 4)
+    return -(-m // step) * step
+
+
+def pad_rows(t: torch.Tensor, rows: int, *, zero: bool) -> torch.Tensor:
+    """t [m, k] extended to `rows` rows; the new rows are zeros, or left unset if not `zero`."""
+    if rows == t.shape[0]:
+        return t
+    out = (torch.zeros if zero else torch.empty)(rows, t.shape[1], dtype=t.dtype, device=t.device)
+    out[: t.shape[0]] = t
+    return out
+
+
+def mm_rows_bucketed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b, run on a's rows padded to bucket_rows (the extra output rows are dropped)."""
+    m = a.shape[0]
+    rows = bucket_rows(m) if m >= DENSE_MIN_M else m
+    if rows == m:
+        return a @ b
+    return (pad_rows(a, rows, zero=False) @ b)[:m]
+
+
 # Up to this many rows of x, the 16-bit forward takes _ternary_small_m_kernel (small_m_config).
 # H100, K = N = 7168: M = 1 / 16 / 32 ran in 17.5 / 19.9 / 25.9 us against 26.2 / 26.5 / 46.5 us for
 # the fused kernel below (bench/RESULTS.md).
@@ -847,7 +875,7 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
         return y
     cfg = config or matmul_config(m, n, K, x.device, x.dtype)
     if cfg.dense:
-        return x @ decode_weight(packed, exponent, K, x.dtype).t()
+        return mm_rows_bucketed(x, decode_weight(packed, exponent, K, x.dtype).t())
     if cfg.small_m and m <= cfg.block_m:
         return _small_m_matmul(x, packed, exponent, K, cfg, out=y)
     packed = packed.contiguous()
@@ -906,7 +934,7 @@ def ternary_matmul_grad_input(gy: torch.Tensor, packed: torch.Tensor, exponent: 
         return gx.zero_()
     cfg = config or grad_input_config(m, n, K, gy.dtype)
     if cfg.dense:
-        return gy @ decode_weight(packed, exponent, K, gy.dtype)
+        return mm_rows_bucketed(gy, decode_weight(packed, exponent, K, gy.dtype))
     gy = gy.contiguous()
     packed = packed.contiguous()
     exponent = exponent.contiguous()
