@@ -41,9 +41,47 @@ def measure(fn, n: int = 50) -> tuple[float, float]:
     return host * 1e6, start.elapsed_time(end) * 1e3 / n
 
 
+def shape_costs(x, gy, w, packed, exp, K) -> None:
+    """Per-call host time (median, us; no synchronisation inside a pass) when M changes every call:
+    pass 1 sizes never seen in this process, pass 2 the same sizes again, pass 3 sizes rounded up
+    to a multiple of 1024 (at most 8 distinct, all seen in a warm-up pass)."""
+    gen = torch.Generator().manual_seed(1)
+    cfg = tk.TileConfig(128, 128, 32, num_warps=8, num_stages=3, planar_x=True)
+    ops_ = {
+        "mm bf16 [M,1024] @ [1024,4096]": lambda m: x[:m] @ w.t(),
+        "mm fp32 out [4096,M] @ [M,1024] (weight grad)": lambda m: torch.mm(gy[:m].t(), x[:m], out_dtype=torch.float32),
+        "addmm fp32 in place (weight grad into evidence)": lambda m: torch.addmm(
+            acc, gy[:m].t(), x[:m], out_dtype=torch.float32, out=acc),
+        "ternary_matmul dense path (decode + cuBLAS)": lambda m: tk.ternary_matmul(x[:m], packed, exp, K),
+        "ternary_matmul fused Triton kernel": lambda m: tk.ternary_matmul(x[:m], packed, exp, K, config=cfg),
+        "grad_input dense path": lambda m: tk.ternary_matmul_grad_input(gy[:m], packed, exp, K),
+    }
+    acc = torch.zeros(gy.shape[1], x.shape[1], device=x.device)
+
+    def pass_(fn, sizes):
+        times = []
+        for m in sizes:
+            t0 = time.perf_counter()
+            fn(m)
+            times.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        return sorted(times)[len(times) // 2] * 1e6
+
+    print("| operation | new M each call | same M set again | M bucketed to 1024 |\n| --- | ---: | ---: | ---: |")
+    for name, fn in ops_.items():
+        sizes = torch.randint(700, 7000, (48,), generator=gen).tolist()
+        buckets = [-(-m // 1024) * 1024 for m in sizes]
+        for m in sorted(set(buckets)):
+            fn(m)
+        torch.cuda.synchronize()
+        print(f"| {name} | {pass_(fn, sizes):.0f} | {pass_(fn, sizes):.0f} | {pass_(fn, buckets):.0f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--json")
+    p.add_argument("--shapes", action="store_true",
+                   help="only: host cost of cuBLAS / Triton calls whose M changes (first sight, seen before, bucketed)")
     p.add_argument("--dissect", action="store_true",
                    help="also profile 50 TernaryLinear forward+backward calls (cProfile, torch.profiler)")
     a = p.parse_args()
@@ -57,6 +95,8 @@ def main() -> None:
     small = torch.randn(1024, device=dev)
     lin = TernaryLinear(K, N, backend="triton", device=dev)
     packed, exp = lin.weight.packed, lin.weight.exponent
+    if a.shapes:
+        return shape_costs(x, gy, w, packed, exp, K)
     ms = torch.randint(300, 3000, (64,)).tolist()
     ms2 = torch.randint(300, 3000, (64,)).tolist()   # sizes cuBLAS has not seen in this process
     it = iter(range(10**9))

@@ -55,11 +55,17 @@ def main() -> None:
     p.add_argument("--torch-profile", action="store_true")
     p.add_argument("--profile-update", action="store_true", help="cProfile one ternary update")
     p.add_argument("--rows", type=int, default=30)
+    p.add_argument("--dense", action="store_true",
+                   help="the dense bf16 twin (bench/dense_twin.py) instead; no ternary update")
     a = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = "triton" if dev.type == "cuda" else "torch"
     model = ARBModel(planner.training_config(a.preset), backend=backend, seed=0, device=dev)
     model.ternary_rule = TUNED_RULE
+    if a.dense:
+        from bench.dense_twin import densify
+        densify(model)
+        model.to(device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
     g = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
 
@@ -69,6 +75,9 @@ def main() -> None:
         out.loss.backward()
 
     def update() -> None:
+        if a.dense:   # the twin's optimizer step is not profiled here: drop the gradients
+            model.zero_grad(set_to_none=True)
+            return
         model._ternary_update_memory(loss_signal=torch.ones((), device=dev))
 
     for _ in range(2):

@@ -129,6 +129,20 @@ def _run_steps(a, plan, micro_step, boundary_hook=None) -> dict:
             boundary_hook()
         _sync()
         phases["boundary_hook"] = time.perf_counter() - t0
+    if getattr(a, "cprofile", False):   # one more step under cProfile (printed, not timed above)
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        _sync()
+        prof.enable()
+        for _ in range(plan.grad_accum):
+            micro_step()
+        if boundary_hook is not None:
+            boundary_hook()
+        _sync()
+        prof.disable()
+        for key in ("cumulative", "tottime"):
+            pstats.Stats(prof).sort_stats(key).print_stats(35)
     tokens = plan.micro_batch * plan.grad_accum * plan.seq_len
     mean = sum(step_s) / len(step_s)
     return {"step_s": step_s, "tokens_per_step": tokens, "tokens_per_s": tokens / mean,
@@ -455,6 +469,7 @@ def main() -> None:
                    help="recompute MLA layers and MoEGraph in backward: the plan's setting "
                         "(default; the dense twin then runs without), on, or off")
     p.add_argument("--phases", action="store_true", help="one extra step timed per phase")
+    p.add_argument("--cprofile", action="store_true", help="one extra step under cProfile (printed)")
     p.add_argument("--state", action="store_true", help="persistent state per component (ternary)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
