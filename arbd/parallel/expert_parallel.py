@@ -21,6 +21,8 @@ routing. The cost is a small count exchange before each payload (docs/decisions.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -57,9 +59,17 @@ class ExpertParallelDispatch:
     """Replaces MoEGraph.dispatch on an expert-parallel rank (see the module docstring)."""
 
     def __init__(self, moe: MoEGraph, group, ep: int) -> None:
-        self.moe, self.group, self.ep = moe, group, ep
+        # Weak: moe owns this object as its dispatch, and a strong back-reference would form a
+        # cycle that keeps the model and `group` alive after their last user lets go, until the
+        # cyclic GC runs (possibly only at interpreter exit, with gloo's threads still running).
+        self._moe = weakref.ref(moe)
+        self.group, self.ep = group, ep
         self.per_rank = moe.n_experts // ep
         self.stats = {"dispatches": 0, "rows_sent": 0, "bytes_sent": 0}
+
+    @property
+    def moe(self) -> MoEGraph:
+        return self._moe()
 
     def __call__(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         k = top_i.shape[1] if top_i.dim() == 2 else 1

@@ -1,9 +1,11 @@
 """Run a function on W local gloo ranks: the harness multi-rank tests and benchmarks share."""
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import socket
+import sys
 import tempfile
 from typing import Any, Callable
 
@@ -25,8 +27,21 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir
         result = fn(rank, world, *args)
         with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
+        del result
     finally:
+        # destroy_process_group only unregisters the group; gloo's threads stop when the last
+        # Python reference to it goes. Collect fn's garbage first (reference cycles can hold the
+        # group) so that happens here, while the interpreter is fully alive.
+        gc.collect()
         dist.destroy_process_group()
+    # A gloo thread releasing a finished Work may still need the GIL (to drop the Python wrapper
+    # of a tensor). Once interpreter shutdown has begun, CPython ends such a thread with
+    # pthread_exit inside a noexcept C++ destructor: std::terminate, SIGABRT. The result is
+    # written and the group destroyed, so leave without that shutdown in case fn kept a group
+    # alive (a module global, say). Only on success: an exception still reaches mp.spawn.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_on_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
