@@ -56,6 +56,20 @@ def _kernel_or_none(key: tuple, launch):
         return None
 
 
+def update_fused(members: list[tuple["TernaryMatrix", Any]], rule: TernaryRule) -> torch.Tensor | None:
+    """Update matrices of one column count through the fused GPU kernels (each with its
+    `fused_update_item()`) and drop their evidence: int32 [2] counts on the device, or None
+    (nothing changed, evidence kept) when the kernels do not compile for this width."""
+    from arbd.ternary.triton_update import dense_update_many
+    cols = members[0][0].cols
+    counts = _kernel_or_none(("dense", cols),
+                             lambda: dense_update_many([item for _, item in members], rule))
+    if counts is not None:
+        for m, _ in members:
+            m.clear_evidence()
+    return counts
+
+
 @dataclass(frozen=True)
 class TPShard:
     """Where a tensor-parallel TernaryMatrix sits in the whole matrix.
@@ -397,11 +411,8 @@ class TernaryMatrix(nn.Module):
             return self._apply_votes(rule)
         fused = self.fused_update_item()
         if fused is not None:
-            from arbd.ternary.triton_update import dense_update_many
-            counts = _kernel_or_none(("dense", self.cols),
-                                     lambda: dense_update_many([fused], rule))
+            counts = update_fused([(self, fused)], rule)
             if counts is not None:
-                self.clear_evidence()
                 if counts_on_device:
                     return {"counts": counts, "rows": self.rows}
                 flips, moves = counts.tolist()

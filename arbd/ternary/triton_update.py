@@ -323,11 +323,10 @@ def _table(items: list[DenseItem], device: torch.device) -> torch.Tensor:
 
 
 def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
-                      stats: torch.Tensor | None = None, num_warps: int = 4) -> torch.Tensor:
+                      num_warps: int = 4) -> torch.Tensor:
     """quantize_evidence + scale_votes + apply_votes of whole matrices of one column count, in
     place, bit for bit as TernaryMatrix's torch path, in three launches for all of them (two
-    without a per-matrix mean). Adds (trit flips, scale moves) into `stats` (int32 [2] on the
-    device, made if None) and returns it."""
+    without a per-matrix mean). Returns (trit flips, scale moves) as int32 [2] on the device."""
     if not items:
         raise ValueError("dense_update_many needs at least one matrix")
     for it in items:
@@ -341,7 +340,7 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
     nb = packing.packed_cols(cols)
     rows = tuple(it.t_accum.shape[0] for it in items)
     total = sum(rows)
-    stats = torch.zeros(2, dtype=torch.int32, device=dev) if stats is None else stats
+    stats = torch.zeros(2, dtype=torch.int32, device=dev)
     tab = _table(items, dev)
     row_mat = _row_matrix_map(dev, rows)
     freeze = bool(rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM)

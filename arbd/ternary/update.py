@@ -157,7 +157,7 @@ def apply_updates(mats: list[tuple[str, nn.Module]], rule: TernaryRule) -> dict[
     count (triton_update.dense_update_many), the others one by one. Counts stay on the device
     and are read once at the end: one synchronisation per step, and the host issues the whole
     update without waiting (it is host-bound otherwise)."""
-    from arbd.ternary.state import _kernel_or_none
+    from arbd.ternary.state import update_fused
     flips = moves = 0
     on_device, groups, single = [], {}, []
     for _, m in mats:
@@ -168,16 +168,12 @@ def apply_updates(mats: list[tuple[str, nn.Module]], rule: TernaryRule) -> dict[
             single.append(m)
         else:
             groups.setdefault((m.cols, item.grad.device), []).append((m, item))
-    for (cols, _), members in groups.items():
-        from arbd.ternary.triton_update import dense_update_many
-        counts = _kernel_or_none(("dense", cols), lambda: dense_update_many(
-            [item for _, item in members], rule))
+    for members in groups.values():
+        counts = update_fused(members, rule)
         if counts is None:   # the kernel does not compile here: the torch rule, per matrix
             single.extend(m for m, _ in members)
-            continue
-        on_device.append(counts)
-        for m, _ in members:
-            m.clear_evidence()
+        else:
+            on_device.append(counts)
     for m in single:
         s = m.apply_update(rule, counts_on_device=True)
         if "counts" in s:
