@@ -103,11 +103,10 @@ def weight_grad_into(acc: torch.Tensor | None, gy: torch.Tensor, x: torch.Tensor
     if (gy2.is_cuda and gy2.dtype in (torch.bfloat16, torch.float16) and x2.dtype == gy2.dtype
             and gy2.shape[0] > 0 and (acc is None or acc.dtype == torch.float32)
             and _addmm_into_fp32_ok(gy2.device)):
+        # M is the reduced axis: zero rows add nothing (triton_kernels.cublas_rows says why)
         tk = _triton()
-        m = gy2.shape[0]
-        if m >= tk.DENSE_MIN_M:   # M is the reduced axis: zero rows add nothing (triton_kernels.bucket_rows)
-            rows = tk.bucket_rows(m)
-            gy2, x2 = tk.pad_rows(gy2, rows, zero=True), tk.pad_rows(x2, rows, zero=True)
+        rows = tk.cublas_rows(gy2.shape[0])
+        gy2, x2 = tk.pad_rows(gy2, rows, zero=True), tk.pad_rows(x2, rows, zero=True)
         if acc is None:
             return torch.mm(gy2.t(), x2, out_dtype=torch.float32)
         return torch.addmm(acc, gy2.t(), x2, out_dtype=torch.float32, out=acc)

@@ -137,24 +137,32 @@ def _next_trit(rest):
 # float BIAS (bf16 128 or fp16 1024, whose last mantissa bit is worth 1) gives BIAS + digit exactly;
 # one packed FMA then subtracts BIAS + 1. About 2.6 instructions per trit against about 4.5 for the
 # fp32 path. Input: 4 bytes in $10; outputs: plane d in $2d (elements 0, 1) and $2d+1 (2, 3).
+# PTX: the four bytes of $10 spread over the 16-bit lanes of lo (bytes 0, 1) and hi (2, 3).
+_PTX_SPLIT_BYTES = """
+prmt.b32 lo, $10, 0, 0x4140;
+prmt.b32 hi, $10, 0, 0x4342;"""
+
+
+def _ptx_low_digit(ql: str, qh: str) -> str:
+    """PTX: lanes of lo / hi split into q // 3 (registers ql, qh) and BIAS + digit (dl, dh)."""
+    return f"""
+mul.lo.u32 {ql}, lo, 171;
+mul.lo.u32 {qh}, hi, 171;
+shr.u32 {ql}, {ql}, 9;
+shr.u32 {qh}, {qh}, 9;
+and.b32 {ql}, {ql}, 0x007F007F;
+and.b32 {qh}, {qh}, 0x007F007F;
+mad.lo.u32 dl, {ql}, 0xFFFFFFFD, lo;
+mad.lo.u32 dh, {qh}, 0xFFFFFFFD, hi;
+or.b32 dl, dl, BIAS;
+or.b32 dh, dh, BIAS;"""
+
+
 _DECODE_ASM = """
 {
 .reg .b32 lo, hi, q3l, q3h, dl, dh, one, neg;
 mov.b32 one, ONE;
-mov.b32 neg, NEG;
-prmt.b32 lo, $10, 0, 0x4140;
-prmt.b32 hi, $10, 0, 0x4342;
-""" + "".join(f"""
-mul.lo.u32 q3l, lo, 171;
-mul.lo.u32 q3h, hi, 171;
-shr.u32 q3l, q3l, 9;
-shr.u32 q3h, q3h, 9;
-and.b32 q3l, q3l, 0x007F007F;
-and.b32 q3h, q3h, 0x007F007F;
-mad.lo.u32 dl, q3l, 0xFFFFFFFD, lo;
-mad.lo.u32 dh, q3h, 0xFFFFFFFD, hi;
-or.b32 dl, dl, BIAS;
-or.b32 dh, dh, BIAS;
+mov.b32 neg, NEG;""" + _PTX_SPLIT_BYTES + "".join(_ptx_low_digit("q3l", "q3h") + f"""
 fma.rn.TY ${2 * d}, dl, one, neg;
 fma.rn.TY ${2 * d + 1}, dh, one, neg;
 mov.b32 lo, q3l;
@@ -332,19 +340,7 @@ mov.b32 cc, CC;
 mov.b32 neg3, NEG3;
 mov.b32 one, ONE;
 mov.b32 cadd, CADD;
-mov.b32 csub, CSUB;
-prmt.b32 lo, $10, 0, 0x4140;
-prmt.b32 hi, $10, 0, 0x4342;
-mul.lo.u32 ql, lo, 171;
-mul.lo.u32 qh, hi, 171;
-shr.u32 ql, ql, 9;
-shr.u32 qh, qh, 9;
-and.b32 ql, ql, 0x007F007F;
-and.b32 qh, qh, 0x007F007F;
-mad.lo.u32 dl, ql, 0xFFFFFFFD, lo;
-mad.lo.u32 dh, qh, 0xFFFFFFFD, hi;
-or.b32 dl, dl, BIAS;
-or.b32 dh, dh, BIAS;
+mov.b32 csub, CSUB;""" + _PTX_SPLIT_BYTES + _ptx_low_digit("ql", "qh") + """
 fma.rn.TY $0, dl, one, csub;
 fma.rn.TY $1, dh, one, csub;
 or.b32 ul, ql, BIAS;
@@ -659,6 +655,12 @@ def bucket_rows(m: int) -> int:
     return -(-m // step) * step
 
 
+def cublas_rows(m: int) -> int:
+    """The rows a cuBLAS product with m rows runs on: bucket_rows(m) from DENSE_MIN_M on, else m
+    (below it the forward and grad_input take the Triton kernels)."""
+    return bucket_rows(m) if m >= DENSE_MIN_M else m
+
+
 def pad_rows(t: torch.Tensor, rows: int, *, zero: bool) -> torch.Tensor:
     """t [m, k] extended to `rows` rows; the new rows are zeros, or left unset if not `zero`."""
     if rows == t.shape[0]:
@@ -669,9 +671,9 @@ def pad_rows(t: torch.Tensor, rows: int, *, zero: bool) -> torch.Tensor:
 
 
 def mm_rows_bucketed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b, run on a's rows padded to bucket_rows (the extra output rows are dropped)."""
+    """a @ b, run on a's rows padded to cublas_rows (the extra output rows are dropped)."""
     m = a.shape[0]
-    rows = bucket_rows(m) if m >= DENSE_MIN_M else m
+    rows = cublas_rows(m)
     if rows == m:
         return a @ b
     return (pad_rows(a, rows, zero=False) @ b)[:m]
