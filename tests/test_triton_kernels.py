@@ -216,10 +216,13 @@ def test_decode_weight_equals_packing_decode(dtype):
                        packing.decode(every, e0, 5, dtype))
 
 
-def test_dense_path_matches_reference():
+@pytest.mark.parametrize("m", [12, tk.DENSE_MIN_M + 1, 700, 1025])
+def test_dense_path_matches_reference(m):
     # TileConfig(dense=True): decode W once, then torch.matmul (the large-M default on the GPU).
-    m, k, n = 12, 130, 65
-    gen = torch.Generator().manual_seed(9)
+    # From DENSE_MIN_M rows on, an M off a bucket runs on padded rows (whatever they hold) and
+    # the padding is dropped: [m, n] out, equal to the unpadded product.
+    k, n = 130, 65
+    gen = torch.Generator().manual_seed(9 + m)
     packed, exponent, w = _random_weight(n, k, gen)
     x = torch.randn(m, k, generator=gen).to(DEVICE, torch.float16)
     gy = torch.randn(m, n, generator=gen).to(DEVICE, torch.float16)
@@ -227,6 +230,11 @@ def test_dense_path_matches_reference():
     y = tk.ternary_matmul(x, packed, exponent, k, config=cfg)
     gx = tk.ternary_matmul_grad_input(gy, packed, exponent, k, config=cfg)
     assert y.dtype == gx.dtype == torch.float16
+    assert y.shape == (m, n) and gx.shape == (m, k)
+    assert (tk.cublas_rows(m) > m) == (m >= tk.DENSE_MIN_M)
+    wd = tk.decode_weight(packed, exponent, k, torch.float16)
+    torch.testing.assert_close(y, x @ wd.t(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(gx, gy @ wd, rtol=1e-3, atol=1e-3)
     assert _rel_err(y, x.cpu().double() @ w.t()) < 2e-3
     assert _rel_err(gx, gy.cpu().double() @ w) < 2e-3
 
@@ -239,24 +247,6 @@ def test_bucket_rows_rounds_up_to_eight_sizes_per_octave():
         assert tk.bucket_rows(b) == b   # a bucket is its own bucket: shapes repeat
     assert len({tk.bucket_rows(m) for m in range(2049, 4097)}) == 8
     assert tk.bucket_rows(32768) == 32768
-
-
-@pytest.mark.parametrize("m", [tk.DENSE_MIN_M + 1, 700, 1025])
-def test_dense_path_pads_ragged_rows_and_drops_the_padding(m):
-    # M not on a bucket: the product runs on padded rows (whatever they hold) and returns [m, n].
-    k, n = 45, 33
-    gen = torch.Generator().manual_seed(m)
-    packed, exponent, w = _random_weight(n, k, gen)
-    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.float16)
-    gy = torch.randn(m, n, generator=gen).to(DEVICE, torch.float16)
-    cfg = tk.TileConfig(16, 16, 16, dense=True)
-    y = tk.ternary_matmul(x, packed, exponent, k, config=cfg)
-    gx = tk.ternary_matmul_grad_input(gy, packed, exponent, k, config=cfg)
-    assert tk.bucket_rows(m) > m and y.shape == (m, n) and gx.shape == (m, k)
-    wd = tk.decode_weight(packed, exponent, k, torch.float16)
-    torch.testing.assert_close(y, x @ wd.t(), rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(gx, gy @ wd, rtol=1e-3, atol=1e-3)
-    assert _rel_err(y, x.cpu().double() @ w.t()) < 2e-3
 
 
 def test_empty_inputs_through_the_triton_backend():
