@@ -55,9 +55,15 @@ def main() -> None:
     p.add_argument("--torch-profile", action="store_true")
     p.add_argument("--profile-update", action="store_true", help="cProfile one ternary update")
     p.add_argument("--rows", type=int, default=30)
+    p.add_argument("--reps", type=int, default=3, help="micro-batches timed one by one")
     p.add_argument("--dense", action="store_true",
                    help="the dense bf16 twin (bench/dense_twin.py) instead; no ternary update")
+    p.add_argument("--keep-decoded-weight", choices=["on", "off"], default=None,
+                   help="arbd.ternary.ops.KEEP_DECODED_WEIGHT (default: the library's setting)")
     a = p.parse_args()
+    if a.keep_decoded_weight:
+        from arbd.ternary import ops
+        ops.KEEP_DECODED_WEIGHT = a.keep_decoded_weight == "on"
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = "triton" if dev.type == "cuda" else "torch"
     model = ARBModel(planner.training_config(a.preset), backend=backend, seed=0, device=dev)
@@ -84,12 +90,17 @@ def main() -> None:
         micro(a.micro_batch)
         update()
     _sync()
-    reps = 3
-    t0 = time.perf_counter()
-    for _ in range(reps):
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    reps = a.reps
+    times = []
+    for _ in range(reps):   # each synchronised: the spread between micro-batches is printed too
+        t0 = time.perf_counter()
         micro(a.micro_batch)
-    _sync()
-    mb_s = (time.perf_counter() - t0) / reps
+        _sync()
+        times.append(time.perf_counter() - t0)
+    mb_s = sum(times) / reps
+    times.sort()
     upd = []
     for _ in range(reps):   # each update after a micro-batch's evidence, timed alone
         update()
@@ -100,7 +111,9 @@ def main() -> None:
         _sync()
         upd.append(time.perf_counter() - t0)
     print(f"micro-batch {a.micro_batch} x {a.seq_len}: forward+backward {mb_s * 1e3:.1f} ms "
-          f"({a.micro_batch * a.seq_len / mb_s:,.0f} tokens/s); update "
+          f"({a.micro_batch * a.seq_len / mb_s:,.0f} tokens/s; min {times[0] * 1e3:.1f}, median "
+          f"{times[reps // 2] * 1e3:.1f}, max {times[-1] * 1e3:.1f} ms over {reps}; peak "
+          f"{torch.cuda.max_memory_allocated() / 2**30 if dev.type == 'cuda' else 0:.2f} GiB); update "
           + " / ".join(f"{u * 1e3:.1f}" for u in upd) + " ms")
 
     for b in [int(x) for x in a.scaling.split(",") if x]:

@@ -242,3 +242,67 @@ def test_weight_grad_into_accumulates_in_place_with_cublas_on_gpu():
         acc = ops.weight_grad_into(acc, gy, x)
         assert acc.data_ptr() == ptr   # added in place: no [N, K] temporary kept
         torch.testing.assert_close(acc.double(), 2 * ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows, keeps", [(40, True), (19, True), (10, False)])
+def test_linear_keeps_decoded_weight_for_backward_when_no_larger_than_x(rows, keeps, monkeypatch):
+    # N = 19 output rows: W is kept from forward to backward when it is no larger than x (N <= M),
+    # so backward decodes nothing; otherwise backward decodes W again. Either way the results are
+    # the same products, bit for bit, as on a freshly decoded W.
+    from arbd.ternary import ops
+
+    calls = []
+    real = ops.packing.decode
+    monkeypatch.setattr(ops.packing, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = TernaryLinear(37, 19, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(rows, 37, generator=g, requires_grad=True)
+    gy = torch.randn(rows, 19, generator=g)
+    layer(x).backward(gy)
+    assert len(calls) == (1 if keeps else 2)
+    w = real(layer.weight.packed, layer.weight.exponent, 37, torch.float32)
+    assert torch.equal(x.grad, gy @ w)
+    _, ev = layer.weight.evidence()
+    assert torch.equal(ev, gy.t() @ x.detach())
+
+
+def test_linear_called_twice_in_one_forward_decodes_once_until_the_trits_change(monkeypatch):
+    # The ACT loop calls an expert's layers several times per forward: while an earlier call's
+    # decoded W is held for backward, later calls (and every backward) reuse it. After an update
+    # (the buffers change in place) the next call decodes afresh, never a stale W.
+    from arbd.ternary import ops
+
+    calls = []
+    real = ops.packing.decode
+    monkeypatch.setattr(ops.packing, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = TernaryLinear(12, 8, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(8)
+    x1 = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    (layer(x1).sum() + layer(x2).pow(2).sum()).backward()
+    assert len(calls) == 1
+    w = real(layer.weight.packed, layer.weight.exponent, 12, torch.float64)
+    assert torch.equal(x1.grad, torch.ones(30, 8, dtype=torch.float64) @ w)
+    assert torch.equal(x2.grad, (2 * (x2.detach() @ w.t())) @ w)
+
+    trits = layer.weight.trits()
+    trits[0] = -trits[0] + (trits[0] == 0).to(torch.int8)   # change row 0 in place
+    layer.weight.set_trits(trits)
+    x3 = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    keep = layer(x1.detach())   # holds the new W alive
+    layer(x3).sum().backward()
+    assert len(calls) == 2
+    w_new = real(layer.weight.packed, layer.weight.exponent, 12, torch.float64)
+    assert not torch.equal(w_new, w)
+    assert torch.equal(x3.grad, torch.ones(30, 8, dtype=torch.float64) @ w_new)
+    del keep
+
+
+def test_ternary_matrix_pickles_with_a_decoded_weight_held():
+    import pickle
+
+    layer = TernaryLinear(6, 4)
+    y = layer(torch.randn(8, 6, requires_grad=True))   # a W held in the graph, cached weakly
+    clone = pickle.loads(pickle.dumps(layer))
+    assert torch.equal(clone.weight.packed, layer.weight.packed) and clone.weight._decoded is None
+    del y

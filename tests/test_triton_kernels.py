@@ -51,6 +51,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.cpu().double()
     return ((got.cpu().double() - ref).norm() / ref.norm()).item()
 
 
@@ -376,3 +377,50 @@ def test_small_m_on_gpu(dtype):
                                        out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"))
             assert not torch.isnan(y).any()
             assert _rel_err(y, x.cpu().double() @ w.t()) < tol, (m, k, n, cfg)
+
+
+def test_pad_rows_zeroes_only_what_it_adds(monkeypatch):
+    # Fresh buffers here come out NaN, so a pad that forgot to zero its new rows would show.
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    t = torch.randn(5, 3)
+    out = tk.pad_rows(t, 8, zero=True)
+    assert out.shape == (8, 3) and torch.equal(out[:5], t) and torch.equal(out[5:], torch.zeros(3, 3))
+    assert tk.pad_rows(t, 5, zero=True) is t
+    assert torch.equal(tk.pad_rows(t, 8, zero=False)[:5], t)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("m, n", [(tk.DENSE_MIN_M + 3, 65), (700, 65), (300, 520), (1024, 65)])
+def test_layer_on_the_dense_path_matches_float64(m, n, keep, monkeypatch):
+    # A TernaryLinear whose products take the dense path (decode + cuBLAS; forced under the
+    # interpreter, the default from DENSE_MIN_M rows on the GPU): backward pads gy and x once, with
+    # zero rows, to cublas_rows(m); W is kept from forward when n <= m (unless switched off with
+    # ops.KEEP_DECODED_WEIGHT), else decoded again.
+    from arbd.ternary import ops
+
+    monkeypatch.setattr(ops, "KEEP_DECODED_WEIGHT", keep)
+    k = 130
+    if INTERPRETED:
+        monkeypatch.setattr(tk, "takes_dense_path", lambda x, n, k: True)
+        monkeypatch.setattr(tk, "grad_input_config", lambda *a: tk.TileConfig(16, 16, 16, dense=True))
+    decodes = []
+    real = tk.decode_weight
+    monkeypatch.setattr(tk, "decode_weight", lambda *a, **kw: decodes.append(1) or real(*a, **kw))
+    layer = TernaryLinear(k, n, backend="triton", generator=torch.Generator().manual_seed(m), device=DEVICE)
+    gen = torch.Generator().manual_seed(m + 1)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.float16).requires_grad_(True)
+    gy = torch.randn(m, n, generator=gen).to(DEVICE, torch.float16)
+    y = layer(x)
+    y.backward(gy)
+    assert tk.takes_dense_path(x, n, k)
+    assert len(decodes) == (1 if keep and n <= m else 2)
+    w = packing.decode(layer.weight.packed.cpu(), layer.weight.exponent.cpu(), k, torch.float64)
+    assert y.shape == (m, n) and x.grad.shape == (m, k)
+    assert _rel_err(y, x.detach().cpu().double() @ w.t()) < 2e-3
+    assert _rel_err(x.grad, gy.cpu().double() @ w) < 2e-3
+    _, ev = layer.weight.evidence()
+    assert ev.dtype == torch.float32
+    assert _rel_err(ev, gy.cpu().double().t() @ x.detach().cpu().double()) < 1e-5
+    assert ops.linear_forward(x.detach(), layer.weight.packed, layer.weight.exponent, k, "triton").shape == (m, n)

@@ -174,3 +174,29 @@ def _raiser(message):
     def launch(*args, **kwargs):
         raise RuntimeError(message)
     return launch
+
+
+@pytest.mark.parametrize("path", ["dense", "rows"])
+def test_kernel_updates_invalidate_a_held_decoded_weight(path, monkeypatch):
+    """A decoded W that a live graph still holds (TernaryMatrix.decoded_shared) must not be reused
+    after an update the kernels wrote through raw pointers: they bump the buffers' versions."""
+    from arbd.ternary import packing, state
+    from arbd.ternary.layers import TernaryLinear
+
+    monkeypatch.setattr(state, "DENSE_UPDATE_KERNEL", "triton")
+    monkeypatch.setattr(state, "ROW_UPDATE_KERNEL", "triton")
+    rule = TernaryRule(threshold=1)
+    layer = TernaryLinear(64, 16, generator=torch.Generator().manual_seed(3), device=DEVICE)
+    m = layer.weight
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    keep = layer(x)   # its graph holds the decoded W (16 rows <= 32)
+    if path == "dense":
+        layer(x).pow(2).sum().mul(1e4).backward()
+    else:
+        m.add_row_grad(torch.arange(16, device=DEVICE), 1e4 * torch.randn(16, 64, device=DEVICE))
+    before = m.packed.clone()
+    m.apply_update(rule)
+    assert not torch.equal(m.packed, before), "the update moved no trit: the test shows nothing"
+    fresh = packing.decode(m.packed, m.exponent, 64, torch.float32)   # same device, same product
+    assert torch.equal(layer(x), x @ fresh.t())
+    del keep

@@ -22,18 +22,15 @@ class _LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, anchor, matrix: TernaryMatrix, backend: str):
         ctx.matrix, ctx.backend = matrix, backend
-        ctx.save_for_backward(x)
-        # Only x is saved: backward re-decodes W from the packed bytes instead of keeping it.
-        return ops.linear_forward(x, matrix.packed, matrix.exponent, matrix.cols, backend)
+        # x, and the decoded W where it is no larger than x (else backward decodes it again).
+        y, w = ops.linear_forward_for_backward(x, matrix, backend)
+        ctx.save_for_backward(x, w)
+        return y
 
     @staticmethod
     def backward(ctx, gy):
-        (x,) = ctx.saved_tensors
-        m = ctx.matrix
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = ops.linear_grad_input(gy, m.packed, m.exponent, m.cols, ctx.backend)
-        m.add_grad_product(gy, x, ctx.backend)
+        x, w = ctx.saved_tensors
+        gx = ops.linear_backward(gy, x, w, ctx.matrix, ctx.backend, ctx.needs_input_grad[0])
         return gx, None, None, None
 
 

@@ -10,10 +10,14 @@ kernels (arbd/ternary/triton_kernels.py) so no decoded W is ever written to memo
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from arbd.ternary import packing
+
+if TYPE_CHECKING:
+    from arbd.ternary.state import TernaryMatrix
 
 BACKENDS = ("torch", "triton")
 
@@ -32,6 +36,14 @@ def _triton():
     return triton_kernels
 
 
+def decode(packed: torch.Tensor, exponent: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, k] in dtype, equal to packing.decode bit for bit: one Triton launch on CUDA (the
+    torch path is ~8 small kernels, which a norm gain decoded at every call pays in launches)."""
+    if packed.is_cuda and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return _triton().decode_weight(packed, exponent, k, dtype)
+    return packing.decode(packed, exponent, k, dtype)
+
+
 def linear_forward(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor, k: int,
                    backend: str = "torch") -> torch.Tensor:
     if x.shape[-1] != k:
@@ -42,6 +54,63 @@ def linear_forward(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
         y = _triton().ternary_matmul(x.reshape(-1, k), packed, exponent, k)
         return y.reshape(*x.shape[:-1], packed.shape[0])
     return x @ packing.decode(packed, exponent, k, x.dtype).t()
+
+
+# Whether a ternary linear layer keeps its decoded W from forward to backward where N <= M (arb-small,
+# H100: +0.08 GiB of peak, fewer decodes; bench/RESULTS.md). A switch for benchmarks and memory-tight
+# runs. (Keeping x as the zero-padded copy cuBLAS ran on was measured too: +1.3-1.7 GiB and no faster.)
+KEEP_DECODED_WEIGHT = True
+
+
+def linear_forward_for_backward(x: torch.Tensor, matrix: "TernaryMatrix",
+                                backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, w): linear_forward with `matrix`'s W, and the decoded W if backward should keep it.
+
+    w is kept when the product decoded W and holding it until backward costs no more than the x
+    kept anyway (N <= M): backward's input gradient then skips a second decode. What is kept
+    depends on shapes only, never on what happens to be cached, as activation checkpointing
+    requires (its recomputed forward must keep tensors of the same shapes). The decode itself is
+    shared with earlier calls while their W is alive (TernaryMatrix.decoded_shared).
+    """
+    k, n = matrix.cols, matrix.rows
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {k}")
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if backend == "torch":
+        w = matrix.decoded_shared(x.dtype, lambda: packing.decode(matrix.packed, matrix.exponent, k, x.dtype))
+        y = x2 @ w.t()
+    elif m > 0 and _triton().takes_dense_path(x2, n, k):
+        tk = _triton()
+        w = matrix.decoded_shared(x.dtype, lambda: tk.decode_weight(matrix.packed, matrix.exponent, k, x.dtype))
+        y = tk.mm_rows_bucketed(x2, w.t())
+    else:
+        return linear_forward(x, matrix.packed, matrix.exponent, k, backend), None
+    return y.reshape(*x.shape[:-1], n), (w if KEEP_DECODED_WEIGHT and n <= m else None)
+
+
+def linear_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, matrix: "TernaryMatrix",
+                    backend: str = "torch", need_input_grad: bool = True) -> torch.Tensor | None:
+    """The backward of linear_forward_for_backward: adds gy^T x to `matrix`'s evidence and returns
+    gx (or None). Where the products decode W and call cuBLAS, gy and x are padded once, with
+    zero rows, to cublas_rows(M) (triton_kernels says why), gy for both products; without a kept
+    w, a W that another call still holds (TernaryMatrix.held_decoded) serves before a decode."""
+    k, n = matrix.cols, matrix.rows
+    gy2, x2 = gy.reshape(-1, n), x.reshape(-1, k)
+    m = gy2.shape[0]
+    cublas = backend == "torch" or (m > 0 and _triton().grad_input_config(m, n, k, gy2.dtype).dense)
+    if backend == "triton" and cublas:
+        tk = _triton()
+        rows = tk.cublas_rows(m)
+        gy2, x2 = tk.pad_rows(gy2, rows, zero=True), tk.pad_rows(x2, rows, zero=True)
+    gx = None
+    if need_input_grad:
+        if w is None or w.dtype != gy2.dtype:
+            w = matrix.held_decoded(gy2.dtype) if cublas else None
+        gx = gy2 @ w if w is not None else linear_grad_input(gy2, matrix.packed, matrix.exponent, k, backend)
+        gx = gx[:m].reshape(*gy.shape[:-1], k)
+    matrix.add_grad_product(gy2, x2, backend)
+    return gx
 
 
 def linear_grad_input(gy: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor, k: int,

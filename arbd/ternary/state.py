@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -127,6 +128,7 @@ class TernaryMatrix(nn.Module):
         self.register_buffer("t_accum", torch.zeros(rows, cols, dtype=torch.int8, device=device))
         self.register_buffer("e_accum", torch.zeros(rows, dtype=torch.int8, device=device))
         self._grad: torch.Tensor | None = None
+        self._decoded: tuple | None = None   # see decoded_shared
         self._row_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
         # Rows whose accumulators this process holds (all of them unless ZeRO-partitioned,
         # arbd/ternary/zero.py); packed trits and exponents always cover every row.
@@ -182,11 +184,36 @@ class TernaryMatrix(nn.Module):
 
     def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole matrix as floats: transient, for dense layers of moderate size."""
-        return packing.decode(self.packed, self.exponent, self.cols, dtype)
+        return ops.decode(self.packed, self.exponent, self.cols, dtype)
+
+    def decoded_shared(self, dtype: torch.dtype, decode: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """decode() in `dtype`, or the W an earlier call returned if that tensor is still alive
+        (autograd holds it for a backward) and the trits and exponents have not changed since
+        (same buffers, same version counters). A layer called several times in one forward (the
+        ACT loop) then decodes once."""
+        w = self.held_decoded(dtype)
+        if w is None:
+            w = decode()
+            self._decoded = ((dtype, self.packed._version, self.exponent._version),
+                             weakref.ref(self.packed), weakref.ref(w))
+        return w
+
+    def held_decoded(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The W decoded_shared last returned, if still alive and current; never decodes."""
+        cached = self._decoded
+        if (cached is None or cached[0] != (dtype, self.packed._version, self.exponent._version)
+                or cached[1]() is not self.packed):
+            return None
+        return cached[2]()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_decoded"] = None   # weak references do not pickle; the cache starts empty
+        return state
 
     def decode_rows(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Only the requested rows, decoded from their packed bytes (the sparse path)."""
-        return packing.decode(self.packed[idx], self.exponent[idx], self.cols, dtype)
+        return ops.decode(self.packed[idx], self.exponent[idx], self.cols, dtype)
 
     def scale(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return packing.exponent_to_scale(self.exponent, dtype)

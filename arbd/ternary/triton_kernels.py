@@ -663,10 +663,13 @@ def cublas_rows(m: int) -> int:
 
 def pad_rows(t: torch.Tensor, rows: int, *, zero: bool) -> torch.Tensor:
     """t [m, k] extended to `rows` rows; the new rows are zeros, or left unset if not `zero`."""
-    if rows == t.shape[0]:
+    m = t.shape[0]
+    if rows == m:
         return t
-    out = (torch.zeros if zero else torch.empty)(rows, t.shape[1], dtype=t.dtype, device=t.device)
-    out[: t.shape[0]] = t
+    out = torch.empty(rows, t.shape[1], dtype=t.dtype, device=t.device)
+    out[:m] = t
+    if zero:
+        out[m:].zero_()  # only the new rows: a memset of the whole buffer would write it twice
     return out
 
 
@@ -683,6 +686,14 @@ def mm_rows_bucketed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # H100, K = N = 7168: M = 1 / 16 / 32 ran in 17.5 / 19.9 / 25.9 us against 26.2 / 26.5 / 46.5 us for
 # the fused kernel below (bench/RESULTS.md).
 SMALL_M_MAX = 32
+
+
+def takes_dense_path(x: torch.Tensor, n: int, k: int) -> bool:
+    """Whether ternary_matmul(x, W [n, k]) with its default config decodes W and hands the product
+    to cuBLAS (16-bit x of at least DENSE_MIN_M rows on the GPU)."""
+    m = x.shape[0]
+    return (x.dtype in (torch.bfloat16, torch.float16) and m > 0 and n > 0
+            and matmul_config(m, n, k, x.device, x.dtype).dense)
 
 
 def small_m_config(m: int, n: int, k: int, device: torch.device | None = None) -> TileConfig:
@@ -872,12 +883,12 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
     if x.dtype == torch.float64:
         return x @ _torch_fallback(packed, exponent, K).t()
     m = x.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
-        return y
+        return torch.empty(m, n, dtype=x.dtype, device=x.device)
     cfg = config or matmul_config(m, n, K, x.device, x.dtype)
     if cfg.dense:
         return mm_rows_bucketed(x, decode_weight(packed, exponent, K, x.dtype).t())
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if cfg.small_m and m <= cfg.block_m:
         return _small_m_matmul(x, packed, exponent, K, cfg, out=y)
     packed = packed.contiguous()
@@ -929,14 +940,12 @@ def ternary_matmul_grad_input(gy: torch.Tensor, packed: torch.Tensor, exponent: 
     if gy.dtype == torch.float64:
         return gy @ _torch_fallback(packed, exponent, K)
     m = gy.shape[0]
-    gx = torch.empty(m, K, dtype=gy.dtype, device=gy.device)
-    if m == 0:
-        return gx
-    if n == 0:
-        return gx.zero_()
+    if m == 0 or n == 0:
+        return torch.zeros(m, K, dtype=gy.dtype, device=gy.device)
     cfg = config or grad_input_config(m, n, K, gy.dtype)
     if cfg.dense:
         return mm_rows_bucketed(gy, decode_weight(packed, exponent, K, gy.dtype))
+    gx = torch.empty(m, K, dtype=gy.dtype, device=gy.device)
     gy = gy.contiguous()
     packed = packed.contiguous()
     exponent = exponent.contiguous()

@@ -322,6 +322,13 @@ def _table(items: list[DenseItem], device: torch.device) -> torch.Tensor:
     return tab
 
 
+def _mark_written(*tensors: torch.Tensor) -> None:
+    """Bump the version counters of buffers a kernel wrote through raw pointers, as an in-place
+    torch op would: whatever keys on them (TernaryMatrix.decoded_shared) sees the change."""
+    for t in tensors:   # one at a time: older torch takes a single tensor only
+        torch.autograd.graph.increment_version(t)
+
+
 def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
                       num_warps: int = 4) -> torch.Tensor:
     """quantize_evidence + scale_votes + apply_votes of whole matrices of one column count, in
@@ -370,6 +377,8 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
         THRESHOLD=rule.threshold, DECAY=rule.decay_shift, FREEZE=freeze, ROW_NORM=row_norm,
         CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales, NORM_SCALES=norm_scales,
         S_THRESHOLD=rule.scale_threshold, num_warps=num_warps, enable_fp_fusion=False)
+    for it in items:
+        _mark_written(it.packed, it.t_accum, it.exponent, it.e_accum)
     return stats
 
 
@@ -605,4 +614,5 @@ def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torc
         CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales, S_THRESHOLD=rule.scale_threshold,
         GATHER=mode == "gather", EVICT="evict_first" if evict_first else "", LOOP=pps is not None,
         num_warps=nw)
+    _mark_written(packed, t_accum, exponent, e_accum)
     return stats
