@@ -306,3 +306,30 @@ def test_ternary_matrix_pickles_with_a_decoded_weight_held():
     clone = pickle.loads(pickle.dumps(layer))
     assert torch.equal(clone.weight.packed, layer.weight.packed) and clone.weight._decoded is None
     del y
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bad", [None, float("inf"), float("-inf"), float("nan")])
+def test_gpu_finiteness_check_flags_any_nonfinite_and_keeps_every_bit(bad):
+    # float32 evidence on the GPU goes through torch's multi-tensor AMP check (x * 1.0 in place):
+    # it must flag inf / NaN anywhere and leave finite values bit for bit, huge and subnormal included.
+    from arbd.ternary.state import TernaryMatrix, all_evidence_finite
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(1)
+    mats = [TernaryMatrix(r, c, device=dev) for r, c in ((64, 37), (8, 1), (300, 64))]
+    for m in mats:
+        m.add_grad(torch.randn(m.rows, m.cols, device=dev, generator=g))
+    ev = mats[2].evidence()[1]
+    ev[0, :4] = torch.tensor([3e38, -3e38, 1e-44, -1e-40], device=dev)
+    mats[1].add_row_grad(torch.tensor([2, 2], device=dev), torch.ones(2, 1, device=dev))   # merged path
+    if bad is not None:
+        ev[5, 7] = bad
+    before = [m.evidence()[1].clone() for m in mats]
+    assert all_evidence_finite(mats) == (bad is None)
+    for b, m in zip(before, mats):
+        if bad is None:
+            assert torch.equal(b.view(torch.int32), m.evidence()[1].view(torch.int32))
+        else:   # a NaN's payload may change; every other value may not
+            torch.testing.assert_close(m.evidence()[1], b, rtol=0, atol=0, equal_nan=True)

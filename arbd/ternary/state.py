@@ -103,14 +103,26 @@ def _evidence_dtype(g: torch.Tensor) -> torch.Tensor:
 
 def all_evidence_finite(mats: list[TernaryMatrix]) -> bool:
     """Whether every matrix's evidence is finite, read back with one synchronisation per
-    device (a check per matrix would wait on the GPU once per matrix)."""
+    device (a check per matrix would wait on the GPU once per matrix). float32 evidence on a GPU
+    is checked by torch's multi-tensor AMP check (a few launches for all matrices instead of two
+    per matrix; the step is host-bound): it multiplies in place by 1.0, which leaves every value
+    as it was, and raises a flag on any inf or NaN."""
     flags: dict[torch.device, list[torch.Tensor]] = {}
+    grouped: dict[torch.device, list[torch.Tensor]] = {}
     for m in mats:
-        f = m._finite_flag()
-        if f is False:
+        if m._votes_nonfinite:
             return False
-        if f is not True:
-            flags.setdefault(f.device, []).append(f)
+        _, g = m.evidence()
+        if g is None:
+            continue
+        if g.is_cuda and g.dtype == torch.float32:
+            grouped.setdefault(g.device, []).append(g)
+        else:
+            flags.setdefault(g.device, []).append(torch.isfinite(g).all())
+    for dev, gs in grouped.items():
+        found = torch.zeros(1, device=dev)
+        torch._amp_foreach_non_finite_check_and_unscale_(gs, found, torch.ones(1, device=dev))
+        flags.setdefault(dev, []).append(found[0] == 0)
     return all(bool(torch.stack(fs).all()) for fs in flags.values())
 
 
@@ -276,24 +288,17 @@ class TernaryMatrix(nn.Module):
     def evidence_is_finite(self) -> bool:
         return all_evidence_finite([self])
 
-    def _finite_flag(self) -> torch.Tensor | bool:
-        """True/False, or a 0-d device bool when the evidence has to be looked at."""
-        if self._votes_nonfinite:
-            return False
-        _, g = self.evidence()
-        return True if g is None else torch.isfinite(g).all()
-
     def clear_evidence(self) -> None:
-        self._grad = None
-        self._row_grads = []
+        # Plain attributes, written straight into __dict__: nn.Module.__setattr__ costs a few us
+        # per call and every update clears every matrix (the update is host-bound).
+        self.__dict__.update(_grad=None, _row_grads=[])
         self._clear_votes()
 
     # -- integer votes (per micro-batch quantised evidence) --------------------------------------
     def _clear_votes(self) -> None:
-        self._votes: torch.Tensor | None = None        # int32 [rows, cols], dense path
-        self._e_votes: torch.Tensor | None = None      # int32 [rows]
-        self._row_votes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._votes_nonfinite = False
+        # _votes int32 [rows, cols] (dense path), _e_votes int32 [rows], _row_votes [(idx, votes,
+        # e_votes)], _votes_nonfinite: evidence already known to be unusable.
+        self.__dict__.update(_votes=None, _e_votes=None, _row_votes=[], _votes_nonfinite=False)
 
     @property
     def marked_nonfinite(self) -> bool:
