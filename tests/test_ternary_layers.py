@@ -244,16 +244,22 @@ def test_weight_grad_into_accumulates_in_place_with_cublas_on_gpu():
         torch.testing.assert_close(acc.double(), 2 * ref, rtol=1e-4, atol=1e-3)
 
 
+def _count_decodes(monkeypatch) -> tuple[list, object]:
+    """(a list that grows by one per packing.decode call, the real packing.decode)."""
+    from arbd.ternary import packing
+
+    calls = []
+    real = packing.decode
+    monkeypatch.setattr(packing, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls, real
+
+
 @pytest.mark.parametrize("rows, keeps", [(40, True), (19, True), (10, False)])
 def test_linear_keeps_decoded_weight_for_backward_when_no_larger_than_x(rows, keeps, monkeypatch):
     # N = 19 output rows: W is kept from forward to backward when it is no larger than x (N <= M),
     # so backward decodes nothing; otherwise backward decodes W again. Either way the results are
     # the same products, bit for bit, as on a freshly decoded W.
-    from arbd.ternary import ops
-
-    calls = []
-    real = ops.packing.decode
-    monkeypatch.setattr(ops.packing, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = _count_decodes(monkeypatch)
     layer = TernaryLinear(37, 19, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(6)
     x = torch.randn(rows, 37, generator=g, requires_grad=True)
@@ -270,11 +276,7 @@ def test_linear_called_twice_in_one_forward_decodes_once_until_the_trits_change(
     # The ACT loop calls an expert's layers several times per forward: while an earlier call's
     # decoded W is held for backward, later calls (and every backward) reuse it. After an update
     # (the buffers change in place) the next call decodes afresh, never a stale W.
-    from arbd.ternary import ops
-
-    calls = []
-    real = ops.packing.decode
-    monkeypatch.setattr(ops.packing, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = _count_decodes(monkeypatch)
     layer = TernaryLinear(12, 8, generator=torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(8)
     x1 = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)

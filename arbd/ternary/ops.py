@@ -78,15 +78,20 @@ def linear_forward_for_backward(x: torch.Tensor, matrix: "TernaryMatrix",
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if backend == "torch":
-        w = matrix.decoded_shared(x.dtype, lambda: packing.decode(matrix.packed, matrix.exponent, k, x.dtype))
+        w = _decoded(matrix, x.dtype, backend)
         y = x2 @ w.t()
     elif m > 0 and _triton().takes_dense_path(x2, n, k):
-        tk = _triton()
-        w = matrix.decoded_shared(x.dtype, lambda: tk.decode_weight(matrix.packed, matrix.exponent, k, x.dtype))
-        y = tk.mm_rows_bucketed(x2, w.t())
+        w = _decoded(matrix, x.dtype, backend)
+        y = _triton().mm_rows_bucketed(x2, w.t())
     else:
         return linear_forward(x, matrix.packed, matrix.exponent, k, backend), None
     return y.reshape(*x.shape[:-1], n), (w if KEEP_DECODED_WEIGHT and n <= m else None)
+
+
+def _decoded(matrix: "TernaryMatrix", dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """matrix's W in dtype as the backend decodes it, shared with calls still holding it."""
+    decode = packing.decode if backend == "torch" else _triton().decode_weight
+    return matrix.decoded_shared(dtype, lambda: decode(matrix.packed, matrix.exponent, matrix.cols, dtype))
 
 
 def linear_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, matrix: "TernaryMatrix",
@@ -94,7 +99,7 @@ def linear_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, m
     """The backward of linear_forward_for_backward: adds gy^T x to `matrix`'s evidence and returns
     gx (or None). Where the products decode W and call cuBLAS, gy and x are padded once, with
     zero rows, to cublas_rows(M) (triton_kernels says why), gy for both products; without a kept
-    w, a W that another call still holds (TernaryMatrix.held_decoded) serves before a decode."""
+    w, a W that another call still holds (TernaryMatrix.decoded_shared) serves before a decode."""
     k, n = matrix.cols, matrix.rows
     gy2, x2 = gy.reshape(-1, n), x.reshape(-1, k)
     m = gy2.shape[0]
@@ -105,9 +110,12 @@ def linear_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, m
         gy2, x2 = tk.pad_rows(gy2, rows, zero=True), tk.pad_rows(x2, rows, zero=True)
     gx = None
     if need_input_grad:
-        if w is None or w.dtype != gy2.dtype:
-            w = matrix.held_decoded(gy2.dtype) if cublas else None
-        gx = gy2 @ w if w is not None else linear_grad_input(gy2, matrix.packed, matrix.exponent, k, backend)
+        if not cublas:
+            gx = linear_grad_input(gy2, matrix.packed, matrix.exponent, k, backend)
+        else:
+            if w is None or w.dtype != gy2.dtype:
+                w = _decoded(matrix, gy2.dtype, backend)
+            gx = gy2 @ w
         gx = gx[:m].reshape(*gy.shape[:-1], k)
     matrix.add_grad_product(gy2, x2, backend)
     return gx

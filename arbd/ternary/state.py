@@ -203,20 +203,13 @@ class TernaryMatrix(nn.Module):
         (autograd holds it for a backward) and the trits and exponents have not changed since
         (same buffers, same version counters). A layer called several times in one forward (the
         ACT loop) then decodes once."""
-        w = self.held_decoded(dtype)
+        key = (dtype, self.packed._version, self.exponent._version)
+        cached = self._decoded
+        w = cached[2]() if cached is not None and cached[0] == key and cached[1]() is self.packed else None
         if w is None:
             w = decode()
-            self._decoded = ((dtype, self.packed._version, self.exponent._version),
-                             weakref.ref(self.packed), weakref.ref(w))
+            self._decoded = (key, weakref.ref(self.packed), weakref.ref(w))
         return w
-
-    def held_decoded(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The W decoded_shared last returned, if still alive and current; never decodes."""
-        cached = self._decoded
-        if (cached is None or cached[0] != (dtype, self.packed._version, self.exponent._version)
-                or cached[1]() is not self.packed):
-            return None
-        return cached[2]()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -959,9 +959,6 @@ def ternary_matmul_grad_input(gy: torch.Tensor, packed: torch.Tensor, exponent: 
     return gx
 
 
-_SCALE_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
 def decode_weight(packed: torch.Tensor, exponent: torch.Tensor, K: int,
                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """W [N, K] in dtype from packed trits and int8 exponents: equal to packing.decode, bit for bit.
@@ -972,12 +969,8 @@ def decode_weight(packed: torch.Tensor, exponent: torch.Tensor, K: int,
     _check_devices(packed, exponent)
     if dtype not in _KERNEL_DTYPES:
         return packing.decode(packed, exponent, K, dtype)
-    key = (packed.device, dtype)
-    table = _SCALE_TABLES.get(key)
-    if table is None:
-        # The scale of every exponent -128..127 rounded once from float64, as packing does.
-        table = _SCALE_TABLES[key] = packing.exponent_to_scale(
-            torch.arange(-128, 128, dtype=torch.int8, device=packed.device), dtype)
+    # The scale of every exponent -128..127 rounded once from float64, as packing.decode uses.
+    table = packing.exponent_to_scale_table(packed.device, dtype)
     out = torch.empty(n, K, dtype=dtype, device=packed.device)
     if n == 0:
         return out

@@ -35,6 +35,7 @@ import triton.language as tl
 from arbd.config import SCALE_K, TRITS_PER_BYTE
 from arbd.ternary import packing
 from arbd.ternary.rule import ACC_MAX, MIN_ROW_FOR_ROW_NORM, TernaryRule, _salt_mix
+from arbd.ternary.triton_kernels import _sm_count as _cuda_sm_count
 
 assert TRITS_PER_BYTE == 5, "triton_update assumes 5 trits per byte"
 
@@ -559,11 +560,10 @@ def _apply_votes_kernel(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, vote
 ROW_CONFIG = {"gather": (16, 4, None), "scan": (32, 8, 4)}
 
 
-@functools.lru_cache(maxsize=8)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4             # the interpreter: a few programs, so the block loop is exercised
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sm_count(device)
 
 
 def row_packing(cols: int) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from arbd.ternary.rule import TernaryRule
-from arbd.ternary.state import TernaryMatrix, all_evidence_finite
+from arbd.ternary.state import TernaryMatrix, all_evidence_finite, update_fused
 
 EvidenceReducer = Callable[[list[tuple[str, TernaryMatrix]]], None]
 
@@ -21,17 +21,25 @@ def ternary_matrices(model: nn.Module) -> list[tuple[str, TernaryMatrix]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TernaryMatrix)]
 
 
+def _is_evidence_owner(m: nn.Module) -> bool:
+    return bool(getattr(m, "ternary_evidence_owner", False))
+
+
+def _is_step_hook(m: nn.Module) -> bool:
+    return callable(getattr(m, "on_ternary_step", None))
+
+
 def evidence_owners(model: nn.Module) -> list[nn.Module]:
     """Modules that keep and apply their own ternary evidence (row-sharded codebooks: their
     updates are collective over the codebook group). They offer commit_micro_batch(rule),
     apply_update(rule) and clear_step_evidence()."""
-    return [m for m in model.modules() if getattr(m, "ternary_evidence_owner", False)]
+    return [m for m in model.modules() if _is_evidence_owner(m)]
 
 
 def step_hooks(model: nn.Module) -> list[nn.Module]:
     """Modules with `on_ternary_step(applied)`: state that changes once per step, after the
     update (KG edges observed during the step's forwards)."""
-    return [m for m in model.modules() if callable(getattr(m, "on_ternary_step", None))]
+    return [m for m in model.modules() if _is_step_hook(m)]
 
 
 def _model_parts(model: nn.Module) -> tuple[list[tuple[str, TernaryMatrix]], list[nn.Module], list[nn.Module]]:
@@ -41,9 +49,9 @@ def _model_parts(model: nn.Module) -> tuple[list[tuple[str, TernaryMatrix]], lis
     for name, m in model.named_modules():
         if isinstance(m, TernaryMatrix):
             mats.append((name, m))
-        if getattr(m, "ternary_evidence_owner", False):
+        if _is_evidence_owner(m):
             owners.append(m)
-        if callable(getattr(m, "on_ternary_step", None)):
+        if _is_step_hook(m):
             hooks.append(m)
     return mats, owners, hooks
 
@@ -170,7 +178,6 @@ def apply_updates(mats: list[tuple[str, nn.Module]], rule: TernaryRule) -> dict[
     count (triton_update.dense_update_many), the others one by one. Counts stay on the device
     and are read once at the end: one synchronisation per step, and the host issues the whole
     update without waiting (it is host-bound otherwise)."""
-    from arbd.ternary.state import update_fused
     flips = moves = 0
     on_device, groups, single = [], {}, []
     for _, m in mats:

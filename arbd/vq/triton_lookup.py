@@ -197,16 +197,9 @@ def plan(dim: int, hasher: SignHash, layout: CellLayout, candidate_count: int) -
     return cfg
 
 
-_SCALES: dict[torch.device, torch.Tensor] = {}
-
-
 def _scales(device: torch.device) -> torch.Tensor:
     # The 256 float32 scales of packing.exponent_to_scale, indexed by E + 128.
-    t = _SCALES.get(device)
-    if t is None:
-        e = torch.arange(-128, 128, device=device).to(torch.int8)
-        t = _SCALES[device] = packing.exponent_to_scale(e, torch.float32).contiguous()
-    return t
+    return packing.exponent_to_scale_table(device, torch.float32)
 
 
 def _signs(hasher: SignHash, device: torch.device) -> torch.Tensor:
