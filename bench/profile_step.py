@@ -53,8 +53,10 @@ def main() -> None:
     p.add_argument("--scaling", default="", help="comma-separated micro-batch sizes to time")
     p.add_argument("--cprofile", action="store_true")
     p.add_argument("--torch-profile", action="store_true")
-    p.add_argument("--profile-update", action="store_true", help="cProfile one ternary update")
+    p.add_argument("--profile-update", action="store_true", help="cProfile and torch-profile one ternary update")
     p.add_argument("--rows", type=int, default=30)
+    p.add_argument("--sync-sites", action="store_true",
+                   help="list where one micro-batch and one update wait on the GPU (call sites in arbd/)")
     p.add_argument("--reps", type=int, default=3, help="micro-batches timed one by one")
     p.add_argument("--dense", action="store_true",
                    help="the dense bf16 twin (bench/dense_twin.py) instead; no ternary update")
@@ -148,32 +150,79 @@ def main() -> None:
         _print_stats("callers of synchronising calls", lambda st: st.sort_stats("tottime").print_callers(
             r"item|tolist|nonzero|__bool__|__int__|_local_scalar|cpu|unique"), prof)
 
-    if a.profile_update:
-        micro(a.micro_batch)
-        profiled(update, "one update")
-
-    if a.torch_profile:
+    def torch_profiled(fn, title: str) -> None:
+        """Run fn (synchronised) under torch.profiler; print host and kernel totals, launches,
+        synchronisations and the top operators."""
         acts = [torch.profiler.ProfilerActivity.CPU]
         if dev.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
         _sync()
         with torch.profiler.profile(activities=acts) as prof:
-            micro(a.micro_batch)
+            fn()
             _sync()
         ev = prof.key_averages()
         dev_t = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
         count = lambda names: sum(e.count for e in ev if e.key in names)  # noqa: E731
         # Kernels only: an operator's row repeats the device time of the kernels it launched.
         kernels = [e for e in ev if str(getattr(e, "device_type", "")).endswith("CUDA")]
-        print(f"profiled micro-batch: host {sum(e.self_cpu_time_total for e in ev) / 1e3:.1f} ms, "
+        print(f"profiled {title}: host {sum(e.self_cpu_time_total for e in ev) / 1e3:.1f} ms, "
               f"kernels {sum(dev_t(e) for e in kernels) / 1e3:.1f} ms (profiler on); "
               f"launches {count(LAUNCH_EVENTS)}, synchronisations {count(SYNC_EVENTS)}, "
               f"device-to-host copies {sum(e.count for e in ev if 'DtoH' in e.key or 'Device -> Pageable' in e.key)}")
-        for title, key in (("by device time", dev_t), ("by host time", lambda e: e.self_cpu_time_total)):
-            print(f"-- top {a.rows} {title}: name | host ms | device ms | calls")
+        for how, key in (("by device time", dev_t), ("by host time", lambda e: e.self_cpu_time_total)):
+            print(f"-- {title}, top {a.rows} {how}: name | host ms | device ms | calls")
             for e in sorted(ev, key=key, reverse=True)[:a.rows]:
                 print(f"{e.key[:70]} | {e.self_cpu_time_total / 1e3:.2f} | {dev_t(e) / 1e3:.2f} | {e.count}")
 
+    if a.profile_update:
+        micro(a.micro_batch)
+        profiled(update, "one update")
+        micro(a.micro_batch)
+        torch_profiled(update, "update")
+
+    if a.torch_profile:
+        torch_profiled(lambda: micro(a.micro_batch), "micro-batch")
+
+    if a.sync_sites and dev.type == "cuda":
+        for title, fn in (("micro-batch", lambda: micro(a.micro_batch)), ("update", update)):
+            sites = sync_sites(fn)
+            print(f"-- {title}: {sum(sites.values())} host waits on the GPU, by call site")
+            for site, n in sites.most_common(a.rows):
+                print(f"{n:5d}  {site}")
+
+
+def sync_sites(fn) -> "collections.Counter":
+    """Run fn with torch's sync debug mode on; count each synchronising call by its innermost
+    frame in arbd/ (or bench/) and the frame's caller, so that a helper shows who called it."""
+    import collections
+    import traceback
+    import warnings
+
+    root = str(Path(__file__).resolve().parents[1])
+    sites: collections.Counter = collections.Counter()
+
+    def note(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(root)
+                  and "profile_step" not in f.filename]
+        inner = frames[-2:] if frames else []
+        sites[" <- ".join(f"{Path(f.filename).relative_to(root)}:{f.lineno} {f.name}"
+                          for f in reversed(inner)) or "other"] += 1
+
+    _sync()
+    old = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = note
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = old
+    _sync()
+    return sites
 
 if __name__ == "__main__":
     main()

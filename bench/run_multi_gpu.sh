@@ -2,7 +2,11 @@
 # Issue 11: the whole distributed stack on NCCL, on one multi-GPU node (nvidia-h200-x2/-x4/-x8).
 #
 #   bash bench/run_multi_gpu.sh [STEPS]        # writes $OUT (default runs/multi_gpu)/results.json
-#   (WEAK_STEPS=n shortens the weak-scaling runs; TRAIN_ARGS="--warmup-steps 10" adds trainer flags)
+#   (WEAK_STEPS=n shortens the weak-scaling runs, WEAK_MICRO=m sets their micro-batch per GPU
+#   (4); EVIDENCE=votes trains on integer votes instead of summed float gradients, so that no float
+#   summation order reaches the ternary state; TRAIN_ARGS="--warmup-steps 10" adds trainer
+#   flags; PROFILE=1 first counts the collectives, syncs and host time of one N-GPU weak-scaling
+#   step with bench/comm_profile.py)
 #
 # 1. correctness: `deepspeed launch/pretrain.py` on all N GPUs with shard_plans/gpu-N.yaml (tp 2,
 #    ep 2 or 4, codebooks over all ranks where N allows) for STEPS (50) steps, against one GPU
@@ -44,7 +48,7 @@ grad_accum: $6
 seq_len: ${ARBD_SEQ:-512}
 dtype: ${ARBD_DTYPE:-bf16}
 backend: ${ARBD_BACKEND:-triton}
-evidence: summed
+evidence: ${EVIDENCE:-summed}
 EOF
   echo "$OUT/$1.yaml"
 }
@@ -57,6 +61,13 @@ train() {  # ngpus plan out [extra args]
     --save-dir "$o/ckpt" --save-interval "$STEPS" ${TRAIN_ARGS:-} "$@" 2>&1 | tee "$o.log" | grep -E "^(step|arbd)" || true
   test -f "$o/history.json"
 }
+
+if [ "${PROFILE:-0}" = 1 ]; then  # where a distributed step's time goes (rank 0 prints)
+  deepspeed --num_gpus "$N" --master_port $((29600 + RANDOM % 1000)) bench/comm_profile.py \
+    --plan "$(plan prof "$N" 1 "$N" "${WEAK_MICRO:-4}" 1)" --steps 4 --no-progress --no-save \
+    --val-windows "$N" --out "$OUT/prof" --cprofile --json "$OUT/prof.json" 2>&1 | tee "$OUT/prof.log" \
+    | grep -v -i warn | tail -120
+fi
 
 # 1. correctness against one GPU with the same global batch
 case $N in
@@ -71,7 +82,7 @@ train 1 "$(plan one 1 1 1 4 "$DP")" "$OUT/one"
 # 2. weak scaling (fixed micro-batch per GPU)
 G=1
 while [ "$G" -le "$N" ]; do
-  STEPS=${WEAK_STEPS:-$STEPS} train "$G" "$(plan weak$G "$G" 1 "$G" 4 1)" "$OUT/weak$G" --no-save
+  STEPS=${WEAK_STEPS:-$STEPS} train "$G" "$(plan weak$G "$G" 1 "$G" "${WEAK_MICRO:-4}" 1)" "$OUT/weak$G" --no-save
   G=$((G * 2))
 done
 

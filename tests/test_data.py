@@ -297,6 +297,8 @@ def test_loader_argument_errors_name_expected_and_given() -> None:
             ByteBatches(data, **args)
     with pytest.raises(ValueError, match="needs at least"):
         ValWindows(data, 100, 4)
+    with pytest.raises(ValueError, match=r"max_windows=1 \(--val-windows\) .* use at least 2"):
+        ValWindows(np.zeros(10_000, np.uint8), 10, 1, dp_size=2, max_windows=1)
     with pytest.raises(FileNotFoundError, match="missing.bin"):
         ByteBatches("/nonexistent/missing.bin", 10, 1)
 

@@ -31,15 +31,15 @@ grad_accum: {accum}
 seq_len: 32
 dtype: fp64
 backend: torch
-evidence: summed
+evidence: {evidence}
 activation_checkpointing: {ck}
 """
 
 
 def _run(tmp_path: Path, name: str, nproc: int, *, steps: int = STEPS, resume: Path | None = None,
-         **layout) -> tuple[list[dict], dict]:
+         evidence: str = "summed", **layout) -> tuple[list[dict], dict]:
     plan = tmp_path / f"{name}.yaml"
-    plan.write_text(PLAN.format(name=name, ck=str(name == "par").lower(), **layout))
+    plan.write_text(PLAN.format(name=name, ck=str(name == "par").lower(), evidence=evidence, **layout))
     out = tmp_path / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port()), str(ROOT / "launch/pretrain.py"), "--plan", str(plan),
@@ -65,6 +65,8 @@ def test_tp2_ep2_dp2_sharded_codebooks_equal_one_rank(tmp_path):
     assert sum(par_loss[-5:]) / 5 < sum(par_loss[:5]) / 5 - 0.5, f"the loss did not fall: {par_loss}"
     torch.testing.assert_close(torch.tensor(par_loss), torch.tensor(one_loss), rtol=1e-9, atol=1e-9)
     assert sum(r["trit_flips"] for r in par_hist) > 0
+    # Logged counts are the whole model's (other ranks' experts and rows included).
+    assert [r["trit_flips"] for r in par_hist] == [r["trit_flips"] for r in one_hist]
     ternary = [k for k in one_state if k.endswith(("packed", "exponent", "t_accum", "e_accum"))]
     assert any(".experts." in k for k in ternary) and any("codebook" in k for k in ternary)
     exact = [k for k in one_state if torch.is_tensor(one_state[k])
@@ -93,3 +95,17 @@ def test_tp2_ep2_dp2_sharded_codebooks_equal_one_rank(tmp_path):
         assert abs(a[-1]["loss"] - one_loss[-1]) < 2.0   # continues the curve, no restart
         moved = [k for k in exact if not torch.equal(a_state[k], one_state[k])]
         assert moved, "the resumed steps changed nothing"
+
+
+def test_votes_plan_on_two_ranks_equals_one_rank_voting_per_micro_batch(tmp_path):
+    """`evidence: votes` holds on one rank too (each micro-batch votes on its own), so dp = 2
+    with one micro-batch each ends in the one-rank run's state bit for bit, and neither equals
+    the summed-evidence run (the plan's mode is not ignored at W = 1)."""
+    two, two_state = _run(tmp_path, "vtwo", 2, steps=4, evidence="votes", dp=2, tp=1, ep=1, accum=1)
+    one, one_state = _run(tmp_path, "vone", 1, steps=4, evidence="votes", dp=1, tp=1, ep=1, accum=2)
+    summed, summed_state = _run(tmp_path, "sone", 1, steps=4, dp=1, tp=1, ep=1, accum=2)
+    assert [r["loss"] for r in two] == [r["loss"] for r in one]
+    assert [r["trit_flips"] for r in two] == [r["trit_flips"] for r in one]
+    exact = [k for k in one_state if torch.is_tensor(one_state[k]) and not one_state[k].is_floating_point()]
+    assert not [k for k in exact if not torch.equal(two_state[k], one_state[k])]
+    assert [k for k in exact if not torch.equal(summed_state[k], one_state[k])]

@@ -203,6 +203,26 @@ def test_votes_of_two_micro_batches_are_the_sum_of_each():
     # holding both (each micro-batch is normalised and rounded on its own); only the sum is exact.
 
 
+def test_a_commit_holding_several_micro_batches_votes_their_share():
+    """An expert under expert parallelism takes k micro-batches' tokens in one backward
+    (micro_batches_per_commit = k): its votes carry k shares of the step's rate, the same votes
+    as a matrix committed with the rule scaled by k / micro_batches."""
+    (x, y), = _micro_batches(1)
+    votes = {}
+    for k in (1, 2):
+        net = _Net()
+        net.a.weight.micro_batches_per_commit = k
+        _loss(net, x, y).backward()
+        commit_micro_batch(net, net.ternary_rule, micro_batches=4, rate_mult=0.5)
+        votes[k] = (net.a.weight.votes()[1], net.b.weight.votes()[1])
+    ref = _Net()
+    _loss(ref, x, y).backward()
+    ref.a.weight.commit_micro_batch(ref.ternary_rule.scaled(0.5 * 2 / 4))
+    assert torch.equal(votes[2][0], ref.a.weight.votes()[1])
+    assert torch.equal(votes[2][1], votes[1][1])     # the other matrix keeps its share
+    assert votes[2][0].abs().sum() > 1.5 * votes[1][0].abs().sum()
+
+
 def test_nonfinite_micro_batch_poisons_the_step():
     net = _Net()
     before = {k: v.clone() for k, v in net.state_dict().items()}

@@ -237,6 +237,9 @@ class ValWindows:
         n = len(self.data)
         windows = (n - 1) // seq_len if n > 0 else 0
         if max_windows is not None:
+            if max_windows < dp_size:
+                raise ValueError(f"max_windows={max_windows} (--val-windows) leaves no validation "
+                                 f"window for some of the {dp_size} dp ranks: use at least {dp_size}")
             windows = min(windows, max_windows)
         windows -= windows % dp_size
         if windows == 0:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from arbd.model.moegraph import MoEGraph
+from arbd.ternary.state import TernaryMatrix
 
 
 class _AllToAll(torch.autograd.Function):
@@ -113,6 +114,9 @@ def parallelize_moe(moe: MoEGraph, group, ep: int, ep_index: int) -> None:
         raise RuntimeError("this MoEGraph is expert-parallel already")
     lo, hi = expert_block(moe.n_experts, ep, ep_index)
     moe.experts = nn.ModuleDict({str(e): moe.experts[str(e)] for e in range(lo, hi)})
+    for m in moe.experts.modules():
+        if isinstance(m, TernaryMatrix):   # one backward holds the ep group's micro-batches
+            m.micro_batches_per_commit = ep
     moe.dispatch = ExpertParallelDispatch(moe, group, ep)
     moe.keep_running = _any_running(group)
 

@@ -103,16 +103,52 @@ class ParallelReducer:
                 m.mark_nonfinite()
 
     def update_matrices(self, mats: Mats, rule: TernaryRule) -> dict[str, int]:
+        """Update the dense matrices (ZeRO blocks or replicated) and this rank's experts. The
+        counts returned are this rank's share only (see `counted`); `total_counts` adds them
+        up over the world once the codebook owners have updated too."""
         dense, experts = self._split(mats)
-        if hasattr(self.dp, "update_matrices"):
-            total = dict(self.dp.update_matrices(dense, rule))
-        else:
-            total = {"trit_flips": 0, "scale_moves": 0}
-            experts = dense + experts
+        tp0 = self.mesh.tp_index == 0
+        if hasattr(self.dp, "update_matrices"):   # ZeRO
+            total = dict(self.dp.update_matrices(dense, rule, counted=self.counted))
+        else:   # replicated over dp: counted on dp index 0
+            apply_updates([(n, m) for n, m in dense if not self.counted(m, False)], rule)
+            total = apply_updates([(n, m) for n, m in dense if self.counted(m, False)], rule)
+        # Experts are replicated over their expert-dp group and over tp.
         s = apply_updates(experts, rule)
-        total["trit_flips"] += s["trit_flips"]
-        total["scale_moves"] += s["scale_moves"]
+        if tp0 and dist.get_rank(self.mesh.expert_dp_group) == 0:
+            total["trit_flips"] += s["trit_flips"]
+            total["scale_moves"] += s["scale_moves"]
         return total
+
+    def counted(self, m: TernaryMatrix, partitioned: bool) -> bool:
+        """Whether this rank counts a dense matrix's trit flips: each dp rank counts its own
+        ZeRO block, replicated matrices count on dp index 0, and a matrix that tensor
+        parallelism did not split counts on tp index 0 only."""
+        return (partitioned or self.mesh.dp_index == 0) and \
+            (m.tp_shard is not None or self.mesh.tp_index == 0)
+
+    def total_counts(self, matrices: dict[str, int], owners: dict[str, int]) -> dict[str, int]:
+        """The whole model's trit flips and scale moves from every rank's share: the counts of
+        `update_matrices`, and the codebook owners' (each owns distinct rows of its codebook
+        group; the first group counts)."""
+        cb = self.mesh.layout.cb or dist.get_world_size()
+        mine = dist.get_rank() < cb
+        t = torch.tensor([matrices["trit_flips"] + owners["trit_flips"] * mine,
+                          matrices["scale_moves"] + owners["scale_moves"] * mine], dtype=torch.int64)
+        dist.all_reduce(t)
+        return {"trit_flips": int(t[0]), "scale_moves": int(t[1])}
+
+
+class VotesOnOneRank:
+    """The evidence reducer of a one-rank run whose plan asks for integer votes: nothing to
+    reduce, but `wants_votes` makes every micro-batch quantise its own evidence
+    (update.commit_micro_batch), as on every rank of a larger world, so that the one-rank run
+    is the reference a dp > 1 run is compared with."""
+
+    wants_votes = True
+
+    def __call__(self, mats: Mats) -> None:
+        pass
 
 
 def parallelize(model: ARBModel, mesh: Mesh) -> None:

@@ -70,6 +70,16 @@ def _vote_dtype(bound: int) -> torch.dtype:
     return torch.int8 if bound <= 127 else torch.int32
 
 
+def max_abs(tensors: list[torch.Tensor]) -> int:
+    """max |t| over all entries of all tensors (0 if none), read back once per device: a
+    readback per tensor would wait on the GPU once per matrix."""
+    per_dev: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            per_dev.setdefault(t.device, []).append(t.abs().max().to(torch.int64))
+    return max((int(torch.stack(ts).max()) for ts in per_dev.values()), default=0)
+
+
 def reduce_evidence_sign_votes(mats: Mats, group=None, *, rule: TernaryRule | None = None,
                                encoding: str = "int8", stats: WireStats | None = None) -> None:
     """All-reduce each matrix's integer votes (and scale votes) over `group`.
@@ -86,11 +96,7 @@ def reduce_evidence_sign_votes(mats: Mats, group=None, *, rule: TernaryRule | No
                 raise ValueError("float evidence is pending: commit micro-batches or pass rule=")
             m.commit_micro_batch(rule)
     w = _world(group)
-    local_max = 0
-    for _, m in mats:
-        _, v, e = m.votes()
-        if v is not None and v.numel():
-            local_max = max(local_max, int(v.abs().max()), int(e.abs().max()))
+    local_max = max_abs([t for _, m in mats for t in m.votes()[1:] if t is not None])
     # Agree on which matrices hold dense votes on some rank, the non-finite flags, and the bound.
     n = len(mats)
     info = torch.zeros(2 * n, dtype=torch.int64)

@@ -127,6 +127,11 @@ def all_evidence_finite(mats: list[TernaryMatrix]) -> bool:
 
 
 class TernaryMatrix(nn.Module):
+    # Micro-batches whose evidence one commit (one backward) holds. 1 but for an expert under
+    # expert parallelism, which takes the tokens of every rank of its ep group in one backward:
+    # its votes then carry ep micro-batches' share of the step (update.commit_micro_batch).
+    micro_batches_per_commit: int = 1
+
     def __init__(self, rows: int, cols: int, *, std: float | None = None,
                  init: str = "random", generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> None:

@@ -73,7 +73,9 @@ def commit_micro_batch(model: nn.Module, rule: TernaryRule, *, micro_batches: in
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     mb_rule = with_step_salt(rule.scaled(rate_mult / micro_batches), model)
     for _, m in ternary_matrices(model):
-        m.commit_micro_batch(mb_rule)
+        k = m.micro_batches_per_commit
+        m.commit_micro_batch(mb_rule if k == 1 else
+                             with_step_salt(rule.scaled(rate_mult * k / micro_batches), model))
     for owner in evidence_owners(model):
         owner.commit_micro_batch(mb_rule)
 
@@ -156,10 +158,17 @@ def apply_ternary_update(model: nn.Module, rule: TernaryRule, stats: UpdateStats
     else:
         s = apply_updates(mats, step_rule)
         flips, moves = s["trit_flips"], s["scale_moves"]
+    own = {"trit_flips": 0, "scale_moves": 0}
     for owner in owners:   # collective over each owner's group, in module order on every rank
         s = owner.apply_update(step_rule)
-        flips += s["trit_flips"]
-        moves += s["scale_moves"]
+        own["trit_flips"] += s["trit_flips"]
+        own["scale_moves"] += s["scale_moves"]
+    total_counts = getattr(reduce_evidence, "total_counts", None)
+    if total_counts is not None:   # each rank counted its share: add them up (one collective)
+        s = total_counts({"trit_flips": flips, "scale_moves": moves}, own)
+        flips, moves = s["trit_flips"], s["scale_moves"]
+    else:
+        flips, moves = flips + own["trit_flips"], moves + own["scale_moves"]
     for hook in hooks:
         hook.on_ternary_step(True)
     stats.applied += 1

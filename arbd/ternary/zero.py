@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from arbd.ternary.dp import WireStats, reduce_evidence_sign_votes, reduce_evidence_summed
+from arbd.ternary.dp import WireStats, max_abs, reduce_evidence_sign_votes, reduce_evidence_summed
 from arbd.ternary.rule import MIN_ROW_FOR_ROW_NORM, TernaryRule, abs_mean
 from arbd.ternary.state import TernaryMatrix, all_evidence_finite
 from arbd.ternary.update import apply_updates, ternary_matrices
@@ -201,7 +201,6 @@ class ZeroPartitioner:
         local: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
         n = len(part)
         info = torch.zeros(3 * n + 2, dtype=torch.int64)  # dense?, sparse-only?, bad?; max|vote|; rest bad
-        local_max = 0
         for i, (name, m) in enumerate(part):
             bad = m.marked_nonfinite
             if self.mode == "votes":
@@ -210,14 +209,11 @@ class ZeroPartitioner:
                                      "(apply_ternary_update does) before the reduction")
                 idx, v, e = m.votes()
                 ev = None if v is None else (v, e)
-                if v is not None and v.numel():
-                    local_max = max(local_max, int(v.abs().max()), int(e.abs().max()))
             else:
                 if m.has_votes:
                     raise ValueError("summed mode needs float evidence; votes were committed already")
                 idx, g = m.evidence()
                 ev = None if g is None else (g, None)
-                bad = bad or (g is not None and not bool(torch.isfinite(g).all()))
             if ev is not None and idx is not None:
                 # Sparse rows only here: densify. dp = 1 takes the dense path as soon as any
                 # micro-batch is dense; if none is, the check below refuses the step.
@@ -231,7 +227,12 @@ class ZeroPartitioner:
                 info[i] = 1
             info[2 * n + i] = int(bad)
             local.append(ev)
-        info[3 * n] = local_max
+        # One readback for all matrices (not one per matrix): the max |vote|, and in summed mode
+        # whether all float evidence is finite (any non-finite matrix skips the whole step).
+        if self.mode == "votes":
+            info[3 * n] = max_abs([t for ev in local if ev is not None for t in ev])
+        elif not all_evidence_finite([m for _, m in part]):
+            info[2 * n] = 1
         info[3 * n + 1] = int(rest_bad)
         if self.world > 1:
             dist.all_reduce(info, op=dist.ReduceOp.MAX, group=self.group)
@@ -322,10 +323,21 @@ class ZeroPartitioner:
 
     # -- phase 2: update own rows, all-gather packed trits --------------------------------------
     @torch.no_grad()
-    def update_matrices(self, mats: Mats, rule: TernaryRule) -> dict[str, int]:
-        """Called by apply_ternary_update once the step is known to be finite everywhere."""
+    def update_matrices(self, mats: Mats, rule: TernaryRule, *,
+                        counted: Callable[[TernaryMatrix, bool], bool] | None = None) -> dict[str, int]:
+        """Called by apply_ternary_update once the step is known to be finite everywhere.
+
+        Returns the trit flips and scale moves of the dp group (summed over its ranks). With
+        `counted(matrix, partitioned)` it returns instead this rank's counts of the matrices the
+        predicate names, with no collective: a caller that spans more groups (tensor and expert
+        parallelism, codebook owners) adds every rank's share in one reduction of its own."""
         # replicated matrices: the same update on every rank, counted once
-        s = apply_updates([(n, m) for n, m in mats if id(m) not in self._by_id], rule)
+        rep = [(n, m) for n, m in mats if id(m) not in self._by_id]
+        if counted is not None:
+            rep, uncounted = ([(n, m) for n, m in rep if counted(m, False)],
+                              [(n, m) for n, m in rep if not counted(m, False)])
+            apply_updates(uncounted, rule)
+        s = apply_updates(rep, rule)
         flips, moves = s["trit_flips"], s["scale_moves"]
         todo = [p for p in self.parts if id(p.matrix) in self._pending]
         mean_abs, block_g_e = self._scale_norms(todo, rule) if self.mode == "summed" else ({}, {})
@@ -345,11 +357,12 @@ class ZeroPartitioner:
                 ev, e_votes = m.quantize(ev, rule, rows, mean_abs=mean_abs.get(id(m)),
                                          g_e=block_g_e.get(id(m)))
             s = m.apply_block_votes(ev, e_votes, rule)
-            local[0] += s["trit_flips"]
-            local[1] += s["scale_moves"]
+            if counted is None or counted(m, True):
+                local[0] += s["trit_flips"]
+                local[1] += s["scale_moves"]
         self._pending = {}
         self._gather_packed(todo)
-        if self.world > 1:
+        if self.world > 1 and counted is None:
             dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group)
             self.stats.control_bytes += local.numel() * 8
         return {"trit_flips": flips + int(local[0]), "scale_moves": moves + int(local[1])}

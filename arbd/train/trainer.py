@@ -24,7 +24,7 @@ from arbd.data import ByteBatches, ValWindows, load_corpus
 from arbd.data.modalities import ModalityBatches
 from arbd.model.arb import ARBModel, check_training_backend
 from arbd.parallel.mesh import Mesh
-from arbd.parallel.parallelize import ParallelReducer, parallelize
+from arbd.parallel.parallelize import ParallelReducer, VotesOnOneRank, parallelize
 from arbd.parallel.plan import load_plan
 from arbd.ternary import ternary_state_bytes
 from arbd.ternary.rule import TUNED_RULE
@@ -132,6 +132,10 @@ class Trainer:
             # experts reduce over their expert-dp group, codebooks update on their owners.
             ParallelReducer(model, self.mesh, zero_stage=plan.zero_stage, mode=plan.evidence,
                             dtype=torch.float64 if plan.dtype == "fp64" else torch.bfloat16)
+        elif plan.evidence == "votes":
+            # One rank, nothing to reduce, but the plan's rule still holds: each micro-batch
+            # votes on its own, as it does on every rank of a larger world.
+            model.ternary_evidence_reducer = VotesOnOneRank()
         self.model = model
         self.optimizer = TernaryOptimizer(
             [p for p in model.parameters() if p.requires_grad], model, lr=1e-3,
