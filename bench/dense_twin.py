@@ -13,7 +13,9 @@ function at step 0):
                                       straight-through output, same usage counters
 
 Everything else (sequencer wiring, MemGram hashing, LTI, MLA, ledger, MoEGraph + ACT, KG edges,
-heads, losses) is the model's own code. The optimizer (Adam under DeepSpeed) owns the Parameters;
+heads, losses) is the model's own code, except that where the ternary model runs its experts as
+grouped GEMMs (arbd/ternary/grouped.py) the twin does too (`torch._grouped_mm` over the stacked
+float weights, autograd through it), so neither side has a launch-count advantage there. The optimizer (Adam under DeepSpeed) owns the Parameters;
 DeepSpeed's bf16 mode casts them to bf16 and keeps fp32 masters.
 """
 from __future__ import annotations
@@ -121,4 +123,33 @@ def densify(model: nn.Module) -> dict[str, int]:
                     parent._modules[name] = dense(child)
                     counts[dense.__name__] = counts.get(dense.__name__, 0) + 1
                     break
+    moe = getattr(model, "moegraph", None)
+    if moe is not None and getattr(moe, "use_moe", False):
+        moe.run_experts = _grouped_run_experts(moe)
     return counts
+
+
+def _grouped_run_experts(moe: nn.Module):
+    """MoEGraph.run_experts for DenseLinear experts: the up and down products of every expert in
+    one torch._grouped_mm each (where the ternary model would group its experts), else the
+    model's own per-expert loop."""
+    from arbd.ternary import grouped
+    loop = moe.run_experts
+
+    def run_experts(rows: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] == 0 or not grouped.use_grouped(rows, "triton"):
+            return loop(rows, expert_ids)
+        order = torch.argsort(expert_ids, stable=True)
+        counts = torch.bincount(expert_ids, minlength=moe.n_experts).tolist()
+        local = sorted(int(e) for e in moe.experts)
+        exps = [moe.experts[str(e)] for e in local]
+        offs = torch.tensor([counts[e] for e in local], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        offs = offs.to(rows.device, non_blocking=True)
+        w_up = torch.stack([e.up.weight for e in exps]).to(rows.dtype)       # [E, H, D]
+        w_down = torch.stack([e.down.weight for e in exps]).to(rows.dtype)   # [E, D, H]
+        x = rows[order].contiguous()
+        h = torch._grouped_mm(x, w_up.transpose(1, 2), offs=offs)
+        y = torch._grouped_mm(F.relu(h).square(), w_down.transpose(1, 2), offs=offs)
+        return (rows * 0).index_copy(0, order, y)
+
+    return run_experts

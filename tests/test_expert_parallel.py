@@ -8,17 +8,17 @@ from arbd.config import get_preset
 from arbd.model.moegraph import MoEGraph
 from arbd.parallel.expert_parallel import is_expert_matrix, parallelize_moe
 from arbd.parallel.launch_utils import run_on_ranks
-from arbd.ternary import TernaryMatrix
+from arbd.ternary import TernaryMatrix, grouped
 from arbd.ternary.rule import TUNED_RULE
 
 CFG = get_preset("arb-tiny").with_overrides(use_graph=False, act_max_steps=3)
 ROWS = [7, 12, 0, 5]   # tokens per rank: uneven, and one rank with none
 
 
-def _data(rank):
+def _data(rank, dtype=torch.float64):
     g = torch.Generator().manual_seed(50 + rank)
-    h = torch.randn(ROWS[rank], CFG.d_model, generator=g, dtype=torch.float64)
-    return h, torch.randn(ROWS[rank], CFG.d_model, generator=g, dtype=torch.float64)
+    h = torch.randn(ROWS[rank], CFG.d_model, generator=g, dtype=dtype)
+    return h, torch.randn(ROWS[rank], CFG.d_model, generator=g, dtype=dtype)
 
 
 def _state(moe):
@@ -29,6 +29,8 @@ def _state(moe):
 def _step(moe, h, w, reduce_replicated):
     out, aux = moe.act(h)
     (out * w).sum().backward()
+    moe.evidence_seen = {n: m.evidence()[1].clone() for n, m in moe.named_modules()
+                         if isinstance(m, TernaryMatrix) and is_expert_matrix(n) and m.has_evidence}
     for name, m in moe.named_modules():
         if not isinstance(m, TernaryMatrix):
             continue
@@ -39,19 +41,20 @@ def _step(moe, h, w, reduce_replicated):
     return out.detach(), float(aux["ponder"])
 
 
-def _worker(rank, world):
-    moe = MoEGraph(CFG, generator=torch.Generator().manual_seed(7))
+def _worker(rank, world, dtype=torch.float64, grouped_experts="auto"):
+    grouped.GROUPED_EXPERTS = grouped_experts
+    moe = MoEGraph(CFG, generator=torch.Generator().manual_seed(7)).to(dtype)
     parallelize_moe(moe, torch.distributed.group.WORLD, world, rank)
 
     def reduce_replicated(m):   # replicated matrices: sum the ranks' evidence (data parallel)
         idx, g = m.evidence()
-        g = torch.zeros(m.rows, m.cols, dtype=torch.float64) if g is None else g
+        g = torch.zeros(m.rows, m.cols, dtype=dtype) if g is None else g
         torch.distributed.all_reduce(g)
         m.set_evidence(None, g)
 
-    out, _ = _step(moe, *_data(rank), reduce_replicated)
+    out, _ = _step(moe, *_data(rank, dtype), reduce_replicated)
     return {"out": out, "state": _state(moe), "experts": sorted(moe.experts.keys()),
-            "stats": dict(moe.dispatch.stats)}
+            "stats": dict(moe.dispatch.stats), "evidence": moe.evidence_seen}
 
 
 @pytest.mark.parametrize("ep", [2, 4])
@@ -74,6 +77,31 @@ def test_ep_equals_one_rank(ep):
         assert got["stats"]["dispatches"] >= 1
     assert seen == {n for n in ref_state if is_expert_matrix(n)}   # every expert lives somewhere
     assert sum(g["stats"]["rows_sent"] for g in res) > 0               # tokens really moved
+
+
+def test_ep_with_grouped_experts_equals_one_rank_grouped():
+    """The grouped expert path (all local experts in two torch._grouped_mm calls) under ep = 2:
+    each rank groups its own block of experts; float32 on CPU, same state as one rank."""
+    if not grouped.grouped_mm_works(torch.device("cpu"), torch.float32):
+        pytest.skip("torch._grouped_mm does not run float32 on this CPU build")
+    old, grouped.GROUPED_EXPERTS = grouped.GROUPED_EXPERTS, "on"
+    try:
+        ref = MoEGraph(CFG, generator=torch.Generator().manual_seed(7)).to(torch.float32)
+        parts = [_data(r, torch.float32) for r in range(2)]
+        out, _ = _step(ref, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                       lambda m: None)
+    finally:
+        grouped.GROUPED_EXPERTS = old
+    res = run_on_ranks(_worker, 2, torch.float32, "on")
+    seen = set()
+    for r, got in enumerate(res):
+        torch.testing.assert_close(got["out"], out[sum(ROWS[:r]):sum(ROWS[:r + 1])], rtol=1e-5, atol=1e-6)
+        # float32: the routers see other batch sizes, so compare the experts' evidence (the
+        # update's input) within rounding rather than the rounded votes bit for bit.
+        for name, ev in got["evidence"].items():
+            torch.testing.assert_close(ev, ref.evidence_seen[name], rtol=1e-4, atol=1e-5)
+            seen.add(name)
+    assert seen == set(ref.evidence_seen) and len(seen) >= CFG.n_experts
 
 
 def test_ep_refuses_a_size_that_does_not_divide_the_experts():

@@ -65,7 +65,8 @@ def test_kg_edges_match_loop_reference_and_touch_only_sources():
         src_ids = [rng.randrange(12) for _ in range(25)]
         dst_ids = [rng.randrange(12) for _ in range(25)]
         before = edges.dst.clone(), edges.weight.clone()
-        edges.observe(torch.tensor(src_ids), torch.tensor(dst_ids))
+        touched = edges.observe(torch.tensor(src_ids), torch.tensor(dst_ids))
+        assert touched == len({s for s, d in zip(src_ids, dst_ids) if s != d})
         _reference_observe(dst, weight, src_ids, dst_ids, cap)
         assert edges.dst.tolist() == dst and edges.weight.tolist() == weight
         changed = ((edges.dst != before[0]) | (edges.weight != before[1])).any(1).nonzero().flatten()

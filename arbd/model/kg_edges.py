@@ -68,30 +68,45 @@ class KGEdges(StagedObservations, nn.Module):
         src, dst = src.reshape(-1).long(), dst.reshape(-1).long()
         if src.shape != dst.shape:
             raise ValueError(f"src and dst must pair up, got {src.numel()} and {dst.numel()} ids")
-        if drop_self:  # a row shard passes local source ids: its caller filters global self-pairs
-            keep = src != dst
-            src, dst = src[keep], dst[keep]
         if src.numel() == 0:
             return 0
-        if int(src.min()) < 0 or int(src.max()) >= self.num_nodes:
+        # Few host readbacks (range check, unique, the split below, the new edges taken): on
+        # the GPU each one waits for the device, and the update runs once per step.
+        lo_s, hi_s, lo_d, hi_d = torch.stack([src.min(), src.max(), dst.min(), dst.max()]).tolist()
+        if lo_s < 0 or hi_s >= self.num_nodes:
             raise ValueError(f"source node ids must lie in [0, {self.num_nodes})")
-        if int(dst.min()) < 0 or int(dst.max()) >= self.num_targets:
+        if lo_d < 0 or hi_d >= self.num_targets:
             raise ValueError(f"node ids must lie in [0, {self.num_targets})")
-        keys, counts = torch.unique(src * self.num_targets + dst, sorted=True, return_counts=True)
-        s, d = keys // self.num_targets, keys % self.num_targets
+        n_t = self.num_targets
+        keys = src * n_t + dst
+        if drop_self:   # self-pairs become key -1: sorted first by unique, then ignored
+            keys = torch.where(src != dst, keys, torch.full_like(keys, -1))
+        keys, counts = torch.unique(keys, sorted=True, return_counts=True)
+        valid = keys >= 0
+        s = torch.where(valid, keys // n_t, 0)
+        d = torch.where(valid, keys % n_t, -2)          # -2 matches no slot (empty is -1)
         counts = counts.clamp_max(WEIGHT_MAX).to(torch.int32)
 
         rows = self.dst[s].long()                       # [P, cap]
         hit = rows == d[:, None]
         has = hit.any(1)
         slot = hit.int().argmax(1)
-        # Existing edges: add the count (index_put with accumulate handles repeated rows).
-        old = self.weight[s[has], slot[has]].int()
-        self.weight[s[has], slot[has]] = (old + counts[has]).clamp_max(WEIGHT_MAX).to(torch.int16)
+        # Pairs by kind (0: existing edge, 1: new edge, 2: a dropped self-pair), in key order
+        # within each kind; the source rows touched, counted in the same readback.
+        kind = torch.where(has, 0, torch.where(valid, 1, 2))
+        perm = torch.sort(kind, stable=True).indices
+        fresh = valid.clone()   # the first valid pair of each source row (the -1 key sorts first)
+        fresh[1:] &= (s[1:] != s[:-1]) | ~valid[:-1]
+        n_has, n_new, _, touched = torch.cat([torch.bincount(kind, minlength=3),
+                                              fresh.sum().reshape(1)]).tolist()
+        # Existing edges: add the count ((row, slot) pairs are distinct: one slot per neighbour).
+        ih = perm[:n_has]
+        old = self.weight[s[ih], slot[ih]].int()
+        self.weight[s[ih], slot[ih]] = (old + counts[ih]).clamp_max(WEIGHT_MAX).to(torch.int16)
 
-        new = ~has
-        if new.any():
-            s_n, d_n, c_n = s[new], d[new], counts[new]
+        if n_new:
+            inew = perm[n_has:n_has + n_new]
+            s_n, d_n, c_n = s[inew], d[inew], counts[inew]
             # Rank of each new pair within its source row (pairs are sorted by source).
             first = torch.searchsorted(s_n, s_n, right=False)
             rank = torch.arange(s_n.numel(), device=s_n.device) - first
@@ -100,11 +115,9 @@ class KGEdges(StagedObservations, nn.Module):
             # Empty slots first (key -1), then occupied slots from weakest; stable on slot index.
             key = torch.where(occupied, w, torch.full_like(w, -1))
             order = torch.sort(key, dim=1, stable=True).indices
-            ok = rank < self.capacity
-            target = order[ok, rank[ok]]
-            key_t = key[ok].gather(1, target[:, None]).squeeze(1)   # strength of the slot to take
-            s_n, d_n, c_n = s_n[ok], d_n[ok], c_n[ok]
-            take = key_t <= c_n
-            self.dst[s_n[take], target[take]] = d_n[take].to(torch.int32)
-            self.weight[s_n[take], target[take]] = c_n[take].to(torch.int16)
-        return int(torch.unique(s).numel())
+            target = order.gather(1, rank.clamp_max(self.capacity - 1)[:, None]).squeeze(1)
+            key_t = key.gather(1, target[:, None]).squeeze(1)   # strength of the slot to take
+            it = ((rank < self.capacity) & (key_t <= c_n)).nonzero().squeeze(1)
+            self.dst[s_n[it], target[it]] = d_n[it].to(torch.int32)
+            self.weight[s_n[it], target[it]] = c_n[it].to(torch.int16)
+        return touched

@@ -39,6 +39,7 @@ from torch import nn
 from arbd.config import BYTE_VOCAB, NGRAM, ARBConfig
 from arbd.hashing import M32, mix32
 from arbd.ternary import TernaryEmbeddingTable, TernaryLinear, TernaryRMSNorm
+from arbd.ternary.layers import id_range
 
 PAD_BYTE = BYTE_VOCAB  # stands for "before the start of the sequence"
 DEFAULT_ORDERS = (2, 3, 4)
@@ -130,9 +131,9 @@ class MemGram(nn.Module):
         if tuple(h.shape) != want:
             raise ValueError(f"MemGram expects h of shape [B, T-2, d] = {want} for bytes "
                              f"{tuple(ids.shape)}, got {tuple(h.shape)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= BYTE_VOCAB):
-            raise ValueError(f"MemGram expects byte ids in [0, {BYTE_VOCAB}), "
-                             f"got range [{int(ids.min())}, {int(ids.max())}]")
+        lo, hi = id_range(ids)
+        if lo < 0 or hi >= BYTE_VOCAB:
+            raise ValueError(f"MemGram expects byte ids in [0, {BYTE_VOCAB}), got range [{lo}, {hi}]")
         v = self.memory(ids, h.dtype)
         g = torch.sigmoid(self.gate(torch.cat([self.norm_h(h), self.norm_v(v)], -1)))
         return h + g * v

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from arbd.config import ARBConfig
 from arbd.model.kg_edges import KGEdges
 from arbd.model.ledger import ContextAttentionScheduler
-from arbd.ternary import TernaryLinear, TernaryRMSNorm
+from arbd.ternary import TernaryLinear, TernaryRMSNorm, grouped
 
 HALT_EPS = 0.01
 
@@ -102,6 +102,16 @@ class MoEGraph(nn.Module):
             return rows * 0
         order = torch.argsort(expert_ids, stable=True)
         counts = torch.bincount(expert_ids, minlength=self.n_experts).tolist()
+        local = sorted(int(e) for e in self.experts)   # all, or this rank's block under EP
+        up = self.experts[str(local[0])].up
+        backend = getattr(up, "backend", None)
+        if isinstance(up, TernaryLinear) and grouped.use_grouped(rows, backend):
+            # Every local expert in two grouped GEMMs (arbd/ternary/grouped.py says why).
+            exps = [self.experts[str(e)] for e in local]
+            y = grouped.grouped_relu2_ffn(rows[order], [counts[e] for e in local],
+                                          [ex.up.weight for ex in exps],
+                                          [ex.down.weight for ex in exps], backend)
+            return (rows * 0).index_copy(0, order, y)
         groups = rows[order].split(counts)
         outs = [self.experts[str(e)](group) for e, group in enumerate(groups) if group.shape[0]]
         return (rows * 0).index_copy(0, order, torch.cat(outs))

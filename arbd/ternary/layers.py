@@ -100,6 +100,14 @@ class TernaryRMSNorm(nn.Module):
         return y.to(x.dtype) * g
 
 
+def id_range(ids: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of an integer tensor, (0, 0) if empty, read back in one synchronisation."""
+    if ids.numel() == 0:
+        return 0, 0
+    lo, hi = torch.aminmax(ids)
+    return tuple(torch.stack([lo, hi]).tolist())
+
+
 class TernaryEmbeddingTable(nn.Module):
     """Ternary rows looked up by id.
 
@@ -118,9 +126,10 @@ class TernaryEmbeddingTable(nn.Module):
         if ids.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
             raise ValueError(f"embedding ids must be an integer tensor, got {ids.dtype}")
         ids = ids.long()
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+        lo, hi = id_range(ids)
+        if lo < 0 or hi >= self.num_embeddings:
             raise ValueError(f"embedding ids must lie in [0, {self.num_embeddings}), "
-                             f"got range [{int(ids.min())}, {int(ids.max())}]")
+                             f"got range [{lo}, {hi}]")
         if not self.sparse:
             return nn.functional.embedding(ids, decoded_weight(self.weight, dtype))
         uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)

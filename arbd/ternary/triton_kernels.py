@@ -960,18 +960,26 @@ def ternary_matmul_grad_input(gy: torch.Tensor, packed: torch.Tensor, exponent: 
 
 
 def decode_weight(packed: torch.Tensor, exponent: torch.Tensor, K: int,
-                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                  dtype: torch.dtype = torch.bfloat16, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """W [N, K] in dtype from packed trits and int8 exponents: equal to packing.decode, bit for bit.
 
     One pass: reads the packed bytes, writes N * K elements (the dense path's transient matrix).
+    `out`: an [N, K] tensor of dtype with unit column stride to write into (e.g. one expert's
+    slice of a stacked weight).
     """
     n = _check_weight(packed, exponent, K)
     _check_devices(packed, exponent)
+    if out is not None and (tuple(out.shape) != (n, K) or out.dtype != dtype
+                            or (K > 1 and out.stride(1) != 1) or out.device != packed.device):
+        raise ValueError(f"out must be a {dtype} [{n}, {K}] tensor with unit column stride on "
+                         f"{packed.device}, got {out.dtype} {tuple(out.shape)} stride {out.stride()}")
     if dtype not in _KERNEL_DTYPES:
-        return packing.decode(packed, exponent, K, dtype)
+        w = packing.decode(packed, exponent, K, dtype)
+        return w if out is None else out.copy_(w)
     # The scale of every exponent -128..127 rounded once from float64, as packing.decode uses.
     table = packing.exponent_to_scale_table(packed.device, dtype)
-    out = torch.empty(n, K, dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(n, K, dtype=dtype, device=packed.device)
     if n == 0:
         return out
     packed = packed.contiguous()
