@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from arbd.ternary import TernaryEmbeddingTable, TernaryLinear, TernaryRMSNorm
+from arbd.ternary import TernaryEmbeddingTable, TernaryLinear, TernaryRMSNorm, ops
 from arbd.vq import lookup
 from arbd.vq.codebook import TernaryVQCodebook, USAGE_MAX, VQOutput
 
@@ -46,9 +46,7 @@ class DenseRMSNorm(nn.Module):
         self.gain = nn.Parameter(t.gain.decode(torch.float32).reshape(t.dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.gain.to(x.dtype)
+        return ops.rms_norm(x, self.gain.to(x.dtype), self.eps)   # the ternary norm's arithmetic
 
 
 class DenseEmbedding(nn.Module):

@@ -55,6 +55,9 @@ def main() -> None:
     p.add_argument("--torch-profile", action="store_true")
     p.add_argument("--profile-update", action="store_true", help="cProfile and torch-profile one ternary update")
     p.add_argument("--rows", type=int, default=30)
+    p.add_argument("--op-sites", default="",
+                   help="comma-separated operator names (e.g. aten::copy_,aten::mul): their device "
+                        "time in one micro-batch by call site in arbd/")
     p.add_argument("--sync-sites", action="store_true",
                    help="list where one micro-batch and one update wait on the GPU (call sites in arbd/)")
     p.add_argument("--reps", type=int, default=3, help="micro-batches timed one by one")
@@ -183,12 +186,47 @@ def main() -> None:
     if a.torch_profile:
         torch_profiled(lambda: micro(a.micro_batch), "micro-batch")
 
+    if a.op_sites and dev.type == "cuda":
+        op_sites(lambda: micro(a.micro_batch), a.op_sites.split(","), a.rows)
+
     if a.sync_sites and dev.type == "cuda":
         for title, fn in (("micro-batch", lambda: micro(a.micro_batch)), ("update", update)):
             sites = sync_sites(fn)
             print(f"-- {title}: {sum(sites.values())} host waits on the GPU, by call site")
             for site, n in sites.most_common(a.rows):
                 print(f"{n:5d}  {site}")
+
+
+def op_sites(fn, names: list[str], rows: int) -> None:
+    """Device time of the named operators in fn, grouped by their innermost arbd/ frames (forward
+    ops; backward ops show the autograd engine, grouped by input shapes instead)."""
+    _sync()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA],
+                                with_stack=True, record_shapes=True) as prof:
+        fn()
+        _sync()
+    dev_t = lambda e: e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total  # noqa: E731
+    for name in names:
+        by_site: dict[str, list[float]] = {}
+        for e in prof.events():
+            if e.name != name:
+                continue
+            # The Python frames are the op's ancestors in the event tree ("path.py(line): fn").
+            frames, p = [], e.cpu_parent
+            while p is not None and len(frames) < 2:
+                if "arbd/" in p.name and ".py(" in p.name:
+                    frames.append(p.name[p.name.index("arbd/"):])
+                p = p.cpu_parent
+            site = " <- ".join(frames) or \
+                f"(no arbd frame) shapes {e.input_shapes}"
+            t = by_site.setdefault(site, [0.0, 0])
+            t[0] += dev_t(e)
+            t[1] += 1
+        total = sum(v[0] for v in by_site.values())
+        print(f"-- {name}: {total / 1e3:.2f} ms device over {sum(v[1] for v in by_site.values())} calls, by site")
+        for site, (t, n) in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:rows]:
+            print(f"{t / 1e3:8.2f} ms {n:5d}  {site[:200]}")
 
 
 def sync_sites(fn) -> "collections.Counter":

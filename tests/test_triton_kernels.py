@@ -424,3 +424,60 @@ def test_layer_on_the_dense_path_matches_float64(m, n, keep, monkeypatch):
     assert ev.dtype == torch.float32
     assert _rel_err(ev, gy.cpu().double().t() @ x.detach().cpu().double()) < 1e-5
     assert ops.linear_forward(x.detach(), layer.weight.packed, layer.weight.exponent, k, "triton").shape == (m, n)
+
+
+# -- fused RMSNorm (arbd/ternary/triton_norm.py through ops.rms_norm) ---------------------------
+NORM_DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETED else [torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", NORM_DTYPES)
+@pytest.mark.parametrize("shape", [(5, 37), (2, 3, 64), (3, 7, 1024), (0, 16)])
+def test_fused_rms_norm_matches_float64(dtype, shape):
+    """Output, input gradient and gain gradient against the formula in float64 (ragged widths,
+    several rows per tile, an empty batch); the torch path in the same dtype is as close."""
+    from arbd.ternary import ops
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=gen) * 3).to(DEVICE, dtype)
+    g = (torch.rand(shape[-1], generator=gen) + 0.5).to(DEVICE, dtype)
+    w = torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+    x64, g64 = x.double().requires_grad_(True), g.double().requires_grad_(True)
+    y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * g64
+    (y64 * w.double()).sum().backward()
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    for mode in ("on", "off"):
+        old, ops.FUSED_NORM = ops.FUSED_NORM, mode
+        try:
+            xs, gs = x.clone().requires_grad_(True), g.clone().requires_grad_(True)
+            y = ops.rms_norm(xs, gs, 1e-6)
+            (y * w).sum().backward()
+        finally:
+            ops.FUSED_NORM = old
+        assert y.dtype == dtype and y.shape == x.shape
+        if x.numel() == 0:
+            assert xs.grad.shape == x.shape and torch.equal(gs.grad, torch.zeros_like(g))
+            continue
+        assert _rel_err(y, y64.detach()) < tol, mode
+        assert _rel_err(xs.grad, x64.grad) < tol, mode
+        assert _rel_err(gs.grad, g64.grad) < tol, mode
+
+
+def test_fused_rms_norm_is_what_ternary_norm_runs_and_feeds_its_evidence():
+    from arbd.ternary import ops
+    from arbd.ternary.layers import TernaryRMSNorm
+
+    norm = TernaryRMSNorm(40).to(DEVICE)
+    norm.gain.exponent.copy_(torch.arange(40, dtype=torch.int8) - 20)
+    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ev = {}
+    for mode in ("on", "off"):
+        old, ops.FUSED_NORM = ops.FUSED_NORM, mode
+        try:
+            norm.gain.clear_evidence()
+            y = norm(x)
+            y.square().sum().backward()
+            ev[mode] = (y.detach(), norm.gain.evidence()[1].clone())
+        finally:
+            ops.FUSED_NORM = old
+    assert _rel_err(ev["on"][0], ev["off"][0]) < 1e-6
+    assert _rel_err(ev["on"][1], ev["off"][1]) < 1e-5

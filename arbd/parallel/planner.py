@@ -126,8 +126,10 @@ def inventory(cfg: ARBConfig, tp: int = 1, ep: int = 1, cb: int = 1) -> Inventor
 
 # -- activations --------------------------------------------------------------------------------
 def _norm(dim: int, s: int) -> int:
-    """TernaryRMSNorm saves x.float() (4 B), rsqrt per position (4 B) and the normalised y (s)."""
-    return (4 + s) * dim + 4
+    """A TernaryRMSNorm in 16 bits runs the fused kernels on the GPU (ops.rms_norm), which save x
+    (s) and 1 / rms per position (4 B); the torch formula (float32 runs) saves x.float() (4 B),
+    the rsqrt (4 B) and the normalised y (s)."""
+    return s * dim + 4 if s == 2 else (4 + s) * dim + 4
 
 
 def activation_bytes(cfg: ARBConfig, micro_batch: int, seq_len: int, s: int, tp: int = 1,

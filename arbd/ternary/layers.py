@@ -95,9 +95,7 @@ class TernaryRMSNorm(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"TernaryRMSNorm expects {self.dim} features, got {x.shape[-1]}")
         g = decoded_weight(self.gain, x.dtype).reshape(self.dim)
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * g
+        return ops.rms_norm(x, g, self.eps)
 
 
 def id_range(ids: torch.Tensor) -> tuple[int, int]:

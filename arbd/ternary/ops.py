@@ -191,3 +191,28 @@ def weight_grad_into(acc: torch.Tensor | None, gy: torch.Tensor, x: torch.Tensor
     if acc is None:
         return g if g.dtype == torch.float64 else g.to(torch.float32)
     return acc.add_(g)
+
+
+# RMSNorm through arbd/ternary/triton_norm.py: "auto" for 16-bit CUDA tensors; "on" wherever
+# Triton runs (the interpreter in CPU tests); "off": the torch formula.
+FUSED_NORM = "auto"
+
+
+def rms_norm(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x over its last dimension times the gain g [D], differentiable in both: float32
+    statistics, the normalised x cast back to x's dtype, then the gain. One fused Triton kernel
+    per direction where FUSED_NORM allows (same arithmetic up to float32 summation order)."""
+    if _fused_norm(x) and g.dtype == x.dtype:
+        from arbd.ternary.triton_norm import RMSNormFn
+        return RMSNormFn.apply(x, g, eps)
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y.to(x.dtype) * g
+
+
+def _fused_norm(x: torch.Tensor) -> bool:
+    if FUSED_NORM == "off" or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if FUSED_NORM == "on":
+        return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda and x.dtype != torch.float32
