@@ -103,11 +103,14 @@ def _build(plan: Plan, device, backend: str) -> ARBModel:
 def _run_steps(a, plan, micro_step, boundary_hook=None) -> dict:
     """Warm-up steps, then timed steps; each step = grad_accum micro-batches."""
     losses, ponder, step_s = [], [], []
+    from arbd.train.trainer import GarbageCollection
+    collector = GarbageCollection(getattr(a, "gc_every", 50))   # as the trainer does
     for step in range(a.warmup + a.steps):
         if step == a.warmup:
             _sync()
             _reset_peak()
         t0 = time.perf_counter()
+        collector.step(step + 1)   # inside the timed step: the trainer's runs pay for it too
         for _ in range(plan.grad_accum):
             out = micro_step()
             losses.append(float(out.loss.detach()))
@@ -119,6 +122,7 @@ def _run_steps(a, plan, micro_step, boundary_hook=None) -> dict:
         _sync()
         if step >= a.warmup:
             step_s.append(time.perf_counter() - t0)
+    collector.close()
     peak = _peak()
     phases: dict[str, float] = {}
     if getattr(a, "phases", False):   # one more step, synchronised between phases (not timed above)
@@ -460,6 +464,8 @@ def main() -> None:
     p.add_argument("--backend", default=None)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--gc-every", type=int, default=50,
+                   help="as the trainer: automatic garbage collection off, a pass every N steps (0: on)")
     p.add_argument("--zero-stage", type=int, default=1, help="dense run's ZeRO stage")
     p.add_argument("--mem-cap-gib", type=float, default=0.0,
                    help="torch.cuda.set_per_process_memory_fraction to this many GiB")

@@ -70,3 +70,31 @@ def test_every_shipped_plan_is_valid_for_its_world(path):
     assert plan.name == path.stem
     ds = plan.deepspeed_config()
     assert ds["train_batch_size"] == plan.micro_batch * plan.grad_accum * plan.layout.dp
+
+
+def test_training_loop_garbage_collection_cadence(monkeypatch):
+    """Automatic collection is off while training and back on after; a young-generation pass
+    every `every` steps, a full one every 20 * every; every=0 leaves Python's collector alone."""
+    import gc
+
+    from arbd.train.trainer import GarbageCollection
+
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda gen=2: calls.append(gen) or 0)
+    was = gc.isenabled()
+    gc.enable()
+    try:
+        c = GarbageCollection(every=5)
+        assert not gc.isenabled() and calls == [1]
+        for step in range(1, 101):
+            c.step(step)
+        assert calls[1:] == [1] * 19 + [2]
+        c.close()
+        assert gc.isenabled()
+        calls.clear()
+        off = GarbageCollection(every=0)
+        off.step(50)
+        off.close()
+        assert gc.isenabled() and calls == []
+    finally:
+        gc.enable() if was else gc.disable()

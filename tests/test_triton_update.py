@@ -19,6 +19,14 @@ from arbd.ternary import triton_update as tk  # noqa: E402
 from arbd.ternary.rule import TUNED_RULE, TernaryRule  # noqa: E402
 from arbd.ternary.state import TernaryMatrix  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _row_votes_path(monkeypatch):
+    """Float row evidence on the GPU now takes the fused dense kernel with row ids
+    (tests/test_triton_dense_update.py); here it must reach the touched-row votes kernel."""
+    from arbd.ternary import state
+    monkeypatch.setattr(state, "DENSE_UPDATE_KERNEL", "torch")
+
 if type(tk._apply_votes_kernel).__name__ != "InterpretedFunction" and not torch.cuda.is_available():
     pytest.skip("no CUDA and the Triton interpreter could not be enabled", allow_module_level=True)
 DEVICE = "cpu" if type(tk._apply_votes_kernel).__name__ == "InterpretedFunction" else "cuda"

@@ -455,18 +455,28 @@ class TernaryMatrix(nn.Module):
         return self.apply_row_votes(idx, q, ev, rule)
 
     def fused_update_item(self):
-        """This matrix's state and dense float32 evidence as a triton_update.DenseItem when the
-        fused GPU update can take it (whole unsharded matrix, no votes, no sparse rows), else
-        None. update.apply_updates batches these by column count."""
+        """This matrix's state and float32 evidence as a triton_update.DenseItem when the fused
+        GPU update can take it (an unsharded matrix with dense evidence, or sparse row evidence
+        only, which then updates the touched rows; no votes), else None. update.apply_updates
+        batches these by column count."""
         use = DENSE_UPDATE_KERNEL == "triton" or (DENSE_UPDATE_KERNEL == "auto"
                                                    and self.packed.is_cuda)
-        g = self._grad
-        if not use or g is None or self._row_grads or self.has_votes or self._votes_nonfinite \
-                or self.tp_shard is not None or self.is_partitioned or g.dtype != torch.float32 \
-                or ("dense", self.cols) in _KERNEL_FAILED:
+        if not use or self.has_votes or self._votes_nonfinite or self.tp_shard is not None \
+                or self.is_partitioned or ("dense", self.cols) in _KERNEL_FAILED:
             return None
         from arbd.ternary.triton_update import DenseItem
-        return DenseItem(self.packed, self.t_accum, self.exponent, self.e_accum, g.contiguous())
+        g = self._grad
+        if g is not None and not self._row_grads:
+            if g.dtype != torch.float32:
+                return None
+            return DenseItem(self.packed, self.t_accum, self.exponent, self.e_accum, g.contiguous())
+        if g is None and self._row_grads and all(r.dtype == torch.float32 for _, r in self._row_grads):
+            idx, rows = self.evidence()   # distinct sorted rows, duplicates summed
+            if idx.numel() == 0:
+                return None
+            return DenseItem(self.packed, self.t_accum, self.exponent, self.e_accum,
+                             rows.contiguous(), idx.contiguous())
+        return None
 
     @torch.no_grad()
     def apply_row_votes(self, idx: torch.Tensor | None, votes: torch.Tensor,

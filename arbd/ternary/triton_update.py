@@ -122,6 +122,15 @@ def _ptr(t, field: tl.constexpr, live, ty: tl.constexpr):
 
 
 @triton.jit
+def _state_rows(t, lr, live, ROW_IDS: tl.constexpr):
+    """The matrix rows that evidence rows lr update: lr itself, or (touched rows) the row ids the
+    table's field 7 points to. State, trits and hash positions use these; evidence uses lr."""
+    if ROW_IDS:
+        return tl.load(_ptr(t, 7, live, tl.int64) + lr, mask=live, other=0)
+    return lr
+
+
+@triton.jit
 def _packed_tile(t, lr, live, b, NB: tl.constexpr):
     bm = live[:, None] & (b[None, :] < NB)
     bp = _ptr(t, 1, live, tl.uint8) + lr * NB
@@ -133,17 +142,19 @@ def _packed_tile(t, lr, live, b, NB: tl.constexpr):
 @triton.jit(do_not_specialize=["TOTAL", "ge_bits"])
 def _row_sums_kernel(tab_ptr, row_mat_ptr, scale_tab_ptr, abs_sum_ptr, ge_ptr, TOTAL, ge_bits,
                      COLS: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_B: tl.constexpr, ABS: tl.constexpr, PRODUCT: tl.constexpr):
+                     BLOCK_B: tl.constexpr, ABS: tl.constexpr, PRODUCT: tl.constexpr,
+                     ROW_IDS: tl.constexpr):
     """Per group row: sum |g| (float64) and dL/dE = fp32(sum g * t) * scale * ln2 / k (fp32)."""
     gr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = gr < TOTAL
     t, m, lr = _group_rows(tab_ptr, row_mat_ptr, gr, live)
+    sr = _state_rows(t, lr, live, ROW_IDS)
     gp = _ptr(t, 0, live, tl.float32) + lr * COLS
     acc_abs = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float64)
     acc_gt = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float64)
     for b0 in range(0, NB, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
-        bp, bm, rest = _packed_tile(t, lr, live, b, NB)
+        bp, bm, rest = _packed_tile(t, sr, live, b, NB)
         for d in tl.static_range(5):
             col = b * 5 + d
             cm = bm & (col[None, :] < COLS)
@@ -156,7 +167,7 @@ def _row_sums_kernel(tab_ptr, row_mat_ptr, scale_tab_ptr, abs_sum_ptr, ge_ptr, T
     if ABS:
         tl.store(abs_sum_ptr + gr, tl.sum(acc_abs, axis=1), mask=live)
     if PRODUCT:
-        e = tl.load(_ptr(t, 3, live, tl.int8) + lr, mask=live, other=0).to(tl.int32)
+        e = tl.load(_ptr(t, 3, live, tl.int8) + sr, mask=live, other=0).to(tl.int32)
         scale = tl.load(scale_tab_ptr + e + 128, mask=live, other=0.0)
         c = ge_bits.to(tl.int32).to(tl.float32, bitcast=True)
         tl.store(ge_ptr + gr, tl.sum(acc_gt, axis=1).to(tl.float32) * scale * c, mask=live)
@@ -194,15 +205,16 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
                          THRESHOLD: tl.constexpr, DECAY: tl.constexpr, FREEZE: tl.constexpr,
                          ROW_NORM: tl.constexpr, CAP: tl.constexpr, ACC_MAX: tl.constexpr,
                          SCALES: tl.constexpr, NORM_SCALES: tl.constexpr,
-                         S_THRESHOLD: tl.constexpr):
+                         S_THRESHOLD: tl.constexpr, ROW_IDS: tl.constexpr):
     pid_b = tl.program_id(1)
     gr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = gr < TOTAL
     t, m, lr = _group_rows(tab_ptr, row_mat_ptr, gr, live)
+    sr = _state_rows(t, lr, live, ROW_IDS)   # the matrix row; lr: the evidence row
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    bp, bm, rest = _packed_tile(t, lr, live, b, NB)
+    bp, bm, rest = _packed_tile(t, sr, live, b, NB)
     gp = _ptr(t, 0, live, tl.float32) + lr * COLS
-    tp = _ptr(t, 2, live, tl.int8) + lr * COLS
+    tp = _ptr(t, 2, live, tl.int8) + sr * COLS
     # s: the row's (or the matrix's) mean |g|; d = s + 1e-30 in fp32, as torch adds it
     if ROW_NORM:
         s = (tl.load(abs_sum_ptr + gr, mask=live, other=1.0) / COLS).to(tl.float32)
@@ -229,7 +241,7 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
             g = tl.load(gp[:, None] + col[None, :], mask=cm, other=0.0)
             # (-g) / d == g / (-d) exactly under round-to-nearest, signed zeros included.
             x = tl.math.div_rn(g, negd[:, None]) * rate32
-            pos = lr.to(tl.uint32)[:, None] * COLS + col.to(tl.uint32)[None, :]
+            pos = sr.to(tl.uint32)[:, None] * COLS + col.to(tl.uint32)[None, :]
             acc = acc + _sround(x, pos, salt, STOCHASTIC, MAX_VOTE)
         n = tl.where(cm, _trit_moves(acc, trit, THRESHOLD), 0)
         trit, acc = _settle(acc, trit, n, THRESHOLD, CAP, ACC_MAX)
@@ -241,8 +253,8 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
     tl.atomic_add(stats_ptr, tl.sum(tl.sum(flips, axis=1), axis=0))
     if SCALES:
         if pid_b == 0:
-            ep = _ptr(t, 3, live, tl.int8) + lr
-            eap = _ptr(t, 4, live, tl.int8) + lr
+            ep = _ptr(t, 3, live, tl.int8) + sr
+            eap = _ptr(t, 4, live, tl.int8) + sr
             e = tl.load(ep, mask=live, other=0).to(tl.int32)
             ea = tl.load(eap, mask=live, other=0).to(tl.int32)
             if DECAY > 0:
@@ -255,7 +267,7 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
                 xe = tl.math.div_rn(ge, 0.0 - (mean + tl.full((), 1e-30, tl.float32))) * srate32
             else:
                 xe = (0.0 - tl.where(ge > 0, 1.0, tl.where(ge < 0, -1.0, 0.0))) * srate32
-            ea += _sround(xe, lr.to(tl.uint32), salt, STOCHASTIC, MAX_VOTE)
+            ea += _sround(xe, sr.to(tl.uint32), salt, STOCHASTIC, MAX_VOTE)
             mv, ea = _scale_step(ea, e, live, S_THRESHOLD, ACC_MAX)
             tl.store(ep, (e + mv).to(tl.int8), mask=live)
             tl.store(eap, ea.to(tl.int8), mask=live)
@@ -277,12 +289,15 @@ def _tiles(rows: int, nb: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class DenseItem:
-    """One matrix's state (updated in place) and its fp32 evidence [rows, cols]."""
+    """One matrix's state (updated in place) and its fp32 evidence: [rows, cols] for the whole
+    matrix, or [n, cols] for the distinct rows `row_ids` (int64 [n]; touched rows only: the rest
+    of the matrix is neither read nor written, as TernaryMatrix's sparse path)."""
     packed: torch.Tensor
     t_accum: torch.Tensor
     exponent: torch.Tensor
     e_accum: torch.Tensor
     grad: torch.Tensor
+    row_ids: torch.Tensor | None = None
 
 
 def supports(packed: torch.Tensor, grad: torch.Tensor) -> bool:
@@ -295,10 +310,16 @@ def _check(it: DenseItem) -> None:
     if not supports(it.packed, it.grad):
         raise ValueError(f"dense_update takes 2-d float32 evidence on {it.packed.device}, "
                          f"got {it.grad.dtype} {tuple(it.grad.shape)} on {it.grad.device}")
-    if tuple(it.grad.shape) != (rows, cols) or it.packed.shape != (rows, packing.packed_cols(cols)):
+    n = rows if it.row_ids is None else it.row_ids.shape[0]
+    if tuple(it.grad.shape) != (n, cols) or it.packed.shape != (rows, packing.packed_cols(cols)):
         raise ValueError(f"shapes do not match: grad {tuple(it.grad.shape)}, t_accum {(rows, cols)}, "
-                         f"packed {tuple(it.packed.shape)}")
-    for name in ("packed", "t_accum", "exponent", "e_accum", "grad"):
+                         f"packed {tuple(it.packed.shape)}"
+                         + ("" if it.row_ids is None else f", {n} row ids"))
+    if it.row_ids is not None and (it.row_ids.dtype != torch.int64 or it.row_ids.dim() != 1
+                                   or it.row_ids.device != it.packed.device):
+        raise ValueError("row_ids must be a 1-d int64 tensor on the state's device")
+    for name in ("packed", "t_accum", "exponent", "e_accum", "grad") + \
+            (("row_ids",) if it.row_ids is not None else ()):
         if not getattr(it, name).is_contiguous():
             raise ValueError(f"{name} must be contiguous")
 
@@ -313,9 +334,10 @@ def _row_matrix_map(device: torch.device, rows: tuple[int, ...]) -> torch.Tensor
 def _table(items: list[DenseItem], device: torch.device) -> torch.Tensor:
     rows, base = [], 0
     for it in items:
-        r = it.t_accum.shape[0]
+        r = it.grad.shape[0]   # evidence rows: the matrix's, or its touched rows
         rows.append([it.grad.data_ptr(), it.packed.data_ptr(), it.t_accum.data_ptr(),
-                     it.exponent.data_ptr(), it.e_accum.data_ptr(), base, r, 0])
+                     it.exponent.data_ptr(), it.e_accum.data_ptr(), base, r,
+                     0 if it.row_ids is None else it.row_ids.data_ptr()])
         base += r
     tab = torch.tensor(rows, dtype=torch.int64)
     if device.type == "cuda":   # pinned + async: no wait for the work already queued
@@ -334,7 +356,9 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
                       num_warps: int = 4) -> torch.Tensor:
     """quantize_evidence + scale_votes + apply_votes of whole matrices of one column count, in
     place, bit for bit as TernaryMatrix's torch path, in three launches for all of them (two
-    without a per-matrix mean). Returns (trit flips, scale moves) as int32 [2] on the device."""
+    without a per-matrix mean). Items with `row_ids` (all or none) update only those rows, as the
+    torch path does for sparse row evidence (global row ids hash the rounding; the "norm" scale
+    mean is over the rows given). Returns (trit flips, scale moves) as int32 [2] on the device."""
     if not items:
         raise ValueError("dense_update_many needs at least one matrix")
     for it in items:
@@ -345,12 +369,20 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
     dev = items[0].packed.device
     if any(it.packed.device != dev for it in items):
         raise ValueError("dense_update_many takes matrices on one device")
+    row_ids = items[0].row_ids is not None
+    if any((it.row_ids is not None) != row_ids for it in items):
+        raise ValueError("dense_update_many takes whole matrices or touched rows, not both at once")
     nb = packing.packed_cols(cols)
-    rows = tuple(it.t_accum.shape[0] for it in items)
+    rows = tuple(it.grad.shape[0] for it in items)
     total = sum(rows)
     stats = torch.zeros(2, dtype=torch.int32, device=dev)
+    if total == 0:
+        return stats
     tab = _table(items, dev)
-    row_mat = _row_matrix_map(dev, rows)
+    # Whole matrices: the same map every step (cached). Touched rows change every step: build the
+    # map on the device (a host-built one is a pageable copy, which waits for the queued work).
+    row_mat = _row_matrix_map(dev, rows) if not row_ids else torch.cat(
+        [torch.full((r,), i, dtype=torch.int32, device=dev) for i, r in enumerate(rows)])
     freeze = bool(rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM)
     row_norm = rule.norm == "row" and cols >= MIN_ROW_FOR_ROW_NORM
     scales = rule.learn_scales
@@ -364,7 +396,7 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
         _row_sums_kernel[(triton.cdiv(total, br),)](
             tab, row_mat, packing.exponent_to_scale_table(dev), abs_sum, ge, total,
             _f32_bits(math.log(2) / SCALE_K), COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb,
-            ABS=need_abs, PRODUCT=scales, num_warps=num_warps)
+            ABS=need_abs, PRODUCT=scales, ROW_IDS=row_ids, num_warps=num_warps)
     tensor_norm = need_abs and not row_norm
     if tensor_norm or norm_scales:
         _matrix_means_kernel[(len(items),)](tab, abs_sum, ge, per_mat[0], per_mat[1], COLS=cols,
@@ -377,7 +409,8 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
         COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb, STOCHASTIC=stochastic, MAX_VOTE=rule.max_vote,
         THRESHOLD=rule.threshold, DECAY=rule.decay_shift, FREEZE=freeze, ROW_NORM=row_norm,
         CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales, NORM_SCALES=norm_scales,
-        S_THRESHOLD=rule.scale_threshold, num_warps=num_warps, enable_fp_fusion=False)
+        S_THRESHOLD=rule.scale_threshold, ROW_IDS=row_ids, num_warps=num_warps,
+        enable_fp_fusion=False)
     for it in items:
         _mark_written(it.packed, it.t_accum, it.exponent, it.e_accum)
     return stats

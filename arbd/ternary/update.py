@@ -196,7 +196,7 @@ def apply_updates(mats: list[tuple[str, nn.Module]], rule: TernaryRule) -> dict[
         if item is None:
             single.append(m)
         else:
-            groups.setdefault((m.cols, item.grad.device), []).append((m, item))
+            groups.setdefault((m.cols, item.grad.device, item.row_ids is None), []).append((m, item))
     for members in groups.values():
         counts = update_fused(members, rule)
         if counts is None:   # the kernel does not compile here: the torch rule, per matrix

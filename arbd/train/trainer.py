@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import time
@@ -35,6 +36,29 @@ from arbd.train.schedule import warmup_cosine
 
 MEDIA = ("image", "video", "audio")
 warnings.filterwarnings("ignore", category=FutureWarning)  # torch 2.13 on DeepSpeed's collectives
+
+
+class GarbageCollection:
+    """Python's automatic collector off while training, a young-generation pass every `every`
+    steps instead (0: leave Python's collector alone). An automatic full pass over the model's,
+    autograd's and DeepSpeed's objects lands in a random step and stalls the host, which feeds
+    the GPU (torchtitan manages collection the same way)."""
+
+    def __init__(self, every: int = 50) -> None:
+        self.every = every
+        if every > 0:
+            gc.disable()
+            gc.collect(1)
+
+    def step(self, step: int) -> None:
+        if self.every > 0 and step % self.every == 0:
+            # A full pass now and then frees cycles that outlived a young pass (objects promoted
+            # to the oldest generation are never examined by gc.collect(1)).
+            gc.collect(2 if step % (20 * self.every) == 0 else 1)
+
+    def close(self) -> None:
+        if self.every > 0:
+            gc.enable()
 
 
 def build_parser(description: str, *, lightweight_text: bool = False) -> argparse.ArgumentParser:
@@ -65,6 +89,9 @@ def build_parser(description: str, *, lightweight_text: bool = False) -> argpars
     p.add_argument("--warmup-steps", type=int, default=0,
                    help="steps over which the ternary evidence rate ramps up (0: steps / 20, at "
                         "least 1); short runs of larger presets train more stably with more")
+    p.add_argument("--gc-every", type=int, default=50,
+                   help="Python garbage collection: automatic off, a young-generation pass every N "
+                        "steps (0: Python's automatic collector)")
     p.add_argument("--wall-clock-breakdown", action="store_true",
                    help="DeepSpeed's forward/backward/step timers at every log interval")
     for flag in ("vq", "graph", "moe", "attention"):
@@ -309,8 +336,10 @@ class Trainer:
             bar = tqdm(total=a.steps, desc="train", dynamic_ncols=True, mininterval=1.0)
         if bar is not None:
             bar.update(self.start_step)
+        collector = GarbageCollection(getattr(a, "gc_every", 0))
         for step in range(self.start_step + 1, a.steps + 1):
             rec = self.train_step()
+            collector.step(step)
             rec["step"] = step
             if a.eval_interval and step % a.eval_interval == 0 and step < a.steps:
                 rec["val_bpb"] = self.evaluate()
@@ -329,6 +358,7 @@ class Trainer:
                       f"tokens/s={rec['tokens_per_s']:.0f} flips={rec['trit_flips']}{extra}", flush=True)
             if a.save_interval and not a.no_save and (step % a.save_interval == 0 or step == a.steps):
                 self.save(step)
+        collector.close()
         if bar is not None:
             bar.close()
         if lead:
