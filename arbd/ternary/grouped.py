@@ -93,7 +93,9 @@ class _GroupedFFN(torch.autograd.Function):
                 downs: list[TernaryMatrix], backend: str):
         w_up = stacked_decoded(ups, x.dtype, backend)        # [E, H, D]
         w_down = stacked_decoded(downs, x.dtype, backend)    # [E, D, H]
-        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x.device, non_blocking=True)
+        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        if x.is_cuda:   # pinned: a pageable copy would wait for the queued work
+            offs = offs.pin_memory().to(x.device, non_blocking=True)
         h = torch._grouped_mm(x, w_up.transpose(1, 2), offs=offs)
         y = torch._grouped_mm(F.relu(h).square(), w_down.transpose(1, 2), offs=offs)
         ctx.counts, ctx.ups, ctx.downs, ctx.backend = counts, ups, downs, backend
