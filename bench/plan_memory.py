@@ -63,6 +63,7 @@ def run_plan(path: str, steps: int) -> dict:
     model = ARBModel(cfg, backend=plan.backend, seed=0, device=DEV)
     model.ternary_rule = TUNED_RULE
     model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
+    model.activation_checkpointing = plan.activation_checkpointing   # as the trainer sets it
     opt = TernaryOptimizer([p for p in model.parameters() if p.requires_grad], model,
                            micro_batches=model.ternary_micro_batches)
     build_s = time.perf_counter() - t0
