@@ -133,7 +133,7 @@ def _norm(dim: int, s: int) -> int:
 
 
 def activation_bytes(cfg: ARBConfig, micro_batch: int, seq_len: int, s: int, tp: int = 1,
-                     act_steps: float | None = None) -> dict[str, int]:
+                     act_steps: float | None = None, ep: int = 1) -> dict[str, int]:
     """Bytes autograd keeps for backward after one micro-batch forward, per text block.
 
     N = micro_batch * (seq_len - 1) positions (the trainer feeds seq_len + 1 bytes, the sequencer
@@ -182,6 +182,8 @@ def activation_bytes(cfg: ARBConfig, micro_batch: int, seq_len: int, s: int, tp:
                 + k * (2 * d * s + 2 * H * s)                     # x[rows], relu^2 output, down out
                 + d * s + 8 * cfg.n_experts)                      # x + dispatch, router float/softmax
         g += N * (a * step + _norm(d, s))                         # ACT steps, out_norm
+        if s == 2:   # 16-bit on the GPU: the grouped path keeps the stacked up and down weights
+            g += 2 * (cfg.n_experts // ep) * d * H * s            # of this rank's experts
     if g:
         out["moegraph"] = g
     H = cfg.bytehead_hidden
@@ -237,7 +239,7 @@ def estimate(plan: Plan, world: int | None = None, *, act_steps: float | None = 
     # Float parameters (logit_scale): param in the run dtype, fp32 grad, fp32 master + Adam moments.
     fp = inv.float_params
     floats = fp * (s + 4 + (4 if s == 2 else 0)) + 8 * fp // (dp if zero >= 1 else 1)
-    acts = activation_bytes(cfg, plan.micro_batch, plan.seq_len, s, lay.tp, act_steps)
+    acts = activation_bytes(cfg, plan.micro_batch, plan.seq_len, s, lay.tp, act_steps, lay.ep)
     act_full, act_ck = sum(acts.values()), checkpointed_bytes(acts, N, cfg.d_model, s)
     if checkpointing is None:
         checkpointing = plan.activation_checkpointing
