@@ -123,31 +123,22 @@ def densify(model: nn.Module) -> dict[str, int]:
                     break
     moe = getattr(model, "moegraph", None)
     if moe is not None and getattr(moe, "use_moe", False):
-        moe.run_experts = _grouped_run_experts(moe)
+        moe.grouped_ffn = _dense_grouped_ffn
     return counts
 
 
-def _grouped_run_experts(moe: nn.Module):
-    """MoEGraph.run_experts for DenseLinear experts: the up and down products of every expert in
-    one torch._grouped_mm each (where the ternary model would group its experts), else the
-    model's own per-expert loop."""
+def _dense_grouped_ffn(rows: torch.Tensor):
+    """MoEGraph.grouped_ffn for DenseLinear experts: where the ternary model would group its
+    experts, the up and down products of every expert in one torch._grouped_mm each over the
+    stacked float weights (autograd through them); else None, the model's per-expert loop."""
     from arbd.ternary import grouped
-    loop = moe.run_experts
+    return _dense_ffn if grouped.use_grouped(rows, "triton") else None
 
-    def run_experts(rows: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        if rows.shape[0] == 0 or not grouped.use_grouped(rows, "triton"):
-            return loop(rows, expert_ids)
-        order = torch.argsort(expert_ids, stable=True)
-        counts = torch.bincount(expert_ids, minlength=moe.n_experts).tolist()
-        local = sorted(int(e) for e in moe.experts)
-        exps = [moe.experts[str(e)] for e in local]
-        offs = torch.tensor([counts[e] for e in local], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        offs = offs.to(rows.device, non_blocking=True)
-        w_up = torch.stack([e.up.weight for e in exps]).to(rows.dtype)       # [E, H, D]
-        w_down = torch.stack([e.down.weight for e in exps]).to(rows.dtype)   # [E, D, H]
-        x = rows[order].contiguous()
-        h = torch._grouped_mm(x, w_up.transpose(1, 2), offs=offs)
-        y = torch._grouped_mm(F.relu(h).square(), w_down.transpose(1, 2), offs=offs)
-        return (rows * 0).index_copy(0, order, y)
 
-    return run_experts
+def _dense_ffn(x: torch.Tensor, counts: list[int], experts: list[nn.Module]) -> torch.Tensor:
+    from arbd.ternary import grouped
+    offs = grouped.group_offsets(counts, x.device)
+    w_up = torch.stack([e.up.weight for e in experts]).to(x.dtype)       # [E, H, D]
+    w_down = torch.stack([e.down.weight for e in experts]).to(x.dtype)   # [E, D, H]
+    h = torch._grouped_mm(x.contiguous(), w_up.transpose(1, 2), offs=offs)
+    return torch._grouped_mm(F.relu(h).square(), w_down.transpose(1, 2), offs=offs)

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from arbd.ternary import (TernaryEmbeddingTable, TernaryLinear, TernaryRMSNorm, TernaryRule,
-                          TernaryUpdateMixin, ternary_matrices)
+from arbd.ternary import (TernaryEmbeddingTable, TernaryLinear, TernaryMatrix, TernaryRMSNorm,
+                          TernaryRule, TernaryUpdateMixin, ternary_matrices)
 
 
 def _snapshot(model):
@@ -335,3 +335,20 @@ def test_gpu_finiteness_check_flags_any_nonfinite_and_keeps_every_bit(bad):
             assert torch.equal(b.view(torch.int32), m.evidence()[1].view(torch.int32))
         else:   # a NaN's payload may change; every other value may not
             torch.testing.assert_close(m.evidence()[1], b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_sparse_evidence_merges_once_and_takes_later_rows():
+    """evidence() merges repeated row ids once and keeps the merged rows (the update asks
+    twice per step); rows added afterwards are summed in, and clearing drops everything."""
+    m = TernaryMatrix(10, 4)
+    m.add_row_grad(torch.tensor([3, 1, 3]), torch.ones(3, 4))
+    ids, rows = m.evidence()
+    again = m.evidence()
+    assert again[0] is ids and again[1] is rows
+    assert torch.equal(ids, torch.tensor([1, 3])) and torch.equal(rows, torch.tensor([[1.] * 4, [2.] * 4]))
+    m.add_row_grad(torch.tensor([1, 7]), torch.ones(2, 4))
+    ids, rows = m.evidence()
+    assert torch.equal(ids, torch.tensor([1, 3, 7]))
+    assert torch.equal(rows, torch.tensor([[2.] * 4, [2.] * 4, [1.] * 4]))
+    m.clear_evidence()
+    assert m.evidence() == (None, None)

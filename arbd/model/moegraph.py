@@ -102,19 +102,24 @@ class MoEGraph(nn.Module):
             return rows * 0
         order = torch.argsort(expert_ids, stable=True)
         counts = torch.bincount(expert_ids, minlength=self.n_experts).tolist()
-        local = sorted(int(e) for e in self.experts)   # all, or this rank's block under EP
-        up = self.experts[str(local[0])].up
-        backend = getattr(up, "backend", None)
-        if isinstance(up, TernaryLinear) and grouped.use_grouped(rows, backend):
-            # Every local expert in two grouped GEMMs (arbd/ternary/grouped.py says why).
-            exps = [self.experts[str(e)] for e in local]
-            y = grouped.grouped_relu2_ffn(rows[order], [counts[e] for e in local],
-                                          [ex.up.weight for ex in exps],
-                                          [ex.down.weight for ex in exps], backend)
+        ffn = self.grouped_ffn(rows)
+        if ffn is not None:   # every local expert at once (arbd/ternary/grouped.py says why)
+            local = sorted(int(e) for e in self.experts)   # all, or this rank's block under EP
+            y = ffn(rows[order], [counts[e] for e in local], [self.experts[str(e)] for e in local])
             return (rows * 0).index_copy(0, order, y)
         groups = rows[order].split(counts)
         outs = [self.experts[str(e)](group) for e, group in enumerate(groups) if group.shape[0]]
         return (rows * 0).index_copy(0, order, torch.cat(outs))
+
+    def grouped_ffn(self, rows: torch.Tensor):
+        """The experts' FFN for all local experts at once, as a callable (rows sorted by expert,
+        rows per expert, experts) -> output rows, or None for the per-expert loop. Ternary
+        experts: grouped.grouped_relu2_ffn where grouped.use_grouped allows."""
+        up = next(iter(self.experts.values())).up
+        if not (isinstance(up, TernaryLinear) and grouped.use_grouped(rows, up.backend)):
+            return None
+        return lambda x, counts, experts: grouped.grouped_relu2_ffn(
+            x, counts, [e.up.weight for e in experts], [e.down.weight for e in experts], up.backend)
 
     def dispatch(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         """Run each expert on its rows and combine (local version; EP swaps in all-to-all)."""

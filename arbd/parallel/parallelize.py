@@ -34,7 +34,7 @@ from arbd.parallel.tensor_parallel import parallelize_attention
 from arbd.ternary.dp import DPEvidenceReducer
 from arbd.ternary.rule import TernaryRule
 from arbd.ternary.state import TernaryMatrix, all_evidence_finite
-from arbd.ternary.update import apply_updates, evidence_owners
+from arbd.ternary.update import apply_updates, apply_updates_counted, evidence_owners
 from arbd.ternary.zero import make_ternary_reducer
 from arbd.vq.codebook import TernaryVQCodebook
 
@@ -111,8 +111,7 @@ class ParallelReducer:
         if hasattr(self.dp, "update_matrices"):   # ZeRO
             total = dict(self.dp.update_matrices(dense, rule, counted=self.counted))
         else:   # replicated over dp: counted on dp index 0
-            apply_updates([(n, m) for n, m in dense if not self.counted(m, False)], rule)
-            total = apply_updates([(n, m) for n, m in dense if self.counted(m, False)], rule)
+            total = apply_updates_counted(dense, rule, lambda m: self.counted(m, False))
         # Experts are replicated over their expert-dp group and over tp.
         s = apply_updates(experts, rule)
         if tp0 and dist.get_rank(self.mesh.expert_dp_group) == 0:

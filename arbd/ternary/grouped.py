@@ -85,6 +85,14 @@ def stacked_decoded(mats: list[TernaryMatrix], dtype: torch.dtype, backend: str)
     return w
 
 
+def group_offsets(counts: list[int], device: torch.device) -> torch.Tensor:
+    """torch._grouped_mm's `offs`: int32 end row of each group, on `device`."""
+    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    if device.type == "cuda":   # pinned: a pageable copy would wait for the queued work
+        offs = offs.pin_memory().to(device, non_blocking=True)
+    return offs
+
+
 class _GroupedFFN(torch.autograd.Function):
     """y = down(relu(up(x))^2) per expert, rows of x grouped by expert (offsets: group ends)."""
 
@@ -93,9 +101,7 @@ class _GroupedFFN(torch.autograd.Function):
                 downs: list[TernaryMatrix], backend: str):
         w_up = stacked_decoded(ups, x.dtype, backend)        # [E, H, D]
         w_down = stacked_decoded(downs, x.dtype, backend)    # [E, D, H]
-        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        if x.is_cuda:   # pinned: a pageable copy would wait for the queued work
-            offs = offs.pin_memory().to(x.device, non_blocking=True)
+        offs = group_offsets(counts, x.device)
         h = torch._grouped_mm(x, w_up.transpose(1, 2), offs=offs)
         y = torch._grouped_mm(F.relu(h).square(), w_down.transpose(1, 2), offs=offs)
         ctx.counts, ctx.ups, ctx.downs, ctx.backend = counts, ups, downs, backend

@@ -147,6 +147,7 @@ class TernaryMatrix(nn.Module):
         self._grad: torch.Tensor | None = None
         self._decoded: tuple | None = None   # see decoded_shared
         self._row_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._merged_rows: list | None = None   # _row_grads when it holds one merged entry
         # Rows whose accumulators this process holds (all of them unless ZeRO-partitioned,
         # arbd/ternary/zero.py); packed trits and exponents always cover every row.
         self.row_start, self.row_stop = 0, rows
@@ -254,6 +255,7 @@ class TernaryMatrix(nn.Module):
             raise ValueError(
                 f"row gradient must have shape {(idx.numel(), self.cols)}, got {tuple(grad_rows.shape)}")
         self._row_grads.append((idx.detach().reshape(-1).long(), _evidence_dtype(grad_rows.detach())))
+        self.__dict__["_merged_rows"] = None
 
     @property
     def has_evidence(self) -> bool:
@@ -268,11 +270,17 @@ class TernaryMatrix(nn.Module):
             return None, g
         if not self._row_grads:
             return None, None
+        if self._row_grads is self._merged_rows:   # merged by an earlier call, nothing added since
+            return self._row_grads[0]
         idx = torch.cat([i for i, _ in self._row_grads])
         rows = torch.cat([r for _, r in self._row_grads])
         uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
         merged = torch.zeros(uniq.numel(), self.cols, dtype=rows.dtype, device=rows.device)
         merged.index_add_(0, inverse, rows)
+        # Keep the merged rows as the evidence: the update asks for it more than once per step
+        # (finiteness check, fused item), and each merge is a unique (a host readback) and an add.
+        self.__dict__.update(_row_grads=[(uniq, merged)])
+        self.__dict__["_merged_rows"] = self._row_grads
         return uniq, merged
 
     def set_evidence(self, idx: torch.Tensor | None, grad: torch.Tensor) -> None:

@@ -71,11 +71,14 @@ def commit_micro_batch(model: nn.Module, rule: TernaryRule, *, micro_batches: in
     `micro_batches` is the number of micro-batches in the whole step (all dp ranks)."""
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
-    mb_rule = with_step_salt(rule.scaled(rate_mult / micro_batches), model)
+    # A matrix whose one backward holds k micro-batches votes with k shares (experts under ep).
+    rules: dict[int, TernaryRule] = {}
     for _, m in ternary_matrices(model):
         k = m.micro_batches_per_commit
-        m.commit_micro_batch(mb_rule if k == 1 else
-                             with_step_salt(rule.scaled(rate_mult * k / micro_batches), model))
+        if k not in rules:
+            rules[k] = with_step_salt(rule.scaled(rate_mult * k / micro_batches), model)
+        m.commit_micro_batch(rules[k])
+    mb_rule = rules.get(1) or with_step_salt(rule.scaled(rate_mult / micro_batches), model)
     for owner in evidence_owners(model):
         owner.commit_micro_batch(mb_rule)
 
@@ -214,6 +217,15 @@ def apply_updates(mats: list[tuple[str, nn.Module]], rule: TernaryRule) -> dict[
         f, mv = torch.stack(on_device).sum(0, dtype=torch.int64).tolist()
         flips, moves = flips + f, moves + mv
     return {"trit_flips": flips, "scale_moves": moves}
+
+
+def apply_updates_counted(mats: list[tuple[str, nn.Module]], rule: TernaryRule,
+                          counted: Callable[[nn.Module], bool]) -> dict[str, int]:
+    """apply_updates on every matrix, returning the trit flips and scale moves of those `counted`
+    names only (a rank's share of state that other ranks update too). The two sets update in
+    separate calls: a fused launch counts all its matrices together."""
+    apply_updates([(n, m) for n, m in mats if not counted(m)], rule)
+    return apply_updates([(n, m) for n, m in mats if counted(m)], rule)
 
 
 def _skip(model: nn.Module, hooks: list[nn.Module]) -> None:

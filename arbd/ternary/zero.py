@@ -54,7 +54,7 @@ from torch import nn
 from arbd.ternary.dp import WireStats, max_abs, reduce_evidence_sign_votes, reduce_evidence_summed
 from arbd.ternary.rule import MIN_ROW_FOR_ROW_NORM, TernaryRule, abs_mean
 from arbd.ternary.state import TernaryMatrix, all_evidence_finite
-from arbd.ternary.update import apply_updates, ternary_matrices
+from arbd.ternary.update import apply_updates, apply_updates_counted, ternary_matrices
 
 Mats = list[tuple[str, TernaryMatrix]]
 
@@ -333,11 +333,8 @@ class ZeroPartitioner:
         parallelism, codebook owners) adds every rank's share in one reduction of its own."""
         # replicated matrices: the same update on every rank, counted once
         rep = [(n, m) for n, m in mats if id(m) not in self._by_id]
-        if counted is not None:
-            rep, uncounted = ([(n, m) for n, m in rep if counted(m, False)],
-                              [(n, m) for n, m in rep if not counted(m, False)])
-            apply_updates(uncounted, rule)
-        s = apply_updates(rep, rule)
+        s = apply_updates(rep, rule) if counted is None else \
+            apply_updates_counted(rep, rule, lambda m: counted(m, False))
         flips, moves = s["trit_flips"], s["scale_moves"]
         todo = [p for p in self.parts if id(p.matrix) in self._pending]
         mean_abs, block_g_e = self._scale_norms(todo, rule) if self.mode == "summed" else ({}, {})
