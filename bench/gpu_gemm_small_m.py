@@ -13,7 +13,7 @@ Reported: the median per-call time over rounds, and cuBLAS median / ours.
         python3 bench/gpu_gemm_small_m.py --profile      # without ncu: per-kernel times (torch.profiler)
 
 --sweep 1 / 2 / 3 pick the candidate lists of the three runs in bench/RESULTS.md (wgmma shapes;
-mma.sync shapes; register caps and more splits).
+mma.sync shapes; register caps and more splits); --sweep 4 the CUDA kernel (csrc/small_m.cu).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from arbd.ternary import packing  # noqa: E402
+from arbd.ternary import cuda_small_m, packing  # noqa: E402
 from arbd.ternary import triton_kernels as tk  # noqa: E402
 from arbd.ternary.triton_kernels import TileConfig as C  # noqa: E402
 from bench.gpu_gemm_sweep import log, rel_err, weight  # noqa: E402 - the sweep's own helpers
@@ -48,9 +48,18 @@ def small(bn: int, bk: int, warps: int, stages: int, split: int, mp: int = 16, a
              asm_decode=True, small_m=True, align=align, maxnreg=maxnreg)
 
 
-def name(cfg: C | None, decode: int = 2) -> str:
+def cuda(r: int, warps: int, splits: int, flags: int = 0) -> tuple:
+    """A CUDA small-M kernel candidate (arbd/ternary/csrc/small_m.cu); flags (the kernel's phase
+    switches: 1 no split-K sums or output, 2 no MMA loop, 4 no x staging, 8 no W loads) time it with
+    parts left out (no valid output)."""
+    return ("cuda", r, warps, splits, flags)
+
+
+def name(cfg, decode: int = 2) -> str:
     if cfg is None:
         return "default"
+    if isinstance(cfg, tuple):
+        return f"CUDA r{cfg[1]} w{cfg[2]} split{cfg[3]}" + (f" phase-flags {cfg[4]}" if cfg[4] else "")
     if not cfg.small_m:
         return f"old fused bn{cfg.block_n} bk{cfg.block_k} split{cfg.split_k}"
     s = f"small bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} split{cfg.split_k} a{cfg.align}"
@@ -64,6 +73,8 @@ def name(cfg: C | None, decode: int = 2) -> str:
 
 
 def run(x, packed, exponent, k, cfg, decode=2, out=None):
+    if isinstance(cfg, tuple):
+        return cuda_small_m.small_m_matmul(x, packed, exponent, k, shape=cfg[1:4], out=out, _flags=cfg[4])
     if cfg is not None and cfg.small_m:
         return tk._small_m_matmul(x, packed, exponent, k, cfg, out=out, decode=decode)
     return tk.ternary_matmul(x, packed, exponent, k, config=cfg)
@@ -75,21 +86,22 @@ def checks(variants, rows: list) -> None:
     every = torch.arange(243, dtype=torch.uint8, device=DEV).reshape(243, 1)
     e = torch.randint(-128, 128, (243,), generator=gen, device=DEV).to(torch.int8)
     for dt in (torch.bfloat16, torch.float16):
-        for split in (1, 2):
-            y = run(torch.eye(5, device=DEV, dtype=dt), every, e, 5, small(64, 64, 4, 3, split))
+        for cfg in (small(64, 64, 4, 3, 1), small(64, 64, 4, 3, 2), cuda(2, 8, 1), cuda(1, 8, 1)):
+            y = run(torch.eye(5, device=DEV, dtype=dt), every, e, 5, cfg)
             ok = torch.equal(y.t().cpu(), packing.decode(every.cpu(), e.cpu(), 5, dt))
-            rows.append({"kind": "check", "what": f"decode2 all 243 bytes {dt} split{split}", "ok": ok})
+            rows.append({"kind": "check", "what": f"all 243 bytes {dt} {name(cfg)}", "ok": ok})
     shapes = [(16, KN, KN), (3, 1001, 515), (16, 173, 40), (1, 37, 19), (13, 4096, 1000)]
     weights = {s[1:]: weight(s[2], s[1], gen) for s in shapes}
     refs = {key: packing.decode(p, ex, key[0], torch.float64) for key, (p, ex) in weights.items()}
     for cfg, decode in variants:
-        if cfg is None or not cfg.small_m:
+        if cfg is None or (not isinstance(cfg, tuple) and not cfg.small_m) or (isinstance(cfg, tuple) and cfg[4]):
             continue
+        block_m = 16 if isinstance(cfg, tuple) else cfg.block_m
         for m, k, n in shapes:
             packed, exponent = weights[(k, n)]
             for dt in ((torch.bfloat16, torch.float16) if n == 40 else (torch.bfloat16,)):
                 for rep in range(2 if n == 515 else 1):
-                    mm = min(m + rep, cfg.block_m)
+                    mm = min(m + rep, block_m)
                     x = torch.randn(mm, k, generator=gen, device=DEV).to(dt)
                     out = torch.full((mm, n), float("nan"), dtype=dt, device=DEV)
                     y = run(x, packed, exponent, k, cfg, decode, out=out)
@@ -142,8 +154,10 @@ def timings(m: int, variants, rows: list, rounds: int) -> None:
             g = Graph(lambda i, cfg=cfg, decode=decode: run(x, *packs[i % W_COPIES], KN, cfg, decode))
             g.graph.replay()
             torch.cuda.synchronize()
-            errs = [rel_err(g.outs[i], refs[i % W_COPIES]) for i in (0, CALLS - 1)]
             graphs[label] = g
+            if isinstance(cfg, tuple) and cfg[4]:
+                continue  # a phase-timing variant: no valid output to check
+            errs = [rel_err(g.outs[i], refs[i % W_COPIES]) for i in (0, CALLS - 1)]
             rows.append({"kind": "graph-check", "M": m, "config": label, "rel_err": max(errs),
                          "ok": max(errs) < 3e-3})
         except Exception:
@@ -206,6 +220,16 @@ SWEEP16_3 = [
     (small(64, 32, 4, 4, 5, maxnreg=96), 2),
     (small(64, 32, 2, 3, 8), 2), (small(64, 32, 2, 3, 12), 2), (small(64, 32, 2, 3, 8, maxnreg=64), 2),
 ]
+# Fourth sweep: the CUDA kernel (rows per warp, warps, splits) next to the best Triton shape. At
+# K = N = 7168 a row is 90 chunks of 16 bytes (a block takes at most 16, a cluster of splits at most
+# 16 blocks); blocks of 128 / 256 rows make 56 / 28 row ranges, so e.g. (1, 8, 7) is 392 blocks.
+SWEEP16_4 = [
+    (None, 2),  # ternary_matmul's default (the CUDA kernel's default shape where it builds)
+    (small(64, 64, 4, 3, 2), 2),  # the Triton small-M kernel's best shape
+    *[(cuda(r, w, s), 2) for r, w, s in ((1, 8, 6), (1, 8, 7), (1, 8, 8), (1, 8, 12), (2, 4, 7), (2, 8, 8),
+                                         (2, 8, 12), (2, 8, 16), (4, 4, 8), (4, 4, 12))],
+    *[(cuda(2, 8, 8, flags), 2) for flags in (1, 2, 3, 3 | 4, 3 | 8, 3 | 4 | 8, 4, 8)],
+]
 PROFILE = [small(64, 64, 4, 3, 2), small(64, 32, 2, 3, 3)]
 
 
@@ -251,7 +275,7 @@ def main() -> int:
     if args.profile:
         profile()
         return 0
-    sweep = {1: SWEEP16, 2: SWEEP16_2, 3: SWEEP16_3}[args.sweep]
+    sweep = {1: SWEEP16, 2: SWEEP16_2, 3: SWEEP16_3, 4: SWEEP16_4}[args.sweep]
     rows: list = []
     try:
         checks(sweep, rows)
@@ -260,8 +284,13 @@ def main() -> int:
         log(rows[-1]["error"])
     for m in args.ms:
         mp = max(16, triton.next_power_of_2(m))
-        variants = sweep if m == 16 else sweep[:2] + [(small(64, 64, 4, 3, 3, mp=mp), 2),
-                                                      (small(64, 64, 4, 3, 4, mp=mp, maxnreg=96), 2)]
+        if m == 16:
+            variants = sweep
+        elif args.sweep == 4:
+            variants = [(None, 2), (small(64, 64, 4, 3, 2, mp=mp), 2)] + (
+                [(cuda(1, 8, 7), 2), (cuda(2, 8, 12), 2)] if m <= cuda_small_m.MAX_M else [])
+        else:
+            variants = sweep[:2] + [(small(64, 64, 4, 3, 3, mp=mp), 2), (small(64, 64, 4, 3, 4, mp=mp, maxnreg=96), 2)]
         try:
             timings(m, variants, rows, args.rounds)
         except Exception:

@@ -7,7 +7,8 @@
 For 16-bit inputs with M >= DENSE_MIN_M rows, W is decoded once into a transient dense matrix
 (decode_weight) and the product goes to cuBLAS. For 16-bit inputs with M <= SMALL_M_MAX rows the
 forward takes _ternary_small_m_kernel (aligned row classes, plane-major x, a cheaper decode; see the
-comment above it). Otherwise W [N, K] is never materialised:
+comment above it), or with ARBD_CUDA_SMALL_M=on and M <= 16 on Hopper the hand-written CUDA kernel
+of cuda_small_m.py. Otherwise W [N, K] is never materialised:
 the two ternary kernels read the packed bytes of their tile
 (arbd/ternary/packing.py: 5 trits per byte, base 3, least significant digit first, digit =
 trit + 1) and turn them into trits in registers, right before the tensor-core product.
@@ -38,7 +39,7 @@ import triton
 import triton.language as tl
 
 from arbd.config import SCALE_K, TRITS_PER_BYTE
-from arbd.ternary import packing
+from arbd.ternary import cuda_small_m, packing
 
 # The kernels unroll exactly five digit planes per byte.
 assert TRITS_PER_BYTE == 5, "triton_kernels assumes 5 trits per byte"
@@ -885,6 +886,8 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
     m = x.shape[0]
     if m == 0 or n == 0:
         return torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if config is None and m <= cuda_small_m.MAX_M and cuda_small_m.usable(x, packed.shape[1]):
+        return cuda_small_m.small_m_matmul(x, packed, exponent, K)
     cfg = config or matmul_config(m, n, K, x.device, x.dtype)
     if cfg.dense:
         return mm_rows_bucketed(x, decode_weight(packed, exponent, K, x.dtype).t())

@@ -1,0 +1,149 @@
+"""The CUDA small-M forward (arbd/ternary/csrc/small_m.cu) against float64, on the GPU machine.
+
+CPU-only checks at the bottom: the build's errors and switches, and (where nvcc exists) that the
+source compiles for sm_90.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from arbd.ternary import cuda_small_m as cs
+from arbd.ternary import packing
+from arbd.ternary import triton_kernels as tk
+
+ON_GPU = torch.cuda.is_available() and cs._nvcc() is not None
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU and nvcc")
+
+
+def _weight(n: int, k: int, gen: torch.Generator):
+    trits = torch.randint(-1, 2, (n, k), generator=gen)
+    exponent = torch.randint(-40, 20, (n,), generator=gen).to(torch.int8)
+    packed = packing.pack_trits(trits)
+    return packed, exponent, packing.decode(packed, exponent, k, torch.float64)
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double().cpu() - ref).norm() / ref.norm())
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 8, 1), (4, 4, 1)])
+def test_every_byte_decodes_exactly(dtype, shape):
+    # K = 5 and x = I: y.T is W itself, so every byte value's five trits (and the scale) show.
+    gen = torch.Generator().manual_seed(0)
+    every = torch.arange(243, dtype=torch.uint8).reshape(243, 1)
+    e = torch.randint(-128, 128, (243,), generator=gen).to(torch.int8)
+    y = cs.small_m_matmul(torch.eye(5, dtype=dtype, device="cuda"), every.cuda(), e.cuda(), 5, shape=shape)
+    assert torch.equal(y.t().cpu(), packing.decode(every, e, 5, dtype))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ragged_shapes_against_float64(dtype):
+    gen = torch.Generator().manual_seed(1)
+    cases = [(16, 7168, 7168), (1, 7168, 7168), (9, 1001, 515), (8, 40, 173), (3, 19, 37), (16, 4096, 1000),
+             (13, 80, 16), (5, 5, 1)]
+    for m, k, n in cases:
+        packed, exponent, w = _weight(n, k, gen)
+        kb = packed.shape[1]
+        shapes = [None] + [(r, wp, s) for r, wp in cs.SHAPES for s in (1, 3)]
+        for shape in shapes:
+            x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+            out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+            y = cs.small_m_matmul(x, packed.cuda(), exponent.cuda(), k, shape=shape, out=out)
+            assert not torch.isnan(y).any(), (m, k, n, shape)
+            assert _rel_err(y, x.cpu().double() @ w.t()) < 3e-3, (m, k, n, shape)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_unaligned_buffers_and_strided_x():
+    # Packed rows starting at every byte offset of a word, x a slice of a wider tensor.
+    gen = torch.Generator().manual_seed(2)
+    m, k, n = 16, 1003, 301
+    packed, exponent, w = _weight(n, k, gen)
+    ref_x = torch.randn(m, k + 7, generator=gen).to("cuda", torch.bfloat16)
+    x = ref_x[:, 3:3 + k]
+    assert x.stride(0) == k + 7
+    for offset in range(4):
+        buf = torch.randint(0, 243, (packed.numel() + 8,), dtype=torch.uint8, generator=gen).cuda()
+        view = buf[offset:offset + packed.numel()].view(n, packed.shape[1])
+        view.copy_(packed)
+        y = cs.small_m_matmul(x, view, exponent.cuda(), k)
+        assert _rel_err(y, x.cpu().double() @ w.t()) < 3e-3, offset
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_deterministic_and_graphs_replay():
+    gen = torch.Generator().manual_seed(3)
+    m, k, n = 12, 2000, 700
+    packed, exponent, w = _weight(n, k, gen)
+    packed, exponent = packed.cuda(), exponent.cuda()
+    x = torch.randn(m, k, generator=gen).to("cuda", torch.bfloat16)
+    first = cs.small_m_matmul(x, packed, exponent, k)
+    assert _rel_err(first, x.cpu().double() @ w.t()) < 3e-3
+    # The cluster adds the split-K partial sums in a fixed order: bit-identical on every call.
+    assert torch.equal(first, cs.small_m_matmul(x, packed, exponent, k))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = cs.small_m_matmul(x, packed, exponent, k)
+    x.copy_(torch.randn(m, k, generator=gen).to(torch.bfloat16))
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _rel_err(captured, x.cpu().double() @ w.t()) < 3e-3
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_ternary_matmul_takes_it_for_small_m(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    packed, exponent, w = _weight(515, 1001, gen)
+    monkeypatch.setenv("ARBD_CUDA_SMALL_M", "on")
+    calls = []
+    real = cs.small_m_matmul
+    monkeypatch.setattr(cs, "small_m_matmul", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    for m in (1, 16, 17):
+        x = torch.randn(m, 1001, generator=gen).to("cuda", torch.bfloat16)
+        y = tk.ternary_matmul(x, packed.cuda(), exponent.cuda(), 1001)
+        assert _rel_err(y, x.cpu().double() @ w.t()) < 3e-3
+    assert calls == [1, 16]  # M = 17 goes to the Triton small-M kernel
+    long_k = 5 * cs.MAX_KB + 5  # rows longer than one cluster covers: the Triton kernel too
+    packed_l, exponent_l, w_l = _weight(3, long_k, gen)
+    x = torch.randn(2, long_k, generator=gen).to("cuda", torch.bfloat16)
+    assert _rel_err(tk.ternary_matmul(x, packed_l.cuda(), exponent_l.cuda(), long_k), x.cpu().double() @ w_l.t()) < 3e-3
+    assert calls == [1, 16]
+    monkeypatch.setenv("ARBD_CUDA_SMALL_M", "off")
+    tk.ternary_matmul(torch.randn(4, 1001, device="cuda", dtype=torch.bfloat16), packed.cuda(), exponent.cuda(), 1001)
+    assert calls == [1, 16]
+
+
+def test_bad_switch_and_missing_nvcc_are_clear(monkeypatch, tmp_path):
+    monkeypatch.setenv("ARBD_CUDA_SMALL_M", "maybe")
+    with pytest.raises(ValueError, match="on or off"):
+        cs.mode()
+    monkeypatch.delenv("ARBD_CUDA_SMALL_M")
+    assert cs.mode() == "off"  # the Triton kernel is the default
+    monkeypatch.setenv("ARBD_CUDA_SMALL_M", "on")
+    assert not cs.usable(torch.zeros(4, 8, dtype=torch.bfloat16), 2)  # CPU tensors never take it
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="nvcc not found"):
+        cs._build("90")
+
+
+@pytest.mark.skipif(cs._nvcc() is None, reason="needs nvcc")
+def test_source_compiles_for_hopper(monkeypatch, tmp_path):
+    # Compile only (no GPU needed): catches a broken source before the GPU machine does.
+    monkeypatch.setenv("ARBD_EXT_DIR", str(tmp_path))
+    lib = cs._build("90")
+    assert lib.exists() and lib.stat().st_size > 0
+    assert cs._build("90") == lib  # cached by source hash
