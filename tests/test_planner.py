@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from arbd.config import get_preset, logical_ternary_weights, mla_layer_weights
+from arbd.config import logical_ternary_weights, mla_layer_weights
 from arbd.parallel import planner
 from arbd.parallel.plan import load_plan
 

@@ -4,17 +4,12 @@ On CPU the kernels run through TRITON_INTERPRET=1; on a CUDA machine the GPU-mar
 them for real. After the same fp32 evidence, every byte of packed trits, accumulators, exponents
 and scale accumulators must be identical, and so must the flip / scale-move counts, over three
 successive updates (so later steps start from states the kernel wrote)."""
-import os
 
-# CPU: interpret the kernels. On the GPU machine run with TRITON_INTERPRET=0 to compile them
-# (then every test here compares against the torch rule on the same GPU).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import copy
+from dataclasses import replace
 
-import copy  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 

@@ -1,17 +1,14 @@
 """The Triton ternary kernels against a float64 torch reference, on CPU through the interpreter.
 
-TRITON_INTERPRET must be set before triton is imported (it decides at @triton.jit time whether the
-kernels are compiled or interpreted); it stays set for the rest of the pytest process. bf16
+tests/conftest.py sets TRITON_INTERPRET=1 unless it is already set (Triton decides at @triton.jit
+time whether the kernels are compiled or interpreted). bf16
 arithmetic is wrong in the interpreter, so only fp32 and fp16 are checked here; on a CUDA machine,
 `TRITON_INTERPRET=0 pytest -m gpu tests/test_triton_kernels.py` runs the GPU-marked tests (bf16
 included) on compiled kernels, and bench/gpu_ternary_check.py checks bf16 too.
 """
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 tl = triton.language

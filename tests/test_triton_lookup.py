@@ -1,16 +1,12 @@
 """The fused Triton candidate lookup (arbd/vq/triton_lookup.py) against the torch stages.
 
-Runs on CPU through TRITON_INTERPRET=1 (set before triton is imported unless already set; it
-stays set for this pytest process); `TRITON_INTERPRET=0 pytest -m gpu` runs it compiled on a GPU. The reference is the torch path of arbd/vq/lookup.py, which test_vq.py checks
+Runs on CPU through TRITON_INTERPRET=1 (tests/conftest.py sets it unless already set); `TRITON_INTERPRET=0 pytest -m gpu` runs it compiled on a GPU. The reference is the torch path of arbd/vq/lookup.py, which test_vq.py checks
 against a float64 brute force; here ids, valid flags and chosen rows must be identical.
 The interpreter is slow (~0.2 s a query), so batches are small.
 """
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
