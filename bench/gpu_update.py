@@ -3,8 +3,9 @@
     python bench/gpu_update.py --json runs/gpu_update.json
     python bench/gpu_update.py --sweep [--baseline OLD.py] --json runs/gpu_update_sweep.json
 
-The sweep (below, `sweep`) times only the Triton kernel, its variants and optionally an earlier
-version of triton_update.py (--baseline) on random states of the real table sizes.
+The sweep (below, `sweep`) times only the kernels (the CUDA one of csrc/rows.cu and the Triton
+one, with their launch variants) and optionally an earlier version of triton_update.py
+(--baseline) on random states of the real table sizes.
 
 The real tables: the SharedVQ codebook (10,000,000 x 64) and the KG VQ (5,000,000 x 64), built
 on the CPU and copied to the GPU. For U touched rows (distinct random ids) the same evidence is
@@ -31,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from arbd.ternary import packing  # noqa: E402
+from arbd.ternary import cuda_rows, packing  # noqa: E402
 from arbd.ternary.rule import TUNED_RULE, apply_votes  # noqa: E402
 from arbd.ternary.triton_update import apply_votes_rows  # noqa: E402
 from arbd.vq.codebook import TernaryVQCodebook  # noqa: E402
@@ -79,15 +80,29 @@ def same_state(a, b) -> bool:
 
 
 # -- sweep: the kernel alone ------------------------------------------------------------------
-# Variants of apply_votes_rows (keyword arguments); "default" is what TernaryMatrix calls.
+def _no_scale_votes(packed, t_accum, exponent, e_accum, idx, votes, e_votes, rule, **kw):
+    return cuda_rows.apply_votes_rows(packed, t_accum, exponent, e_accum, idx, votes, None, rule, **kw)
+
+
+# (function, keyword arguments) of each variant; "default" is what TernaryMatrix calls (the CUDA
+# kernel on a GPU for rows of up to 64 trits, cuda_rows.py). cuda_rR_bB: R groups of four rows in
+# flight per warp, B blocks of 256 threads per SM (1000: a warp per 4R rows, no loop).
 VARIANTS = {
-    "default": {},
-    "gather_b32_w4": dict(packing_mode="gather", block_r=32),
-    "gather_b16_w4_loop_p8": dict(packing_mode="gather", programs_per_sm=8),
-    "gather_b16_w4_noevict": dict(packing_mode="gather", evict_first=False),
-    "scan_b32_w8_loop_p4": dict(packing_mode="scan"),
-    "scan_b32_w4_grid": dict(packing_mode="scan", block_r=32, num_warps=4, programs_per_sm=None),
-    "scan_b16_w4_grid": dict(packing_mode="scan", block_r=16, num_warps=4, programs_per_sm=None),
+    "default": (apply_votes_rows, {}),
+    "triton_gather_b16_w4": (apply_votes_rows, dict(packing_mode="gather")),
+    "triton_gather_b32_w4": (apply_votes_rows, dict(packing_mode="gather", block_r=32)),
+    "triton_scan_b32_w8_loop_p4": (apply_votes_rows, dict(packing_mode="scan")),
+    **{f"cuda_r{r}_b{b}": (cuda_rows.apply_votes_rows, dict(rows_in_flight=r, blocks_per_sm=b))
+       for r, b in ((1, 3), (1, 8), (1, 1000), (2, 2), (2, 8), (2, 1000), (4, 1), (4, 1000))},
+    # The floor of this access pattern: the CUDA kernel's loads and stores without the rule
+    # (equal_torch is False by design); then without the two 1-byte per-row fields (exponent,
+    # scale accumulator), each a sector read and written per row; and the real kernel without
+    # them (no scale votes).
+    "floor_cuda_r1_b3": (cuda_rows.apply_votes_rows,
+                         dict(rows_in_flight=1, blocks_per_sm=3, _memory_only=True)),
+    "floor_without_row_bytes": (_no_scale_votes, dict(rows_in_flight=1, blocks_per_sm=3,
+                                                      _memory_only=True)),
+    "cuda_r1_b3_without_row_bytes": (_no_scale_votes, dict(rows_in_flight=1, blocks_per_sm=3)),
 }
 
 
@@ -155,7 +170,7 @@ def sweep(args) -> dict:
     out: dict = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
                  "copy_TB_per_s": bw / 1e12, "row_bytes": ROW_BYTES, "results": []}
     print(f"device-to-device copy: {bw / 1e12:.2f} TB/s", flush=True)
-    variants = {k: (apply_votes_rows, v) for k, v in VARIANTS.items()
+    variants = {k: v for k, v in VARIANTS.items()
                 if args.variants is None or k in args.variants.split(",")}
     if base is not None:
         variants["old_b16"] = (base.apply_votes_rows, dict(block_r=16))

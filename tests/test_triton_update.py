@@ -4,19 +4,17 @@ exponents and scale accumulators must be identical, and so must the flip / scale
 
 On CPU the kernel runs through TRITON_INTERPRET=1; on the GPU machine run with TRITON_INTERPRET=0
 to compile it (every test then compares the compiled kernel with the torch rule)."""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import copy
 
-import copy  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
+from arbd.ternary import cuda_ext, cuda_rows  # noqa: E402
 from arbd.ternary import triton_update as tk  # noqa: E402
-from arbd.ternary.rule import TUNED_RULE, TernaryRule  # noqa: E402
+from arbd.ternary.rule import MIN_ROW_FOR_ROW_NORM, TUNED_RULE, TernaryRule  # noqa: E402
 from arbd.ternary.state import TernaryMatrix  # noqa: E402
 
 
@@ -44,19 +42,29 @@ def _random_matrix(rows, cols, g):
     return m
 
 
-def _check_against_torch(cols, rule, rows, u, seed, vote_dtype=torch.int32, **kernel_args):
+def _check_against_torch(cols, rule, rows, u, seed, vote_dtype=torch.int32, launch=None,
+                         offset=0, **kernel_args):
+    """launch (default tk.apply_votes_rows) on a random state and votes against the torch rule.
+    offset: the votes and t_accum start that many elements into a larger buffer."""
     g = torch.Generator().manual_seed(seed)
     ref = _random_matrix(rows, cols, g)
     got = copy.deepcopy(ref).to(DEVICE)
+    if offset:
+        buf = torch.zeros(rows * cols + offset, dtype=torch.int8, device=DEVICE)
+        got.t_accum = buf[offset:].view(rows, cols)
+        got.t_accum.copy_(ref.t_accum)
     idx = torch.randperm(rows, generator=g)[:u]
     lim = 300 if vote_dtype != torch.int8 else 127
     votes = torch.randint(-lim, lim + 1, (u, cols), generator=g, dtype=torch.int32)
     e_votes = torch.randint(-60, 61, (u,), generator=g, dtype=torch.int32)
     ref.set_votes(idx, votes, e_votes)
     want = ref.apply_update(rule)
-    stats = tk.apply_votes_rows(got.packed, got.t_accum, got.exponent, got.e_accum,
-                                idx.to(DEVICE), votes.to(vote_dtype).to(DEVICE),
-                                e_votes.to(vote_dtype).to(DEVICE), rule, **kernel_args)
+    dev_votes = votes.to(vote_dtype).to(DEVICE)
+    if offset:
+        dev_votes = torch.cat([dev_votes.new_zeros(offset), dev_votes.reshape(-1)])[offset:].view(u, cols)
+    stats = (launch or tk.apply_votes_rows)(got.packed, got.t_accum, got.exponent, got.e_accum,
+                                            idx.to(DEVICE), dev_votes,
+                                            e_votes.to(vote_dtype).to(DEVICE), rule, **kernel_args)
     for name in ("packed", "t_accum", "exponent", "e_accum"):
         assert torch.equal(getattr(got, name).cpu(), getattr(ref, name)), name
     assert stats.tolist() == [want["trit_flips"], want["scale_moves"]]
@@ -92,6 +100,73 @@ ROWS, TOUCHED = (600, 300) if DEVICE == "cpu" else (9000, 7000)
 def test_packings_and_block_loop_equal_torch(cols, knobs):
     _check_against_torch(cols, TernaryRule(threshold=5, decay_shift=3, saturated_cap=20,
                                            scale_threshold=3), ROWS, TOUCHED, 11 + cols, **knobs)
+
+
+# The CUDA kernel (csrc/rows.cu), which apply_votes_rows takes by default on a GPU for rows of
+# up to 64 trits: every width's decode / encode shuffles, the odd widths' unpaired loads, each
+# rows-in-flight count, grids smaller than the rows (the warp loop), narrow votes, buffers that
+# start at an odd element.
+needs_cuda_rows = pytest.mark.skipif(DEVICE != "cuda" or cuda_ext.nvcc() is None,
+                                     reason="needs a CUDA GPU and nvcc")
+
+
+@pytest.mark.gpu
+@needs_cuda_rows
+@pytest.mark.parametrize("cols", [64, 63, 37, 24, 21, 16, 13, 8, 5, 1])
+@pytest.mark.parametrize("rule", RULES, ids=["tuned", "default", "cap_decay", "no_scales"])
+def test_cuda_kernel_equals_torch(cols, rule):
+    want = _check_against_torch(cols, rule, ROWS, TOUCHED, 200 + cols, packing_mode="cuda")
+    frozen = rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM
+    assert want["trit_flips"] > 0 or cols == 1 or frozen
+
+
+@pytest.mark.gpu
+@needs_cuda_rows
+@pytest.mark.parametrize("cols,vote_dtype,knobs", [
+    (64, torch.int32, dict(rows_in_flight=1, blocks_per_sm=1)),
+    (64, torch.int32, dict(rows_in_flight=4, blocks_per_sm=8)),
+    (37, torch.int32, dict(rows_in_flight=2, blocks_per_sm=1)),
+    (64, torch.int16, dict(rows_in_flight=4, blocks_per_sm=1)),
+    (64, torch.int8, dict(rows_in_flight=2)),
+    (50, torch.int16, dict(rows_in_flight=1)),
+    (64, torch.int32, dict(offset=1)),
+    (64, torch.int16, dict(offset=3, rows_in_flight=4)),
+    (16, torch.int8, dict(offset=1, rows_in_flight=1, blocks_per_sm=1)),
+], ids=["r1_b1", "r4_b8", "odd37_b1", "i16_r4", "i8", "i16_50", "unaligned", "unaligned_i16",
+        "unaligned_i8_16"])
+def test_cuda_kernel_launches_equal_torch(cols, vote_dtype, knobs):
+    _check_against_torch(cols, TernaryRule(threshold=5, decay_shift=3, saturated_cap=20,
+                                           scale_threshold=3), ROWS, TOUCHED, 31 + cols,
+                         vote_dtype=vote_dtype, launch=cuda_rows.apply_votes_rows, **knobs)
+
+
+def test_cuda_switch_and_a_failed_build():
+    """ARBD_CUDA_ROWS is checked; "auto" falls back to Triton (one warning) when the build fails,
+    "on" raises. No GPU needed: a stand-in tensor says it lives on CUDA."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv("ARBD_CUDA_ROWS", "sometimes")
+        with pytest.raises(ValueError, match="one of auto, on, off"):
+            cuda_rows.mode()
+        mp.setattr(cuda_rows, "_LIB", None)
+        mp.setattr(cuda_rows, "_BUILD_FAILED", None)
+        mp.setattr(cuda_ext, "load", _raiser("nvcc not found (set CUDA_HOME or put nvcc on PATH)"))
+        mp.setenv("ARBD_CUDA_ROWS", "off")
+        assert not cuda_rows.usable(fake, 64, 100)
+        mp.setenv("ARBD_CUDA_ROWS", "auto")
+        assert not cuda_rows.usable(fake, 65, 100)  # too wide: never tried
+        assert not cuda_rows.usable(fake, 64, cuda_rows.AUTO_MAX_ROWS + 1)  # Triton's range
+        with pytest.warns(UserWarning, match="Triton kernel runs instead"):
+            assert not cuda_rows.usable(fake, 64, 100)
+        assert not cuda_rows.usable(fake, 64, 100)  # remembered: no second build, no warning
+        mp.setenv("ARBD_CUDA_ROWS", "on")
+        with pytest.raises(RuntimeError, match="nvcc not found"):
+            cuda_rows.usable(fake, 64, cuda_rows.AUTO_MAX_ROWS + 1)
+    finally:
+        mp.undo()
 
 
 def test_row_packing_avoids_gather_on_narrow_rows():

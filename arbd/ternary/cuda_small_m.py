@@ -1,9 +1,6 @@
 """The CUDA small-M forward (csrc/small_m.cu): y = x @ W.T for M <= 16 rows of 16-bit x.
 
-Built on first use with the machine's nvcc into a cache directory (ARBD_EXT_DIR, default
-~/.cache/arbd/ext) and loaded with ctypes: no torch C++ headers, so a build takes seconds, and a
-rank that finds the library already built just loads it. Builds write to a temporary name and
-rename, so ranks that build at once cannot see a half-written file.
+Built on first use with the machine's nvcc and loaded with ctypes (cuda_ext.py).
 
 ARBD_CUDA_SMALL_M picks whether ternary_matmul uses it: "off" (the default: the Triton small-M
 kernel, which measured faster at M = 16 on the H100, 19.7 against 20.9 us; bench/RESULTS.md) or
@@ -17,20 +14,14 @@ shapes take the Triton kernel.
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
 import math
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
 from arbd.config import SCALE_K
+from arbd.ternary import cuda_ext
 
-SOURCE = Path(__file__).with_name("csrc") / "small_m.cu"
+SOURCE = cuda_ext.CSRC / "small_m.cu"
 MAX_M = 16
 # A block covers at most 16 chunks of 16 bytes and a cluster at most 16 blocks.
 MAX_CHUNKS, MAX_SPLITS = 16, 16
@@ -42,51 +33,13 @@ _LIB: ctypes.CDLL | None = None
 
 
 def mode() -> str:
-    value = os.environ.get("ARBD_CUDA_SMALL_M", "off").lower()
-    if value not in ("on", "off"):
-        raise ValueError(f"ARBD_CUDA_SMALL_M must be on or off, got {value!r}")
-    return value
-
-
-def _nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
-        return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
-
-
-def _build(arch: str) -> Path:
-    """Compile SOURCE for sm_<arch> into the cache (once per source, arch and nvcc) and return it."""
-    nvcc = _nvcc()
-    if nvcc is None:
-        raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
-             f"-gencode=arch=compute_{arch},code=sm_{arch}"]
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256((SOURCE.read_text() + " ".join(flags) + version).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("ARBD_EXT_DIR") or Path.home() / ".cache" / "arbd" / "ext")
-    target = cache / f"small_m_sm{arch}_{key}.so"
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    try:
-        done = subprocess.run([nvcc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"nvcc failed on {SOURCE}:\n{done.stderr[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return cuda_ext.switch("ARBD_CUDA_SMALL_M", "off", ("on", "off"))
 
 
 def _library(device: torch.device) -> ctypes.CDLL:
     global _LIB
     if _LIB is None:
-        major, minor = _device_info(device)[0]
-        lib = ctypes.CDLL(str(_build(f"{major}{minor}")))
+        lib = cuda_ext.load(SOURCE, device)
         lib.arbd_small_m.restype = ctypes.c_int
         lib.arbd_small_m.argtypes = [
             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_longlong,
@@ -102,17 +55,10 @@ def usable(x: torch.Tensor, kb: int) -> bool:
     if (x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16)
             or not 1 <= x.shape[0] <= MAX_M or not 1 <= kb <= MAX_KB or mode() == "off"):
         return False
-    if _device_info(x.device)[0] < (9, 0):
+    if cuda_ext.device_info(x.device)[0] < (9, 0):
         return False  # thread-block clusters and distributed shared memory need sm_90
     _library(x.device)  # asked for by name: a failed build is an error, not a silent fallback
     return True
-
-
-@functools.lru_cache(maxsize=None)
-def _device_info(device: torch.device) -> tuple[tuple[int, int], int, int]:
-    """(compute capability, multiprocessor count, shared memory a block may opt in to)."""
-    props = torch.cuda.get_device_properties(device)
-    return (props.major, props.minor), props.multi_processor_count, props.shared_memory_per_block_optin
 
 
 def smem_bytes(r: int, warps: int, chunks: int, m: int) -> int:
@@ -127,7 +73,7 @@ def default_shape(n: int, kb: int, device: torch.device) -> tuple[int, int, int]
     K = N = 7168: 56 row ranges x 7 splits was the fastest shape measured, bench/RESULTS.md)."""
     r, warps = 1, 8
     blocks_n = math.ceil(n / (16 * r * warps))
-    return r, warps, max(1, 3 * _device_info(device)[1] // blocks_n)
+    return r, warps, max(1, 3 * cuda_ext.device_info(device)[1] // blocks_n)
 
 
 def small_m_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor, K: int, *,
@@ -155,7 +101,7 @@ def small_m_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
     total = math.ceil(kb / 16)
     splits = max(min(splits, total, MAX_SPLITS), math.ceil(total / MAX_CHUNKS))
     chunks = math.ceil(total / splits)
-    limit = _device_info(x.device)[2]
+    limit = cuda_ext.device_info(x.device)[2]
     while smem_bytes(r, warps, chunks, m) > limit and splits < MAX_SPLITS:  # split further
         splits += 1
         chunks = math.ceil(total / splits)

@@ -1,0 +1,306 @@
+// Touched-row ternary update: rule.apply_votes on the distinct rows idx of a TernaryMatrix, in
+// place (arbd/ternary/cuda_rows.py drives it; triton_update._row_block is the Triton twin and
+// rule.apply_votes the reference). Rows of at most 64 trits (the codebooks' 64).
+//
+// Layout. A warp updates four rows at once: eight lanes per row, lane j of a row owning columns
+// 8j .. 8j + 7. So each warp-wide load or store touches four rows, which keeps many sectors in
+// flight per memory request (a warp per row, tried first, ran 25% slower than the Triton kernel,
+// whose blocks have the same shape: bench/RESULTS.md, "Touched-row update, round 3"). Votes (most
+// of the bytes) of four consecutive touched rows are contiguous, read as 16-byte loads that skip
+// the caches; trit accumulators as one 8-byte load per lane.
+// - decode: the lane's eight columns lie in at most three packed bytes (8j / 5 onwards), which it
+//   loads itself; digit c % 5 of byte c / 5 comes out by a multiply-shift.
+// - encode: a byte's five columns 5b .. 5b + 4 span at most two lanes. The lane holding column 5b
+//   writes it, adding the next lane's share (one shuffle); lane 7's last byte (columns 60 .. 64)
+//   ends in column 64, which no row here has: it packs as trit 0, as pack_trits pads.
+// Each warp walks groups of four rows, ROWS groups at a time with all their loads issued before
+// any arithmetic. Flip and move counts gather in registers and reach global memory as one atomic
+// per block.
+//
+// Integer arithmetic only; divisions act on magnitudes (truncation toward zero, as torch's
+// rounding_mode="trunc"), so every byte equals the torch rule's.
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace {
+
+struct Rule {
+  int threshold, decay, freeze, cap, acc_max, scales, s_threshold;
+  int memory_only;  // bench only: the same loads and stores, no rule (the access pattern's floor)
+};
+
+__device__ __forceinline__ int trunc_div(int a, int d) {
+  int q = abs(a) / d;
+  return a < 0 ? -q : q;
+}
+
+__device__ __forceinline__ int clampi(int v, int lo, int hi) { return min(max(v, lo), hi); }
+
+// rule.apply_votes for one trit: returns its move's size; q becomes the new digit (trit + 1) and
+// acc the new accumulator. The move n = trunc(acc / threshold) clamped to -1 - trit .. 1 - trit
+// lies in -2 .. 2, so two comparisons stand in for the division.
+__device__ __forceinline__ int settle(int& acc, int trit, int& q, const Rule& p) {
+  int mag = abs(acc) >= 2 * p.threshold ? 2 : abs(acc) >= p.threshold ? 1 : 0;
+  int n = clampi(acc < 0 ? -mag : mag, -1 - trit, 1 - trit);
+  trit += n;
+  acc -= n * p.threshold;
+  if (p.cap < p.acc_max) {
+    if (trit == 1 && acc > p.cap) acc = p.cap;
+    else if (trit == -1 && acc < -p.cap) acc = -p.cap;
+  }
+  acc = clampi(acc, -p.acc_max, p.acc_max);
+  q = trit + 1;
+  return abs(n);
+}
+
+// acc - trunc(acc / 2**shift): the rule's accumulator decay.
+__device__ __forceinline__ int decay(int a, int shift) {
+  int q = abs(a) >> shift;
+  return a - (a < 0 ? -q : q);
+}
+
+// Eight consecutive votes (16-byte aligned for 16- and 32-bit votes, 8-byte for 8-bit), read past
+// the caches: they are used once.
+template <typename V>
+__device__ __forceinline__ void load8(const V* p, int (&v)[8]) {
+  if constexpr (sizeof(V) == 4) {
+    int4 a = __ldcs(reinterpret_cast<const int4*>(p)), b = __ldcs(reinterpret_cast<const int4*>(p) + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  } else if constexpr (sizeof(V) == 2) {
+    int4 a = __ldcs(reinterpret_cast<const int4*>(p));
+    int w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      v[2 * k] = (w[k] << 16) >> 16;
+      v[2 * k + 1] = w[k] >> 16;
+    }
+  } else {
+    int2 a = __ldcs(reinterpret_cast<const int2*>(p));
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = ((k < 4 ? a.x : a.y) << (24 - 8 * (k % 4))) >> 24;
+  }
+}
+
+__device__ __forceinline__ int pow3(int d) { return d == 0 ? 1 : d == 1 ? 3 : d == 2 ? 9 : d == 3 ? 27 : 81; }
+
+template <typename V, int ROWS>
+__global__ void __launch_bounds__(256) rows_kernel(
+    uint8_t* __restrict__ packed, int8_t* __restrict__ t_acc, int8_t* __restrict__ expo,
+    int8_t* __restrict__ e_acc, const int64_t* __restrict__ idx, const V* __restrict__ votes,
+    const int32_t* __restrict__ e_votes, int* __restrict__ stats, long long u, int cols, int nb,
+    bool votes_vec, bool acc_vec, Rule p) {
+  const int lane = threadIdx.x & 31, grp = lane >> 3, j = lane & 7;
+  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+  const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+  const long long groups = (u + 3) >> 2;
+  const int c_first = 8 * j, b_lo = c_first / 5;
+  // The byte holding column c_first + 7 runs into the next lane when it ends past it.
+  const int t_end = (c_first + 7) / 5 - b_lo;
+  const bool spills = 5 * (b_lo + t_end) + 4 > c_first + 7;
+  int flips = 0, moves = 0;
+
+  for (long long g0 = warp; g0 < groups; g0 += warps * ROWS) {
+    int64_t row[ROWS];
+    bool live[ROWS];
+    int v[ROWS][8], a[ROWS][8], by[ROWS][3], e[ROWS], ea[ROWS], ev[ROWS];
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
+      const long long r = (g0 + (long long)i * warps) * 4 + grp;
+      live[i] = g0 + (long long)i * warps < groups && r < u;
+      row[i] = live[i] ? (int64_t)__ldcs(reinterpret_cast<const long long*>(idx) + r) : 0;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[i][k] = 0;
+      if (live[i] && !p.freeze && c_first < cols) {
+        if (votes_vec) {
+          load8(votes + r * cols + c_first, v[i]);
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k)
+            if (c_first + k < cols) v[i][k] = votes[r * cols + c_first + k];
+        }
+      }
+      ev[i] = live[i] && p.scales ? __ldcs(e_votes + r) : 0;
+    }
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
+#pragma unroll
+      for (int t = 0; t < 3; ++t)
+        by[i][t] = live[i] && b_lo + t < nb ? packed[row[i] * nb + b_lo + t] : 121;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) a[i][k] = 0;
+      if (live[i] && !p.freeze && c_first < cols) {
+        const int8_t* src = t_acc + row[i] * cols + c_first;
+        if (acc_vec) {
+          int2 w = *reinterpret_cast<const int2*>(src);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) a[i][k] = ((k < 4 ? w.x : w.y) << (24 - 8 * (k % 4))) >> 24;
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k)
+            if (c_first + k < cols) a[i][k] = src[k];
+        }
+      }
+      e[i] = live[i] && p.scales ? expo[row[i]] : 0;
+      ea[i] = live[i] && p.scales ? e_acc[row[i]] : 0;
+    }
+    if (p.memory_only) {  // write back what was read: the floor of this access pattern
+#pragma unroll
+      for (int i = 0; i < ROWS; ++i) {
+        if (!live[i]) continue;
+        if (c_first < cols && acc_vec) {
+          int2 w;
+          w.x = (a[i][0] & 0xFF) | (a[i][1] & 0xFF) << 8 | (a[i][2] & 0xFF) << 16 | a[i][3] << 24;
+          w.y = (a[i][4] & 0xFF) | (a[i][5] & 0xFF) << 8 | (a[i][6] & 0xFF) << 16 | a[i][7] << 24;
+          w.x ^= v[i][0] & 0x01010101;  // keep the votes' loads alive
+          *reinterpret_cast<int2*>(t_acc + row[i] * cols + c_first) = w;
+        }
+#pragma unroll
+        for (int t = 0; t < 3; ++t) {
+          const int b = b_lo + t;
+          if (b < nb && 5 * b >= c_first && 5 * b <= c_first + 7) packed[row[i] * nb + b] = by[i][t];
+        }
+        if (j == 0 && p.scales) {
+          expo[row[i]] = e[i];
+          e_acc[row[i]] = ea[i] ^ (ev[i] & 1);
+        }
+      }
+      continue;
+    }
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
+      int part[3] = {0, 0, 0};  // this lane's share of bytes b_lo .. b_lo + 2
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const int c = c_first + k, t = c / 5 - b_lo, d = c % 5, p3 = pow3(d);
+        int x = t == 0 ? by[i][0] : t == 1 ? by[i][1] : by[i][2];
+        x = x > 242 ? 121 : x;  // bytes above 242 are not base-3 trits: decode as zeros
+        const int trit = ((x * ((65535 + p3) / p3)) >> 16) % 3 - 1;
+        int acc = a[i][k];
+        if (!p.freeze) {  // frozen rows: accumulators zero, no votes (the rule's freeze)
+          if (p.decay > 0) acc = decay(acc, p.decay);
+          acc += v[i][k];
+        }
+        int q;
+        flips += live[i] ? settle(acc, trit, q, p) : 0;
+        // Columns past the row read trit 0, accumulator 0 and vote 0 (so they move nothing) and
+        // pack as trit 0.
+        if (c >= cols) q = 1;
+        a[i][k] = acc;
+        part[0] += t == 0 ? q * p3 : 0;
+        part[1] += t == 1 ? q * p3 : 0;
+        part[2] += t == 2 ? q * p3 : 0;
+      }
+      if (live[i] && !p.freeze && c_first < cols) {
+        int8_t* dst = t_acc + row[i] * cols + c_first;
+        if (acc_vec) {
+          int2 w;
+          w.x = (a[i][0] & 0xFF) | (a[i][1] & 0xFF) << 8 | (a[i][2] & 0xFF) << 16 | a[i][3] << 24;
+          w.y = (a[i][4] & 0xFF) | (a[i][5] & 0xFF) << 8 | (a[i][6] & 0xFF) << 16 | a[i][7] << 24;
+          *reinterpret_cast<int2*>(dst) = w;
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k)
+            if (c_first + k < cols) dst[k] = (int8_t)a[i][k];
+        }
+      } else if (live[i]) {  // frozen: the rule zeroes the accumulators
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+          if (c_first + k < cols) t_acc[row[i] * cols + c_first + k] = 0;
+      }
+      // Byte b_lo starts in the previous lane unless column c_first is its first: then the
+      // previous lane takes this lane's share of it.
+      const int head = 5 * b_lo == c_first ? 0 : part[0];
+      const int from_next = __shfl_down_sync(0xffffffffu, head, 1);
+      const int extra = j < 7 ? from_next : 81;  // lane 7: column 64, trit 0 (digit 1) x 3**4
+      if (spills) {
+        part[0] += t_end == 0 ? extra : 0;
+        part[1] += t_end == 1 ? extra : 0;
+        part[2] += t_end == 2 ? extra : 0;
+      }
+#pragma unroll
+      for (int t = 0; t < 3; ++t) {
+        const int b = b_lo + t;
+        if (live[i] && b < nb && 5 * b >= c_first && 5 * b <= c_first + 7)
+          packed[row[i] * nb + b] = (uint8_t)part[t];
+      }
+      if (p.scales && live[i]) {
+        int s = ea[i];
+        if (p.decay > 0) s = decay(s, p.decay);
+        s += ev[i];
+        const int m = clampi(trunc_div(s, p.s_threshold), -128 - e[i], 127 - e[i]);
+        s = clampi(s - m * p.s_threshold, -p.acc_max, p.acc_max);
+        if (j == 0) {
+          expo[row[i]] = (int8_t)(e[i] + m);
+          e_acc[row[i]] = (int8_t)s;
+          moves += abs(m);
+        }
+      }
+    }
+  }
+  // One atomic per block: warp sums, then the block's in shared memory.
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    flips += __shfl_xor_sync(0xffffffffu, flips, o);
+    moves += __shfl_xor_sync(0xffffffffu, moves, o);
+  }
+  __shared__ int block_sum[2];
+  if (threadIdx.x == 0) block_sum[0] = block_sum[1] = 0;
+  __syncthreads();
+  if (lane == 0) {
+    atomicAdd(&block_sum[0], flips);
+    atomicAdd(&block_sum[1], moves);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd(stats, block_sum[0]);
+    if (p.scales) atomicAdd(stats + 1, block_sum[1]);
+  }
+}
+
+template <typename V, int ROWS>
+int launch(int blocks, cudaStream_t stream, void* packed, void* t_acc, void* expo, void* e_acc,
+           const void* idx, const void* votes, const void* e_votes, void* stats, long long u,
+           int cols, int nb, bool vv, bool av, Rule p) {
+  rows_kernel<V, ROWS><<<blocks, 256, 0, stream>>>(
+      (uint8_t*)packed, (int8_t*)t_acc, (int8_t*)expo, (int8_t*)e_acc, (const int64_t*)idx,
+      (const V*)votes, (const int32_t*)e_votes, (int*)stats, u, cols, nb, vv, av, p);
+  return (int)cudaGetLastError();
+}
+
+template <typename V>
+int launch_rows(int rows, int blocks, cudaStream_t stream, void* packed, void* t_acc, void* expo,
+                void* e_acc, const void* idx, const void* votes, const void* e_votes, void* stats,
+                long long u, int cols, int nb, bool vv, bool av, Rule p) {
+  switch (rows) {
+    case 1: return launch<V, 1>(blocks, stream, packed, t_acc, expo, e_acc, idx, votes, e_votes, stats, u, cols, nb, vv, av, p);
+    case 2: return launch<V, 2>(blocks, stream, packed, t_acc, expo, e_acc, idx, votes, e_votes, stats, u, cols, nb, vv, av, p);
+    case 4: return launch<V, 4>(blocks, stream, packed, t_acc, expo, e_acc, idx, votes, e_votes, stats, u, cols, nb, vv, av, p);
+    default: return -2;
+  }
+}
+
+}  // namespace
+
+// vote_bytes: 1, 2 or 4 (int8, int16, int32 votes; scale votes are int32); rows: rows in flight per warp
+// (groups of four rows: 1, 2 or 4); blocks of 256 threads; votes_vec / acc_vec: whether every
+// row's votes / accumulators may be read eight columns at a time (cuda_rows.py decides);
+// memory_only: bench/gpu_update.py's floor (the loads and stores without the rule). Returns a
+// cudaError_t, or -1 / -2 for a bad vote width or
+// row count, -3 for rows wider than 64 columns.
+extern "C" int arbd_rows_update(int vote_bytes, int rows, int blocks, void* packed, void* t_acc,
+                                void* expo, void* e_acc, const void* idx, const void* votes,
+                                const void* e_votes, void* stats, long long u, int cols, int nb,
+                                int threshold, int decay, int freeze, int cap, int acc_max,
+                                int scales, int s_threshold, int votes_vec, int acc_vec,
+                                int memory_only, void* stream) {
+  if (cols < 1 || cols > 64 || nb != (cols + 4) / 5) return -3;
+  bool vv = votes_vec, av = acc_vec;
+  Rule p{threshold, decay, freeze, cap, acc_max, scales, s_threshold, memory_only};
+  cudaStream_t s = (cudaStream_t)stream;
+  switch (vote_bytes) {
+    case 4: return launch_rows<int32_t>(rows, blocks, s, packed, t_acc, expo, e_acc, idx, votes, e_votes, stats, u, cols, nb, vv, av, p);
+    case 2: return launch_rows<int16_t>(rows, blocks, s, packed, t_acc, expo, e_acc, idx, votes, e_votes, stats, u, cols, nb, vv, av, p);
+    case 1: return launch_rows<int8_t>(rows, blocks, s, packed, t_acc, expo, e_acc, idx, votes, e_votes, stats, u, cols, nb, vv, av, p);
+    default: return -1;
+  }
+}
