@@ -5,8 +5,9 @@ triton_update.apply_votes_rows takes it where it applies; ARBD_CUDA_ROWS says wh
 - "auto" (default): on a CUDA device with nvcc at hand, for updates of at most AUTO_MAX_ROWS
   rows, where it measured at least as fast as the Triton kernel on the H100 (16K touched rows of
   the 10M codebook: 0.055-0.089 against 0.108-0.121 ms; a tie at 262K). At 1M and 4M rows it was
-  4-10% slower (bench/RESULTS.md, "Touched-row update, round 3"). Where nvcc is missing or the build fails, the Triton kernel runs instead (one
-  warning): the step must not fail over a faster path;
+  4-10% slower (bench/RESULTS.md, "Touched-row update, round 3"). Without nvcc (the
+  runtime-only Docker image) the Triton kernel runs; if nvcc is there but the build fails, it
+  runs after one warning: the step must not fail over a faster path;
 - "on": wherever it applies (any row count), and a failed build is an error;
 - "off": never (the Triton kernel).
 
@@ -62,6 +63,9 @@ def usable(packed: torch.Tensor, cols: int, rows: int) -> bool:
         return False
     if switch == "auto":
         if _BUILD_FAILED is not None:
+            return False
+        if cuda_ext.nvcc() is None:  # a runtime-only image (docker/): Triton, without a word
+            _BUILD_FAILED = "nvcc not found"
             return False
         try:
             _library(packed.device)
