@@ -85,7 +85,7 @@ def _no_scale_votes(packed, t_accum, exponent, e_accum, idx, votes, e_votes, rul
 
 
 # (function, keyword arguments) of each variant; "default" is what TernaryMatrix calls (the CUDA
-# kernel on a GPU for rows of up to 64 trits, cuda_rows.py). cuda_rR_bB: R groups of four rows in
+# kernel for updates of up to cuda_rows.AUTO_MAX_ROWS rows of up to 64 trits, else Triton). cuda_rR_bB: R groups of four rows in
 # flight per warp, B blocks of 256 threads per SM (1000: a warp per 4R rows, no loop).
 VARIANTS = {
     "default": (apply_votes_rows, {}),

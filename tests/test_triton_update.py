@@ -102,10 +102,10 @@ def test_packings_and_block_loop_equal_torch(cols, knobs):
                                            scale_threshold=3), ROWS, TOUCHED, 11 + cols, **knobs)
 
 
-# The CUDA kernel (csrc/rows.cu), which apply_votes_rows takes by default on a GPU for rows of
-# up to 64 trits: every width's decode / encode shuffles, the odd widths' unpaired loads, each
-# rows-in-flight count, grids smaller than the rows (the warp loop), narrow votes, buffers that
-# start at an odd element.
+# The CUDA kernel (csrc/rows.cu), which apply_votes_rows takes by default on a GPU for updates
+# of up to cuda_rows.AUTO_MAX_ROWS rows of up to 64 trits: every width's byte split between lanes,
+# the element-wise loads of widths that are no multiple of 8, each rows-in-flight count, grids
+# smaller than the rows (the warp loop), narrow votes, buffers that start at an odd element.
 needs_cuda_rows = pytest.mark.skipif(DEVICE != "cuda" or cuda_ext.nvcc() is None,
                                      reason="needs a CUDA GPU and nvcc")
 

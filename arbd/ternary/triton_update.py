@@ -407,7 +407,7 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
         tab, row_mat, abs_sum, per_mat[0], ge, per_mat[1], stats, total,
         _f32_bits(rule.evidence_rate), _f32_bits(rule.scale_rate), _salt_bits(rule.salt),
         COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb, STOCHASTIC=stochastic, MAX_VOTE=rule.max_vote,
-        THRESHOLD=rule.threshold, DECAY=rule.decay_shift, FREEZE=bool(rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM), ROW_NORM=row_norm,
+        THRESHOLD=rule.threshold, DECAY=rule.decay_shift, FREEZE=freeze, ROW_NORM=row_norm,
         CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales, NORM_SCALES=norm_scales,
         S_THRESHOLD=rule.scale_threshold, ROW_IDS=row_ids, num_warps=num_warps,
         enable_fp_fusion=False)
@@ -626,7 +626,8 @@ def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torc
     cols, nb = t_accum.shape[1], packed.shape[1]
     if packing_mode == "cuda" or (packing_mode is None
                                   and cuda_rows.usable(packed, cols, idx.numel())):
-        return cuda_rows.apply_votes_rows(packed, t_accum, exponent, e_accum, idx, votes, e_votes, rule)
+        return cuda_rows.apply_votes_rows(packed, t_accum, exponent, e_accum, idx, votes, e_votes,
+                                          rule)
     stats = torch.zeros(2, dtype=torch.int32, device=packed.device)
     u = idx.numel()
     if u == 0:

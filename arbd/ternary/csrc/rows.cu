@@ -24,6 +24,19 @@
 
 namespace {
 
+// The matrix's buffers and the update's inputs (cuda_rows.py documents them).
+struct Buffers {
+  uint8_t* packed;
+  int8_t *t_acc, *expo, *e_acc;
+  const int64_t* idx;
+  const void* votes;  // int8, int16 or int32: the kernel's V
+  const int32_t* e_votes;
+  int* stats;
+  long long u;
+  int cols, nb;
+  bool votes_vec, acc_vec;  // every row's votes / accumulators load eight columns at a time
+};
+
 struct Rule {
   int threshold, decay, freeze, cap, acc_max, scales, s_threshold;
   int memory_only;  // bench only: the same loads and stores, no rule (the access pattern's floor)
@@ -59,6 +72,19 @@ __device__ __forceinline__ int decay(int a, int shift) {
   return a - (a < 0 ? -q : q);
 }
 
+// Eight int8 values of two 32-bit words, sign-extended, and back.
+__device__ __forceinline__ void unpack8(int2 w, int (&v)[8]) {
+#pragma unroll
+  for (int k = 0; k < 8; ++k) v[k] = ((k < 4 ? w.x : w.y) << (24 - 8 * (k % 4))) >> 24;
+}
+
+__device__ __forceinline__ int2 pack8(const int (&v)[8]) {
+  int2 w;
+  w.x = (v[0] & 0xFF) | (v[1] & 0xFF) << 8 | (v[2] & 0xFF) << 16 | v[3] << 24;
+  w.y = (v[4] & 0xFF) | (v[5] & 0xFF) << 8 | (v[6] & 0xFF) << 16 | v[7] << 24;
+  return w;
+}
+
 // Eight consecutive votes (16-byte aligned for 16- and 32-bit votes, 8-byte for 8-bit), read past
 // the caches: they are used once.
 template <typename V>
@@ -75,20 +101,24 @@ __device__ __forceinline__ void load8(const V* p, int (&v)[8]) {
       v[2 * k + 1] = w[k] >> 16;
     }
   } else {
-    int2 a = __ldcs(reinterpret_cast<const int2*>(p));
-#pragma unroll
-    for (int k = 0; k < 8; ++k) v[k] = ((k < 4 ? a.x : a.y) << (24 - 8 * (k % 4))) >> 24;
+    unpack8(__ldcs(reinterpret_cast<const int2*>(p)), v);
   }
 }
 
 __device__ __forceinline__ int pow3(int d) { return d == 0 ? 1 : d == 1 ? 3 : d == 2 ? 9 : d == 3 ? 27 : 81; }
 
 template <typename V, int ROWS>
-__global__ void __launch_bounds__(256) rows_kernel(
-    uint8_t* __restrict__ packed, int8_t* __restrict__ t_acc, int8_t* __restrict__ expo,
-    int8_t* __restrict__ e_acc, const int64_t* __restrict__ idx, const V* __restrict__ votes,
-    const int32_t* __restrict__ e_votes, int* __restrict__ stats, long long u, int cols, int nb,
-    bool votes_vec, bool acc_vec, Rule p) {
+__global__ void __launch_bounds__(256) rows_kernel(Buffers buf, Rule p) {
+  uint8_t* __restrict__ packed = buf.packed;
+  int8_t* __restrict__ t_acc = buf.t_acc;
+  int8_t* __restrict__ expo = buf.expo;
+  int8_t* __restrict__ e_acc = buf.e_acc;
+  const int64_t* __restrict__ idx = buf.idx;
+  const V* __restrict__ votes = static_cast<const V*>(buf.votes);
+  const int32_t* __restrict__ e_votes = buf.e_votes;
+  const long long u = buf.u;
+  const int cols = buf.cols, nb = buf.nb;
+  const bool votes_vec = buf.votes_vec, acc_vec = buf.acc_vec;
   const int lane = threadIdx.x & 31, grp = lane >> 3, j = lane & 7;
   const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
   const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
@@ -97,6 +127,8 @@ __global__ void __launch_bounds__(256) rows_kernel(
   // The byte holding column c_first + 7 runs into the next lane when it ends past it.
   const int t_end = (c_first + 7) / 5 - b_lo;
   const bool spills = 5 * (b_lo + t_end) + 4 > c_first + 7;
+  // The lane writes the bytes whose first column it holds.
+  auto owns = [&](int b) { return b < nb && 5 * b >= c_first && 5 * b <= c_first + 7; };
   int flips = 0, moves = 0;
 
   for (long long g0 = warp; g0 < groups; g0 += warps * ROWS) {
@@ -131,9 +163,7 @@ __global__ void __launch_bounds__(256) rows_kernel(
       if (live[i] && !p.freeze && c_first < cols) {
         const int8_t* src = t_acc + row[i] * cols + c_first;
         if (acc_vec) {
-          int2 w = *reinterpret_cast<const int2*>(src);
-#pragma unroll
-          for (int k = 0; k < 8; ++k) a[i][k] = ((k < 4 ? w.x : w.y) << (24 - 8 * (k % 4))) >> 24;
+          unpack8(*reinterpret_cast<const int2*>(src), a[i]);
         } else {
 #pragma unroll
           for (int k = 0; k < 8; ++k)
@@ -148,16 +178,14 @@ __global__ void __launch_bounds__(256) rows_kernel(
       for (int i = 0; i < ROWS; ++i) {
         if (!live[i]) continue;
         if (c_first < cols && acc_vec) {
-          int2 w;
-          w.x = (a[i][0] & 0xFF) | (a[i][1] & 0xFF) << 8 | (a[i][2] & 0xFF) << 16 | a[i][3] << 24;
-          w.y = (a[i][4] & 0xFF) | (a[i][5] & 0xFF) << 8 | (a[i][6] & 0xFF) << 16 | a[i][7] << 24;
+          int2 w = pack8(a[i]);
           w.x ^= v[i][0] & 0x01010101;  // keep the votes' loads alive
           *reinterpret_cast<int2*>(t_acc + row[i] * cols + c_first) = w;
         }
 #pragma unroll
         for (int t = 0; t < 3; ++t) {
           const int b = b_lo + t;
-          if (b < nb && 5 * b >= c_first && 5 * b <= c_first + 7) packed[row[i] * nb + b] = by[i][t];
+          if (owns(b)) packed[row[i] * nb + b] = by[i][t];
         }
         if (j == 0 && p.scales) {
           expo[row[i]] = e[i];
@@ -190,22 +218,16 @@ __global__ void __launch_bounds__(256) rows_kernel(
         part[1] += t == 1 ? q * p3 : 0;
         part[2] += t == 2 ? q * p3 : 0;
       }
-      if (live[i] && !p.freeze && c_first < cols) {
+      // Frozen rows were read as zero and stay zero: the rule zeroes their accumulators.
+      if (live[i] && c_first < cols) {
         int8_t* dst = t_acc + row[i] * cols + c_first;
         if (acc_vec) {
-          int2 w;
-          w.x = (a[i][0] & 0xFF) | (a[i][1] & 0xFF) << 8 | (a[i][2] & 0xFF) << 16 | a[i][3] << 24;
-          w.y = (a[i][4] & 0xFF) | (a[i][5] & 0xFF) << 8 | (a[i][6] & 0xFF) << 16 | a[i][7] << 24;
-          *reinterpret_cast<int2*>(dst) = w;
+          *reinterpret_cast<int2*>(dst) = pack8(a[i]);
         } else {
 #pragma unroll
           for (int k = 0; k < 8; ++k)
             if (c_first + k < cols) dst[k] = (int8_t)a[i][k];
         }
-      } else if (live[i]) {  // frozen: the rule zeroes the accumulators
-#pragma unroll
-        for (int k = 0; k < 8; ++k)
-          if (c_first + k < cols) t_acc[row[i] * cols + c_first + k] = 0;
       }
       // Byte b_lo starts in the previous lane unless column c_first is its first: then the
       // previous lane takes this lane's share of it.
@@ -220,8 +242,7 @@ __global__ void __launch_bounds__(256) rows_kernel(
 #pragma unroll
       for (int t = 0; t < 3; ++t) {
         const int b = b_lo + t;
-        if (live[i] && b < nb && 5 * b >= c_first && 5 * b <= c_first + 7)
-          packed[row[i] * nb + b] = (uint8_t)part[t];
+        if (live[i] && owns(b)) packed[row[i] * nb + b] = (uint8_t)part[t];
       }
       if (p.scales && live[i]) {
         int s = ea[i];
@@ -252,41 +273,29 @@ __global__ void __launch_bounds__(256) rows_kernel(
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    atomicAdd(stats, block_sum[0]);
-    if (p.scales) atomicAdd(stats + 1, block_sum[1]);
+    atomicAdd(buf.stats, block_sum[0]);
+    if (p.scales) atomicAdd(buf.stats + 1, block_sum[1]);
   }
-}
-
-template <typename V, int ROWS>
-int launch(int blocks, cudaStream_t stream, void* packed, void* t_acc, void* expo, void* e_acc,
-           const void* idx, const void* votes, const void* e_votes, void* stats, long long u,
-           int cols, int nb, bool vv, bool av, Rule p) {
-  rows_kernel<V, ROWS><<<blocks, 256, 0, stream>>>(
-      (uint8_t*)packed, (int8_t*)t_acc, (int8_t*)expo, (int8_t*)e_acc, (const int64_t*)idx,
-      (const V*)votes, (const int32_t*)e_votes, (int*)stats, u, cols, nb, vv, av, p);
-  return (int)cudaGetLastError();
 }
 
 template <typename V>
-int launch_rows(int rows, int blocks, cudaStream_t stream, void* packed, void* t_acc, void* expo,
-                void* e_acc, const void* idx, const void* votes, const void* e_votes, void* stats,
-                long long u, int cols, int nb, bool vv, bool av, Rule p) {
+int launch(int rows, int blocks, cudaStream_t stream, const Buffers& buf, const Rule& p) {
   switch (rows) {
-    case 1: return launch<V, 1>(blocks, stream, packed, t_acc, expo, e_acc, idx, votes, e_votes, stats, u, cols, nb, vv, av, p);
-    case 2: return launch<V, 2>(blocks, stream, packed, t_acc, expo, e_acc, idx, votes, e_votes, stats, u, cols, nb, vv, av, p);
-    case 4: return launch<V, 4>(blocks, stream, packed, t_acc, expo, e_acc, idx, votes, e_votes, stats, u, cols, nb, vv, av, p);
+    case 1: rows_kernel<V, 1><<<blocks, 256, 0, stream>>>(buf, p); break;
+    case 2: rows_kernel<V, 2><<<blocks, 256, 0, stream>>>(buf, p); break;
+    case 4: rows_kernel<V, 4><<<blocks, 256, 0, stream>>>(buf, p); break;
     default: return -2;
   }
+  return (int)cudaGetLastError();
 }
 
 }  // namespace
 
-// vote_bytes: 1, 2 or 4 (int8, int16, int32 votes; scale votes are int32); rows: rows in flight per warp
-// (groups of four rows: 1, 2 or 4); blocks of 256 threads; votes_vec / acc_vec: whether every
+// vote_bytes: 1, 2 or 4 (int8, int16, int32 votes; scale votes are int32); rows: groups of four
+// rows in flight per warp (1, 2 or 4); blocks of 256 threads; votes_vec / acc_vec: whether every
 // row's votes / accumulators may be read eight columns at a time (cuda_rows.py decides);
 // memory_only: bench/gpu_update.py's floor (the loads and stores without the rule). Returns a
-// cudaError_t, or -1 / -2 for a bad vote width or
-// row count, -3 for rows wider than 64 columns.
+// cudaError_t, or -1 / -2 for a bad vote width or row count, -3 for rows wider than 64 columns.
 extern "C" int arbd_rows_update(int vote_bytes, int rows, int blocks, void* packed, void* t_acc,
                                 void* expo, void* e_acc, const void* idx, const void* votes,
                                 const void* e_votes, void* stats, long long u, int cols, int nb,
@@ -294,13 +303,14 @@ extern "C" int arbd_rows_update(int vote_bytes, int rows, int blocks, void* pack
                                 int scales, int s_threshold, int votes_vec, int acc_vec,
                                 int memory_only, void* stream) {
   if (cols < 1 || cols > 64 || nb != (cols + 4) / 5) return -3;
-  bool vv = votes_vec, av = acc_vec;
+  Buffers buf{(uint8_t*)packed, (int8_t*)t_acc, (int8_t*)expo, (int8_t*)e_acc, (const int64_t*)idx,
+              votes, (const int32_t*)e_votes, (int*)stats, u, cols, nb, votes_vec != 0, acc_vec != 0};
   Rule p{threshold, decay, freeze, cap, acc_max, scales, s_threshold, memory_only};
   cudaStream_t s = (cudaStream_t)stream;
   switch (vote_bytes) {
-    case 4: return launch_rows<int32_t>(rows, blocks, s, packed, t_acc, expo, e_acc, idx, votes, e_votes, stats, u, cols, nb, vv, av, p);
-    case 2: return launch_rows<int16_t>(rows, blocks, s, packed, t_acc, expo, e_acc, idx, votes, e_votes, stats, u, cols, nb, vv, av, p);
-    case 1: return launch_rows<int8_t>(rows, blocks, s, packed, t_acc, expo, e_acc, idx, votes, e_votes, stats, u, cols, nb, vv, av, p);
+    case 4: return launch<int32_t>(rows, blocks, s, buf, p);
+    case 2: return launch<int16_t>(rows, blocks, s, buf, p);
+    case 1: return launch<int8_t>(rows, blocks, s, buf, p);
     default: return -1;
   }
 }
