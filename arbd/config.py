@@ -61,6 +61,10 @@ class ARBConfig:
     kgvq_size: int = KGVQ_CODEBOOK_SIZE
     vq_candidates: int = 64
     vq_exact_max: int = 65_536
+    # Codebook state as four arrays (83 B per 64-trit row with usage: the 1.3 B/trit bound) or
+    # one 80-byte record per row (84 B, 1.3125 B/trit; touched-row updates 1.3-1.6x faster on
+    # the GPU: docs/decisions.md, "Row records for the codebooks").
+    vq_state_layout: str = "arrays"
 
     # MLA attention (DeepSeek style low-rank Q and KV, decoupled RoPE key). 40 heads x 12 layers
     # lands on seed 14's 826.8M; 40 heads split evenly over tp = 2, 4, 8.
@@ -128,6 +132,9 @@ class ARBConfig:
         if self.moe_top_k > self.n_experts:
             raise ValueError(f"ARBConfig.moe_top_k: expected <= n_experts ({self.n_experts}), "
                              f"got {self.moe_top_k}")
+        if self.vq_state_layout not in ("arrays", "record"):
+            raise ValueError(f"ARBConfig.vq_state_layout: expected 'arrays' or 'record', got "
+                             f"{self.vq_state_layout!r}")
         if self.vq_candidates > self.vq_exact_max:  # candidate lookup must be cheaper than exact
             raise ValueError(
                 f"ARBConfig.vq_candidates: expected <= vq_exact_max ({self.vq_exact_max}), "

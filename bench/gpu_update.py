@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from arbd.ternary import cuda_rows, packing  # noqa: E402
 from arbd.ternary.rule import TUNED_RULE, apply_votes  # noqa: E402
+from arbd.ternary.state import record_width, row_records  # noqa: E402
 from arbd.ternary.triton_update import apply_votes_rows  # noqa: E402
 from arbd.vq.codebook import TernaryVQCodebook  # noqa: E402
 
@@ -103,6 +104,15 @@ VARIANTS = {
     "floor_without_row_bytes": (_no_scale_votes, dict(rows_in_flight=1, blocks_per_sm=3,
                                                       _memory_only=True)),
     "cuda_r1_b3_without_row_bytes": (_no_scale_votes, dict(rows_in_flight=1, blocks_per_sm=3)),
+    # The record kernel (a lane per 64-trit row record; only with --layouts record), B blocks
+    # of 256 threads per SM, and its floor.
+    **{f"record_b{b}": (cuda_rows.apply_votes_rows, dict(kernel="record", blocks_per_sm=b))
+       for b in (1, 2, 4, 8, 16)},
+    **{f"record_m{m}_b{b}": (cuda_rows.apply_votes_rows,
+                             dict(kernel="record", blocks_per_sm=b, min_blocks=m))
+       for m, b in ((3, 3), (3, 12), (4, 4), (4, 16))},
+    "floor_record_b4": (cuda_rows.apply_votes_rows,
+                        dict(kernel="record", blocks_per_sm=4, _memory_only=True)),
 }
 
 
@@ -121,13 +131,21 @@ def _timer(device: str):
     return run
 
 
-def _random_state(rows: int, cols: int, g: torch.Generator, device: str) -> list[torch.Tensor]:
-    """packed uint8, t_accum int8, exponent int8, e_accum int8: random, valid, never all zero."""
+def _random_state(rows: int, cols: int, g: torch.Generator, device: str,
+                  layout: str = "arrays") -> list[torch.Tensor]:
+    """packed uint8, t_accum int8, exponent int8, e_accum int8: random, valid, never all zero;
+    four arrays, or (layout "record") the views of one row record each (state.row_records)."""
     nb = packing.packed_cols(cols)
-    return [torch.randint(0, 243, (rows, nb), generator=g, device=device, dtype=torch.uint8),
-            torch.randint(-127, 128, (rows, cols), generator=g, device=device, dtype=torch.int8),
-            torch.randint(-128, 128, (rows,), generator=g, device=device, dtype=torch.int8),
-            torch.randint(-127, 128, (rows,), generator=g, device=device, dtype=torch.int8)]
+    state = [torch.randint(0, 243, (rows, nb), generator=g, device=device, dtype=torch.uint8),
+             torch.randint(-127, 128, (rows, cols), generator=g, device=device, dtype=torch.int8),
+             torch.randint(-128, 128, (rows,), generator=g, device=device, dtype=torch.int8),
+             torch.randint(-127, 128, (rows,), generator=g, device=device, dtype=torch.int8)]
+    if layout == "arrays":
+        return state
+    views = list(row_records(rows, cols, device)[1:])
+    for v, t in zip(views, state):
+        v.copy_(t)
+    return views
 
 
 def _torch_rule_rows(state: list[torch.Tensor], idx, votes, e_votes, rule, cols: int):
@@ -141,10 +159,10 @@ def _torch_rule_rows(state: list[torch.Tensor], idx, votes, e_votes, rule, cols:
     return out, [int(st["trit_flips"]), int(st["scale_moves"])]
 
 
-def _sector_bytes(idx: torch.Tensor, nb: int, cols: int) -> int:
+def _sector_bytes(idx: torch.Tensor, nb: int, cols: int, layout: str = "arrays") -> int:
     """Bytes in whole 32-byte sectors the update must move: votes, scale votes and ids stream in
-    once; every distinct sector of packed / t_accum / exponent / e_accum that a touched row
-    lies in is read once and written once (DRAM moves sectors, not bytes)."""
+    once; every distinct sector of packed / t_accum / exponent / e_accum (or of the row record)
+    that a touched row lies in is read once and written once (DRAM moves sectors, not bytes)."""
     def sectors(start, length):
         first, last = start // 32, (start + length - 1) // 32
         s = torch.cat([first, last]) if length > 1 else first
@@ -152,6 +170,10 @@ def _sector_bytes(idx: torch.Tensor, nb: int, cols: int) -> int:
 
     u = idx.numel()
     i = idx.long()
+    if layout == "record":
+        w = record_width(cols)
+        first, last = i * w // 32, (i * w + w - 1) // 32
+        return u * (4 * cols + 4 + 8) + 2 * 32 * int((last - first + 1).sum())
     packed_s = sectors(i * nb, nb)
     exp_s = sectors(i, 1)
     t_acc = 2 * u * ((cols + 31) // 32) * 32   # 64-byte rows: whole sectors
@@ -176,19 +198,20 @@ def sweep(args) -> dict:
         variants["old_b16"] = (base.apply_votes_rows, dict(block_r=16))
         variants["old_b32"] = (base.apply_votes_rows, dict(block_r=32))
     cols, rule = 64, TUNED_RULE
-    for case in args.cases.split(","):
+    for case, layout in [(c, lay) for c in args.cases.split(",") for lay in args.layouts.split(",")]:
         rows, u, order = case.split(":")
         rows, u = int(rows), int(u)
         g = torch.Generator(device=dev).manual_seed(rows + u)
-        state0 = _random_state(rows, cols, g, dev)
+        state0 = _random_state(rows, cols, g, dev, layout)
         idx = torch.randperm(rows, generator=g, device=dev)[:u]
         if order == "sorted":                # what TernaryMatrix.votes() hands over
             idx = idx.sort().values
         votes = torch.randint(-40, 41, (u, cols), generator=g, device=dev, dtype=torch.int32)
         e_votes = torch.randint(-20, 21, (u,), generator=g, device=dev, dtype=torch.int32)
         want, want_stats = _torch_rule_rows(state0, idx, votes, e_votes, rule, cols)
-        head = {"rows": rows, "touched": u, "order": order, "torch_stats": want_stats,
-                "sector_bytes": _sector_bytes(idx, state0[0].shape[1], cols)}
+        head = {"rows": rows, "touched": u, "order": order, "layout": layout,
+                "torch_stats": want_stats,
+                "sector_bytes": _sector_bytes(idx, state0[0].shape[1], cols, layout)}
         if not args.no_cpu_check:
             # the CPU torch rule on the touched rows' state, against the GPU torch rule
             t0 = time.perf_counter()
@@ -200,16 +223,20 @@ def sweep(args) -> dict:
                 torch.equal(a, w[idx].cpu()) for a, w in zip(cpu_new, want)))
             head["cpu_check_s"] = round(time.perf_counter() - t0, 1)
         print(head, flush=True)
-        work = [t.clone() for t in state0]
+        work = _random_state(rows, cols, g, dev, layout)
         for name, (fn, kw) in variants.items():
             for w, s0 in zip(work, state0):
                 w.copy_(s0)
-            stats = fn(*work, idx, votes, e_votes, rule, **kw)
+            try:
+                stats = fn(*work, idx, votes, e_votes, rule, **kw)
+            except ValueError as err:   # a kernel for the other layout
+                print(f"{name} skipped on {layout}: {err}", flush=True)
+                continue
             equal = stats.tolist() == want_stats and all(
                 torch.equal(a, b) for a, b in zip(work, want))
             ms = timed_ms(lambda: fn(*work, idx, votes, e_votes, rule, **kw))
             rate = u * ROW_BYTES / (ms / 1e3)
-            row = {**{k: head[k] for k in ("rows", "touched", "order")}, "variant": name,
+            row = {**{k: head[k] for k in ("rows", "touched", "order", "layout")}, "variant": name,
                    "equal_torch": equal, "ms": ms, "GB_per_s": rate / 1e9,
                    "pct_of_copy_bw": 100 * rate / bw,
                    "sector_pct_of_copy_bw": 100 * head["sector_bytes"] / (ms / 1e3) / bw}
@@ -225,9 +252,9 @@ def sweep(args) -> dict:
                   kern.n_spills, "spills", flush=True)
     except Exception as e:  # noqa: BLE001 - a report only
         print("no register report:", e)
-    print("\n| rows | touched | order | variant | equal | ms | GB/s | % copy | % copy (sectors) |")
+    print("\n| rows | touched | order | layout | variant | equal | ms | GB/s | % copy | % copy (sectors) |")
     for r in out["results"]:
-        print(f"| {r['rows']:,} | {r['touched']:,} | {r['order']} | {r['variant']} | "
+        print(f"| {r['rows']:,} | {r['touched']:,} | {r['order']} | {r['layout']} | {r['variant']} | "
               f"{r['equal_torch']} | {r['ms']:.4f} | {r['GB_per_s']:.0f} | "
               f"{r['pct_of_copy_bw']:.1f} | {r['sector_pct_of_copy_bw']:.1f} |")
     return out
@@ -244,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "10000000:262144:random,10000000:16384:random",
                    help="sweep: rows:touched:random|sorted, ...")
     p.add_argument("--variants", default=None, help="sweep: comma-separated VARIANTS keys")
+    p.add_argument("--layouts", default="arrays", help="sweep: state layouts, arrays and/or record "
+                   "(one row record per row, arbd.ternary.state.row_records)")
     p.add_argument("--baseline", default=None, help="sweep: an earlier triton_update.py to time")
     p.add_argument("--no-cpu-check", action="store_true")
     args = p.parse_args(argv)

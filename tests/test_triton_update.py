@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from arbd.ternary import cuda_ext, cuda_rows  # noqa: E402
 from arbd.ternary import triton_update as tk  # noqa: E402
 from arbd.ternary.rule import MIN_ROW_FOR_ROW_NORM, TUNED_RULE, TernaryRule  # noqa: E402
-from arbd.ternary.state import TernaryMatrix  # noqa: E402
+from arbd.ternary.state import TernaryMatrix, row_records  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -43,13 +43,20 @@ def _random_matrix(rows, cols, g):
 
 
 def _check_against_torch(cols, rule, rows, u, seed, vote_dtype=torch.int32, launch=None,
-                         offset=0, **kernel_args):
+                         offset=0, record=False, **kernel_args):
     """launch (default tk.apply_votes_rows) on a random state and votes against the torch rule.
-    offset: the votes and t_accum start that many elements into a larger buffer."""
+    offset: the votes and t_accum start that many elements into a larger buffer. record: the
+    state lives in one row record per row (state.row_records), so every buffer is strided (then
+    only the votes are offset)."""
     g = torch.Generator().manual_seed(seed)
     ref = _random_matrix(rows, cols, g)
     got = copy.deepcopy(ref).to(DEVICE)
-    if offset:
+    if record:
+        views = row_records(rows, cols, DEVICE)[1:]
+        for name, view in zip(("packed", "t_accum", "exponent", "e_accum"), views):
+            view.copy_(getattr(ref, name))
+            setattr(got, name, view)
+    if offset and not record:
         buf = torch.zeros(rows * cols + offset, dtype=torch.int8, device=DEVICE)
         got.t_accum = buf[offset:].view(rows, cols)
         got.t_accum.copy_(ref.t_accum)
@@ -102,6 +109,23 @@ def test_packings_and_block_loop_equal_torch(cols, knobs):
                                            scale_threshold=3), ROWS, TOUCHED, 11 + cols, **knobs)
 
 
+# The state as one record per row: every buffer strided, t_accum's 8-byte loads still aligned.
+@pytest.mark.parametrize("cols,knobs", [
+    (64, dict(packing_mode="gather")), (37, dict(packing_mode="gather")),
+    (64, dict(packing_mode="scan")), (13, dict(packing_mode="scan")), (1, dict()),
+], ids=["g64", "g37", "s64", "s13", "default1"])
+def test_row_records_equal_torch(cols, knobs):
+    _check_against_torch(cols, TUNED_RULE, 300, 77, 400 + cols, record=True, **knobs)
+
+
+def test_a_buffer_with_strided_columns_is_refused():
+    every_other = torch.zeros(10, 16, dtype=torch.int8)[:, ::2]
+    with pytest.raises(ValueError, match="unit column stride"):
+        tk.apply_votes_rows(torch.zeros(10, 2, dtype=torch.uint8), every_other,
+                            torch.zeros(10, dtype=torch.int8), torch.zeros(10, dtype=torch.int8),
+                            torch.arange(3), torch.zeros(3, 8, dtype=torch.int32), None, TUNED_RULE)
+
+
 # The CUDA kernel (csrc/rows.cu), which apply_votes_rows takes by default on a GPU for updates
 # of up to cuda_rows.AUTO_MAX_ROWS rows of up to 64 trits: every width's byte split between lanes,
 # the element-wise loads of widths that are no multiple of 8, each rows-in-flight count, grids
@@ -132,8 +156,11 @@ def test_cuda_kernel_equals_torch(cols, rule):
     (64, torch.int32, dict(offset=1)),
     (64, torch.int16, dict(offset=3, rows_in_flight=4)),
     (16, torch.int8, dict(offset=1, rows_in_flight=1, blocks_per_sm=1)),
+    (64, torch.int32, dict(record=True, kernel="rows")),
+    (37, torch.int16, dict(record=True, rows_in_flight=2)),
+    (5, torch.int32, dict(record=True)),
 ], ids=["r1_b1", "r4_b8", "odd37_b1", "i16_r4", "i8", "i16_50", "unaligned", "unaligned_i16",
-        "unaligned_i8_16"])
+        "unaligned_i8_16", "record64_rows_kernel", "record37_i16", "record5"])
 def test_cuda_kernel_launches_equal_torch(cols, vote_dtype, knobs):
     _check_against_torch(cols, TernaryRule(threshold=5, decay_shift=3, saturated_cap=20,
                                            scale_threshold=3), ROWS, TOUCHED, 31 + cols,
@@ -291,3 +318,33 @@ def test_kernel_updates_invalidate_a_held_decoded_weight(path, monkeypatch):
     fresh = packing.decode(m.packed, m.exponent, 64, torch.float32)   # same device, same product
     assert torch.equal(layer(x), x @ fresh.t())
     del keep
+
+
+# The record kernel (one lane per 64-trit row record): every rule, vote width and a grid smaller
+# than the rows (the lane loop); misaligned votes fall back to the four-rows-per-warp kernel.
+@pytest.mark.gpu
+@needs_cuda_rows
+@pytest.mark.parametrize("rule", RULES, ids=["tuned", "default", "cap_decay", "no_scales"])
+@pytest.mark.parametrize("vote_dtype", [torch.int32, torch.int16, torch.int8],
+                         ids=["i32", "i16", "i8"])
+def test_cuda_record_kernel_equals_torch(rule, vote_dtype):
+    want = _check_against_torch(64, rule, ROWS, TOUCHED, 500, vote_dtype=vote_dtype, record=True,
+                                launch=cuda_rows.apply_votes_rows, kernel="record")
+    assert want["trit_flips"] > 0
+
+
+@pytest.mark.gpu
+@needs_cuda_rows
+@pytest.mark.parametrize("knobs", [dict(blocks_per_sm=1), dict(offset=4)], ids=["b1", "unaligned"])
+def test_cuda_record_kernel_launches_equal_torch(knobs):
+    _check_against_torch(64, TernaryRule(threshold=5, decay_shift=3, saturated_cap=20,
+                                         scale_threshold=3), ROWS, TOUCHED, 501, record=True,
+                         launch=cuda_rows.apply_votes_rows, **knobs)
+
+
+def test_record_base_accepts_only_the_row_record_views():
+    rec, packed, t_acc, exp, e_acc = row_records(10, 64)
+    assert cuda_rows.record_base(packed, t_acc, exp, e_acc) == (rec.data_ptr(), 80)
+    assert cuda_rows.record_base(packed, t_acc, e_acc, exp) is None          # fields swapped
+    assert cuda_rows.record_base(packed.clone(), t_acc, exp, e_acc) is None  # not one record
+    assert cuda_rows.record_base(*row_records(10, 37)[1:]) is None           # not 64 trits

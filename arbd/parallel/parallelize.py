@@ -46,7 +46,7 @@ def _sharded_twin(cb: TernaryVQCodebook, group) -> ShardedTernaryVQCodebook:
         cb.num_codes, cb.dim, group=group, semantics="micro", candidate_count=cb.candidate_count,
         exact_max=cb.exact_max, cell_size=cb.cell_size, beta=cb.beta, hash_seed=cb.hash_seed,
         max_chunk_bytes=cb.max_chunk_bytes, check_finite=cb.check_finite,
-        device=cb.matrix.packed.device)
+        device=cb.matrix.packed.device, state_layout=cb.matrix.layout)
 
 
 def shard_codebooks(model: ARBModel, group) -> None:

@@ -174,7 +174,8 @@ class ShardedTernaryVQCodebook(CodebookCommon, nn.Module):
                  semantics: str = "concat", candidate_count: int = 64, exact_max: int = 65_536,
                  cell_size: int = DEFAULT_CELL_SIZE, beta: float = 0.25, init_std: float = 1.0,
                  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, hash_seed: int = 0x5EED,
-                 check_finite: bool = True, device: torch.device | str | None = None) -> None:
+                 check_finite: bool = True, device: torch.device | str | None = None,
+                 state_layout: str = "arrays") -> None:
         super().__init__()
         self.group = group
         self._dist = dist.is_available() and dist.is_initialized()
@@ -199,7 +200,8 @@ class ShardedTernaryVQCodebook(CodebookCommon, nn.Module):
         self.layout = CellLayout(num_codes, self.hasher.bits)
         self.matrix = PlacedTernaryMatrix(self.row_stop - self.row_start, dim, hasher=self.hasher,
                                           layout=self.layout, std=float(init_std), seed=hash_seed,
-                                          device=device, global_range=(self.row_start, self.row_stop))
+                                          device=device, global_range=(self.row_start, self.row_stop),
+                                          state_layout=state_layout)
         self.register_buffer("usage", torch.zeros(self.local_rows, dtype=torch.int32,
                                                   device=device))
         self._bounds_t = torch.tensor(self.bounds, dtype=torch.int64, device=device)
@@ -257,7 +259,9 @@ class ShardedTernaryVQCodebook(CodebookCommon, nn.Module):
 
     def state_bytes(self) -> int:
         """Persistent bytes held by this rank (its block of the matrix and of the usage)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return self.matrix.state_bytes() + sum(   # the matrix's row records count whole
+            b.numel() * b.element_size() for n, b in self.named_buffers()
+            if not n.startswith("matrix."))
 
     def owner_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Group rank that owns each global row id (ids assumed in range)."""

@@ -71,6 +71,35 @@ def update_fused(members: list[tuple["TernaryMatrix", Any]], rule: TernaryRule) 
     return counts
 
 
+_STATE_BUFFERS = ("packed", "t_accum", "exponent", "e_accum")
+
+
+def record_width(cols: int) -> int:
+    """Bytes of one row record (row_records): trit accumulators, packed trits, exponent, scale
+    accumulator, rounded up to 16 so that every record starts 16-byte aligned (80 for 64 cols)."""
+    return -(-(cols + packing.packed_cols(cols) + 2) // 16) * 16
+
+
+def row_records(rows: int, cols: int, device=None) -> tuple[torch.Tensor, ...]:
+    """One uint8 [rows, record_width(cols)] buffer and its views (packed uint8 [rows, nb],
+    t_accum int8 [rows, cols], exponent int8 [rows], e_accum int8 [rows]).
+
+    A touched-row update reads and writes every field of a row. Kept in four arrays, a random
+    row costs a 32-byte sector per array for its 13 packed bytes and each 1-byte field: 636 DRAM
+    bytes per row where 426 are needed (bench/RESULTS.md, "Touched-row update, round 3"). As
+    one record per row (t_accum at 0 so its 8-byte loads stay aligned, then packed, exponent,
+    e_accum) the row's state lies in three sectors."""
+    rec = torch.zeros(rows, record_width(cols), dtype=torch.uint8, device=device)
+    return (rec, *record_views(rec, cols))
+
+
+def record_views(rec: torch.Tensor, cols: int) -> tuple[torch.Tensor, ...]:
+    """(packed, t_accum, exponent, e_accum) views of uint8 records [rows, record_width(cols)]."""
+    nb = packing.packed_cols(cols)
+    return (rec[:, cols:cols + nb], rec[:, :cols].view(torch.int8),
+            rec[:, cols + nb].view(torch.int8), rec[:, cols + nb + 1].view(torch.int8))
+
+
 @dataclass(frozen=True)
 class TPShard:
     """Where a tensor-parallel TernaryMatrix sits in the whole matrix.
@@ -134,16 +163,23 @@ class TernaryMatrix(nn.Module):
 
     def __init__(self, rows: int, cols: int, *, std: float | None = None,
                  init: str = "random", generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, layout: str = "arrays") -> None:
         super().__init__()
         if rows <= 0 or cols <= 0:
             raise ValueError(f"TernaryMatrix needs positive rows and cols, got {rows} x {cols}")
+        if layout not in ("arrays", "record"):
+            raise ValueError(f"layout must be 'arrays' or 'record', got {layout!r}")
         self.rows, self.cols = rows, cols
-        nb = packing.packed_cols(cols)
-        self.register_buffer("packed", torch.empty(rows, nb, dtype=torch.uint8, device=device))
-        self.register_buffer("exponent", torch.zeros(rows, dtype=torch.int8, device=device))
-        self.register_buffer("t_accum", torch.zeros(rows, cols, dtype=torch.int8, device=device))
-        self.register_buffer("e_accum", torch.zeros(rows, dtype=torch.int8, device=device))
+        self._record: torch.Tensor | None = None
+        if layout == "record":
+            self._set_record(torch.zeros(rows, record_width(cols), dtype=torch.uint8,
+                                         device=device))
+        else:
+            nb = packing.packed_cols(cols)
+            self.register_buffer("packed", torch.empty(rows, nb, dtype=torch.uint8, device=device))
+            self.register_buffer("exponent", torch.zeros(rows, dtype=torch.int8, device=device))
+            self.register_buffer("t_accum", torch.zeros(rows, cols, dtype=torch.int8, device=device))
+            self.register_buffer("e_accum", torch.zeros(rows, dtype=torch.int8, device=device))
         self._grad: torch.Tensor | None = None
         self._decoded: tuple | None = None   # see decoded_shared
         self._row_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -155,6 +191,56 @@ class TernaryMatrix(nn.Module):
         self.tp_shard: TPShard | None = None
         self._clear_votes()
         self.reset(init, std=std, generator=generator)
+
+    # -- state layout --------------------------------------------------------------------------
+    # "arrays": four buffers. "record": the same four buffers are views of one row record per
+    # row (row_records), so that a touched-row update moves one record per row (the codebooks;
+    # bench/RESULTS.md, "Touched-row update, round 4"). state_dict keys and values are the same
+    # in both layouts, so checkpoints do not depend on it.
+    def _set_record(self, rec: torch.Tensor) -> None:
+        for name, view in zip(_STATE_BUFFERS, record_views(rec, self.cols)):
+            self._buffers[name] = view
+        self._record = rec
+
+    @property
+    def layout(self) -> str:
+        """The state layout: "record" while the four buffers are still the views of one row
+        record, else "arrays" (a buffer replaced by assignment, e.g. a tensor-parallel split,
+        ends it)."""
+        rec = self.__dict__.get("_record")   # absent in matrices pickled before row records
+        if rec is None:
+            return "arrays"
+        base, c = rec.data_ptr(), self.cols
+        if (self.t_accum.data_ptr(), self.packed.data_ptr(), self.exponent.data_ptr(),
+                self.e_accum.data_ptr()) != (base, base + c, base + c + self.packed.shape[1],
+                                             base + c + self.packed.shape[1] + 1) \
+                or self.t_accum.shape[0] != rec.shape[0]:
+            return "arrays"
+        return "record"
+
+    @torch.no_grad()
+    def to_arrays(self) -> None:
+        """Give up the row records for four contiguous buffers (same values)."""
+        if self.__dict__.get("_record") is None:
+            return
+        for name in _STATE_BUFFERS:
+            self._buffers[name] = self._buffers[name].clone(memory_format=torch.contiguous_format)
+        self._record = None
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module._apply would map each view on its own (four separate copies after .to()):
+        # map the record once and take the views again.
+        if self.layout != "record":
+            self._record = None
+            return super()._apply(fn, recurse)
+        views = {k: self._buffers.pop(k) for k in _STATE_BUFFERS}
+        try:
+            super()._apply(fn, recurse)
+        except BaseException:
+            self._buffers.update(views)
+            raise
+        self._set_record(fn(self._record))
+        return self
 
     # -- initialisation ----------------------------------------------------------------------
     @torch.no_grad()
@@ -220,7 +306,27 @@ class TernaryMatrix(nn.Module):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_decoded"] = None   # weak references do not pickle; the cache starts empty
+        if self.layout == "record":
+            # torch.save refuses uint8 and int8 views of one storage: pickle the record alone
+            # and take the views again on load (copy.deepcopy goes through here too).
+            state["_buffers"] = {k: v for k, v in self._buffers.items() if k not in _STATE_BUFFERS}
+        else:
+            state["_record"] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.__dict__.get("_record") is not None and "packed" not in self._buffers:
+            self._set_record(self._record)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout == "record":
+            # Contiguous copies: the same entries as the array layout's, which torch.save takes
+            # (it refuses differently typed views of one storage) and either layout loads.
+            for name in _STATE_BUFFERS:
+                destination[prefix + name] = destination[prefix + name].clone(
+                    memory_format=torch.contiguous_format)
 
     def decode_rows(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Only the requested rows, decoded from their packed bytes (the sparse path)."""
@@ -230,7 +336,11 @@ class TernaryMatrix(nn.Module):
         return packing.exponent_to_scale(self.exponent, dtype)
 
     def state_bytes(self) -> int:
-        """Persistent bytes held for this matrix (packed + exponent + accumulators)."""
+        """Persistent bytes held for this matrix (packed + exponent + accumulators; with row
+        records, the records' padding too)."""
+        if self.layout == "record":
+            return self._record.numel() + sum(b.numel() * b.element_size() for n, b in
+                                              self.named_buffers() if n not in _STATE_BUFFERS)
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     # -- evidence ----------------------------------------------------------------------------
@@ -545,6 +655,7 @@ class TernaryMatrix(nn.Module):
             raise RuntimeError(f"already partitioned to rows [{self.row_start}, {self.row_stop})")
         if not 0 <= start <= stop <= self.rows:
             raise ValueError(f"row block [{start}, {stop}) is outside [0, {self.rows})")
+        self.to_arrays()   # a record holds every row's accumulators: nothing could be freed
         # clone: a view would keep the whole storage alive and free nothing
         self.t_accum = self.t_accum[start:stop].clone()
         self.e_accum = self.e_accum[start:stop].clone()

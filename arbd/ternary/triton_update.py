@@ -131,9 +131,9 @@ def _state_rows(t, lr, live, ROW_IDS: tl.constexpr):
 
 
 @triton.jit
-def _packed_tile(t, lr, live, b, NB: tl.constexpr):
+def _packed_tile(t, lr, live, b, NB: tl.constexpr, S_P: tl.constexpr):
     bm = live[:, None] & (b[None, :] < NB)
-    bp = _ptr(t, 1, live, tl.uint8) + lr * NB
+    bp = _ptr(t, 1, live, tl.uint8) + lr * S_P
     byte = tl.load(bp[:, None] + b[None, :], mask=bm, other=121).to(tl.int32)
     # Bytes above 242 are not base-3 trits; packing's table decodes them as five zeros.
     return bp, bm, tl.where(byte > 242, 121, byte)
@@ -143,7 +143,7 @@ def _packed_tile(t, lr, live, b, NB: tl.constexpr):
 def _row_sums_kernel(tab_ptr, row_mat_ptr, scale_tab_ptr, abs_sum_ptr, ge_ptr, TOTAL, ge_bits,
                      COLS: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_B: tl.constexpr, ABS: tl.constexpr, PRODUCT: tl.constexpr,
-                     ROW_IDS: tl.constexpr):
+                     ROW_IDS: tl.constexpr, S_P: tl.constexpr, S_E: tl.constexpr):
     """Per group row: sum |g| (float64) and dL/dE = fp32(sum g * t) * scale * ln2 / k (fp32)."""
     gr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = gr < TOTAL
@@ -154,7 +154,7 @@ def _row_sums_kernel(tab_ptr, row_mat_ptr, scale_tab_ptr, abs_sum_ptr, ge_ptr, T
     acc_gt = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float64)
     for b0 in range(0, NB, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
-        bp, bm, rest = _packed_tile(t, sr, live, b, NB)
+        bp, bm, rest = _packed_tile(t, sr, live, b, NB, S_P)
         for d in tl.static_range(5):
             col = b * 5 + d
             cm = bm & (col[None, :] < COLS)
@@ -167,7 +167,7 @@ def _row_sums_kernel(tab_ptr, row_mat_ptr, scale_tab_ptr, abs_sum_ptr, ge_ptr, T
     if ABS:
         tl.store(abs_sum_ptr + gr, tl.sum(acc_abs, axis=1), mask=live)
     if PRODUCT:
-        e = tl.load(_ptr(t, 3, live, tl.int8) + sr, mask=live, other=0).to(tl.int32)
+        e = tl.load(_ptr(t, 3, live, tl.int8) + sr * S_E, mask=live, other=0).to(tl.int32)
         scale = tl.load(scale_tab_ptr + e + 128, mask=live, other=0.0)
         c = ge_bits.to(tl.int32).to(tl.float32, bitcast=True)
         tl.store(ge_ptr + gr, tl.sum(acc_gt, axis=1).to(tl.float32) * scale * c, mask=live)
@@ -205,16 +205,17 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
                          THRESHOLD: tl.constexpr, DECAY: tl.constexpr, FREEZE: tl.constexpr,
                          ROW_NORM: tl.constexpr, CAP: tl.constexpr, ACC_MAX: tl.constexpr,
                          SCALES: tl.constexpr, NORM_SCALES: tl.constexpr,
-                         S_THRESHOLD: tl.constexpr, ROW_IDS: tl.constexpr):
+                         S_THRESHOLD: tl.constexpr, ROW_IDS: tl.constexpr,
+                         S_P: tl.constexpr, S_T: tl.constexpr, S_E: tl.constexpr):
     pid_b = tl.program_id(1)
     gr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = gr < TOTAL
     t, m, lr = _group_rows(tab_ptr, row_mat_ptr, gr, live)
     sr = _state_rows(t, lr, live, ROW_IDS)   # the matrix row; lr: the evidence row
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    bp, bm, rest = _packed_tile(t, sr, live, b, NB)
+    bp, bm, rest = _packed_tile(t, sr, live, b, NB, S_P)
     gp = _ptr(t, 0, live, tl.float32) + lr * COLS
-    tp = _ptr(t, 2, live, tl.int8) + sr * COLS
+    tp = _ptr(t, 2, live, tl.int8) + sr * S_T
     # s: the row's (or the matrix's) mean |g|; d = s + 1e-30 in fp32, as torch adds it
     if ROW_NORM:
         s = (tl.load(abs_sum_ptr + gr, mask=live, other=1.0) / COLS).to(tl.float32)
@@ -253,8 +254,8 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
     tl.atomic_add(stats_ptr, tl.sum(tl.sum(flips, axis=1), axis=0))
     if SCALES:
         if pid_b == 0:
-            ep = _ptr(t, 3, live, tl.int8) + sr
-            eap = _ptr(t, 4, live, tl.int8) + sr
+            ep = _ptr(t, 3, live, tl.int8) + sr * S_E
+            eap = _ptr(t, 4, live, tl.int8) + sr * S_E
             e = tl.load(ep, mask=live, other=0).to(tl.int32)
             ea = tl.load(eap, mask=live, other=0).to(tl.int32)
             if DECAY > 0:
@@ -318,10 +319,18 @@ def _check(it: DenseItem) -> None:
     if it.row_ids is not None and (it.row_ids.dtype != torch.int64 or it.row_ids.dim() != 1
                                    or it.row_ids.device != it.packed.device):
         raise ValueError("row_ids must be a 1-d int64 tensor on the state's device")
-    for name in ("packed", "t_accum", "exponent", "e_accum", "grad") + \
-            (("row_ids",) if it.row_ids is not None else ()):
+    for name in ("grad",) + (("row_ids",) if it.row_ids is not None else ()):
         if not getattr(it, name).is_contiguous():
             raise ValueError(f"{name} must be contiguous")
+    cuda_rows.check_row_layout(it.packed, it.t_accum, it.exponent, it.e_accum)
+    if it.exponent.stride(0) != it.e_accum.stride(0):
+        raise ValueError("exponent and e_accum must share a row stride")
+
+
+def row_strides(it: DenseItem) -> tuple[int, int, int]:
+    """(packed, t_accum, exponent / e_accum) row strides: (nb, cols, 1) for contiguous buffers,
+    the record width three times for state.row_records views. A group shares them (constexpr)."""
+    return it.packed.stride(0), it.t_accum.stride(0), it.exponent.stride(0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -372,6 +381,10 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
     row_ids = items[0].row_ids is not None
     if any((it.row_ids is not None) != row_ids for it in items):
         raise ValueError("dense_update_many takes whole matrices or touched rows, not both at once")
+    s_p, s_t, s_e = row_strides(items[0])
+    if any(row_strides(it) != (s_p, s_t, s_e) for it in items):
+        raise ValueError("dense_update_many takes matrices of one state layout (row strides); "
+                         "group them first")
     nb = packing.packed_cols(cols)
     rows = tuple(it.grad.shape[0] for it in items)
     total = sum(rows)
@@ -396,7 +409,7 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
         _row_sums_kernel[(triton.cdiv(total, br),)](
             tab, row_mat, packing.exponent_to_scale_table(dev), abs_sum, ge, total,
             _f32_bits(math.log(2) / SCALE_K), COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb,
-            ABS=need_abs, PRODUCT=scales, ROW_IDS=row_ids, num_warps=num_warps)
+            ABS=need_abs, PRODUCT=scales, ROW_IDS=row_ids, S_P=s_p, S_E=s_e, num_warps=num_warps)
     tensor_norm = need_abs and not row_norm
     if tensor_norm or norm_scales:
         _matrix_means_kernel[(len(items),)](tab, abs_sum, ge, per_mat[0], per_mat[1], COLS=cols,
@@ -409,8 +422,8 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
         COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb, STOCHASTIC=stochastic, MAX_VOTE=rule.max_vote,
         THRESHOLD=rule.threshold, DECAY=rule.decay_shift, FREEZE=freeze, ROW_NORM=row_norm,
         CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales, NORM_SCALES=norm_scales,
-        S_THRESHOLD=rule.scale_threshold, ROW_IDS=row_ids, num_warps=num_warps,
-        enable_fp_fusion=False)
+        S_THRESHOLD=rule.scale_threshold, ROW_IDS=row_ids, S_P=s_p, S_T=s_t, S_E=s_e,
+        num_warps=num_warps, enable_fp_fusion=False)
     for it in items:
         _mark_written(it.packed, it.t_accum, it.exponent, it.e_accum)
     return stats
@@ -475,10 +488,12 @@ def _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev
                PAD: tl.constexpr, BLOCK_R: tl.constexpr, THRESHOLD: tl.constexpr,
                DECAY: tl.constexpr, FREEZE: tl.constexpr, CAP: tl.constexpr,
                ACC_MAX: tl.constexpr, SCALES: tl.constexpr, S_THRESHOLD: tl.constexpr,
-               GATHER: tl.constexpr, EVICT: tl.constexpr):
+               GATHER: tl.constexpr, EVICT: tl.constexpr, S_P: tl.constexpr, S_T: tl.constexpr,
+               S_E: tl.constexpr, S_EA: tl.constexpr):
     """rule.apply_votes on touched rows [blk * BLOCK_R, (blk + 1) * BLOCK_R); returns the
-    rows' trit flips and scale moves. GATHER: the "gather" packing of the comment above,
-    else "scan"."""
+    rows' trit flips and scale moves. S_*: row strides of packed, t_acc, exponent, e_acc
+    (contiguous buffers or one row record: cuda_rows.check_row_layout). GATHER: the "gather"
+    packing of the comment above, else "scan"."""
     # Per-column constants (loop-invariant: the compiler hoists them).
     col = tl.arange(0, COLS_P)
     cin = col < COLS
@@ -501,19 +516,19 @@ def _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev
     b = tl.arange(0, NB_P)
     bm = live[:, None] & (b[None, :] < NB)
     if GATHER:
-        by = tl.load(packed_ptr + row[:, None] * NB + b[None, :], mask=bm, other=121)
+        by = tl.load(packed_ptr + row[:, None] * S_P + b[None, :], mask=bm, other=121)
         by = tl.gather(by, tl.broadcast_to(tl.minimum(byte_of, NB_P - 1)[None, :],
                                            (BLOCK_R, COLS_P)), 1)
     else:
-        by = tl.load(packed_ptr + row[:, None] * NB + byte_of[None, :], mask=cm, other=121)
+        by = tl.load(packed_ptr + row[:, None] * S_P + byte_of[None, :], mask=cm, other=121)
     by = by.to(tl.int32)
     # Bytes above 242 are not base-3 trits; packing's table decodes them as five zeros.
     by = tl.where(by > 242, 121, by)
     trit = ((by * magic[None, :]) >> 16) % 3 - 1
-    off = row[:, None] * COLS + col[None, :]
+    off = row[:, None] * S_T + col[None, :]
     if SCALES:
-        e = tl.load(exp_ptr + row, mask=live, other=0).to(tl.int32)
-        ea = tl.load(e_acc_ptr + row, mask=live, other=0).to(tl.int32)
+        e = tl.load(exp_ptr + row * S_E, mask=live, other=0).to(tl.int32)
+        ea = tl.load(e_acc_ptr + row * S_EA, mask=live, other=0).to(tl.int32)
         ev = tl.load(ev_ptr + r, mask=live, other=0, eviction_policy=EVICT).to(tl.int32)
     if FREEZE:
         acc = trit * 0                      # the rule zeroes frozen rows' accumulators
@@ -537,22 +552,22 @@ def _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev
                                       1), (BLOCK_R, NB_P, 8))
         dig = tl.where(slot[None, :, :] < COLS, t_slot + 1, 1)
         packed = tl.sum(tl.where(d[None, None, :] < 5, dig * _pow3(d)[None, None, :], 0), axis=2)
-        tl.store(packed_ptr + row[:, None] * NB + b[None, :], packed.to(tl.uint8), mask=bm)
+        tl.store(packed_ptr + row[:, None] * S_P + b[None, :], packed.to(tl.uint8), mask=bm)
     else:
         packed, _ = tl.associative_scan(
             ((trit + 1) * p3[None, :], tl.broadcast_to(head[None, :], (BLOCK_R, COLS_P))), 1,
             _segment_sum)
         if PAD:
             packed += pad[None, :]
-        tl.store(packed_ptr + row[:, None] * NB + byte_of[None, :], packed.to(tl.uint8),
+        tl.store(packed_ptr + row[:, None] * S_P + byte_of[None, :], packed.to(tl.uint8),
                  mask=live[:, None] & last[None, :])
     if SCALES:
         if DECAY > 0:
             ea = ea - _trunc_div(ea, 1 << DECAY)
         ea += ev
         m, ea = _scale_step(ea, e, live, S_THRESHOLD, ACC_MAX)
-        tl.store(exp_ptr + row, (e + m).to(tl.int8), mask=live)
-        tl.store(e_acc_ptr + row, ea.to(tl.int8), mask=live)
+        tl.store(exp_ptr + row * S_E, (e + m).to(tl.int8), mask=live)
+        tl.store(e_acc_ptr + row * S_EA, ea.to(tl.int8), mask=live)
         moves = tl.abs(m)
     else:
         moves = flips * 0
@@ -566,7 +581,8 @@ def _apply_votes_kernel(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, vote
                         THRESHOLD: tl.constexpr, DECAY: tl.constexpr, FREEZE: tl.constexpr,
                         CAP: tl.constexpr, ACC_MAX: tl.constexpr, SCALES: tl.constexpr,
                         S_THRESHOLD: tl.constexpr, GATHER: tl.constexpr, EVICT: tl.constexpr,
-                        LOOP: tl.constexpr):
+                        LOOP: tl.constexpr, S_P: tl.constexpr, S_T: tl.constexpr,
+                        S_E: tl.constexpr, S_EA: tl.constexpr):
     # LOOP: a grid of a few programs per SM walks all blocks (one atomic per program); else one
     # block per program (a loop there would only hold registers: 124 against 64 at 16 x 64).
     if LOOP:
@@ -575,14 +591,15 @@ def _apply_votes_kernel(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, vote
         for blk in tl.range(tl.program_id(0), tl.cdiv(u, BLOCK_R), tl.num_programs(0)):
             f, m = _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr,
                               ev_ptr, u, blk, COLS, COLS_P, NB, NB_P, PAD, BLOCK_R, THRESHOLD,
-                              DECAY, FREEZE, CAP, ACC_MAX, SCALES, S_THRESHOLD, GATHER, EVICT)
+                              DECAY, FREEZE, CAP, ACC_MAX, SCALES, S_THRESHOLD, GATHER, EVICT,
+                              S_P, S_T, S_E, S_EA)
             flips += f
             moves += m
     else:
         flips, moves = _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr,
                                   ev_ptr, u, tl.program_id(0), COLS, COLS_P, NB, NB_P, PAD,
                                   BLOCK_R, THRESHOLD, DECAY, FREEZE, CAP, ACC_MAX, SCALES,
-                                  S_THRESHOLD, GATHER, EVICT)
+                                  S_THRESHOLD, GATHER, EVICT, S_P, S_T, S_E, S_EA)
     tl.atomic_add(stats_ptr, tl.sum(flips, axis=0))
     if SCALES:
         tl.atomic_add(stats_ptr + 1, tl.sum(moves, axis=0))
@@ -622,12 +639,14 @@ def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torc
     programs_per_sm (None: one program per block) default to ROW_CONFIG of that packing.
     packing_mode "cuda" runs the CUDA kernel (cuda_rows.py), which by default (packing_mode
     None) takes updates of up to cuda_rows.AUTO_MAX_ROWS rows of at most 64 trits on a CUDA
-    device (ARBD_CUDA_ROWS)."""
+    device, and updates of any size of 64-trit row records (ARBD_CUDA_ROWS)."""
     cols, nb = t_accum.shape[1], packed.shape[1]
+    record = cuda_rows.record_base(packed, t_accum, exponent, e_accum) is not None
     if packing_mode == "cuda" or (packing_mode is None
-                                  and cuda_rows.usable(packed, cols, idx.numel())):
+                                  and cuda_rows.usable(packed, cols, idx.numel(), record)):
         return cuda_rows.apply_votes_rows(packed, t_accum, exponent, e_accum, idx, votes, e_votes,
                                           rule)
+    cuda_rows.check_row_layout(packed, t_accum, exponent, e_accum)
     stats = torch.zeros(2, dtype=torch.int32, device=packed.device)
     u = idx.numel()
     if u == 0:
@@ -653,6 +672,7 @@ def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torc
         DECAY=rule.decay_shift, FREEZE=bool(rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM),
         CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales, S_THRESHOLD=rule.scale_threshold,
         GATHER=mode == "gather", EVICT="evict_first" if evict_first else "", LOOP=pps is not None,
-        num_warps=nw)
+        S_P=packed.stride(0), S_T=t_accum.stride(0), S_E=exponent.stride(0),
+        S_EA=e_accum.stride(0), num_warps=nw)
     _mark_written(packed, t_accum, exponent, e_accum)
     return stats

@@ -199,7 +199,8 @@ def apply_updates(mats: list[tuple[str, nn.Module]], rule: TernaryRule) -> dict[
         if item is None:
             single.append(m)
         else:
-            groups.setdefault((m.cols, item.grad.device, item.row_ids is None), []).append((m, item))
+            key = (m.cols, item.grad.device, item.row_ids is None, item.packed.stride(0))
+            groups.setdefault(key, []).append((m, item))
     for members in groups.values():
         counts = update_fused(members, rule)
         if counts is None:   # the kernel does not compile here: the torch rule, per matrix

@@ -38,7 +38,8 @@ class SharedVQ(nn.Module):
         self.proj_in = TernaryLinear(d, c, generator=generator, device=device)
         codebook_kw.setdefault("hash_seed", SHARED_VQ_SEED)
         self.codebook = TernaryVQCodebook(cfg.shared_vq_size, c, candidate_count=cfg.vq_candidates,
-                                          exact_max=cfg.vq_exact_max, device=device, **codebook_kw)
+                                          exact_max=cfg.vq_exact_max, device=device,
+                                          state_layout=cfg.vq_state_layout, **codebook_kw)
         self.vq_to_trigram = TernaryLinear(c, d, generator=generator, device=device)
         self.norm = TernaryRMSNorm(d, eps=cfg.norm_eps, device=device)
 
@@ -58,4 +59,5 @@ class KGVQ(TernaryVQCodebook):
                  **codebook_kw) -> None:
         codebook_kw.setdefault("hash_seed", KGVQ_SEED)
         super().__init__(cfg.kgvq_size, cfg.codebook_dim, candidate_count=cfg.vq_candidates,
-                         exact_max=cfg.vq_exact_max, device=device, **codebook_kw)
+                         exact_max=cfg.vq_exact_max, device=device,
+                         state_layout=cfg.vq_state_layout, **codebook_kw)

@@ -2,7 +2,8 @@
 
 State (all buffers): the rows' TernaryMatrix (packed trits, int8 exponent, int8 trit and scale
 accumulators: 79 bytes per 64-wide row) and an int32 usage counter per row (4 bytes): 83 bytes per
-row, 1.297 bytes per trit. The hash layout is derived from (num_codes, cell_size, hash_seed) and
+row, 1.297 bytes per trit. With state_layout="record" the matrix keeps each row as one 80-byte
+record (84 bytes per row, 1.3125 per trit), which GPU touched-row updates move faster. The hash layout is derived from (num_codes, cell_size, hash_seed) and
 is not stored per row.
 
 A step: forward picks a row per query (exact scan for tables of at most `exact_max` rows, sign-hash
@@ -60,7 +61,7 @@ class PlacedTernaryMatrix(TernaryMatrix):
 
     def __init__(self, rows: int, cols: int, *, hasher: SignHash, layout: CellLayout,
                  std: float, seed: int, device: torch.device | str | None = None,
-                 global_range: tuple[int, int] | None = None) -> None:
+                 global_range: tuple[int, int] | None = None, state_layout: str = "arrays") -> None:
         start, stop = global_range if global_range is not None else (0, rows)
         if stop - start != rows or not 0 <= start < stop <= layout.num_codes:
             raise ValueError(f"global_range {global_range} must hold {rows} rows inside "
@@ -69,7 +70,7 @@ class PlacedTernaryMatrix(TernaryMatrix):
         # accumulators a ZeRO partition keeps). Read by reset(), which __init__ calls.
         self.global_start, self.global_stop = start, stop
         self._placement = (hasher, layout, std, seed)
-        super().__init__(rows, cols, init="placed", device=device)
+        super().__init__(rows, cols, init="placed", device=device, layout=state_layout)
 
     @torch.no_grad()
     def reset(self, init: str = "placed", *, std: float | None = None,
@@ -157,7 +158,7 @@ class TernaryVQCodebook(CodebookCommon, nn.Module):
                  exact_max: int = 65_536, cell_size: int = DEFAULT_CELL_SIZE, beta: float = 0.25,
                  init_std: float = 1.0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
                  hash_seed: int = 0x5EED, check_finite: bool = True,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, state_layout: str = "arrays") -> None:
         super().__init__()
         self.num_codes = _check_int("num_codes", num_codes, 1)
         self.dim = _check_int("dim", dim, 1)
@@ -173,7 +174,8 @@ class TernaryVQCodebook(CodebookCommon, nn.Module):
         self.hasher = SignHash(dim, hash_bits_for(num_codes, cell_size, dim), hash_seed)
         self.layout = CellLayout(num_codes, self.hasher.bits)
         self.matrix = PlacedTernaryMatrix(num_codes, dim, hasher=self.hasher, layout=self.layout,
-                                          std=float(init_std), seed=hash_seed, device=device)
+                                          std=float(init_std), seed=hash_seed, device=device,
+                                          state_layout=state_layout)
         self.register_buffer("usage", torch.zeros(num_codes, dtype=torch.int32, device=device))
         self.last_lookup: dict[str, int] = {}
 
@@ -184,7 +186,9 @@ class TernaryVQCodebook(CodebookCommon, nn.Module):
 
     def state_bytes(self) -> int:
         """Persistent bytes: the matrix buffers plus the usage counters."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return self.matrix.state_bytes() + sum(   # the matrix's row records count whole
+            b.numel() * b.element_size() for n, b in self.named_buffers()
+            if not n.startswith("matrix."))
 
     # -- lookup ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -129,7 +129,9 @@ def _lookup_kernel(x_ptr, unit_ptr, sign_ptr, packed_ptr, exp_ptr, scale_ptr, id
                    G_P: tl.constexpr, M: tl.constexpr, M_P: tl.constexpr, NSUB: tl.constexpr,
                    KEEP: tl.constexpr, KEEP_P: tl.constexpr, LOG_KEEP_P: tl.constexpr,
                    C: tl.constexpr, C_P: tl.constexpr, QUANTIZE: tl.constexpr,
-                   COMPUTE_IDS: tl.constexpr, STORE_IDS: tl.constexpr, SCORE: tl.constexpr):
+                   COMPUTE_IDS: tl.constexpr, STORE_IDS: tl.constexpr, SCORE: tl.constexpr,
+                   S_P: tl.constexpr, S_E: tl.constexpr):
+    # S_P, S_E: row strides of packed and exponent (NB and 1, or a row record's width)
     n = tl.program_id(0).to(tl.int64)
     scale, unit = _query_scale(x_ptr, unit_ptr, n, DIM, DIM_P, Q, QUANTIZE)
     c = tl.arange(0, C_P)
@@ -144,7 +146,7 @@ def _lookup_kernel(x_ptr, unit_ptr, sign_ptr, packed_ptr, exp_ptr, scale_ptr, id
         valid = tl.load(valid_ptr + n * C + c, mask=c < C, other=0) != 0
     if SCORE:
         b = tl.arange(0, NB_P)
-        rows = tl.load(packed_ptr + ids[:, None] * NB + b[None, :],
+        rows = tl.load(packed_ptr + ids[:, None] * S_P + b[None, :],
                        mask=(b[None, :] < NB) & (c[:, None] < C), other=_ZERO_BYTE).to(tl.int32)
         rows = tl.where(rows > 242, _ZERO_BYTE, rows)          # invalid bytes decode to zeros
         dot = tl.zeros((C_P, NB_P), dtype=tl.int32)
@@ -157,7 +159,7 @@ def _lookup_kernel(x_ptr, unit_ptr, sign_ptr, packed_ptr, exp_ptr, scale_ptr, id
             nnz += (t != 0).to(tl.int32)
         dot_f = tl.sum(dot, axis=1).to(tl.float32)
         nnz_f = tl.sum(nnz, axis=1).to(tl.float32)
-        e = tl.load(exp_ptr + ids, mask=c < C, other=0).to(tl.int32)
+        e = tl.load(exp_ptr + ids * S_E, mask=c < C, other=0).to(tl.int32)
         s = tl.load(scale_ptr + e + 128)
         row_term = (s * s) * nnz_f
         su2 = (unit * 2.0) * s
@@ -221,6 +223,8 @@ def _launch(x: torch.Tensor, unit: torch.Tensor | None, cfg: dict, hasher: SignH
         scales, ids if ids is not None else dummy, valid if valid is not None else dummy,
         out if out is not None else dummy, num_codes,
         QUANTIZE=quantize, COMPUTE_IDS=compute_ids, STORE_IDS=store_ids, SCORE=score,
+        S_P=packed.stride(0) if packed is not None else cfg["NB"],
+        S_E=exponent.stride(0) if exponent is not None else 1,
         num_warps=num_warps, enable_fp_fusion=False, **cfg)
 
 

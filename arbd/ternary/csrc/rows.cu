@@ -33,6 +33,7 @@ struct Buffers {
   const int32_t* e_votes;
   int* stats;
   long long u;
+  long long sp, st, se, sea;  // row strides (elements) of packed, t_acc, expo, e_acc
   int cols, nb;
   bool votes_vec, acc_vec;  // every row's votes / accumulators load eight columns at a time
 };
@@ -107,6 +108,27 @@ __device__ __forceinline__ void load8(const V* p, int (&v)[8]) {
 
 __device__ __forceinline__ int pow3(int d) { return d == 0 ? 1 : d == 1 ? 3 : d == 2 ? 9 : d == 3 ? 27 : 81; }
 
+// One atomic per block: warp sums, then the block's in shared memory.
+__device__ __forceinline__ void add_counts(int flips, int moves, int* stats, int scales) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    flips += __shfl_xor_sync(0xffffffffu, flips, o);
+    moves += __shfl_xor_sync(0xffffffffu, moves, o);
+  }
+  __shared__ int block_sum[2];
+  if (threadIdx.x == 0) block_sum[0] = block_sum[1] = 0;
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) {
+    atomicAdd(&block_sum[0], flips);
+    atomicAdd(&block_sum[1], moves);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd(stats, block_sum[0]);
+    if (scales) atomicAdd(stats + 1, block_sum[1]);
+  }
+}
+
 template <typename V, int ROWS>
 __global__ void __launch_bounds__(256) rows_kernel(Buffers buf, Rule p) {
   uint8_t* __restrict__ packed = buf.packed;
@@ -118,6 +140,7 @@ __global__ void __launch_bounds__(256) rows_kernel(Buffers buf, Rule p) {
   const int32_t* __restrict__ e_votes = buf.e_votes;
   const long long u = buf.u;
   const int cols = buf.cols, nb = buf.nb;
+  const long long sp = buf.sp, st = buf.st, se = buf.se, sea = buf.sea;
   const bool votes_vec = buf.votes_vec, acc_vec = buf.acc_vec;
   const int lane = threadIdx.x & 31, grp = lane >> 3, j = lane & 7;
   const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
@@ -157,11 +180,11 @@ __global__ void __launch_bounds__(256) rows_kernel(Buffers buf, Rule p) {
     for (int i = 0; i < ROWS; ++i) {
 #pragma unroll
       for (int t = 0; t < 3; ++t)
-        by[i][t] = live[i] && b_lo + t < nb ? packed[row[i] * nb + b_lo + t] : 121;
+        by[i][t] = live[i] && b_lo + t < nb ? packed[row[i] * sp + b_lo + t] : 121;
 #pragma unroll
       for (int k = 0; k < 8; ++k) a[i][k] = 0;
       if (live[i] && !p.freeze && c_first < cols) {
-        const int8_t* src = t_acc + row[i] * cols + c_first;
+        const int8_t* src = t_acc + row[i] * st + c_first;
         if (acc_vec) {
           unpack8(*reinterpret_cast<const int2*>(src), a[i]);
         } else {
@@ -170,8 +193,8 @@ __global__ void __launch_bounds__(256) rows_kernel(Buffers buf, Rule p) {
             if (c_first + k < cols) a[i][k] = src[k];
         }
       }
-      e[i] = live[i] && p.scales ? expo[row[i]] : 0;
-      ea[i] = live[i] && p.scales ? e_acc[row[i]] : 0;
+      e[i] = live[i] && p.scales ? expo[row[i] * se] : 0;
+      ea[i] = live[i] && p.scales ? e_acc[row[i] * sea] : 0;
     }
     if (p.memory_only) {  // write back what was read: the floor of this access pattern
 #pragma unroll
@@ -180,16 +203,16 @@ __global__ void __launch_bounds__(256) rows_kernel(Buffers buf, Rule p) {
         if (c_first < cols && acc_vec) {
           int2 w = pack8(a[i]);
           w.x ^= v[i][0] & 0x01010101;  // keep the votes' loads alive
-          *reinterpret_cast<int2*>(t_acc + row[i] * cols + c_first) = w;
+          *reinterpret_cast<int2*>(t_acc + row[i] * st + c_first) = w;
         }
 #pragma unroll
         for (int t = 0; t < 3; ++t) {
           const int b = b_lo + t;
-          if (owns(b)) packed[row[i] * nb + b] = by[i][t];
+          if (owns(b)) packed[row[i] * sp + b] = by[i][t];
         }
         if (j == 0 && p.scales) {
-          expo[row[i]] = e[i];
-          e_acc[row[i]] = ea[i] ^ (ev[i] & 1);
+          expo[row[i] * se] = e[i];
+          e_acc[row[i] * sea] = ea[i] ^ (ev[i] & 1);
         }
       }
       continue;
@@ -220,7 +243,7 @@ __global__ void __launch_bounds__(256) rows_kernel(Buffers buf, Rule p) {
       }
       // Frozen rows were read as zero and stay zero: the rule zeroes their accumulators.
       if (live[i] && c_first < cols) {
-        int8_t* dst = t_acc + row[i] * cols + c_first;
+        int8_t* dst = t_acc + row[i] * st + c_first;
         if (acc_vec) {
           *reinterpret_cast<int2*>(dst) = pack8(a[i]);
         } else {
@@ -242,7 +265,7 @@ __global__ void __launch_bounds__(256) rows_kernel(Buffers buf, Rule p) {
 #pragma unroll
       for (int t = 0; t < 3; ++t) {
         const int b = b_lo + t;
-        if (live[i] && owns(b)) packed[row[i] * nb + b] = (uint8_t)part[t];
+        if (live[i] && owns(b)) packed[row[i] * sp + b] = (uint8_t)part[t];
       }
       if (p.scales && live[i]) {
         int s = ea[i];
@@ -251,31 +274,14 @@ __global__ void __launch_bounds__(256) rows_kernel(Buffers buf, Rule p) {
         const int m = clampi(trunc_div(s, p.s_threshold), -128 - e[i], 127 - e[i]);
         s = clampi(s - m * p.s_threshold, -p.acc_max, p.acc_max);
         if (j == 0) {
-          expo[row[i]] = (int8_t)(e[i] + m);
-          e_acc[row[i]] = (int8_t)s;
+          expo[row[i] * se] = (int8_t)(e[i] + m);
+          e_acc[row[i] * sea] = (int8_t)s;
           moves += abs(m);
         }
       }
     }
   }
-  // One atomic per block: warp sums, then the block's in shared memory.
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    flips += __shfl_xor_sync(0xffffffffu, flips, o);
-    moves += __shfl_xor_sync(0xffffffffu, moves, o);
-  }
-  __shared__ int block_sum[2];
-  if (threadIdx.x == 0) block_sum[0] = block_sum[1] = 0;
-  __syncthreads();
-  if (lane == 0) {
-    atomicAdd(&block_sum[0], flips);
-    atomicAdd(&block_sum[1], moves);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    atomicAdd(buf.stats, block_sum[0]);
-    if (p.scales) atomicAdd(buf.stats + 1, block_sum[1]);
-  }
+  add_counts(flips, moves, buf.stats, p.scales);
 }
 
 template <typename V>
@@ -289,6 +295,128 @@ int launch(int rows, int blocks, cudaStream_t stream, const Buffers& buf, const 
   return (int)cudaGetLastError();
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Rows of 64 trits kept as row records (arbd/ternary/state.row_records: t_acc in bytes 0..63,
+// packed trits 64..76, exponent 77, e_acc 78, record stride a multiple of 16): one lane per row.
+// Every column index is then a compile-time constant, so decoding is a multiply-shift per digit
+// and packing a multiply-add, where the four-rows-per-warp kernel above spends most of its
+// instructions on lane-dependent byte and digit positions (ncu: 228 M instructions for 1 M rows
+// against 42 M for its loads and stores alone). A row's state moves as five aligned 16-byte
+// loads and stores, its votes as 16-byte loads.
+struct RecordArgs {
+  uint8_t* rec;  // record of row 0
+  long long stride;
+  const int64_t* idx;
+  const void* votes;  // [u, 64] of the kernel's V
+  const int32_t* e_votes;
+  int* stats;
+  long long u;
+};
+
+template <typename V>
+__device__ __forceinline__ void load_votes64(const V* p, int (&v)[64]) {
+  const int4* q = reinterpret_cast<const int4*>(p);
+  constexpr int per = 16 / sizeof(V);  // votes per 16-byte load
+#pragma unroll
+  for (int k = 0; k < 64 / per; ++k) {
+    const int4 w4 = __ldcs(q + k);
+    const int w[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+    for (int h = 0; h < per; ++h) {
+      const int word = w[h * sizeof(V) / 4], pos = (h * sizeof(V)) % 4;
+      v[k * per + h] = sizeof(V) == 4 ? word : (word << (32 - 8 * sizeof(V) - 8 * pos)) >> (32 - 8 * sizeof(V));
+    }
+  }
+}
+
+__device__ __forceinline__ int sbyte(int w, int pos) { return (w << (24 - 8 * pos)) >> 24; }
+
+template <typename V, int MIN_BLOCKS>
+__global__ void __launch_bounds__(256, MIN_BLOCKS) record64_kernel(RecordArgs a, Rule p) {
+  const long long threads = (long long)gridDim.x * blockDim.x;
+  const long long* ids = reinterpret_cast<const long long*>(a.idx);
+  int flips = 0, moves = 0;
+  long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  // The next row's id is loaded one iteration ahead, so the record's loads need not wait for it.
+  long long next = r < a.u ? __ldcs(ids + r) : 0;
+  for (; r < a.u; r += threads) {
+    const long long row = next;
+    if (r + threads < a.u) next = __ldcs(ids + r + threads);
+    int4* rec = reinterpret_cast<int4*>(a.rec + row * a.stride);
+    int v[64];
+    load_votes64(static_cast<const V*>(a.votes) + r * 64, v);
+    const int ev = p.scales ? __ldcs(a.e_votes + r) : 0;
+    int acc_w[16], tail[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int4 w = rec[k];
+      acc_w[4 * k] = w.x; acc_w[4 * k + 1] = w.y; acc_w[4 * k + 2] = w.z; acc_w[4 * k + 3] = w.w;
+    }
+    {
+      const int4 w = rec[4];
+      tail[0] = w.x; tail[1] = w.y; tail[2] = w.z; tail[3] = w.w;
+    }
+    if (p.memory_only) {  // the same loads and stores without the rule: this pattern's floor
+      int fold = ev;
+#pragma unroll
+      for (int c = 0; c < 64; ++c) fold ^= v[c];
+      acc_w[0] ^= fold & 1;
+    } else {
+      int out_w[16];
+#pragma unroll
+      for (int k = 0; k < 16; ++k) out_w[k] = 0;
+      int bytes[13];
+#pragma unroll
+      for (int b = 0; b < 13; ++b) {
+        int x = (tail[b >> 2] >> (8 * (b & 3))) & 0xFF;
+        x = x > 242 ? 121 : x;  // bytes above 242 are not base-3 trits: decode as zeros
+        int packed = 0;
+#pragma unroll
+        for (int d = 0, p3 = 1; d < 5; ++d, p3 *= 3) {
+          const int c = 5 * b + d;
+          if (c >= 64) {  // column 64: trit 0, as pack_trits pads
+            packed += p3;
+            continue;
+          }
+          const int rest = (x * 171) >> 9;  // x / 3 for x < 256
+          const int trit = x - 3 * rest - 1;
+          x = rest;
+          int acc = sbyte(acc_w[c >> 2], c & 3);
+          if (p.decay > 0) acc = decay(acc, p.decay);
+          acc += v[c];
+          int q;
+          flips += settle(acc, trit, q, p);
+          packed += q * p3;
+          out_w[c >> 2] |= (acc & 0xFF) << (8 * (c & 3));
+        }
+        bytes[b] = packed;
+      }
+      int e = sbyte(tail[3], 1), ea = sbyte(tail[3], 2);
+      if (p.scales) {
+        int s = ea;
+        if (p.decay > 0) s = decay(s, p.decay);
+        s += ev;
+        const int m = clampi(trunc_div(s, p.s_threshold), -128 - e, 127 - e);
+        ea = clampi(s - m * p.s_threshold, -p.acc_max, p.acc_max);
+        e += m;
+        moves += abs(m);
+      }
+#pragma unroll
+      for (int k = 0; k < 16; ++k) acc_w[k] = out_w[k];
+#pragma unroll
+      for (int k = 0; k < 3; ++k)
+        tail[k] = bytes[4 * k] | bytes[4 * k + 1] << 8 | bytes[4 * k + 2] << 16 | bytes[4 * k + 3] << 24;
+      tail[3] = bytes[12] | (e & 0xFF) << 8 | (ea & 0xFF) << 16 | (tail[3] & 0xFF000000);
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      rec[k] = make_int4(acc_w[4 * k], acc_w[4 * k + 1], acc_w[4 * k + 2], acc_w[4 * k + 3]);
+    rec[4] = make_int4(tail[0], tail[1], tail[2], tail[3]);
+  }
+  add_counts(flips, moves, a.stats, p.scales);
+}
+
 }  // namespace
 
 // vote_bytes: 1, 2 or 4 (int8, int16, int32 votes; scale votes are int32); rows: groups of four
@@ -298,19 +426,53 @@ int launch(int rows, int blocks, cudaStream_t stream, const Buffers& buf, const 
 // cudaError_t, or -1 / -2 for a bad vote width or row count, -3 for rows wider than 64 columns.
 extern "C" int arbd_rows_update(int vote_bytes, int rows, int blocks, void* packed, void* t_acc,
                                 void* expo, void* e_acc, const void* idx, const void* votes,
-                                const void* e_votes, void* stats, long long u, int cols, int nb,
+                                const void* e_votes, void* stats, long long u, long long sp,
+                                long long st, long long se, long long sea, int cols, int nb,
                                 int threshold, int decay, int freeze, int cap, int acc_max,
                                 int scales, int s_threshold, int votes_vec, int acc_vec,
                                 int memory_only, void* stream) {
   if (cols < 1 || cols > 64 || nb != (cols + 4) / 5) return -3;
   Buffers buf{(uint8_t*)packed, (int8_t*)t_acc, (int8_t*)expo, (int8_t*)e_acc, (const int64_t*)idx,
-              votes, (const int32_t*)e_votes, (int*)stats, u, cols, nb, votes_vec != 0, acc_vec != 0};
+              votes, (const int32_t*)e_votes, (int*)stats, u, sp, st, se, sea, cols, nb,
+              votes_vec != 0, acc_vec != 0};
   Rule p{threshold, decay, freeze, cap, acc_max, scales, s_threshold, memory_only};
   cudaStream_t s = (cudaStream_t)stream;
   switch (vote_bytes) {
     case 4: return launch<int32_t>(rows, blocks, s, buf, p);
     case 2: return launch<int16_t>(rows, blocks, s, buf, p);
     case 1: return launch<int8_t>(rows, blocks, s, buf, p);
+    default: return -1;
+  }
+}
+
+// The record kernel (one lane per 64-trit row record); arguments as arbd_rows_update's, with
+// rec the record of row 0 and stride its size in bytes (a multiple of 16); min_blocks (1, 3, 4)
+// the resident blocks of 256 threads per SM its registers are capped for.
+template <typename V>
+int launch_record(int min_blocks, int blocks, cudaStream_t s, const RecordArgs& a, const Rule& p) {
+  switch (min_blocks) {
+    case 1: record64_kernel<V, 1><<<blocks, 256, 0, s>>>(a, p); break;
+    case 3: record64_kernel<V, 3><<<blocks, 256, 0, s>>>(a, p); break;
+    case 4: record64_kernel<V, 4><<<blocks, 256, 0, s>>>(a, p); break;
+    default: return -2;
+  }
+  return (int)cudaGetLastError();
+}
+
+extern "C" int arbd_rows_record64(int vote_bytes, int min_blocks, int blocks, void* rec, long long stride,
+                                  const void* idx, const void* votes, const void* e_votes,
+                                  void* stats, long long u, int threshold, int decay, int cap,
+                                  int acc_max, int scales, int s_threshold, int memory_only,
+                                  void* stream) {
+  if (stride % 16 != 0 || stride < 80) return -3;
+  RecordArgs a{(uint8_t*)rec, stride, (const int64_t*)idx, votes, (const int32_t*)e_votes,
+               (int*)stats, u};
+  Rule p{threshold, decay, 0, cap, acc_max, scales, s_threshold, memory_only};
+  cudaStream_t s = (cudaStream_t)stream;
+  switch (vote_bytes) {
+    case 4: return launch_record<int32_t>(min_blocks, blocks, s, a, p);
+    case 2: return launch_record<int16_t>(min_blocks, blocks, s, a, p);
+    case 1: return launch_record<int8_t>(min_blocks, blocks, s, a, p);
     default: return -1;
   }
 }
