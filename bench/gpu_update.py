@@ -140,9 +140,15 @@ def _random_state(rows: int, cols: int, g: torch.Generator, device: str,
              torch.randint(-127, 128, (rows, cols), generator=g, device=device, dtype=torch.int8),
              torch.randint(-128, 128, (rows,), generator=g, device=device, dtype=torch.int8),
              torch.randint(-127, 128, (rows,), generator=g, device=device, dtype=torch.int8)]
+    return _in_layout(state, layout)
+
+
+def _in_layout(state: list[torch.Tensor], layout: str) -> list[torch.Tensor]:
+    """A copy of the four buffers: four arrays, or the views of new row records."""
     if layout == "arrays":
-        return state
-    views = list(row_records(rows, cols, device)[1:])
+        return [t.clone() for t in state]
+    rows, cols = state[1].shape
+    views = list(row_records(rows, cols, state[0].device)[1:])
     for v, t in zip(views, state):
         v.copy_(t)
     return views
@@ -198,7 +204,8 @@ def sweep(args) -> dict:
         variants["old_b16"] = (base.apply_votes_rows, dict(block_r=16))
         variants["old_b32"] = (base.apply_votes_rows, dict(block_r=32))
     cols, rule = 64, TUNED_RULE
-    for case, layout in [(c, lay) for c in args.cases.split(",") for lay in args.layouts.split(",")]:
+    cases = [(c, lay) for c in args.cases.split(",") for lay in args.layouts.split(",")]
+    for case, layout in cases:
         rows, u, order = case.split(":")
         rows, u = int(rows), int(u)
         g = torch.Generator(device=dev).manual_seed(rows + u)
@@ -223,7 +230,7 @@ def sweep(args) -> dict:
                 torch.equal(a, w[idx].cpu()) for a, w in zip(cpu_new, want)))
             head["cpu_check_s"] = round(time.perf_counter() - t0, 1)
         print(head, flush=True)
-        work = _random_state(rows, cols, g, dev, layout)
+        work = _in_layout(state0, layout)
         for name, (fn, kw) in variants.items():
             for w, s0 in zip(work, state0):
                 w.copy_(s0)

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from arbd.ternary import state as st
+from arbd.ternary import triton_update
 from arbd.ternary.rule import TUNED_RULE, TernaryRule
 from arbd.ternary.state import TernaryMatrix, record_width
 from arbd.vq.codebook import TernaryVQCodebook
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = type(triton_update._apply_votes_kernel).__name__ == "InterpretedFunction"
 FIELDS = ("packed", "t_accum", "exponent", "e_accum")
 
 
@@ -60,14 +62,12 @@ def test_reset_draws_the_same_state_in_both_layouts():
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("evidence", ["votes", "float_rows", "float_dense"])
 def test_updates_equal_the_array_layout(cols, kernels, evidence, monkeypatch):
-    if kernels == "triton" and DEVICE == "cpu" and \
-            type(__import__("arbd.ternary.triton_update", fromlist=["x"])._apply_votes_kernel).__name__ \
-            != "InterpretedFunction":
+    if kernels == "triton" and DEVICE == "cpu" and not INTERPRETED:
         pytest.skip("no GPU and no Triton interpreter")
-    monkeypatch.setattr(st, "ROW_UPDATE_KERNEL", "torch" if kernels == "torch" else "auto"
-                        if DEVICE == "cuda" else "triton")
-    monkeypatch.setattr(st, "DENSE_UPDATE_KERNEL", "torch" if kernels == "torch" else "auto"
-                        if DEVICE == "cuda" else "triton")
+    # "auto" on a GPU takes the CUDA / Triton kernels; on CPU "triton" runs the interpreter.
+    choice = "torch" if kernels == "torch" else "auto" if DEVICE == "cuda" else "triton"
+    monkeypatch.setattr(st, "ROW_UPDATE_KERNEL", choice)
+    monkeypatch.setattr(st, "DENSE_UPDATE_KERNEL", choice)
     rows, u = 300, 77
     a, b = _pair(rows, cols, seed=cols)
     g = torch.Generator().manual_seed(1)

@@ -257,12 +257,6 @@ class ShardedTernaryVQCodebook(CodebookCommon, nn.Module):
     def uses_candidates(self) -> bool:
         return self.num_codes > self.exact_max
 
-    def state_bytes(self) -> int:
-        """Persistent bytes held by this rank (its block of the matrix and of the usage)."""
-        return self.matrix.state_bytes() + sum(   # the matrix's row records count whole
-            b.numel() * b.element_size() for n, b in self.named_buffers()
-            if not n.startswith("matrix."))
-
     def owner_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Group rank that owns each global row id (ids assumed in range)."""
         return torch.searchsorted(self._bounds_t[1:], ids.contiguous(), right=True)

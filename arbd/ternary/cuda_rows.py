@@ -1,17 +1,17 @@
 """The CUDA touched-row update (csrc/rows.cu): rule.apply_votes on distinct rows of a matrix of
 at most 64 columns (the codebooks). Two kernels:
 - "record": rows of 64 trits stored as row records (state.row_records; codebooks built with
-  state_layout="record"), one lane per row, every column position a compile-time constant (a third of the other
-  kernel's instructions). It runs at the floor of its own loads and stores, 1.3-1.4x faster
-  than the four-array layout's best kernel at 1M of 10M rows (bench/RESULTS.md, "Touched-row
-  update, round 4");
+  state_layout="record"), one lane per row, every column position a compile-time constant (a
+  third of the other kernel's instructions). It runs at the floor of its own loads and stores,
+  1.3-1.6x faster than the four-array layout's best kernel at 1M of 10M rows (bench/RESULTS.md,
+  "Touched-row update, round 4");
 - "rows": any layout and 1..64 trits, four rows to a warp, eight columns to a lane.
 
 triton_update.apply_votes_rows takes them where they apply; ARBD_CUDA_ROWS says when:
 - "auto" (default): on a CUDA device with nvcc at hand, row records at every size, other
   layouts for updates of at most AUTO_MAX_ROWS rows (where "rows" measured at least as fast as
   the Triton kernel on the H100; 4-10% slower at 1M and 4M rows: "Touched-row update, round 3").
-  Without nvcc (the runtime-only Docker image) the Triton kernel runs, which is about 1.5x
+  Without nvcc (the runtime-only Docker image) the Triton kernel runs, which is 1.1-1.5x
   slower on row records than on four arrays; if nvcc is there but the build fails, Triton runs
   after one warning: the step must not fail over a faster path;
 - "on": wherever it applies (any row count), and a failed build is an error;
@@ -26,6 +26,7 @@ import torch
 
 from arbd.ternary import cuda_ext
 from arbd.ternary.rule import ACC_MAX, MIN_ROW_FOR_ROW_NORM, TernaryRule
+from arbd.ternary.state import record_of
 
 SOURCE = cuda_ext.CSRC / "rows.cu"
 MAX_COLS = 64
@@ -57,8 +58,8 @@ def _library(device: torch.device) -> ctypes.CDLL:
             + [ctypes.c_longlong] + [ctypes.c_int] * 7 + [ctypes.c_void_p])
         lib.arbd_rows_update.restype = ctypes.c_int
         lib.arbd_rows_update.argtypes = (
-            [ctypes.c_int] * 3 + [ctypes.c_void_p] * 8 + [ctypes.c_longlong] * 5 + [ctypes.c_int] * 12
-            + [ctypes.c_void_p])
+            [ctypes.c_int] * 3 + [ctypes.c_void_p] * 8 + [ctypes.c_longlong] * 5
+            + [ctypes.c_int] * 12 + [ctypes.c_void_p])
         _LIB = lib
     return _LIB
 
@@ -106,18 +107,12 @@ def check_row_layout(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torc
 
 def record_base(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torch.Tensor,
                 e_accum: torch.Tensor) -> tuple[int, int] | None:
-    """(address of row 0's record, record size in bytes) when the four buffers are the views of
-    one record per 64-trit row laid out as state.row_records lays it out (what the record kernel
-    reads), else None."""
-    if t_accum.dim() != 2 or t_accum.shape[1] != RECORD_COLS or packed.shape[1] != 13:
+    """state.record_of for what the record kernel reads: 64-trit row records, 16-byte aligned
+    (so its five 16-byte loads per record are too), else None."""
+    found = record_of(packed, t_accum, exponent, e_accum)
+    if found is None or t_accum.shape[1] != RECORD_COLS or found[0] % 16 or found[1] % 16:
         return None
-    base, stride = t_accum.data_ptr(), t_accum.stride(0)
-    fields = ((packed, 64), (exponent, 77), (e_accum, 78))
-    if base % 16 or stride % 16 or stride < 80 or t_accum.stride(1) != 1 or any(
-            t.shape[0] != t_accum.shape[0] or t.stride(0) != stride or t.data_ptr() != base + off
-            for t, off in fields):
-        return None
-    return base, stride
+    return found
 
 
 def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torch.Tensor,
@@ -158,10 +153,10 @@ def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torc
                              "rows and 16-byte aligned votes")
         blocks = max(1, min(-(-u // 256), (blocks_per_sm or RECORD_BLOCKS_PER_SM) * sms))
         err = _library(packed.device).arbd_rows_record64(
-            votes.element_size(), min_blocks or RECORD_MIN_BLOCKS, blocks, record[0], record[1], idx.data_ptr(), votes.data_ptr(),
-            e_votes.data_ptr(), stats.data_ptr(), u, rule.threshold, rule.decay_shift,
-            rule.saturated_cap, ACC_MAX, int(scales), rule.scale_threshold, int(_memory_only),
-            stream)
+            votes.element_size(), min_blocks or RECORD_MIN_BLOCKS, blocks, record[0], record[1],
+            idx.data_ptr(), votes.data_ptr(), e_votes.data_ptr(), stats.data_ptr(), u,
+            rule.threshold, rule.decay_shift, rule.saturated_cap, ACC_MAX, int(scales),
+            rule.scale_threshold, int(_memory_only), stream)
         if err != 0:
             raise RuntimeError(f"CUDA record update launch failed (code {err}) for {u} rows, "
                                f"{blocks} blocks")

@@ -93,11 +93,36 @@ def row_records(rows: int, cols: int, device=None) -> tuple[torch.Tensor, ...]:
     return (rec, *record_views(rec, cols))
 
 
+def record_offsets(cols: int) -> tuple[int, int, int, int]:
+    """Byte offsets of (packed, t_accum, exponent, e_accum) in a row record (64 cols: 64, 0, 77,
+    78, which csrc/rows.cu's record kernel reads)."""
+    nb = packing.packed_cols(cols)
+    return cols, 0, cols + nb, cols + nb + 1
+
+
 def record_views(rec: torch.Tensor, cols: int) -> tuple[torch.Tensor, ...]:
     """(packed, t_accum, exponent, e_accum) views of uint8 records [rows, record_width(cols)]."""
-    nb = packing.packed_cols(cols)
-    return (rec[:, cols:cols + nb], rec[:, :cols].view(torch.int8),
-            rec[:, cols + nb].view(torch.int8), rec[:, cols + nb + 1].view(torch.int8))
+    p, t, e, ea = record_offsets(cols)
+    return (rec[:, p:p + packing.packed_cols(cols)], rec[:, t:t + cols].view(torch.int8),
+            rec[:, e].view(torch.int8), rec[:, ea].view(torch.int8))
+
+
+def record_of(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torch.Tensor,
+              e_accum: torch.Tensor) -> tuple[int, int] | None:
+    """(address of row 0's record, record stride in bytes) when the four buffers are the
+    record_views of one buffer of row records, else None."""
+    if t_accum.dim() != 2 or packed.dim() != 2:
+        return None
+    rows, cols = t_accum.shape
+    stride = t_accum.stride(0)
+    base = t_accum.data_ptr() - record_offsets(cols)[1]
+    if packed.shape[1] != packing.packed_cols(cols) or stride < cols + packed.shape[1] + 2:
+        return None
+    for buf, off in zip((packed, t_accum, exponent, e_accum), record_offsets(cols)):
+        if buf.shape[0] != rows or buf.stride(0) != stride or buf.data_ptr() != base + off \
+                or (buf.dim() == 2 and buf.shape[1] > 1 and buf.stride(1) != 1):
+            return None
+    return base, stride
 
 
 @dataclass(frozen=True)
@@ -178,7 +203,8 @@ class TernaryMatrix(nn.Module):
             nb = packing.packed_cols(cols)
             self.register_buffer("packed", torch.empty(rows, nb, dtype=torch.uint8, device=device))
             self.register_buffer("exponent", torch.zeros(rows, dtype=torch.int8, device=device))
-            self.register_buffer("t_accum", torch.zeros(rows, cols, dtype=torch.int8, device=device))
+            self.register_buffer("t_accum", torch.zeros(rows, cols, dtype=torch.int8,
+                                                        device=device))
             self.register_buffer("e_accum", torch.zeros(rows, dtype=torch.int8, device=device))
         self._grad: torch.Tensor | None = None
         self._decoded: tuple | None = None   # see decoded_shared
@@ -208,13 +234,9 @@ class TernaryMatrix(nn.Module):
         record, else "arrays" (a buffer replaced by assignment, e.g. a tensor-parallel split,
         ends it)."""
         rec = self.__dict__.get("_record")   # absent in matrices pickled before row records
-        if rec is None:
-            return "arrays"
-        base, c = rec.data_ptr(), self.cols
-        if (self.t_accum.data_ptr(), self.packed.data_ptr(), self.exponent.data_ptr(),
-                self.e_accum.data_ptr()) != (base, base + c, base + c + self.packed.shape[1],
-                                             base + c + self.packed.shape[1] + 1) \
-                or self.t_accum.shape[0] != rec.shape[0]:
+        if rec is None or self.t_accum.shape[0] != rec.shape[0] or record_of(
+                self.packed, self.t_accum, self.exponent, self.e_accum) != (rec.data_ptr(),
+                                                                            rec.stride(0)):
             return "arrays"
         return "record"
 

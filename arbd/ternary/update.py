@@ -198,8 +198,9 @@ def apply_updates(mats: list[tuple[str, nn.Module]], rule: TernaryRule) -> dict[
         item = m.fused_update_item()
         if item is None:
             single.append(m)
-        else:
-            key = (m.cols, item.grad.device, item.row_ids is None, item.packed.stride(0))
+        else:   # fused_update_item imported triton_update already
+            from arbd.ternary.triton_update import row_strides
+            key = (m.cols, item.grad.device, item.row_ids is None, row_strides(item))
             groups.setdefault(key, []).append((m, item))
     for members in groups.values():
         counts = update_fused(members, rule)

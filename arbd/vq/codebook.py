@@ -108,7 +108,14 @@ class PlacedTernaryMatrix(TernaryMatrix):
 
 class CodebookCommon:
     """What the codebook and its shards share: `candidate_count` validated against `num_codes`,
-    and the checks on lookup inputs."""
+    the checks on lookup inputs, and the count of persistent bytes."""
+
+    def state_bytes(self) -> int:
+        """Persistent bytes held here: the matrix's (its row records whole) plus the usage
+        counters."""
+        return self.matrix.state_bytes() + sum(
+            b.numel() * b.element_size() for n, b in self.named_buffers()
+            if not n.startswith("matrix."))
 
     num_codes: int
     dim: int
@@ -183,12 +190,6 @@ class TernaryVQCodebook(CodebookCommon, nn.Module):
     @property
     def uses_candidates(self) -> bool:
         return self.num_codes > self.exact_max
-
-    def state_bytes(self) -> int:
-        """Persistent bytes: the matrix buffers plus the usage counters."""
-        return self.matrix.state_bytes() + sum(   # the matrix's row records count whole
-            b.numel() * b.element_size() for n, b in self.named_buffers()
-            if not n.startswith("matrix."))
 
     # -- lookup ------------------------------------------------------------------------------
     @torch.no_grad()

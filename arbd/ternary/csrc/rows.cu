@@ -325,7 +325,8 @@ __device__ __forceinline__ void load_votes64(const V* p, int (&v)[64]) {
 #pragma unroll
     for (int h = 0; h < per; ++h) {
       const int word = w[h * sizeof(V) / 4], pos = (h * sizeof(V)) % 4;
-      v[k * per + h] = sizeof(V) == 4 ? word : (word << (32 - 8 * sizeof(V) - 8 * pos)) >> (32 - 8 * sizeof(V));
+      constexpr int bits = 8 * sizeof(V);
+      v[k * per + h] = bits == 32 ? word : (word << (32 - bits - 8 * pos)) >> (32 - bits);
     }
   }
 }
@@ -406,7 +407,8 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) record64_kernel(RecordArgs a,
       for (int k = 0; k < 16; ++k) acc_w[k] = out_w[k];
 #pragma unroll
       for (int k = 0; k < 3; ++k)
-        tail[k] = bytes[4 * k] | bytes[4 * k + 1] << 8 | bytes[4 * k + 2] << 16 | bytes[4 * k + 3] << 24;
+        tail[k] = bytes[4 * k] | bytes[4 * k + 1] << 8 | bytes[4 * k + 2] << 16
+                  | bytes[4 * k + 3] << 24;
       tail[3] = bytes[12] | (e & 0xFF) << 8 | (ea & 0xFF) << 16 | (tail[3] & 0xFF000000);
     }
 #pragma unroll
@@ -459,11 +461,11 @@ int launch_record(int min_blocks, int blocks, cudaStream_t s, const RecordArgs& 
   return (int)cudaGetLastError();
 }
 
-extern "C" int arbd_rows_record64(int vote_bytes, int min_blocks, int blocks, void* rec, long long stride,
-                                  const void* idx, const void* votes, const void* e_votes,
-                                  void* stats, long long u, int threshold, int decay, int cap,
-                                  int acc_max, int scales, int s_threshold, int memory_only,
-                                  void* stream) {
+extern "C" int arbd_rows_record64(int vote_bytes, int min_blocks, int blocks, void* rec,
+                                  long long stride, const void* idx, const void* votes,
+                                  const void* e_votes, void* stats, long long u, int threshold,
+                                  int decay, int cap, int acc_max, int scales, int s_threshold,
+                                  int memory_only, void* stream) {
   if (stride % 16 != 0 || stride < 80) return -3;
   RecordArgs a{(uint8_t*)rec, stride, (const int64_t*)idx, votes, (const int32_t*)e_votes,
                (int*)stats, u};
