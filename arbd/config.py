@@ -86,7 +86,7 @@ class ARBConfig:
     expert_hidden: int = 3712
     moe_top_k: int = 2
     act_max_steps: int = 4
-    kg_edges_per_node: int = 32  # fixed-capacity adjacency, integer weights (not ternary)
+    kg_edges_per_node: int = 16  # fixed-capacity adjacency, one int32 slot each (kg_edges.py)
     kv_ledger_len: int = 4096  # bytes the ContextAttentionScheduler ledger remembers
 
     # Heads.

@@ -29,7 +29,7 @@ def test_sequencer_matches_float64_reference():
 
 
 def _reference_observe(dst, weight, src_ids, dst_ids, cap):
-    """Loop version of KGEdges.observe's documented rule."""
+    """Loop version of KGEdges.observe's documented rule; returns how many row halvings it made."""
     counts = {}
     for s, d in zip(src_ids, dst_ids):
         if s != d:
@@ -38,7 +38,7 @@ def _reference_observe(dst, weight, src_ids, dst_ids, cap):
     for (s, d), c in sorted(counts.items()):
         if d in dst[s]:
             k = dst[s].index(d)
-            weight[s][k] = min(weight[s][k] + c, 32767)
+            weight[s][k] += c
         else:
             new.append((s, d, c))
     by_row = {}
@@ -53,27 +53,76 @@ def _reference_observe(dst, weight, src_ids, dst_ids, cap):
             k = order[r]
             if keys[k][0] <= c:
                 dst[s][k], weight[s][k] = d, c
+    aged = 0
+    for s in {s for s, _ in counts}:   # aging: halve the row until its counts fit 8 bits
+        while max(weight[s]) > 255:
+            weight[s] = [max(w // 2, 1) if dst[s][k] >= 0 else 0 for k, w in enumerate(weight[s])]
+            aged += 1
+    return aged
 
 
-def test_kg_edges_match_loop_reference_and_touch_only_sources():
+@pytest.mark.parametrize("num_targets", [None, (1 << 24) + 9])
+def test_kg_edges_match_loop_reference_and_touch_only_sources(num_targets):
+    """Random pairs (few heavy ones, so rows age past 8-bit counts) against the loop rule; with
+    num_targets above 2**24 the slots are int64 and the neighbour ids sit near the top."""
     n, cap = 40, 3
-    edges = KGEdges(n, cap)
+    edges = KGEdges(n, cap, num_targets=num_targets)
+    base = 0 if num_targets is None else num_targets - 12     # neighbour ids base..base+11
+    assert edges.slots.dtype == (torch.int32 if num_targets is None else torch.int64)
     dst = [[-1] * cap for _ in range(n)]
     weight = [[0] * cap for _ in range(n)]
     rng = random.Random(0)
-    for _ in range(30):
+    halvings = 0
+    for step in range(30):
         src_ids = [rng.randrange(12) for _ in range(25)]
-        dst_ids = [rng.randrange(12) for _ in range(25)]
-        before = edges.dst.clone(), edges.weight.clone()
+        dst_ids = [base + rng.randrange(12) for _ in range(25)]
+        if step % 7 == 3:   # one pair seen hundreds of times in a step
+            src_ids += [5] * 300
+            dst_ids += [base + 6] * 300
+        before = edges.slots.clone()
         touched = edges.observe(torch.tensor(src_ids), torch.tensor(dst_ids))
         assert touched == len({s for s, d in zip(src_ids, dst_ids) if s != d})
-        _reference_observe(dst, weight, src_ids, dst_ids, cap)
-        assert edges.dst.tolist() == dst and edges.weight.tolist() == weight
-        changed = ((edges.dst != before[0]) | (edges.weight != before[1])).any(1).nonzero().flatten()
+        halvings += _reference_observe(dst, weight, src_ids, dst_ids, cap)
+        ids, counts = edges.table()
+        assert ids.tolist() == dst and counts.tolist() == weight
+        changed = (edges.slots != before).any(1).nonzero().flatten()
         assert set(changed.tolist()) <= set(src_ids)
-    assert (edges.dst[12:] == -1).all()
-    with pytest.raises(ValueError, match=r"\[0, 40\)"):
-        edges.observe(torch.tensor([1]), torch.tensor([40]))
+    assert halvings >= 4 and min(w for row in weight for w in row if w) >= 1
+    assert (edges.table()[0][12:] == -1).all()
+    nbr, w = edges.neighbors(torch.tensor([5, 0]))
+    assert nbr.tolist() == [dst[5], dst[0]] and w.dtype == torch.int16 and w.tolist() == [weight[5], weight[0]]
+    limit = n if num_targets is None else num_targets
+    with pytest.raises(ValueError, match=rf"\[0, {limit}\)"):
+        edges.observe(torch.tensor([1]), torch.tensor([limit]))
+
+
+def test_kg_slot_ids_use_the_whole_narrow_range():
+    """Ids up to 2**24 - 1 wrap into int32's sign bit and decode back unchanged."""
+    from arbd.model.kg_edges import decode_slots, encode_slots
+    ids = torch.tensor([[0, (1 << 23) - 1, 1 << 23, (1 << 24) - 1, -1]])
+    counts = torch.tensor([[1, 255, 7, 128, 0]])
+    slots = encode_slots(ids, counts, torch.int32)
+    assert slots.dtype == torch.int32 and (slots[0, 2:4] < 0).all()
+    back = decode_slots(slots)
+    assert back[0].tolist() == ids.tolist() and back[1].tolist() == counts.tolist()
+
+
+def test_kg_edges_load_the_old_two_array_checkpoint():
+    """A state dict with `dst` int32 and `weight` int16 (before packed slots) loads; counts
+    above 255 are aged per row, so their ratios survive."""
+    edges = KGEdges(4, 3)
+    dst = torch.tensor([[1, 2, -1], [-1, -1, -1], [0, 3, 1], [2, -1, -1]], dtype=torch.int32)
+    weight = torch.tensor([[3, 9, 0], [0, 0, 0], [1000, 250, 3], [32767, 0, 0]], dtype=torch.int16)
+    edges.load_state_dict({"dst": dst, "weight": weight})
+    ids, counts = edges.table()
+    assert ids.tolist() == dst.tolist()
+    assert counts.tolist() == [[3, 9, 0], [0, 0, 0], [250, 62, 1], [255, 0, 0]]
+    with pytest.raises(RuntimeError, match="slots"):
+        KGEdges(4, 3).load_state_dict({"dst": dst})
+    bad = edges.state_dict()
+    bad["slots"][2, 1] = (9 << 8) | 5          # neighbour 9 in a 4-node graph
+    with pytest.raises(RuntimeError, match="neighbour id 9 is not below the graph's 4 nodes"):
+        KGEdges(4, 3).load_state_dict(bad)
 
 
 def test_ledger_seeds_once_and_wraps():

@@ -54,7 +54,7 @@ def test_inventory_matches_config_counts_and_splits():
     assert whole - ep4 == (c.n_experts - c.n_experts // 4) * 2 * c.d_model * c.expert_hidden
     cb4 = planner.inventory(cfg, cb=4)
     assert cb4.codebook_rows == -(-c.shared_vq_size // 4) + -(-c.kgvq_size // 4)
-    assert cb4.kg_edge_bytes == -(-c.shared_vq_size * c.kg_edges_per_node * 6 // 4)  # int32 + int16
+    assert cb4.kg_edge_bytes == -(-c.shared_vq_size * c.kg_edges_per_node * 4 // 4)  # one int32 slot
 
 
 def test_codebook_row_bytes_is_the_real_codebooks_state():

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from arbd.config import get_preset
 from arbd.model.arb import ARBModel
+from arbd.model.kg_edges import encode_slots
 from arbd.parallel.launch_utils import run_on_ranks
 from arbd.parallel.tensor_parallel import parallelize_attention
 from arbd.ternary import packing
@@ -48,6 +49,10 @@ def full() -> dict[str, torch.Tensor]:
             cols = dict(m.named_modules())[k.rsplit(".", 1)[0]].cols
             trits = torch.randint(-1, 2, (v.shape[0], cols), generator=g, dtype=torch.int8)
             out[k] = packing.pack_trits(trits)
+        elif k == "kg_edges.slots":   # valid slots: neighbour ids of the graph, counts 1..255
+            ids = torch.randint(-1, m.kg_edges.num_targets, v.shape, generator=g)
+            counts = torch.randint(1, 256, v.shape, generator=g)
+            out[k] = encode_slots(ids, counts, v.dtype)
         elif v.dtype in (torch.int8, torch.int16, torch.int32):
             info = torch.iinfo(v.dtype)
             out[k] = torch.randint(max(info.min, -1000), min(info.max, 1000), v.shape, generator=g,

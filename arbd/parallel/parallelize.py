@@ -57,7 +57,7 @@ def shard_codebooks(model: ARBModel, group) -> None:
         model.composite.kgvq = _sharded_twin(model.composite.kgvq, group)
     if model.kg_edges is not None:
         e = model.kg_edges
-        model.kg_edges = ShardedKGEdges(e.num_targets, e.capacity, group=group, device=e.dst.device)
+        model.kg_edges = ShardedKGEdges(e.num_targets, e.capacity, group=group, device=e.slots.device)
 
 
 class ParallelReducer:

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from arbd.model.kg_edges import KGEdges
+from arbd.model.kg_edges import KGEdges, decode_slots
 from arbd.parallel.sharded_vq import shard_bounds
 
 
@@ -90,6 +90,6 @@ class ShardedKGEdges(KGEdges):
         counts = torch.bincount(owner, minlength=self.world)
         asked, asked_counts = _exchange(uniq, counts, self.group)
         local = asked - self.global_start
-        rows = torch.cat([self.dst[local].long(), self.weight[local].long()], 1)
-        back, _ = _exchange(rows, asked_counts, self.group)   # returns in our send order
-        return back[:, :self.capacity][inverse], back[:, self.capacity:].to(torch.int16)[inverse]
+        back, _ = _exchange(self.slots[local], asked_counts, self.group)   # in our send order
+        ids, counts = decode_slots(back[inverse])
+        return ids, counts.to(torch.int16)
