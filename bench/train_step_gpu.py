@@ -40,7 +40,7 @@ from arbd.parallel import planner  # noqa: E402
 from arbd.parallel.plan import Plan, load_plan  # noqa: E402
 from arbd.ternary import ternary_state_bytes  # noqa: E402
 from arbd.ternary.rule import TUNED_RULE  # noqa: E402
-from arbd.ternary.state import TernaryMatrix  # noqa: E402
+from arbd.ternary.state import TernaryMatrix, set_evidence_dtype  # noqa: E402
 
 GiB = 2**30
 CUDA = torch.cuda.is_available()
@@ -70,6 +70,8 @@ def _plan(a: argparse.Namespace) -> Plan:
                             ("grad_accum", a.grad_accum), ("seq_len", a.seq_len)) if v is not None}
     if a.activation_checkpointing != "plan":
         kw["activation_checkpointing"] = a.activation_checkpointing == "on"
+    if a.evidence_dtype:
+        kw["evidence_dtype"] = a.evidence_dtype
     # One process: dp 1, no ZeRO for the ternary side (the h100 plans say the same).
     return replace(plan, **kw)
 
@@ -97,6 +99,7 @@ def _build(plan: Plan, device, backend: str) -> ARBModel:
     model.ternary_rule = TUNED_RULE
     model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
     model.activation_checkpointing = plan.activation_checkpointing
+    set_evidence_dtype(model, plan.evidence_dtype)
     return model
 
 
@@ -474,6 +477,8 @@ def main() -> None:
                    choices=("plan", "on", "off"),
                    help="recompute MLA layers and MoEGraph in backward: the plan's setting "
                         "(default; the dense twin then runs without), on, or off")
+    p.add_argument("--evidence-dtype", choices=["fp32", "bf16"], default=None,
+                   help="override the plan's evidence_dtype (ternary runs)")
     p.add_argument("--phases", action="store_true", help="one extra step timed per phase")
     p.add_argument("--cprofile", action="store_true", help="one extra step under cProfile (printed)")
     p.add_argument("--state", action="store_true", help="persistent state per component (ternary)")
@@ -494,7 +499,8 @@ def main() -> None:
     except torch.cuda.OutOfMemoryError as e:   # a budget miss is a result, reported as such
         res = {"model": a.what, "ok": False, "error": f"OutOfMemoryError: {str(e)[:400]}",
                "peak_train_bytes": _peak()}
-    res.update({"plan": plan.name, "preset": plan.preset, "micro_batch": plan.micro_batch,
+    res.update({"plan": plan.name, "preset": plan.preset, "evidence_dtype": plan.evidence_dtype,
+                "micro_batch": plan.micro_batch,
                 "grad_accum": plan.grad_accum, "seq_len": plan.seq_len, "warmup": a.warmup,
                 "mem_cap_gib": a.mem_cap_gib,
                 "device": torch.cuda.get_device_name() if CUDA else "cpu",

@@ -10,6 +10,7 @@
     dtype: fp32            # fp32 | bf16 (bf16 on GPU)
     backend: torch         # torch | triton
     evidence: summed       # data-parallel ternary evidence: summed | votes
+    evidence_dtype: fp32   # dense evidence summed over a step's micro-batches: fp32 | bf16
     activation_checkpointing: false   # recompute MLA layers and MoEGraph in backward
 
 Every error names the field and a fix. The planner (memory table, communication volume,
@@ -30,6 +31,7 @@ from arbd.parallel.mesh import Layout
 
 DTYPES = ("fp32", "bf16", "fp64")   # fp64: CPU reference runs (equivalence tests)
 EVIDENCE_MODES = ("summed", "votes")
+EVIDENCE_DTYPES = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class Plan:
     dtype: str = "fp32"
     backend: str = "torch"
     evidence: str = "summed"
+    evidence_dtype: str = "fp32"   # bf16 halves the float evidence a step holds (planner)
     activation_checkpointing: bool = False   # MLA layers and MoEGraph recompute in backward
     extra: dict = field(default_factory=dict)
 
@@ -76,6 +79,9 @@ class Plan:
         if self.evidence not in EVIDENCE_MODES:
             raise ValueError(f"plan {self.name}: evidence must be one of {EVIDENCE_MODES}, "
                              f"got {self.evidence!r}")
+        if self.evidence_dtype not in EVIDENCE_DTYPES:
+            raise ValueError(f"plan {self.name}: evidence_dtype must be one of {EVIDENCE_DTYPES}, "
+                             f"got {self.evidence_dtype!r}")
         cfg = get_preset(self.preset)
         if cfg.n_heads % self.layout.tp:
             raise ValueError(f"plan {self.name}: layout.tp = {self.layout.tp} must divide the "

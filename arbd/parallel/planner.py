@@ -231,7 +231,10 @@ def estimate(plan: Plan, world: int | None = None, *, act_steps: float | None = 
     packed = sum(m.rows * (-(-m.cols // 5) + 1) for m in dense)
     accum = sum((m.n + m.rows) / (part if m.kind == "dense" else 1) for m in dense)
     live = [m for m in inv.mats if m.block and m.kind in ("dense", "gain")]
-    evidence = EVIDENCE_B * sum(m.n for m in live)
+    # bf16 evidence (plan.evidence_dtype) halves what is held between micro-batches; votes
+    # (int32) stay 4 B.
+    ev_b = 2 if plan.evidence_dtype == "bf16" and plan.evidence == "summed" else EVIDENCE_B
+    evidence = ev_b * sum(m.n for m in live)
     # Row evidence of tables: every touched row per micro-batch, float32 (codebooks: one chosen
     # row per position and codebook; MemGram: orders x hashes rows per position).
     n_cb = sum(1 for m in inv.mats if m.kind == "codebook")
@@ -272,7 +275,7 @@ def estimate(plan: Plan, world: int | None = None, *, act_steps: float | None = 
     if cfg.use_attention:
         i = order.index("moegraph")
         order[i:i] = [f"layers.{j}" for j in range(cfg.n_layers)]
-    ev_of = {b: EVIDENCE_B * sum(m.n for m in live if m.block == b) for b in order}
+    ev_of = {b: ev_b * sum(m.n for m in live if m.block == b) for b in order}
     big_of = {b: max((m.n for m in live if m.block == b), default=0) for b in order}
     first, done, acts_left = 0, 0, act
     grads = 2 * N * cfg.d_model * s                     # gradients of the residual stream in flight
@@ -295,7 +298,7 @@ def estimate(plan: Plan, world: int | None = None, *, act_steps: float | None = 
     left = evidence
     for m in live:
         upd = max(upd, persistent + left + UPDATE_B * m.n // part)
-        left -= EVIDENCE_B * m.n
+        left -= ev_b * m.n
     phases = {"first micro-batch backward": first, "later micro-batch": later, "update": upd}
     phase = max(phases, key=phases.get)
     rows = {
@@ -306,7 +309,7 @@ def estimate(plan: Plan, world: int | None = None, *, act_steps: float | None = 
         "KG edges (with the shared VQ rows)": inv.kg_edge_bytes,
         "other buffers": inv.other_buffer_bytes,
         f"float params + Adam ({fp} params)": floats,
-        "float evidence (fp32 dL/dW, transient)": evidence + sparse_ev,
+        f"float evidence ({'bf16' if ev_b == 2 else 'fp32'} dL/dW, transient)": evidence + sparse_ev,
         "activations, no checkpointing": act_full,
         "activations, with checkpointing": act_ck,
         "communication buffers": comm_buf,

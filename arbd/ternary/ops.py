@@ -169,7 +169,7 @@ def _addmm_into_fp32_ok(device: torch.device) -> bool:
 
 
 def weight_grad_into(acc: torch.Tensor | None, gy: torch.Tensor, x: torch.Tensor,
-                     backend: str = "torch") -> torch.Tensor:
+                     backend: str = "torch", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """acc + gy^T x (acc None: the product alone), float32 (float64 for float64 inputs).
 
     On CUDA with 16-bit inputs cuBLAS adds the product into acc in place: no [N, K] temporary
@@ -177,6 +177,8 @@ def weight_grad_into(acc: torch.Tensor | None, gy: torch.Tensor, x: torch.Tensor
     backward is host-bound, bench/RESULTS.md). Elsewhere: weight_grad, then an add."""
     gy2 = gy.reshape(-1, gy.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
+    if dtype == torch.bfloat16 and x2.dtype != torch.float64:
+        return _weight_grad_into_bf16(acc, gy2, x2, backend)
     if (gy2.is_cuda and gy2.dtype in (torch.bfloat16, torch.float16) and x2.dtype == gy2.dtype
             and gy2.shape[0] > 0 and (acc is None or acc.dtype == torch.float32)
             and _addmm_into_fp32_ok(gy2.device)):
@@ -191,6 +193,23 @@ def weight_grad_into(acc: torch.Tensor | None, gy: torch.Tensor, x: torch.Tensor
     if acc is None:
         return g if g.dtype == torch.float64 else g.to(torch.float32)
     return acc.add_(g)
+
+
+def _weight_grad_into_bf16(acc: torch.Tensor | None, gy2: torch.Tensor, x2: torch.Tensor,
+                           backend: str) -> torch.Tensor:
+    """acc + gy^T x kept in bf16: the product is summed in fp32 and rounded once, as it is
+    added (cuBLAS does both in one call for bf16 inputs: beta = 1 reads acc)."""
+    if gy2.is_cuda and gy2.dtype == x2.dtype == torch.bfloat16 and gy2.shape[0] > 0:
+        tk = _triton()
+        rows = tk.cublas_rows(gy2.shape[0])
+        gy2, x2 = tk.pad_rows(gy2, rows, zero=True), tk.pad_rows(x2, rows, zero=True)
+        if acc is None:
+            return torch.mm(gy2.t(), x2)
+        return torch.addmm(acc, gy2.t(), x2, out=acc)
+    g = weight_grad(gy2, x2, backend)   # float32
+    if acc is None:
+        return g.to(torch.bfloat16)
+    return acc.copy_(acc.float().add_(g))   # one rounding per added product, as cuBLAS
 
 
 # RMSNorm through arbd/ternary/triton_norm.py: "auto" for 16-bit CUDA tensors; "on" wherever

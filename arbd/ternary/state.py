@@ -155,6 +155,21 @@ def _evidence_dtype(g: torch.Tensor) -> torch.Tensor:
     return g if g.dtype == torch.float64 else g.to(torch.float32)
 
 
+EVIDENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def set_evidence_dtype(model: nn.Module, name: str) -> None:
+    """Accumulate every ternary matrix's dense weight evidence in `name` ("fp32" or "bf16"):
+    what a plan's `evidence_dtype` sets. bf16 halves the evidence held over the micro-batches of
+    a step; each micro-batch's product is still summed in fp32 by cuBLAS and rounded once as it
+    is added, and the rule reads the bf16 sum exactly as fp32 (docs/decisions.md)."""
+    if name not in EVIDENCE_DTYPES:
+        raise ValueError(f"evidence_dtype must be one of {tuple(EVIDENCE_DTYPES)}, got {name!r}")
+    for mod in model.modules():
+        if isinstance(mod, TernaryMatrix):
+            mod.evidence_dtype = EVIDENCE_DTYPES[name]
+
+
 def all_evidence_finite(mats: list[TernaryMatrix]) -> bool:
     """Whether every matrix's evidence is finite, read back with one synchronisation per
     device (a check per matrix would wait on the GPU once per matrix). float32 evidence on a GPU
@@ -180,11 +195,19 @@ def all_evidence_finite(mats: list[TernaryMatrix]) -> bool:
     return all(bool(torch.stack(fs).all()) for fs in flags.values())
 
 
+def _rule_input(g: torch.Tensor) -> torch.Tensor:
+    """The rule computes in float32 (float64 runs in float64): bf16 evidence widens exactly."""
+    return g.float() if g.dtype in (torch.bfloat16, torch.float16) else g
+
+
 class TernaryMatrix(nn.Module):
     # Micro-batches whose evidence one commit (one backward) holds. 1 but for an expert under
     # expert parallelism, which takes the tokens of every rank of its ep group in one backward:
     # its votes then carry ep micro-batches' share of the step (update.commit_micro_batch).
     micro_batches_per_commit: int = 1
+    # dtype of the dense evidence summed by add_grad_product (set_evidence_dtype); float64 runs
+    # keep float64, and every other path (add_grad, row evidence, reductions) sums in float32.
+    evidence_dtype: torch.dtype = torch.float32
 
     def __init__(self, rows: int, cols: int, *, std: float | None = None,
                  init: str = "random", generator: torch.Generator | None = None,
@@ -379,7 +402,8 @@ class TernaryMatrix(nn.Module):
         shape = (gy.shape[-1], x.shape[-1])
         if shape != (self.rows, self.cols):
             raise ValueError(f"gradient must have shape {(self.rows, self.cols)}, got {shape}")
-        self._grad = ops.weight_grad_into(self._grad, gy.detach(), x.detach(), backend)
+        self._grad = ops.weight_grad_into(self._grad, gy.detach(), x.detach(), backend,
+                                          dtype=self.evidence_dtype)
 
     def add_row_grad(self, idx: torch.Tensor, grad_rows: torch.Tensor) -> None:
         """Accumulate dL/dW for the listed rows only (sparse path). Duplicates are summed later."""
@@ -483,7 +507,7 @@ class TernaryMatrix(nn.Module):
         trits, exps = self._trits_and_exponents(idx)
         sh = self.tp_shard
         reduce = (lambda t: _tp_sum(t, sh.group)) if sh is not None and sh.dim == 1 else None
-        return scale_grad(g, trits, exps, reduce_rows=reduce)
+        return scale_grad(_rule_input(g), trits, exps, reduce_rows=reduce)
 
     def quantize(self, g: torch.Tensor, rule: TernaryRule, idx: torch.Tensor | None = None, *,
                  mean_abs: torch.Tensor | None = None,
@@ -497,6 +521,7 @@ class TernaryMatrix(nn.Module):
         `mean_abs`: the "norm" scale mean over all rows of this (local) matrix when g holds only
         some of them (a ZeRO row block); by default the mean over the rows given. `g_e`: these
         rows' dL/dE when the caller has it already (`scale_grad`, same arithmetic)."""
+        g = _rule_input(g)
         trits, exps = self._trits_and_exponents(idx)
         sh = self.tp_shard
         if sh is None:
@@ -607,7 +632,7 @@ class TernaryMatrix(nn.Module):
         from arbd.ternary.triton_update import DenseItem
         g = self._grad
         if g is not None and not self._row_grads:
-            if g.dtype != torch.float32:
+            if g.dtype not in (torch.float32, torch.bfloat16):
                 return None
             return DenseItem(self.packed, self.t_accum, self.exponent, self.e_accum, g.contiguous())
         if g is None and self._row_grads and all(r.dtype == torch.float32 for _, r in self._row_grads):

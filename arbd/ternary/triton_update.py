@@ -122,6 +122,14 @@ def _ptr(t, field: tl.constexpr, live, ty: tl.constexpr):
 
 
 @triton.jit
+def _evidence_rows(t, lr, live, COLS: tl.constexpr, G_BF16: tl.constexpr):
+    """Pointers to the evidence rows lr: fp32, or bf16 (widened exactly where loaded)."""
+    if G_BF16:
+        return _ptr(t, 0, live, tl.bfloat16) + lr * COLS
+    return _ptr(t, 0, live, tl.float32) + lr * COLS
+
+
+@triton.jit
 def _state_rows(t, lr, live, ROW_IDS: tl.constexpr):
     """The matrix rows that evidence rows lr update: lr itself, or (touched rows) the row ids the
     table's field 7 points to. State, trits and hash positions use these; evidence uses lr."""
@@ -143,13 +151,14 @@ def _packed_tile(t, lr, live, b, NB: tl.constexpr, S_P: tl.constexpr):
 def _row_sums_kernel(tab_ptr, row_mat_ptr, scale_tab_ptr, abs_sum_ptr, ge_ptr, TOTAL, ge_bits,
                      COLS: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_B: tl.constexpr, ABS: tl.constexpr, PRODUCT: tl.constexpr,
-                     ROW_IDS: tl.constexpr, S_P: tl.constexpr, S_E: tl.constexpr):
+                     ROW_IDS: tl.constexpr, S_P: tl.constexpr, S_E: tl.constexpr,
+                     G_BF16: tl.constexpr):
     """Per group row: sum |g| (float64) and dL/dE = fp32(sum g * t) * scale * ln2 / k (fp32)."""
     gr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = gr < TOTAL
     t, m, lr = _group_rows(tab_ptr, row_mat_ptr, gr, live)
     sr = _state_rows(t, lr, live, ROW_IDS)
-    gp = _ptr(t, 0, live, tl.float32) + lr * COLS
+    gp = _evidence_rows(t, lr, live, COLS, G_BF16)
     acc_abs = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float64)
     acc_gt = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float64)
     for b0 in range(0, NB, BLOCK_B):
@@ -158,7 +167,7 @@ def _row_sums_kernel(tab_ptr, row_mat_ptr, scale_tab_ptr, abs_sum_ptr, ge_ptr, T
         for d in tl.static_range(5):
             col = b * 5 + d
             cm = bm & (col[None, :] < COLS)
-            g = tl.load(gp[:, None] + col[None, :], mask=cm, other=0.0)
+            g = tl.load(gp[:, None] + col[None, :], mask=cm, other=0.0).to(tl.float32)
             if ABS:
                 acc_abs += tl.abs(g).to(tl.float64)
             if PRODUCT:
@@ -206,7 +215,8 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
                          ROW_NORM: tl.constexpr, CAP: tl.constexpr, ACC_MAX: tl.constexpr,
                          SCALES: tl.constexpr, NORM_SCALES: tl.constexpr,
                          S_THRESHOLD: tl.constexpr, ROW_IDS: tl.constexpr,
-                         S_P: tl.constexpr, S_T: tl.constexpr, S_E: tl.constexpr):
+                         S_P: tl.constexpr, S_T: tl.constexpr, S_E: tl.constexpr,
+                         G_BF16: tl.constexpr):
     pid_b = tl.program_id(1)
     gr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = gr < TOTAL
@@ -214,7 +224,7 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
     sr = _state_rows(t, lr, live, ROW_IDS)   # the matrix row; lr: the evidence row
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     bp, bm, rest = _packed_tile(t, sr, live, b, NB, S_P)
-    gp = _ptr(t, 0, live, tl.float32) + lr * COLS
+    gp = _evidence_rows(t, lr, live, COLS, G_BF16)
     tp = _ptr(t, 2, live, tl.int8) + sr * S_T
     # s: the row's (or the matrix's) mean |g|; d = s + 1e-30 in fp32, as torch adds it
     if ROW_NORM:
@@ -239,7 +249,7 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
         else:
             if DECAY > 0:
                 acc = acc - _trunc_div(acc, 1 << DECAY)
-            g = tl.load(gp[:, None] + col[None, :], mask=cm, other=0.0)
+            g = tl.load(gp[:, None] + col[None, :], mask=cm, other=0.0).to(tl.float32)
             # (-g) / d == g / (-d) exactly under round-to-nearest, signed zeros included.
             x = tl.math.div_rn(g, negd[:, None]) * rate32
             pos = sr.to(tl.uint32)[:, None] * COLS + col.to(tl.uint32)[None, :]
@@ -290,9 +300,9 @@ def _tiles(rows: int, nb: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class DenseItem:
-    """One matrix's state (updated in place) and its fp32 evidence: [rows, cols] for the whole
-    matrix, or [n, cols] for the distinct rows `row_ids` (int64 [n]; touched rows only: the rest
-    of the matrix is neither read nor written, as TernaryMatrix's sparse path)."""
+    """One matrix's state (updated in place) and its fp32 or bf16 evidence: [rows, cols] for the
+    whole matrix, or [n, cols] for the distinct rows `row_ids` (int64 [n]; touched rows only:
+    the rest of the matrix is neither read nor written, as TernaryMatrix's sparse path)."""
     packed: torch.Tensor
     t_accum: torch.Tensor
     exponent: torch.Tensor
@@ -303,13 +313,14 @@ class DenseItem:
 
 def supports(packed: torch.Tensor, grad: torch.Tensor) -> bool:
     """Whether the fused dense update can take this evidence (else the torch rule must)."""
-    return grad.dtype == torch.float32 and grad.dim() == 2 and grad.device == packed.device
+    return (grad.dtype in (torch.float32, torch.bfloat16) and grad.dim() == 2
+            and grad.device == packed.device)
 
 
 def _check(it: DenseItem) -> None:
     rows, cols = it.t_accum.shape
     if not supports(it.packed, it.grad):
-        raise ValueError(f"dense_update takes 2-d float32 evidence on {it.packed.device}, "
+        raise ValueError(f"dense_update takes 2-d float32 or bfloat16 evidence on {it.packed.device}, "
                          f"got {it.grad.dtype} {tuple(it.grad.shape)} on {it.grad.device}")
     n = rows if it.row_ids is None else it.row_ids.shape[0]
     if tuple(it.grad.shape) != (n, cols) or it.packed.shape != (rows, packing.packed_cols(cols)):
@@ -385,6 +396,9 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
     if any(row_strides(it) != (s_p, s_t, s_e) for it in items):
         raise ValueError("dense_update_many takes matrices of one state layout (row strides); "
                          "group them first")
+    g_dtype = items[0].grad.dtype
+    if any(it.grad.dtype != g_dtype for it in items):
+        raise ValueError("dense_update_many takes evidence of one dtype; group them first")
     nb = packing.packed_cols(cols)
     rows = tuple(it.grad.shape[0] for it in items)
     total = sum(rows)
@@ -409,7 +423,8 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
         _row_sums_kernel[(triton.cdiv(total, br),)](
             tab, row_mat, packing.exponent_to_scale_table(dev), abs_sum, ge, total,
             _f32_bits(math.log(2) / SCALE_K), COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb,
-            ABS=need_abs, PRODUCT=scales, ROW_IDS=row_ids, S_P=s_p, S_E=s_e, num_warps=num_warps)
+            ABS=need_abs, PRODUCT=scales, ROW_IDS=row_ids, S_P=s_p, S_E=s_e,
+            G_BF16=g_dtype == torch.bfloat16, num_warps=num_warps)
     tensor_norm = need_abs and not row_norm
     if tensor_norm or norm_scales:
         _matrix_means_kernel[(len(items),)](tab, abs_sum, ge, per_mat[0], per_mat[1], COLS=cols,
@@ -423,7 +438,7 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
         THRESHOLD=rule.threshold, DECAY=rule.decay_shift, FREEZE=freeze, ROW_NORM=row_norm,
         CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales, NORM_SCALES=norm_scales,
         S_THRESHOLD=rule.scale_threshold, ROW_IDS=row_ids, S_P=s_p, S_T=s_t, S_E=s_e,
-        num_warps=num_warps, enable_fp_fusion=False)
+        G_BF16=g_dtype == torch.bfloat16, num_warps=num_warps, enable_fp_fusion=False)
     for it in items:
         _mark_written(it.packed, it.t_accum, it.exponent, it.e_accum)
     return stats

@@ -200,7 +200,8 @@ def apply_updates(mats: list[tuple[str, nn.Module]], rule: TernaryRule) -> dict[
             single.append(m)
         else:   # fused_update_item imported triton_update already
             from arbd.ternary.triton_update import row_strides
-            key = (m.cols, item.grad.device, item.row_ids is None, row_strides(item))
+            key = (m.cols, item.grad.device, item.grad.dtype, item.row_ids is None,
+                   row_strides(item))
             groups.setdefault(key, []).append((m, item))
     for members in groups.values():
         counts = update_fused(members, rule)

@@ -29,6 +29,7 @@ from arbd.parallel.parallelize import ParallelReducer, VotesOnOneRank, paralleli
 from arbd.parallel.plan import load_plan
 from arbd.ternary import ternary_state_bytes
 from arbd.ternary.rule import TUNED_RULE
+from arbd.ternary.state import set_evidence_dtype
 from arbd.train import checkpoint as ckpt
 from arbd.train.distributed import init_distributed
 from arbd.train.optim import TernaryOptimizer
@@ -138,6 +139,7 @@ class Trainer:
         model.ternary_rule = TUNED_RULE
         model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
         model.activation_checkpointing = plan.activation_checkpointing
+        set_evidence_dtype(model, plan.evidence_dtype)
         # MLA heads over tp, experts over ep, codebook rows over the codebook group.
         parallelize(model, self.mesh)
         self.save_dir = Path(args.save_dir) if args.save_dir else Path(args.out) / "checkpoints"
