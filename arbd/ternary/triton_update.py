@@ -122,11 +122,10 @@ def _ptr(t, field: tl.constexpr, live, ty: tl.constexpr):
 
 
 @triton.jit
-def _evidence_rows(t, lr, live, COLS: tl.constexpr, G_BF16: tl.constexpr):
-    """Pointers to the evidence rows lr: fp32, or bf16 (widened exactly where loaded)."""
-    if G_BF16:
-        return _ptr(t, 0, live, tl.bfloat16) + lr * COLS
-    return _ptr(t, 0, live, tl.float32) + lr * COLS
+def _evidence_rows(t, lr, live, COLS: tl.constexpr, G_TY: tl.constexpr):
+    """Pointers to the evidence rows lr: G_TY is tl.float32, or tl.bfloat16 (widened exactly
+    where loaded)."""
+    return _ptr(t, 0, live, G_TY) + lr * COLS
 
 
 @triton.jit
@@ -152,13 +151,13 @@ def _row_sums_kernel(tab_ptr, row_mat_ptr, scale_tab_ptr, abs_sum_ptr, ge_ptr, T
                      COLS: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_B: tl.constexpr, ABS: tl.constexpr, PRODUCT: tl.constexpr,
                      ROW_IDS: tl.constexpr, S_P: tl.constexpr, S_E: tl.constexpr,
-                     G_BF16: tl.constexpr):
+                     G_TY: tl.constexpr):
     """Per group row: sum |g| (float64) and dL/dE = fp32(sum g * t) * scale * ln2 / k (fp32)."""
     gr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = gr < TOTAL
     t, m, lr = _group_rows(tab_ptr, row_mat_ptr, gr, live)
     sr = _state_rows(t, lr, live, ROW_IDS)
-    gp = _evidence_rows(t, lr, live, COLS, G_BF16)
+    gp = _evidence_rows(t, lr, live, COLS, G_TY)
     acc_abs = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float64)
     acc_gt = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float64)
     for b0 in range(0, NB, BLOCK_B):
@@ -216,7 +215,7 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
                          SCALES: tl.constexpr, NORM_SCALES: tl.constexpr,
                          S_THRESHOLD: tl.constexpr, ROW_IDS: tl.constexpr,
                          S_P: tl.constexpr, S_T: tl.constexpr, S_E: tl.constexpr,
-                         G_BF16: tl.constexpr):
+                         G_TY: tl.constexpr):
     pid_b = tl.program_id(1)
     gr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = gr < TOTAL
@@ -224,7 +223,7 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
     sr = _state_rows(t, lr, live, ROW_IDS)   # the matrix row; lr: the evidence row
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     bp, bm, rest = _packed_tile(t, sr, live, b, NB, S_P)
-    gp = _evidence_rows(t, lr, live, COLS, G_BF16)
+    gp = _evidence_rows(t, lr, live, COLS, G_TY)
     tp = _ptr(t, 2, live, tl.int8) + sr * S_T
     # s: the row's (or the matrix's) mean |g|; d = s + 1e-30 in fp32, as torch adds it
     if ROW_NORM:
@@ -399,6 +398,7 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
     g_dtype = items[0].grad.dtype
     if any(it.grad.dtype != g_dtype for it in items):
         raise ValueError("dense_update_many takes evidence of one dtype; group them first")
+    g_ty = tl.bfloat16 if g_dtype == torch.bfloat16 else tl.float32
     nb = packing.packed_cols(cols)
     rows = tuple(it.grad.shape[0] for it in items)
     total = sum(rows)
@@ -424,7 +424,7 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
             tab, row_mat, packing.exponent_to_scale_table(dev), abs_sum, ge, total,
             _f32_bits(math.log(2) / SCALE_K), COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb,
             ABS=need_abs, PRODUCT=scales, ROW_IDS=row_ids, S_P=s_p, S_E=s_e,
-            G_BF16=g_dtype == torch.bfloat16, num_warps=num_warps)
+            G_TY=g_ty, num_warps=num_warps)
     tensor_norm = need_abs and not row_norm
     if tensor_norm or norm_scales:
         _matrix_means_kernel[(len(items),)](tab, abs_sum, ge, per_mat[0], per_mat[1], COLS=cols,
@@ -438,7 +438,7 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
         THRESHOLD=rule.threshold, DECAY=rule.decay_shift, FREEZE=freeze, ROW_NORM=row_norm,
         CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales, NORM_SCALES=norm_scales,
         S_THRESHOLD=rule.scale_threshold, ROW_IDS=row_ids, S_P=s_p, S_T=s_t, S_E=s_e,
-        G_BF16=g_dtype == torch.bfloat16, num_warps=num_warps, enable_fp_fusion=False)
+        G_TY=g_ty, num_warps=num_warps, enable_fp_fusion=False)
     for it in items:
         _mark_written(it.packed, it.t_accum, it.exponent, it.e_accum)
     return stats
