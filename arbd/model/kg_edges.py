@@ -34,9 +34,15 @@ def encode_slots(ids: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) ->
 def decode_slots(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(neighbour ids int64 with -1 for empty, counts int64) of slots of either dtype."""
     v = slots.long()
-    mask = (1 << (24 if slots.dtype == torch.int32 else 55)) - 1
+    mask = (NARROW_IDS if slots.dtype == torch.int32 else 1 << (63 - COUNT_BITS)) - 1
     counts = v & COUNT_MAX
     return ((v >> COUNT_BITS) & mask).masked_fill_(counts == 0, -1), counts
+
+
+def neighbor_rows(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `neighbors` returns for these slot rows: ids (-1 for empty) and int16 weights."""
+    ids, counts = decode_slots(slots)
+    return ids, counts.to(torch.int16)
 
 
 def age_rows(ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -96,8 +102,7 @@ class KGEdges(StagedObservations, nn.Module):
 
     def neighbors(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(neighbour ids int64 [U, capacity] with -1 for empty, weights int16) of `nodes`."""
-        ids, counts = decode_slots(self.slots[nodes])
-        return ids, counts.to(torch.int16)
+        return neighbor_rows(self.slots[nodes])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -134,8 +139,8 @@ class KGEdges(StagedObservations, nn.Module):
             raise ValueError(f"src and dst must pair up, got {src.numel()} and {dst.numel()} ids")
         if src.numel() == 0:
             return 0
-        # Few host readbacks (range check, unique, the split below): on the GPU each one waits
-        # for the device, and the update runs once per step.
+        # Few host readbacks (range check, the two uniques, the split below): on the GPU each
+        # one waits for the device, and the update runs once per step.
         lo_s, hi_s, lo_d, hi_d = torch.stack([src.min(), src.max(), dst.min(), dst.max()]).tolist()
         if lo_s < 0 or hi_s >= self.num_nodes:
             raise ValueError(f"source node ids must lie in [0, {self.num_nodes})")

@@ -28,10 +28,11 @@ import yaml
 
 from arbd.config import PRESETS, get_preset
 from arbd.parallel.mesh import Layout
+from arbd.ternary import state as ternary_state
 
 DTYPES = ("fp32", "bf16", "fp64")   # fp64: CPU reference runs (equivalence tests)
 EVIDENCE_MODES = ("summed", "votes")
-EVIDENCE_DTYPES = ("fp32", "bf16")
+EVIDENCE_DTYPES = tuple(ternary_state.EVIDENCE_DTYPES)   # names set_evidence_dtype takes
 
 
 @dataclass(frozen=True)

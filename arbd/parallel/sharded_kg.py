@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from arbd.model.kg_edges import KGEdges, decode_slots
+from arbd.model.kg_edges import KGEdges, neighbor_rows
 from arbd.parallel.sharded_vq import shard_bounds
 
 
@@ -91,5 +91,4 @@ class ShardedKGEdges(KGEdges):
         asked, asked_counts = _exchange(uniq, counts, self.group)
         local = asked - self.global_start
         back, _ = _exchange(self.slots[local], asked_counts, self.group)   # in our send order
-        ids, counts = decode_slots(back[inverse])
-        return ids, counts.to(torch.int16)
+        return neighbor_rows(back[inverse])

@@ -182,10 +182,7 @@ def weight_grad_into(acc: torch.Tensor | None, gy: torch.Tensor, x: torch.Tensor
     if (gy2.is_cuda and gy2.dtype in (torch.bfloat16, torch.float16) and x2.dtype == gy2.dtype
             and gy2.shape[0] > 0 and (acc is None or acc.dtype == torch.float32)
             and _addmm_into_fp32_ok(gy2.device)):
-        # M is the reduced axis: zero rows add nothing (triton_kernels.cublas_rows says why)
-        tk = _triton()
-        rows = tk.cublas_rows(gy2.shape[0])
-        gy2, x2 = tk.pad_rows(gy2, rows, zero=True), tk.pad_rows(x2, rows, zero=True)
+        gy2, x2 = _padded_for_cublas(gy2, x2)
         if acc is None:
             return torch.mm(gy2.t(), x2, out_dtype=torch.float32)
         return torch.addmm(acc, gy2.t(), x2, out_dtype=torch.float32, out=acc)
@@ -195,14 +192,20 @@ def weight_grad_into(acc: torch.Tensor | None, gy: torch.Tensor, x: torch.Tensor
     return acc.add_(g)
 
 
+def _padded_for_cublas(gy2: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gy and x with zero rows up to a repeating cuBLAS size. M is the reduced axis, so zero rows
+    add nothing (triton_kernels.cublas_rows says why)."""
+    tk = _triton()
+    rows = tk.cublas_rows(gy2.shape[0])
+    return tk.pad_rows(gy2, rows, zero=True), tk.pad_rows(x2, rows, zero=True)
+
+
 def _weight_grad_into_bf16(acc: torch.Tensor | None, gy2: torch.Tensor, x2: torch.Tensor,
                            backend: str) -> torch.Tensor:
     """acc + gy^T x kept in bf16: the product is summed in fp32 and rounded once, as it is
     added (cuBLAS does both in one call for bf16 inputs: beta = 1 reads acc)."""
     if gy2.is_cuda and gy2.dtype == x2.dtype == torch.bfloat16 and gy2.shape[0] > 0:
-        tk = _triton()
-        rows = tk.cublas_rows(gy2.shape[0])
-        gy2, x2 = tk.pad_rows(gy2, rows, zero=True), tk.pad_rows(x2, rows, zero=True)
+        gy2, x2 = _padded_for_cublas(gy2, x2)
         if acc is None:
             return torch.mm(gy2.t(), x2)
         return torch.addmm(acc, gy2.t(), x2, out=acc)

@@ -151,7 +151,8 @@ def _tp_sum(t: torch.Tensor, group) -> torch.Tensor:
 
 
 def _evidence_dtype(g: torch.Tensor) -> torch.Tensor:
-    # float32 evidence, except float64 runs (CPU references) keep float64.
+    # float32 evidence, except float64 runs (CPU references) keep float64. Also what the rule
+    # reads: bf16 evidence (set_evidence_dtype) widens exactly.
     return g if g.dtype == torch.float64 else g.to(torch.float32)
 
 
@@ -193,11 +194,6 @@ def all_evidence_finite(mats: list[TernaryMatrix]) -> bool:
         torch._amp_foreach_non_finite_check_and_unscale_(gs, found, torch.ones(1, device=dev))
         flags.setdefault(dev, []).append(found[0] == 0)
     return all(bool(torch.stack(fs).all()) for fs in flags.values())
-
-
-def _rule_input(g: torch.Tensor) -> torch.Tensor:
-    """The rule computes in float32 (float64 runs in float64): bf16 evidence widens exactly."""
-    return g.float() if g.dtype in (torch.bfloat16, torch.float16) else g
 
 
 class TernaryMatrix(nn.Module):
@@ -507,7 +503,7 @@ class TernaryMatrix(nn.Module):
         trits, exps = self._trits_and_exponents(idx)
         sh = self.tp_shard
         reduce = (lambda t: _tp_sum(t, sh.group)) if sh is not None and sh.dim == 1 else None
-        return scale_grad(_rule_input(g), trits, exps, reduce_rows=reduce)
+        return scale_grad(_evidence_dtype(g), trits, exps, reduce_rows=reduce)
 
     def quantize(self, g: torch.Tensor, rule: TernaryRule, idx: torch.Tensor | None = None, *,
                  mean_abs: torch.Tensor | None = None,
@@ -521,7 +517,7 @@ class TernaryMatrix(nn.Module):
         `mean_abs`: the "norm" scale mean over all rows of this (local) matrix when g holds only
         some of them (a ZeRO row block); by default the mean over the rows given. `g_e`: these
         rows' dL/dE when the caller has it already (`scale_grad`, same arithmetic)."""
-        g = _rule_input(g)
+        g = _evidence_dtype(g)   # bf16 evidence widens exactly
         trits, exps = self._trits_and_exponents(idx)
         sh = self.tp_shard
         if sh is None:
@@ -620,7 +616,7 @@ class TernaryMatrix(nn.Module):
         return self.apply_row_votes(idx, q, ev, rule)
 
     def fused_update_item(self):
-        """This matrix's state and float32 evidence as a triton_update.DenseItem when the fused
+        """This matrix's state and float evidence as a triton_update.DenseItem when the fused
         GPU update can take it (an unsharded matrix with dense evidence, or sparse row evidence
         only, which then updates the touched rows; no votes), else None. update.apply_updates
         batches these by column count."""
@@ -629,10 +625,10 @@ class TernaryMatrix(nn.Module):
         if not use or self.has_votes or self._votes_nonfinite or self.tp_shard is not None \
                 or self.is_partitioned or ("dense", self.cols) in _KERNEL_FAILED:
             return None
-        from arbd.ternary.triton_update import DenseItem
+        from arbd.ternary.triton_update import DenseItem, supports
         g = self._grad
         if g is not None and not self._row_grads:
-            if g.dtype not in (torch.float32, torch.bfloat16):
+            if not supports(self.packed, g):
                 return None
             return DenseItem(self.packed, self.t_accum, self.exponent, self.e_accum, g.contiguous())
         if g is None and self._row_grads and all(r.dtype == torch.float32 for _, r in self._row_grads):
