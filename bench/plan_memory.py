@@ -54,7 +54,7 @@ def probe_update(rows: int = 8192, cols: int = 8192) -> float:
 
 def run_plan(path: str, steps: int) -> dict:
     plan = load_plan(path)
-    cfg = planner.training_config(plan.preset)
+    cfg = planner.training_config(plan)
     dtype = plan.torch_dtype
     gc.collect()
     torch.cuda.empty_cache()

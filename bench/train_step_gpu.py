@@ -93,7 +93,7 @@ def _inputs(plan: Plan, device, seed: int = 0):
 
 
 def _build(plan: Plan, device, backend: str) -> ARBModel:
-    cfg = planner.training_config(plan.preset)   # == trainer.model_config with default flags
+    cfg = planner.training_config(plan)   # == trainer.model_config with default flags
     torch.manual_seed(0)
     model = ARBModel(cfg, backend=backend, seed=0, device=device)
     model.ternary_rule = TUNED_RULE
@@ -489,7 +489,7 @@ def main() -> None:
         return
     if a.what == "state":   # shapes only, on the meta device: no GPU, no init work
         plan = _plan(a)
-        model = ARBModel(planner.training_config(plan.preset), device="meta")
+        model = ARBModel(planner.training_config(plan), device="meta")
         print(json.dumps(state_breakdown(model, 0), indent=1))
         return
     plan = _plan(a)

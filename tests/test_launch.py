@@ -35,6 +35,7 @@ def test_pretrain_two_ranks_with_deepspeed(tmp_path):
     assert [r["step"] for r in hist] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) for r in hist) and math.isfinite(hist[-1]["val_bpb"])
     assert sum(r["trit_flips"] for r in hist) > 0, "the ternary update never ran"
+    assert 0 < hist[-1]["kg_rows_with_edges"] <= 1 and hist[-1]["kg_edges_per_used_row"] >= 1
     assert (out / "loss.png").stat().st_size > 1000
     assert (out / "monitor" / "cpu-2" / "train_loss.csv").exists()
 
@@ -98,3 +99,42 @@ def test_training_loop_garbage_collection_cadence(monkeypatch):
         assert gc.isenabled() and calls == []
     finally:
         gc.enable() if was else gc.disable()
+
+
+def test_plan_model_overrides(tmp_path):
+    """`model:` changes ARBConfig fields on top of the preset: the planner counts them, the
+    trainer builds them, and bad keys, types or launcher-owned flags are refused by name."""
+    from arbd.parallel import planner
+
+    p = tmp_path / "m.yaml"
+    p.write_text("preset: arb-tiny\nmodel: {kg_edges_per_node: 24, act_max_steps: 3}\n")
+    plan = load_plan(p)
+    cfg = plan.model_config()
+    assert (cfg.kg_edges_per_node, cfg.act_max_steps) == (24, 3)
+    base = load_plan(ROOT / "shard_plans/cpu-2.yaml")
+    assert base.model == {} and base.model_config().kg_edges_per_node == 8
+    # the planner sizes the adjacency from the override: 16 more int32 slots per node
+    more = planner.inventory(planner.training_config(plan)).kg_edge_bytes
+    less = planner.inventory(planner.training_config("arb-tiny")).kg_edge_bytes
+    assert more - less == cfg.shared_vq_size * 16 * 4
+    p.write_text("preset: arb-tiny\nmodel:\n")
+    assert load_plan(p).model == {}
+    for body, words in (("{kg_edge: 4}", r"model: unknown ARBConfig field\(s\) \['kg_edge'\]"),
+                        ("{kg_edges_per_node: '4'}", "kg_edges_per_node: expected a positive int"),
+                        ("{kg_edges_per_node: true}", "kg_edges_per_node: expected a positive int"),
+                        ("{use_vq: false}", r"may not set \['use_vq'\]; the launcher's flags"),
+                        ("{n_heads: 3}", "tp = 2 must divide the 3 attention heads"),
+                        ("[1, 2]", "model must be a mapping")):
+        p.write_text(f"preset: arb-tiny\nlayout: {{tp: 2}}\nmodel: {body}\n")
+        with pytest.raises(ValueError, match=words):
+            load_plan(p)
+    # floats take ints; the trainer builds what the plan says
+    p.write_text("preset: arb-tiny\nmodel: {kg_edges_per_node: 4, rope_theta: 500000}\n")
+    from types import SimpleNamespace
+
+    from arbd.train.trainer import model_config
+    flags = SimpleNamespace(no_vq=False, no_graph=False, no_moe=False, no_attention=False,
+                            enable_output_router=False, image_weight=0.0, video_weight=0.0,
+                            audio_weight=0.0)
+    built = model_config(flags, load_plan(p))
+    assert built.kg_edges_per_node == 4 and built.use_vq and not built.use_vision

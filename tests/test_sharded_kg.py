@@ -19,6 +19,8 @@ def _worker(rank, world, shard_sizes):
     edges = ShardedKGEdges(N, CAP, shard_sizes=shard_sizes)
     for step in range(STEPS):
         edges.observe(*_pairs(step, rank))
+    occ = edges.occupancy()
+    torch.distributed.all_reduce(occ, group=edges.group)   # what the trainer logs
     asked = torch.arange(N).flip(0)[rank::2]            # overlapping requests, reversed order
     nbr, w = edges.neighbors(asked)
     try:
@@ -27,7 +29,7 @@ def _worker(rank, world, shard_sizes):
     except ValueError as e:
         err = str(e)
     return {"rows": (edges.global_start, edges.global_stop, *edges.table()),
-            "asked": asked, "nbr": nbr, "w": w, "err": err}
+            "asked": asked, "nbr": nbr, "w": w, "err": err, "occ": occ}
 
 
 @pytest.mark.parametrize("world, sizes", [(1, None), (2, [30, 7]), (3, None), (4, [1, 20, 6, 10])])
@@ -47,4 +49,9 @@ def test_sharded_edges_equal_unsharded(world, sizes):
         assert torch.equal(res["w"], ref_counts[res["asked"]].to(torch.int16))
         assert res["err"] is not None and "[0, 37)" in res["err"]   # every rank raised
     assert covered == N
-    assert (ref_ids >= 0).any()
+    used = ref_ids >= 0
+    assert used.any() and used.all(1).any()       # some rows are full at capacity 3
+    counted = [N, used.any(1).sum(), used.all(1).sum(), used.sum()]
+    assert ref.occupancy().tolist() == [float(c) for c in counted]
+    for res in results:                           # summed over shards == the whole graph
+        assert res["occ"].tolist() == [float(c) for c in counted]

@@ -104,6 +104,16 @@ class KGEdges(StagedObservations, nn.Module):
         """(neighbour ids int64 [U, capacity] with -1 for empty, weights int16) of `nodes`."""
         return neighbor_rows(self.slots[nodes])
 
+    @torch.no_grad()
+    def occupancy(self) -> torch.Tensor:
+        """float64 [rows, rows with an edge, full rows, edges] of the rows held here (on their
+        device, for a sum over shards): whether
+        the fixed capacity binds (full rows replace their weakest edge on every new neighbour)."""
+        used = (self.slots & COUNT_MAX) != 0
+        per_row = used.sum(1)
+        return torch.stack([torch.tensor(self.num_nodes, device=per_row.device), (per_row > 0).sum(),
+                            (per_row == self.capacity).sum(), per_row.sum()]).double()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Checkpoints from before the packed slots hold `dst` (int32) and `weight` (int16):

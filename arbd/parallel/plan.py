@@ -12,6 +12,7 @@
     evidence: summed       # data-parallel ternary evidence: summed | votes
     evidence_dtype: fp32   # dense evidence summed over a step's micro-batches: fp32 | bf16
     activation_checkpointing: false   # recompute MLA layers and MoEGraph in backward
+    model: {kg_edges_per_node: 32}    # optional: ARBConfig fields that differ from the preset
 
 Every error names the field and a fix. The planner (memory table, communication volume,
 `arbd-plan`) is arbd/parallel/planner.py.
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from arbd.config import PRESETS, get_preset
+from arbd.config import PRESETS, ARBConfig, get_preset
 from arbd.parallel.mesh import Layout
 from arbd.ternary import state as ternary_state
 
@@ -49,7 +50,27 @@ class Plan:
     evidence: str = "summed"
     evidence_dtype: str = "fp32"   # bf16 halves the float evidence a step holds (planner)
     activation_checkpointing: bool = False   # MLA layers and MoEGraph recompute in backward
-    extra: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)   # ARBConfig overrides on top of the preset
+
+    # The launcher's modality flags (--no-vq, --image-weight, ...) decide these; a plan that
+    # also set them would be silently overruled, so it may not.
+    LAUNCH_FLAG_FIELDS = ("use_vq", "use_graph", "use_moe", "use_attention", "use_output_router",
+                          "use_vision", "use_video_head", "use_audio", "use_talker_head")
+
+    def model_config(self) -> ARBConfig:
+        """The preset with this plan's `model` overrides applied."""
+        if not isinstance(self.model, dict):
+            raise ValueError(f"plan {self.name}: model must be a mapping of ARBConfig fields, "
+                             f"got {self.model!r}")
+        flags = sorted(set(self.model) & set(self.LAUNCH_FLAG_FIELDS))
+        if flags:
+            raise ValueError(f"plan {self.name}: model may not set {flags}; the launcher's flags "
+                             "(--no-vq, --no-graph, --no-moe, --no-attention, --*-weight) choose "
+                             "the modules")
+        try:   # ARBConfig checks names, types and ranges
+            return get_preset(self.preset).with_overrides(**self.model)
+        except ValueError as e:
+            raise ValueError(f"plan {self.name}: model: {e}") from None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -61,7 +82,7 @@ class Plan:
         return self.micro_batch * self.grad_accum * self.layout.dp
 
     def validate(self, world_size: int | None = None) -> None:
-        get_preset(self.preset)
+        cfg = self.model_config()
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"plan {self.name}: zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.zero_stage == 3:
@@ -83,7 +104,6 @@ class Plan:
         if self.evidence_dtype not in EVIDENCE_DTYPES:
             raise ValueError(f"plan {self.name}: evidence_dtype must be one of {EVIDENCE_DTYPES}, "
                              f"got {self.evidence_dtype!r}")
-        cfg = get_preset(self.preset)
         if cfg.n_heads % self.layout.tp:
             raise ValueError(f"plan {self.name}: layout.tp = {self.layout.tp} must divide the "
                              f"{cfg.n_heads} attention heads of {self.preset}")
@@ -121,7 +141,7 @@ def load_plan(path: str | Path) -> Plan:
     raw = yaml.safe_load(p.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{p}: a plan must be a YAML mapping, got {type(raw).__name__}")
-    known = {f.name for f in dataclasses.fields(Plan)} - {"extra"}
+    known = {f.name for f in dataclasses.fields(Plan)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{p}: unknown plan field(s) {unknown}; known: {sorted(known)}")
@@ -133,6 +153,8 @@ def load_plan(path: str | Path) -> Plan:
                     cb=lay.get("codebook_shards", 0))
     if raw.get("preset") not in PRESETS:
         raise ValueError(f"{p}: preset must be one of {sorted(PRESETS)}, got {raw.get('preset')!r}")
+    if "model" in raw and raw["model"] is None:   # `model:` with nothing under it
+        raw["model"] = {}
     plan = Plan(name=raw.pop("name", p.stem), layout=layout, **raw)
     plan.validate()
     return plan

@@ -37,9 +37,10 @@ UPDATE_B = 39
 TEXT_BLOCKS = ("sequencer", "memgram", "lti", "shared_vq", "layers", "moegraph", "byte_head", "composite")
 
 
-def training_config(preset: str, all_modalities: bool = False) -> ARBConfig:
-    """What launch/pretrain.py builds by default: the text stack, no vision/audio sidecars."""
-    cfg = get_preset(preset)
+def training_config(plan: Plan | str, all_modalities: bool = False) -> ARBConfig:
+    """What launch/pretrain.py builds by default: the text stack, no vision/audio sidecars.
+    A plan brings its preset and its `model` overrides; a string is a bare preset."""
+    cfg = get_preset(plan) if isinstance(plan, str) else plan.model_config()
     if all_modalities:
         return cfg
     return cfg.with_overrides(use_output_router=False, use_vision=False, use_video_head=False,
@@ -220,7 +221,7 @@ def estimate(plan: Plan, world: int | None = None, *, act_steps: float | None = 
     lay = plan.layout
     world = lay.world if world is None else world
     cb = lay.cb or world
-    cfg = training_config(plan.preset, all_modalities)
+    cfg = training_config(plan, all_modalities)
     inv = inventory(cfg, lay.tp, lay.ep, cb)
     s = 2 if plan.dtype == "bf16" else 4
     dp, zero = lay.dp, plan.zero_stage
@@ -408,7 +409,8 @@ def _fmt(b: float) -> str:
 
 def format_report(plan: Plan, world: int, est: Estimate, gpu_mem_gib: float) -> str:
     lay = plan.layout
-    lines = [f"plan {plan.name}: preset {plan.preset}, world {world} = dp {lay.dp} x tp {lay.tp} "
+    preset = plan.preset + (f" with {plan.model}" if plan.model else "")
+    lines = [f"plan {plan.name}: preset {preset}, world {world} = dp {lay.dp} x tp {lay.tp} "
              f"(ep {lay.ep} inside dp, codebook shards {lay.cb or world}), ZeRO-{plan.zero_stage}, "
              f"micro {plan.micro_batch} x accum {plan.grad_accum} x seq {plan.seq_len}, {plan.dtype}",
              "", f"{'memory per rank':<58}{'bytes':>14}", "-" * 72]

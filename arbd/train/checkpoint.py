@@ -684,7 +684,9 @@ def check_compatible(ckpt: Path, index: dict[str, Any], *, plan: Any, config: An
     if index["config"] != cfg:
         diff = sorted(k for k in set(cfg) | set(index["config"])
                       if cfg.get(k) != index["config"].get(k))
-        raise CheckpointError(f"{where}: model config differs from this run's in {diff}")
+        raise CheckpointError(f"{where}: model config differs from this run's in {diff}; "
+                              "resume with the saved run's preset, plan `model:` overrides and "
+                              "--no-*/--*-weight flags")
     saved = index["plan"]
     gb = saved["micro_batch"] * saved["grad_accum"] * saved["layout"]["dp"]
     for key, theirs, mine in (("seq_len", saved["seq_len"], plan.seq_len),

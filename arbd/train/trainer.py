@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from arbd.config import get_preset
 from arbd.data import ByteBatches, ValWindows, load_corpus
 from arbd.data.modalities import ModalityBatches
 from arbd.model.arb import ARBModel, check_training_backend
 from arbd.parallel.mesh import Mesh
 from arbd.parallel.parallelize import ParallelReducer, VotesOnOneRank, parallelize
-from arbd.parallel.plan import load_plan
+from arbd.parallel.plan import Plan, load_plan
+from arbd.parallel.sharded_kg import ShardedKGEdges
 from arbd.ternary import ternary_state_bytes
 from arbd.ternary.rule import TUNED_RULE
 from arbd.ternary.state import set_evidence_dtype
@@ -108,11 +108,12 @@ def build_parser(description: str, *, lightweight_text: bool = False) -> argpars
     return p
 
 
-def model_config(args: argparse.Namespace, preset: str):
+def model_config(args: argparse.Namespace, plan: Plan):
+    """The plan's model (preset + its `model` overrides) with the modules the flags choose."""
     if getattr(args, "full_text_stack", False):
         args.no_vq = args.no_graph = args.no_moe = args.no_attention = False
     vision = args.image_weight > 0 or args.video_weight > 0
-    return get_preset(preset).with_overrides(
+    return plan.model_config().with_overrides(
         use_vq=not args.no_vq, use_graph=not args.no_graph, use_moe=not args.no_moe,
         use_attention=not args.no_attention, use_output_router=args.enable_output_router,
         use_vision=vision, use_video_head=vision, use_audio=args.audio_weight > 0,
@@ -133,7 +134,7 @@ class Trainer:
         self.mesh = Mesh(plan.layout)
         backend = args.backend or ("triton" if self.device.type == "cuda" else plan.backend)
         check_training_backend(backend)
-        self.cfg = model_config(args, plan.preset)
+        self.cfg = model_config(args, plan)
         torch.manual_seed(args.seed)
         model = ARBModel(self.cfg, backend=backend, seed=args.seed, device=self.device)
         model.ternary_rule = TUNED_RULE
@@ -322,6 +323,20 @@ class Trainer:
         dist.all_reduce(bits, group=self.mesh.dp_group)
         return float(bits[0] / bits[1])
 
+    @torch.no_grad()
+    def kg_occupancy(self) -> dict[str, float]:
+        """How full the fixed-capacity KG adjacency is, over the whole graph: a growing share of
+        full rows means new neighbours now evict old ones (ARBConfig.kg_edges_per_node)."""
+        kg = getattr(self.model, "kg_edges", None)
+        if kg is None:
+            return {}
+        occ = kg.occupancy()
+        if isinstance(kg, ShardedKGEdges):
+            dist.all_reduce(occ, group=kg.group)   # shards of one graph: sum their rows
+        rows, with_edges, full, edges = occ.tolist()
+        return {"kg_rows_with_edges": with_edges / rows, "kg_rows_full": full / rows,
+                "kg_edges_per_used_row": edges / max(with_edges, 1.0)}
+
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> list[dict]:
         a = self.args
@@ -347,6 +362,8 @@ class Trainer:
                 rec["val_bpb"] = self.evaluate()
             if step == a.steps:
                 rec["val_bpb"] = self.evaluate()
+            if "val_bpb" in rec:
+                rec.update(self.kg_occupancy())
             self._a2a_seen = self._a2a_bytes()   # evaluation traffic is not a training step's
             self.history.append(rec)
             self.engine.monitor.write_events([(f"train/{k}", v, step) for k, v in rec.items()
