@@ -5,8 +5,8 @@ same data and seed) under a base plan and under copies of it with some fields ch
         --variant base --variant seed1 seed=1 --variant bf16-evidence evidence_dtype=bf16 \\
         --variant kg32 model.kg_edges_per_node=32
 
-A variant is a name and `field=value` changes: plan fields, `model.<ARBConfig field>` (the
-plan's `model:` overrides) or `seed`. Values are YAML scalars. Each run is its own process; the
+A variant is a name and `field=value` changes: plan fields, `model.<ARBConfig field>` and
+`rule.<TernaryRule field>` (the plan's `model:` / `rule:` overrides), `seed` or `warmup`. Values are YAML scalars. Each run is its own process; the
 table compares held-out bits per byte at the end, the train loss over the last fifth of the
 steps, tokens/s and how full the KG adjacency got. A variant that only changes the seed gives
 the run-to-run spread against which the other differences should be read.
@@ -27,29 +27,33 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def variant_plan(base: dict, changes: list[str]) -> tuple[dict, int | None]:
-    plan, seed = json.loads(json.dumps(base)), None
+RUN_KEYS = ("seed", "warmup")   # launcher arguments rather than plan fields
+
+
+def variant_plan(base: dict, changes: list[str]) -> tuple[dict, dict]:
+    plan, run = json.loads(json.dumps(base)), {}
     for ch in changes:
         key, sep, raw = ch.partition("=")
         if not sep:
             raise SystemExit(f"quality_ab: a change is field=value, got {ch!r}")
         value = yaml.safe_load(raw)
-        if key == "seed":
-            seed = int(value)
-        elif key.startswith("model."):
-            plan.setdefault("model", {})[key[len("model."):]] = value
+        section, dot, sub = key.partition(".")
+        if key in RUN_KEYS:
+            run[key] = int(value)
+        elif dot and section in ("model", "rule"):
+            plan.setdefault(section, {})[sub] = value
         else:
             plan[key] = value
-    return plan, seed
+    return plan, run
 
 
-def run_variant(name: str, plan: dict, seed: int, a: argparse.Namespace, out: Path) -> dict:
+def run_variant(name: str, plan: dict, seed: int, warmup: int, a: argparse.Namespace, out: Path) -> dict:
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
     plan_file = d / "plan.yaml"
     plan_file.write_text(yaml.safe_dump(dict(plan, name=f"{plan['name']}-{name}"), sort_keys=False))
     cmd = [sys.executable, str(ROOT / "launch/pretrain.py"), "--plan", str(plan_file),
-           "--steps", str(a.steps), "--seed", str(seed), "--warmup-steps", str(a.warmup_steps),
+           "--steps", str(a.steps), "--seed", str(seed), "--warmup-steps", str(warmup),
            "--val-windows", str(a.val_windows), "--eval-interval", str(a.eval_interval),
            "--no-save", "--no-progress", "--log-interval", str(a.log_interval), "--out", str(d)]
     t0 = time.time()
@@ -64,8 +68,10 @@ def run_variant(name: str, plan: dict, seed: int, a: argparse.Namespace, out: Pa
     hist = json.loads((d / "history.json").read_text())
     tail = hist[-max(1, len(hist) // 5):]
     last = hist[-1]
-    return {"variant": name, "rc": 0, "seed": seed, "wall_s": round(time.time() - t0, 1),
-            "val_bpb": last["val_bpb"], "tail_loss": statistics.fmean(r["loss"] for r in tail),
+    return {"variant": name, "rc": 0, "seed": seed, "warmup": warmup, "wall_s": round(time.time() - t0, 1),
+            "val_bpb": last["val_bpb"], "max_loss": max(r["loss"] for r in hist),
+            "max_loss_step": max(hist, key=lambda r: r["loss"])["step"],
+            "flips": sum(r["trit_flips"] for r in hist), "tail_loss": statistics.fmean(r["loss"] for r in tail),
             "val_curve": [(r["step"], r["val_bpb"]) for r in hist if "val_bpb" in r],
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in hist[len(hist) // 2:]),
             **{k: last[k] for k in ("kg_rows_with_edges", "kg_rows_full", "kg_edges_per_used_row")
@@ -74,14 +80,15 @@ def run_variant(name: str, plan: dict, seed: int, a: argparse.Namespace, out: Pa
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r.get("rc") == 0), None)
-    out = ["| variant | seed | val bpb | vs first | train loss, last fifth | tokens/s | KG rows with edges | full | edges per used row |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out = ["| variant | seed | val bpb | vs first | train loss, last fifth | max train loss (step) | trit flips | tokens/s | KG rows with edges | full | edges per used row |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r.get("rc") != 0:
-            out.append(f"| {r['variant']} | failed (rc {r['rc']}, {r['log']}) | | | | | | | |")
+            out.append(f"| {r['variant']} | failed (rc {r['rc']}, {r['log']}) | | | | | | | | | |")
             continue
         out.append(f"| {r['variant']} | {r['seed']} | {r['val_bpb']:.4f} | {r['val_bpb'] - base['val_bpb']:+.4f} | "
-                   f"{r['tail_loss']:.4f} | {r['tokens_per_s']:,.0f} | "
+                   f"{r['tail_loss']:.4f} | {r['max_loss']:.2f} ({r['max_loss_step']}) | {r['flips']:,} | "
+                   f"{r['tokens_per_s']:,.0f} | "
                    f"{r.get('kg_rows_with_edges', float('nan')):.4f} | {r.get('kg_rows_full', float('nan')):.4f} | "
                    f"{r.get('kg_edges_per_used_row', float('nan')):.2f} |")
     return "\n".join(out)
@@ -107,8 +114,8 @@ def main() -> int:
     out = Path(a.out)
     rows = []
     for name, *changes in a.variant:
-        plan, seed = variant_plan(base, changes)
-        rows.append(run_variant(name, plan, a.seed if seed is None else seed, a, out))
+        plan, run = variant_plan(base, changes)
+        rows.append(run_variant(name, plan, run.get("seed", a.seed), run.get("warmup", a.warmup_steps), a, out))
         print(json.dumps(rows[-1]), flush=True)
         if rows[-1]["rc"] == 124:
             break

@@ -9,7 +9,7 @@
 `bench/train_step_gpu.sh` runs all of it in one go (one process per model, so each peak is its own).
 
 ternary: the plan's preset as launch/pretrain.py builds it (planner.training_config: the text
-stack), backend triton on CUDA, TUNED_RULE, TernaryOptimizer inside deepspeed.initialize with
+stack), backend triton on CUDA, the plan's rule (TUNED_RULE unless it says otherwise), TernaryOptimizer inside deepspeed.initialize with
 the plan's DeepSpeed config; each micro-batch is Trainer.train_step's: engine forward (bf16),
 record_loss, engine.backward, end_micro_batch, engine.step. Inputs are random bytes.
 dense: the same model built the same way, then bench/dense_twin.densify (every ternary module
@@ -39,7 +39,6 @@ from arbd.model.arb import ARBModel  # noqa: E402
 from arbd.parallel import planner  # noqa: E402
 from arbd.parallel.plan import Plan, load_plan  # noqa: E402
 from arbd.ternary import ternary_state_bytes  # noqa: E402
-from arbd.ternary.rule import TUNED_RULE  # noqa: E402
 from arbd.ternary.state import TernaryMatrix, set_evidence_dtype  # noqa: E402
 
 GiB = 2**30
@@ -96,7 +95,7 @@ def _build(plan: Plan, device, backend: str) -> ARBModel:
     cfg = planner.training_config(plan)   # == trainer.model_config with default flags
     torch.manual_seed(0)
     model = ARBModel(cfg, backend=backend, seed=0, device=device)
-    model.ternary_rule = TUNED_RULE
+    model.ternary_rule = plan.ternary_rule()
     model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
     model.activation_checkpointing = plan.activation_checkpointing
     set_evidence_dtype(model, plan.evidence_dtype)

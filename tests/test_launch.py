@@ -138,3 +138,24 @@ def test_plan_model_overrides(tmp_path):
                             audio_weight=0.0)
     built = model_config(flags, load_plan(p))
     assert built.kg_edges_per_node == 4 and built.use_vq and not built.use_vision
+
+
+def test_plan_rule_overrides(tmp_path):
+    """`rule:` changes TernaryRule fields on top of TUNED_RULE; the trainer's rule is the plan's."""
+    from dataclasses import replace
+
+    from arbd.ternary.rule import TUNED_RULE
+
+    p = tmp_path / "r.yaml"
+    p.write_text("preset: arb-tiny\nrule: {evidence_rate: 1, learn_scales: false}\n")
+    assert load_plan(p).ternary_rule() == replace(TUNED_RULE, evidence_rate=1.0, learn_scales=False)
+    assert load_plan(ROOT / "shard_plans/cpu-2.yaml").ternary_rule() == TUNED_RULE
+    for body, words in (("{rate: 1}", r"rule: unknown TernaryRule field\(s\) \['rate'\]"),
+                        ("{salt: 3}", r"unknown TernaryRule field\(s\) \['salt'\]"),
+                        ("{threshold: 1.5}", "rule.threshold must be int"),
+                        ("{learn_scales: 1}", "rule.learn_scales must be bool"),
+                        ("{threshold: 500}", r"rule: threshold must be in 1..127"),
+                        ("{rounding: up}", "rule: rounding must be 'nearest' or 'stochastic'")):
+        p.write_text(f"preset: arb-tiny\nrule: {body}\n")
+        with pytest.raises(ValueError, match=words):
+            load_plan(p)

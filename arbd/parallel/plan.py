@@ -13,6 +13,7 @@
     evidence_dtype: fp32   # dense evidence summed over a step's micro-batches: fp32 | bf16
     activation_checkpointing: false   # recompute MLA layers and MoEGraph in backward
     model: {kg_edges_per_node: 32}    # optional: ARBConfig fields that differ from the preset
+    rule: {evidence_rate: 1.5}        # optional: TernaryRule fields that differ from TUNED_RULE
 
 Every error names the field and a fix. The planner (memory table, communication volume,
 `arbd-plan`) is arbd/parallel/planner.py.
@@ -30,6 +31,7 @@ import yaml
 from arbd.config import PRESETS, ARBConfig, get_preset
 from arbd.parallel.mesh import Layout
 from arbd.ternary import state as ternary_state
+from arbd.ternary.rule import TUNED_RULE, TernaryRule
 
 DTYPES = ("fp32", "bf16", "fp64")   # fp64: CPU reference runs (equivalence tests)
 EVIDENCE_MODES = ("summed", "votes")
@@ -51,6 +53,7 @@ class Plan:
     evidence_dtype: str = "fp32"   # bf16 halves the float evidence a step holds (planner)
     activation_checkpointing: bool = False   # MLA layers and MoEGraph recompute in backward
     model: dict = field(default_factory=dict)   # ARBConfig overrides on top of the preset
+    rule: dict = field(default_factory=dict)    # TernaryRule overrides on top of TUNED_RULE
 
     # The launcher's modality flags (--no-vq, --image-weight, ...) decide these; a plan that
     # also set them would be silently overruled, so it may not.
@@ -81,8 +84,30 @@ class Plan:
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.layout.dp
 
+    def ternary_rule(self) -> TernaryRule:
+        """TUNED_RULE with this plan's `rule` overrides (the trainer's update rule)."""
+        if not isinstance(self.rule, dict):
+            raise ValueError(f"plan {self.name}: rule must be a mapping of TernaryRule fields, "
+                             f"got {self.rule!r}")
+        names = {f.name for f in dataclasses.fields(TernaryRule)} - {"salt"}   # salt: the step's
+        unknown = sorted(set(self.rule) - names)
+        if unknown:
+            raise ValueError(f"plan {self.name}: rule: unknown TernaryRule field(s) {unknown}; "
+                             f"valid fields: {sorted(names)}")
+        for k, v in self.rule.items():
+            want = type(getattr(TUNED_RULE, k))
+            accepted = (int, float) if want is float else want   # YAML writes 2.0 as 2
+            if isinstance(v, bool) != (want is bool) or not isinstance(v, accepted):
+                raise ValueError(f"plan {self.name}: rule.{k} must be {want.__name__} like "
+                                 f"TUNED_RULE's {getattr(TUNED_RULE, k)!r}, got {v!r}")
+        try:   # TernaryRule checks the ranges
+            return dataclasses.replace(TUNED_RULE, **self.rule)
+        except ValueError as e:
+            raise ValueError(f"plan {self.name}: rule: {e}") from None
+
     def validate(self, world_size: int | None = None) -> None:
         cfg = self.model_config()
+        self.ternary_rule()
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"plan {self.name}: zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.zero_stage == 3:
@@ -153,8 +178,9 @@ def load_plan(path: str | Path) -> Plan:
                     cb=lay.get("codebook_shards", 0))
     if raw.get("preset") not in PRESETS:
         raise ValueError(f"{p}: preset must be one of {sorted(PRESETS)}, got {raw.get('preset')!r}")
-    if "model" in raw and raw["model"] is None:   # `model:` with nothing under it
-        raw["model"] = {}
+    for key in ("model", "rule"):
+        if key in raw and raw[key] is None:   # `model:` with nothing under it
+            raw[key] = {}
     plan = Plan(name=raw.pop("name", p.stem), layout=layout, **raw)
     plan.validate()
     return plan

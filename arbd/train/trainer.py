@@ -28,7 +28,6 @@ from arbd.parallel.parallelize import ParallelReducer, VotesOnOneRank, paralleli
 from arbd.parallel.plan import Plan, load_plan
 from arbd.parallel.sharded_kg import ShardedKGEdges
 from arbd.ternary import ternary_state_bytes
-from arbd.ternary.rule import TUNED_RULE
 from arbd.ternary.state import set_evidence_dtype
 from arbd.train import checkpoint as ckpt
 from arbd.train.distributed import init_distributed
@@ -137,7 +136,7 @@ class Trainer:
         self.cfg = model_config(args, plan)
         torch.manual_seed(args.seed)
         model = ARBModel(self.cfg, backend=backend, seed=args.seed, device=self.device)
-        model.ternary_rule = TUNED_RULE
+        model.ternary_rule = plan.ternary_rule()
         model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
         model.activation_checkpointing = plan.activation_checkpointing
         set_evidence_dtype(model, plan.evidence_dtype)
