@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arbd.model.arb import ARBModel  # noqa: E402
 from arbd.parallel import planner  # noqa: E402
-from arbd.ternary.rule import TUNED_RULE  # noqa: E402
+from arbd.ternary.rule import preset_rule  # noqa: E402
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
@@ -72,7 +72,7 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = "triton" if dev.type == "cuda" else "torch"
     model = ARBModel(planner.training_config(a.preset), backend=backend, seed=0, device=dev)
-    model.ternary_rule = TUNED_RULE
+    model.ternary_rule = preset_rule(a.preset)
     if a.dense:
         from bench.dense_twin import densify
         densify(model)

@@ -150,6 +150,12 @@ def test_plan_rule_overrides(tmp_path):
     p.write_text("preset: arb-tiny\nrule: {evidence_rate: 1, learn_scales: false}\n")
     assert load_plan(p).ternary_rule() == replace(TUNED_RULE, evidence_rate=1.0, learn_scales=False)
     assert load_plan(ROOT / "shard_plans/cpu-2.yaml").ternary_rule() == TUNED_RULE
+    # larger presets start from their own measured evidence rate; `rule:` still wins
+    from arbd.ternary.rule import PRESET_EVIDENCE_RATES
+    small = load_plan(ROOT / "shard_plans/h100-arb-small.yaml")
+    assert small.ternary_rule() == replace(TUNED_RULE, evidence_rate=PRESET_EVIDENCE_RATES["arb-small"])
+    assert PRESET_EVIDENCE_RATES["arb-small"] < TUNED_RULE.evidence_rate
+    assert replace(small, rule={"evidence_rate": 2.5}).ternary_rule().evidence_rate == 2.5
     for body, words in (("{rate: 1}", r"rule: unknown TernaryRule field\(s\) \['rate'\]"),
                         ("{salt: 3}", r"unknown TernaryRule field\(s\) \['salt'\]"),
                         ("{threshold: 1.5}", "rule.threshold must be int"),

@@ -13,7 +13,7 @@
     evidence_dtype: fp32   # dense evidence summed over a step's micro-batches: fp32 | bf16
     activation_checkpointing: false   # recompute MLA layers and MoEGraph in backward
     model: {kg_edges_per_node: 32}    # optional: ARBConfig fields that differ from the preset
-    rule: {evidence_rate: 1.5}        # optional: TernaryRule fields that differ from TUNED_RULE
+    rule: {evidence_rate: 1.5}        # optional: TernaryRule fields that differ from the preset's
 
 Every error names the field and a fix. The planner (memory table, communication volume,
 `arbd-plan`) is arbd/parallel/planner.py.
@@ -31,7 +31,7 @@ import yaml
 from arbd.config import PRESETS, ARBConfig, get_preset
 from arbd.parallel.mesh import Layout
 from arbd.ternary import state as ternary_state
-from arbd.ternary.rule import TUNED_RULE, TernaryRule
+from arbd.ternary.rule import TUNED_RULE, TernaryRule, preset_rule
 
 DTYPES = ("fp32", "bf16", "fp64")   # fp64: CPU reference runs (equivalence tests)
 EVIDENCE_MODES = ("summed", "votes")
@@ -53,7 +53,7 @@ class Plan:
     evidence_dtype: str = "fp32"   # bf16 halves the float evidence a step holds (planner)
     activation_checkpointing: bool = False   # MLA layers and MoEGraph recompute in backward
     model: dict = field(default_factory=dict)   # ARBConfig overrides on top of the preset
-    rule: dict = field(default_factory=dict)    # TernaryRule overrides on top of TUNED_RULE
+    rule: dict = field(default_factory=dict)    # TernaryRule overrides on top of preset_rule()
 
     # The launcher's modality flags (--no-vq, --image-weight, ...) decide these; a plan that
     # also set them would be silently overruled, so it may not.
@@ -85,7 +85,8 @@ class Plan:
         return self.micro_batch * self.grad_accum * self.layout.dp
 
     def ternary_rule(self) -> TernaryRule:
-        """TUNED_RULE with this plan's `rule` overrides (the trainer's update rule)."""
+        """The preset's rule (rule.preset_rule) with this plan's `rule` overrides: the
+        trainer's update rule."""
         if not isinstance(self.rule, dict):
             raise ValueError(f"plan {self.name}: rule must be a mapping of TernaryRule fields, "
                              f"got {self.rule!r}")
@@ -101,7 +102,7 @@ class Plan:
                 raise ValueError(f"plan {self.name}: rule.{k} must be {want.__name__} like "
                                  f"TUNED_RULE's {getattr(TUNED_RULE, k)!r}, got {v!r}")
         try:   # TernaryRule checks the ranges
-            return dataclasses.replace(TUNED_RULE, **self.rule)
+            return dataclasses.replace(preset_rule(self.preset), **self.rule)
         except ValueError as e:
             raise ValueError(f"plan {self.name}: rule: {e}") from None
 

@@ -85,6 +85,19 @@ class TernaryRule:
 TUNED_RULE = TernaryRule(threshold=24, evidence_rate=3.0, decay_shift=5, rounding="stochastic",
                          scale_mode="norm", scale_threshold=12, scale_rate=1.0, freeze_short_rows=True)
 
+# The evidence rate is the rule's step size. TUNED_RULE's 3 was tuned on a 0.46M-weight model; at
+# arb-small (152M weights) and arb-3b it flips 0.5% of all trits per step and drives the loss into
+# the hundreds within 50 steps, so the larger presets take the rate measured to train them
+# (bench/RESULTS.md, "The evidence rate at arb-small and arb-3b"; docs/decisions.md).
+PRESET_EVIDENCE_RATES = {"arb-small": 1.0, "arb-3b": 0.75}
+
+
+def preset_rule(preset: str) -> TernaryRule:
+    """TUNED_RULE with the evidence rate that trains `preset` stably (a plan's `rule:` may
+    override any field on top)."""
+    rate = PRESET_EVIDENCE_RATES.get(preset)
+    return TUNED_RULE if rate is None else replace(TUNED_RULE, evidence_rate=rate)
+
 
 # -- deterministic uniforms -------------------------------------------------------------------
 def _coarse_bits(g: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from arbd.config import get_preset
 from arbd.data import ByteBatches, ValWindows, load_corpus
 from arbd.model.byte_lm import ByteLM, ternary_layers
 from arbd.ternary import ternary_state_bytes
-from arbd.ternary.rule import TUNED_RULE
+from arbd.ternary.rule import preset_rule
 from arbd.train.schedule import warmup_cosine
 from arbd.train.evaluate import bits_per_byte
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     corpus = load_corpus(args.data)
     model = build_model(args.preset, args.backend, args.seed)
-    model.ternary_rule = TUNED_RULE
+    model.ternary_rule = preset_rule(args.preset)
     state_bytes, weights = ternary_state_bytes(model)
     print(f"arb run: preset={args.preset} ternary weights={weights:,} "
           f"persistent state={state_bytes / weights:.3f} B/weight corpus={corpus.kind} "
