@@ -165,3 +165,16 @@ def test_plan_rule_overrides(tmp_path):
         p.write_text(f"preset: arb-tiny\nrule: {body}\n")
         with pytest.raises(ValueError, match=words):
             load_plan(p)
+
+
+def test_loss_watch_warns_once_on_a_climbing_loss():
+    from arbd.train.trainer import LossWatch
+
+    w = LossWatch(rate=3.0)
+    assert [w.check(s, l) for s, l in enumerate([7.9, 6.0, 5.1, 19.0, float("nan")], 1)] == [None] * 5
+    msg = w.check(6, 20.0)                                   # 2.53x the first loss
+    assert msg and "20 at step 6 is 2.5x its value at step 1 (7.9)" in msg
+    assert "evidence rate (3) is likely too high" in msg and "rule: {evidence_rate: ...}" in msg
+    assert w.check(7, 360.0) is None                         # once per run
+    quiet = LossWatch(rate=1.0)
+    assert all(quiet.check(s, 8.0 - 0.01 * s) is None for s in range(1, 200))

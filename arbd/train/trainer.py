@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import json
 import math
+import sys
 import time
 import warnings
 from dataclasses import replace
@@ -59,6 +60,32 @@ class GarbageCollection:
     def close(self) -> None:
         if self.every > 0:
             gc.enable()
+
+
+class LossWatch:
+    """Warns once when the train loss climbs well above where the run started: the usual sign
+    that the ternary rule's evidence rate is too high for the model (TUNED_RULE took arb-small
+    from 6 to 360). Not an error: such runs can come back as the schedule lowers the rate."""
+
+    def __init__(self, rate: float, factor: float = 2.5) -> None:
+        self.rate, self.factor = rate, factor
+        self.first: tuple[int, float] | None = None
+        self.warned = False
+
+    def check(self, step: int, loss: float) -> str | None:
+        if not math.isfinite(loss):
+            return None                     # non-finite steps are skipped and counted elsewhere
+        if self.first is None:
+            self.first = (step, loss)
+            return None
+        if self.warned or loss <= self.factor * max(self.first[1], 1e-6):
+            return None
+        self.warned = True
+        return (f"arbd: warning: train loss {loss:.4g} at step {step} is {loss / self.first[1]:.1f}x "
+                f"its value at step {self.first[0]} ({self.first[1]:.4g}); if it keeps rising, the "
+                f"ternary evidence rate ({self.rate:g}) is likely too high for this model: lower "
+                f"it with the plan's `rule: {{evidence_rate: ...}}` (docs/decisions.md, \"The "
+                f"evidence rate scales with the model\")")
 
 
 def build_parser(description: str, *, lightweight_text: bool = False) -> argparse.ArgumentParser:
@@ -353,10 +380,14 @@ class Trainer:
         if bar is not None:
             bar.update(self.start_step)
         collector = GarbageCollection(getattr(a, "gc_every", 0))
+        watch = LossWatch(self.model.ternary_rule.evidence_rate)
         for step in range(self.start_step + 1, a.steps + 1):
             rec = self.train_step()
             collector.step(step)
             rec["step"] = step
+            alarm = watch.check(step, rec["loss"])
+            if alarm and lead:
+                print(alarm, file=sys.stderr, flush=True)
             if a.eval_interval and step % a.eval_interval == 0 and step < a.steps:
                 rec["val_bpb"] = self.evaluate()
             if step == a.steps:
