@@ -106,9 +106,9 @@ class KGEdges(StagedObservations, nn.Module):
 
     @torch.no_grad()
     def occupancy(self) -> torch.Tensor:
-        """float64 [rows, rows with an edge, full rows, edges] of the rows held here (on their
-        device, for a sum over shards): whether
-        the fixed capacity binds (full rows replace their weakest edge on every new neighbour)."""
+        """float64 [rows, rows with an edge, full rows, edges] of the rows held here, on their
+        device so that shards can be summed. Says whether the fixed capacity binds: a full row
+        replaces its weakest edge for every new neighbour."""
         used = (self.slots & COUNT_MAX) != 0
         per_row = used.sum(1)
         return torch.stack([torch.tensor(self.num_nodes, device=per_row.device), (per_row > 0).sum(),

@@ -90,7 +90,7 @@ class Plan:
         if not isinstance(self.rule, dict):
             raise ValueError(f"plan {self.name}: rule must be a mapping of TernaryRule fields, "
                              f"got {self.rule!r}")
-        names = {f.name for f in dataclasses.fields(TernaryRule)} - {"salt"}   # salt: the step's
+        names = {f.name for f in dataclasses.fields(TernaryRule)} - {"salt"}   # the update sets salt
         unknown = sorted(set(self.rule) - names)
         if unknown:
             raise ValueError(f"plan {self.name}: rule: unknown TernaryRule field(s) {unknown}; "
