@@ -129,6 +129,7 @@ def test_cli_prints_table_and_comm():
                 "tp all-reduce of MLA output", "ep all-to-all", "codebook all-to-all",
                 "dp evidence reduce-scatter", "dp packed-trit all-gather"):
         assert row in res.stdout, row
+    assert "ternary evidence rate 0.75\n" in res.stdout   # node-8gpu trains arb-3b: preset_rule
     js = json.loads(_cli(ROOT / "shard_plans/node-8gpu.yaml", "--json").stdout)
     assert js["world"] == 8 and js["peak"] == max(js["phases"].values())
     assert js["rows"]["activations, with checkpointing"] < js["rows"]["activations, no checkpointing"]

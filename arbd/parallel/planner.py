@@ -412,7 +412,8 @@ def format_report(plan: Plan, world: int, est: Estimate, gpu_mem_gib: float) -> 
     preset = plan.preset + (f" with {plan.model}" if plan.model else "")
     lines = [f"plan {plan.name}: preset {preset}, world {world} = dp {lay.dp} x tp {lay.tp} "
              f"(ep {lay.ep} inside dp, codebook shards {lay.cb or world}), ZeRO-{plan.zero_stage}, "
-             f"micro {plan.micro_batch} x accum {plan.grad_accum} x seq {plan.seq_len}, {plan.dtype}",
+             f"micro {plan.micro_batch} x accum {plan.grad_accum} x seq {plan.seq_len}, {plan.dtype}, "
+             f"ternary evidence rate {plan.ternary_rule().evidence_rate:g}",
              "", f"{'memory per rank':<58}{'bytes':>14}", "-" * 72]
     lines += [f"{k:<58}{_fmt(v)}" for k, v in est.rows.items()]
     lines += ["-" * 72]
