@@ -13,7 +13,9 @@ Reported: the median per-call time over rounds, and cuBLAS median / ours.
         python3 bench/gpu_gemm_small_m.py --profile      # without ncu: per-kernel times (torch.profiler)
 
 --sweep 1 / 2 / 3 pick the candidate lists of the three runs in bench/RESULTS.md (wgmma shapes;
-mma.sync shapes; register caps and more splits); --sweep 4 the CUDA kernel (csrc/small_m.cu).
+mma.sync shapes; register caps and more splits); --sweep 4 the CUDA kernel (csrc/small_m.cu);
+--sweep 5 the CUDA kernel on the tile-major copy of W (every compiled variant, probes included) and
+the cost of making that copy.
 """
 from __future__ import annotations
 
@@ -55,9 +57,21 @@ def cuda(r: int, warps: int, splits: int, flags: int = 0) -> tuple:
     return ("cuda", r, warps, splits, flags)
 
 
+def tiled(r: int, wn: int, wk: int, d: int, fl: int = 0) -> tuple:
+    """A candidate of the CUDA kernel on the tile-major copy of W (tiled_kernel; cuda_small_m.tiled_copy
+    makes the copy once per weight, outside the timed graphs)."""
+    return ("tiled", r, wn, wk, d, fl)
+
+
+def phase_only(cfg) -> bool:
+    return isinstance(cfg, tuple) and bool(cfg[4] if cfg[0] == "cuda" else cfg[5])
+
+
 def name(cfg, decode: int = 2) -> str:
     if cfg is None:
         return "default"
+    if isinstance(cfg, tuple) and cfg[0] == "tiled":
+        return f"CUDA tiled R{cfg[1]} WN{cfg[2]} WK{cfg[3]} D{cfg[4]}" + (f" probe {cfg[5]}" if cfg[5] else "")
     if isinstance(cfg, tuple):
         return f"CUDA r{cfg[1]} w{cfg[2]} split{cfg[3]}" + (f" phase-flags {cfg[4]}" if cfg[4] else "")
     if not cfg.small_m:
@@ -73,6 +87,9 @@ def name(cfg, decode: int = 2) -> str:
 
 
 def run(x, packed, exponent, k, cfg, decode=2, out=None):
+    if isinstance(cfg, tuple) and cfg[0] == "tiled":
+        return cuda_small_m.tiled_matmul(x, cuda_small_m.tiled_copy(packed, k), exponent, packed.shape[0], k,
+                                         variant=cfg[1:], out=out)
     if isinstance(cfg, tuple):
         return cuda_small_m.small_m_matmul(x, packed, exponent, k, shape=cfg[1:4], out=out, _flags=cfg[4])
     if cfg is not None and cfg.small_m:
@@ -86,7 +103,8 @@ def checks(variants, rows: list) -> None:
     every = torch.arange(243, dtype=torch.uint8, device=DEV).reshape(243, 1)
     e = torch.randint(-128, 128, (243,), generator=gen, device=DEV).to(torch.int8)
     for dt in (torch.bfloat16, torch.float16):
-        for cfg in (small(64, 64, 4, 3, 1), small(64, 64, 4, 3, 2), cuda(2, 8, 1), cuda(1, 8, 1)):
+        for cfg in (small(64, 64, 4, 3, 1), small(64, 64, 4, 3, 2), cuda(2, 8, 1), cuda(1, 8, 1),
+                    tiled(2, 1, 8, 2), tiled(1, 2, 8, 2), tiled(4, 1, 8, 2)):
             y = run(torch.eye(5, device=DEV, dtype=dt), every, e, 5, cfg)
             ok = torch.equal(y.t().cpu(), packing.decode(every.cpu(), e.cpu(), 5, dt))
             rows.append({"kind": "check", "what": f"all 243 bytes {dt} {name(cfg)}", "ok": ok})
@@ -94,7 +112,7 @@ def checks(variants, rows: list) -> None:
     weights = {s[1:]: weight(s[2], s[1], gen) for s in shapes}
     refs = {key: packing.decode(p, ex, key[0], torch.float64) for key, (p, ex) in weights.items()}
     for cfg, decode in variants:
-        if cfg is None or (not isinstance(cfg, tuple) and not cfg.small_m) or (isinstance(cfg, tuple) and cfg[4]):
+        if cfg is None or (not isinstance(cfg, tuple) and not cfg.small_m) or phase_only(cfg):
             continue
         block_m = 16 if isinstance(cfg, tuple) else cfg.block_m
         for m, k, n in shapes:
@@ -155,7 +173,7 @@ def timings(m: int, variants, rows: list, rounds: int) -> None:
             g.graph.replay()
             torch.cuda.synchronize()
             graphs[label] = g
-            if isinstance(cfg, tuple) and cfg[4]:
+            if phase_only(cfg):
                 continue  # a phase-timing variant: no valid output to check
             errs = [rel_err(g.outs[i], refs[i % W_COPIES]) for i in (0, CALLS - 1)]
             rows.append({"kind": "graph-check", "M": m, "config": label, "rel_err": max(errs),
@@ -230,6 +248,9 @@ SWEEP16_4 = [
                                          (2, 8, 12), (2, 8, 16), (4, 4, 8), (4, 4, 12))],
     *[(cuda(2, 8, 8, flags), 2) for flags in (1, 2, 3, 3 | 4, 3 | 8, 3 | 4 | 8, 4, 8)],
 ]
+# Fifth sweep: the CUDA kernel on the tile-major copy, every compiled variant (filled in at run time),
+# next to the Triton default and the best row-major CUDA shape.
+SWEEP16_5 = [(None, 2), (small(64, 64, 4, 3, 2), 2), (cuda(2, 8, 8), 2)]
 PROFILE = [small(64, 64, 4, 3, 2), small(64, 32, 2, 3, 3)]
 
 
@@ -263,6 +284,22 @@ def profile() -> None:
             + ", ".join(f"{k}: {statistics.median(v):.1f}" for k, v in per.items()))
 
 
+def conversion(rows: list) -> None:
+    """What making the tile-major copy of one 7168 x 7168 weight costs (torch ops, once per weight
+    version), and its size against the packed rows."""
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    packed, _ = weight(KN, KN, gen)
+    cuda_small_m.tile_major(packed, KN)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        t = cuda_small_m.tile_major(packed, KN)
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) / 5 * 1e3
+    rows.append({"kind": "conversion", "ms": ms, "tiled_bytes": t.numel() * 4, "packed_bytes": packed.numel()})
+    log(f"tile_major 7168 x 7168: {ms:.2f} ms, {t.numel() * 4} bytes (packed {packed.numel()})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
@@ -275,8 +312,11 @@ def main() -> int:
     if args.profile:
         profile()
         return 0
-    sweep = {1: SWEEP16, 2: SWEEP16_2, 3: SWEEP16_3, 4: SWEEP16_4}[args.sweep]
+    sweep = {1: SWEEP16, 2: SWEEP16_2, 3: SWEEP16_3, 4: SWEEP16_4, 5: SWEEP16_5}[args.sweep]
     rows: list = []
+    if args.sweep == 5:
+        sweep = sweep + [(tiled(*v), 2) for v in cuda_small_m.tiled_variants(DEV, probes=True)]
+        conversion(rows)
     try:
         checks(sweep, rows)
     except Exception:
@@ -286,6 +326,8 @@ def main() -> int:
         mp = max(16, triton.next_power_of_2(m))
         if m == 16:
             variants = sweep
+        elif args.sweep == 5:
+            variants = sweep if m <= cuda_small_m.MAX_M else sweep[:2]
         elif args.sweep == 4:
             variants = [(None, 2), (small(64, 64, 4, 3, 2, mp=mp), 2)] + (
                 [(cuda(1, 8, 7), 2), (cuda(2, 8, 12), 2)] if m <= cuda_small_m.MAX_M else [])

@@ -127,7 +127,7 @@ def test_ternary_matmul_takes_it_for_small_m(monkeypatch):
 
 def test_bad_switch_and_missing_nvcc_are_clear(monkeypatch, tmp_path):
     monkeypatch.setenv("ARBD_CUDA_SMALL_M", "maybe")
-    with pytest.raises(ValueError, match="one of on, off"):
+    with pytest.raises(ValueError, match="one of on, off, tiled"):
         cs.mode()
     monkeypatch.delenv("ARBD_CUDA_SMALL_M")
     assert cs.mode() == "off"  # the Triton kernel is the default
@@ -138,3 +138,129 @@ def test_bad_switch_and_missing_nvcc_are_clear(monkeypatch, tmp_path):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="nvcc not found"):
         cuda_ext.build(cs.SOURCE, "90")
+
+
+# -- The tile-major copy (cuda_small_m.tile_major) and its kernel (tiled_kernel) ------------------
+
+@pytest.mark.parametrize("n,k", [(16, 80), (7, 5), (33, 173), (100, 1001), (48, 160), (17, 161)])
+def test_tile_major_holds_every_trit_where_its_docstring_says(n, k):
+    gen = torch.Generator().manual_seed(10)
+    trits = torch.randint(-1, 2, (n, k), generator=gen)
+    tiled = cs.tile_major(packing.pack_trits(trits), k)
+    assert tiled.dtype == torch.int32 and tiled.shape == (-(-n // 16), -(-(-(-k // 80)) // 2), 32, 4)
+    assert torch.equal(cs.untile(tiled, n, k).long(), trits)
+    # An independent read of 64 words by the documented rule, digit by digit.
+    words = tiled.reshape(-1).tolist()
+    picks = torch.randint(0, len(words), (64,), generator=gen).tolist()
+    pairs = tiled.shape[1]
+    for flat in picks:
+        c, lane, p, t = flat % 4, flat // 4 % 32, flat // 128 % pairs, flat // (128 * pairs)
+        (g, q), (u, h) = divmod(lane, 4), divmod(c, 2)
+        row, j = 16 * t + g + 8 * h, 2 * p + u
+        w = words[flat] & 0xFFFFFFFF
+        for i in range(4):
+            byte = (w >> (8 * i)) & 0xFF
+            for s in range(5):
+                kk = 80 * j + 16 * s + 4 * q + i
+                want = int(trits[row, kk]) + 1 if row < n and kk < k else 1  # zero trits past W
+                assert byte // 3 ** s % 3 == want, (flat, i, s)
+
+
+def test_tiled_copy_is_kept_until_the_weight_changes_or_dies():
+    gen = torch.Generator().manual_seed(11)
+    packed = packing.pack_trits(torch.randint(-1, 2, (20, 90), generator=gen))
+    first = cs.tiled_copy(packed, 90)
+    assert cs.tiled_copy(packed, 90) is first  # same version: the cached copy
+    packed[3].copy_(packing.pack_trits(torch.randint(-1, 2, (1, 90), generator=gen))[0])  # an in-place write
+    second = cs.tiled_copy(packed, 90)
+    assert second is not first and torch.equal(cs.untile(second, 20, 90), packing.unpack_trits(packed, 90))
+    key = id(packed)
+    del packed
+    assert key not in cs._TILED  # dropped with its weight
+
+
+def _tiled(x, packed, exponent, k, variant=None, out=None):
+    return cs.tiled_matmul(x, cs.tile_major(packed, k), exponent, packed.shape[0], k, variant=variant, out=out)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tiled_every_byte_decodes_exactly(dtype):
+    gen = torch.Generator().manual_seed(12)
+    every = torch.arange(243, dtype=torch.uint8).reshape(243, 1).cuda()
+    e = torch.randint(-128, 128, (243,), generator=gen).to(torch.int8).cuda()
+    for variant in cs.tiled_variants(torch.device("cuda")):
+        y = _tiled(torch.eye(5, dtype=dtype, device="cuda"), every, e, 5, variant)
+        assert torch.equal(y.t().cpu(), packing.decode(every.cpu(), e.cpu(), 5, dtype)), variant
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tiled_ragged_shapes_against_float64(dtype):
+    gen = torch.Generator().manual_seed(13)
+    cases = [(16, 7168, 7168), (1, 7168, 7168), (9, 1001, 515), (8, 40, 173), (3, 19, 37), (16, 4096, 1000),
+             (13, 80, 16), (5, 5, 1), (16, 161, 17), (2, 7, 3)]
+    for m, k, n in cases:
+        packed, exponent, w = _weight(n, k, gen)
+        packed, exponent = packed.cuda(), exponent.cuda()
+        tiled = cs.tile_major(packed, k)
+        for variant in [None] + cs.tiled_variants(torch.device("cuda")):
+            x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+            out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+            y = cs.tiled_matmul(x, tiled, exponent, n, k, variant=variant, out=out)
+            assert not torch.isnan(y).any(), (m, k, n, variant)
+            assert _rel_err(y, x.cpu().double() @ w.t()) < 3e-3, (m, k, n, variant)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_tiled_unaligned_strided_x_and_graph_replay():
+    gen = torch.Generator().manual_seed(14)
+    m, k, n = 16, 1003, 301
+    packed, exponent, w = _weight(n, k, gen)
+    packed, exponent = packed.cuda(), exponent.cuda()
+    wide = torch.randn(m, k + 7, generator=gen).to("cuda", torch.bfloat16)
+    x = wide[:, 3:3 + k]  # 2-byte aligned, odd row stride: copied into padded rows
+    first = _tiled(x, packed, exponent, k)
+    assert _rel_err(first, x.cpu().double() @ w.t()) < 3e-3
+    assert torch.equal(first, _tiled(x, packed, exponent, k))  # fixed summation order
+    # Positions past K inside the padded row hold garbage the kernel must not read: NaN there.
+    xp = torch.full((m, 1008), float("nan"), dtype=torch.bfloat16, device="cuda")
+    xp[:, :k] = x
+    assert torch.equal(_tiled(xp[:, :k], packed, exponent, k), first)
+    tiled = cs.tile_major(packed, k)
+    xs = x.contiguous()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = cs.tiled_matmul(xs, tiled, exponent, n, k)
+    xs.copy_(torch.randn(m, k, generator=gen).to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _rel_err(captured, xs.cpu().double() @ w.t()) < 3e-3
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_ternary_matmul_takes_the_tiled_kernel_when_asked(monkeypatch):
+    gen = torch.Generator().manual_seed(15)
+    packed, exponent, w = _weight(515, 1001, gen)
+    packed, exponent = packed.cuda(), exponent.cuda()
+    monkeypatch.setenv("ARBD_CUDA_SMALL_M", "tiled")
+    calls = []
+    real = cs.tiled_matmul
+    monkeypatch.setattr(cs, "tiled_matmul", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    for m in (1, 16, 17):
+        x = torch.randn(m, 1001, generator=gen).to("cuda", torch.bfloat16)
+        assert _rel_err(tk.ternary_matmul(x, packed, exponent, 1001), x.cpu().double() @ w.t()) < 3e-3
+    assert calls == [1, 16]  # M = 17 goes to the Triton small-M kernel
+    copy = cs.tiled_copy(packed, 1001)
+    assert cs.tiled_copy(packed, 1001) is copy  # kept across calls
+    # A write to the weight (the update kernels bump the version) gives a fresh copy and new results.
+    trits = torch.randint(-1, 2, (515, 1001), generator=gen)
+    packed.copy_(packing.pack_trits(trits).cuda())
+    x = torch.randn(4, 1001, generator=gen).to("cuda", torch.bfloat16)
+    ref = x.cpu().double() @ packing.decode(packing.pack_trits(trits), exponent.cpu(), 1001, torch.float64).t()
+    assert _rel_err(tk.ternary_matmul(x, packed, exponent, 1001), ref) < 3e-3
+    assert cs.tiled_copy(packed, 1001) is not copy

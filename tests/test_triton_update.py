@@ -69,9 +69,13 @@ def _check_against_torch(cols, rule, rows, u, seed, vote_dtype=torch.int32, laun
     dev_votes = votes.to(vote_dtype).to(DEVICE)
     if offset:
         dev_votes = torch.cat([dev_votes.new_zeros(offset), dev_votes.reshape(-1)])[offset:].view(u, cols)
+    before = [getattr(got, name)._version for name in ("packed", "t_accum", "exponent", "e_accum")]
     stats = (launch or tk.apply_votes_rows)(got.packed, got.t_accum, got.exponent, got.e_accum,
                                             idx.to(DEVICE), dev_votes,
                                             e_votes.to(vote_dtype).to(DEVICE), rule, **kernel_args)
+    if launch is None:  # every path of apply_votes_rows marks what it wrote (caches key on versions)
+        after = [getattr(got, name)._version for name in ("packed", "t_accum", "exponent", "e_accum")]
+        assert all(a > b for a, b in zip(after, before)), (before, after)
     for name in ("packed", "t_accum", "exponent", "e_accum"):
         assert torch.equal(getattr(got, name).cpu(), getattr(ref, name)), name
     assert stats.tolist() == [want["trit_flips"], want["scale_moves"]]

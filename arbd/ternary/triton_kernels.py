@@ -7,9 +7,9 @@
 For 16-bit inputs with M >= DENSE_MIN_M rows, W is decoded once into a transient dense matrix
 (decode_weight) and the product goes to cuBLAS. For 16-bit inputs with M <= SMALL_M_MAX rows the
 forward takes _ternary_small_m_kernel (aligned row classes, plane-major x, a cheaper decode; see the
-comment above it), or with ARBD_CUDA_SMALL_M=on and M <= 16 on Hopper the hand-written CUDA kernel
-of cuda_small_m.py. Otherwise W [N, K] is never materialised:
-the two ternary kernels read the packed bytes of their tile
+comment above it), or with ARBD_CUDA_SMALL_M=on / tiled and M <= 16 on Hopper a hand-written CUDA
+kernel of cuda_small_m.py ("tiled": from a tile-major copy of W kept per weight, for inference).
+Otherwise W [N, K] is never materialised: the two ternary kernels read the packed bytes of their tile
 (arbd/ternary/packing.py: 5 trits per byte, base 3, least significant digit first, digit =
 trit + 1) and turn them into trits in registers, right before the tensor-core product.
 
@@ -886,8 +886,11 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
     m = x.shape[0]
     if m == 0 or n == 0:
         return torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if config is None and m <= cuda_small_m.MAX_M and cuda_small_m.usable(x, packed.shape[1]):
-        return cuda_small_m.small_m_matmul(x, packed, exponent, K)
+    if config is None and m <= cuda_small_m.MAX_M:
+        if cuda_small_m.tiled_usable(x):
+            return cuda_small_m.tiled_matmul(x, cuda_small_m.tiled_copy(packed, K), exponent, n, K)
+        if cuda_small_m.usable(x, packed.shape[1]):
+            return cuda_small_m.small_m_matmul(x, packed, exponent, K)
     cfg = config or matmul_config(m, n, K, x.device, x.dtype)
     if cfg.dense:
         return mm_rows_bucketed(x, decode_weight(packed, exponent, K, x.dtype).t())

@@ -659,8 +659,9 @@ def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torc
     record = cuda_rows.record_base(packed, t_accum, exponent, e_accum) is not None
     if packing_mode == "cuda" or (packing_mode is None
                                   and cuda_rows.usable(packed, cols, idx.numel(), record)):
-        return cuda_rows.apply_votes_rows(packed, t_accum, exponent, e_accum, idx, votes, e_votes,
-                                          rule)
+        stats = cuda_rows.apply_votes_rows(packed, t_accum, exponent, e_accum, idx, votes, e_votes, rule)
+        _mark_written(packed, t_accum, exponent, e_accum)  # caches keyed on versions see the change
+        return stats
     cuda_rows.check_row_layout(packed, t_accum, exponent, e_accum)
     stats = torch.zeros(2, dtype=torch.int32, device=packed.device)
     u = idx.numel()

@@ -363,6 +363,186 @@ int launch_shape(int R, int warps, int M, const void* x, long long sxm, int K, c
   return -1;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The same product from a tile-major copy of W (tiled_kernel). small_m_kernel above spends its
+// time in phases that do not overlap (all loads, then all decoding, then the cluster sums; RESULTS,
+// "CUDA small-M kernel"). Re-ordering W's bytes once, for as long as W does not change, removes the
+// reasons for those phases:
+//  - Layout (cuda_small_m.tile_major). W is cut into tiles of 16 rows and super-blocks of 80 trits
+//    (k = 80 J .. 80 J + 79). Lane (g, q) of a warp owns, in super-block J, the 20 trits
+//    k = 80 J + 16 s + 4 q + i (s = 0..4, i = 0..3) of rows g and g + 8; byte i of its 32-bit word
+//    for a row holds digit s = trit (80 J + 16 s + 4 q + i) + 1. Two super-blocks of both rows make
+//    one 16-byte load per lane, and a warp's 32 loads are 512 contiguous bytes.
+//  - The MMA's k column c (pair q = (c % 8) / 2, element i = c % 2 + 2 (c / 8)) in step s is trit
+//    80 J + 16 s + 4 q + i, so decode_word's planes are the A registers as they come, and the B
+//    registers (x^T) for token g are x[g, 80 J + 16 s + 4 q .. + 3]: one 8-byte load from x as it
+//    is, no staging, and the four lanes of a token read one 32-byte sector. (A first version with
+//    k = 80 J + 20 q + 4 s + i spread each load over four sectors: 3 us slower at M = 16.)
+//  - No phases: each warp streams its weights with loads D super-block pairs ahead of the decode,
+//    and the warps of a block that split K add their sums once through shared memory at the end.
+template <bool BF, int MT>
+__device__ __forceinline__ void load_x(uint2 (&xf)[MT][5], const uint16_t* const (&xr)[MT],
+                                       const bool (&live)[MT], int k0, int K) {
+  // k0 = 80 J + 4 q: this lane's first trit in the super-block; step s reads k0 + 16 s .. + 3.
+  if (k0 + 68 <= K) {
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int s = 0; s < 5; ++s)
+        xf[t][s] = live[t] ? __ldg(reinterpret_cast<const uint2*>(xr[t] + k0 + 16 * s)) : make_uint2(0u, 0u);
+  } else {  // the row's tail: positions past K read as zero (W is zero there, x may be anything)
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int s = 0; s < 5; ++s) {
+        uint32_t v[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int k = k0 + 16 * s + i;
+          v[i] = (live[t] && k < K) ? uint32_t(xr[t][k]) : 0u;
+        }
+        xf[t][s] = make_uint2(v[0] | (v[1] << 16), v[2] | (v[3] << 16));
+      }
+  }
+}
+
+template <bool BF, int R, int WN, int WK, int MT, int D, int FL>
+__global__ void __launch_bounds__(WN * WK * 32, 1)
+tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
+             const uint4* __restrict__ wt, int P, int tiles, long long N, const int8_t* __restrict__ e,
+             float inv_k, uint16_t* __restrict__ y, long long stride_ym) {
+  // A block: WN groups of R row tiles (BN rows) x WK ranges of super-block pairs; warp (wn, wk).
+  // FL (probe variants, for bench/gpu_gemm_small_m.py's attribution only; their output is not the
+  // product): 1 = no MMAs (the decoded planes are folded into the sums by XOR), 2 = no decode (the
+  // raw words go to the MMAs as A).
+  constexpr int BN = WN * R * 16, THREADS = WN * WK * 32, PAD = 17;  // PAD: conflict-free sums
+  __shared__ float part[WK * BN * PAD];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const int wn = warp % WN, wk = warp / WN;
+  const int tile0 = (blockIdx.x * WN + wn) * R;
+  const int p0 = int((long long)wk * P / WK), p1 = int((long long)(wk + 1) * P / WK);
+
+  const uint4* src[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) src[r] = wt + (long long)min(tile0 + r, tiles - 1) * P * 32 + lane;
+  const uint16_t* xr[MT];
+  bool live[MT];
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+    live[t] = g + 8 * t < M;
+    xr[t] = x + (live[t] ? (g + 8 * t) * stride_xm : 0);
+  }
+  float acc[R][MT][4] = {};
+
+  // Loads D pairs ahead: buf[i] holds pair p + i while pair p is decoded.
+  uint4 buf[D][R];
+#pragma unroll
+  for (int i = 0; i < D; ++i)
+#pragma unroll
+    for (int r = 0; r < R; ++r) buf[i][r] = p0 + i < p1 ? __ldcs(src[r] + (long long)(p0 + i) * 32) : make_uint4(0, 0, 0, 0);
+
+  for (int p = p0; p < p1; p += D) {
+#pragma unroll
+    for (int i = 0; i < D; ++i) {
+      if (p + i >= p1) break;  // warp-uniform
+      uint4 v[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        v[r] = buf[i][r];
+        if (p + i + D < p1) buf[i][r] = __ldcs(src[r] + (long long)(p + i + D) * 32);
+      }
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        uint2 xf[MT][5];
+        load_x<BF, MT>(xf, xr, live, 80 * (2 * (p + i) + u) + 4 * q, K);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          uint32_t lg[5], hg[5], l8[5], h8[5];
+          if constexpr (FL & 2) {
+#pragma unroll
+            for (int s = 0; s < 5; ++s) {
+              lg[s] = (u ? v[r].z : v[r].x) + s; hg[s] = lg[s] ^ 7u;
+              l8[s] = (u ? v[r].w : v[r].y) + s; h8[s] = l8[s] ^ 7u;
+            }
+          } else {
+            decode_word<BF>(u ? v[r].z : v[r].x, lg, hg);  // row g
+            decode_word<BF>(u ? v[r].w : v[r].y, l8, h8);  // row g + 8
+          }
+#pragma unroll
+          for (int s = 0; s < 5; ++s)
+#pragma unroll
+            for (int t = 0; t < MT; ++t) {
+              if constexpr (FL & 1) {
+                acc[r][t][0] = __uint_as_float(__float_as_uint(acc[r][t][0]) ^ lg[s] ^ l8[s] ^ xf[t][s].x);
+                acc[r][t][1] = __uint_as_float(__float_as_uint(acc[r][t][1]) ^ hg[s] ^ h8[s] ^ xf[t][s].y);
+              } else {
+                mma16816<BF>(acc[r][t], lg[s], l8[s], hg[s], h8[s], xf[t][s].x, xf[t][s].y);
+              }
+            }
+        }
+      }
+    }
+  }
+
+  // C fragment: acc[r][t] = rows (g, g, g + 8, g + 8) x tokens (8 t + 2 q, + 1, 8 t + 2 q, + 1).
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = (wn * R + r) * 16 + g + 8 * (i >> 1), tok = 8 * t + 2 * q + (i & 1);
+        part[(wk * BN + row) * PAD + tok] = acc[r][t][i];
+      }
+  __syncthreads();
+  const long long n0 = (long long)blockIdx.x * BN;
+  // Sum the WK partials in a fixed order (deterministic), scale, cast; consecutive threads write
+  // consecutive n of one token's output row.
+  for (int idx = threadIdx.x; idx < BN * M; idx += THREADS) {
+    const int tok = idx / BN, row = idx % BN;
+    const long long n = n0 + row;
+    if (n >= N) continue;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < WK; ++w) sum += part[(w * BN + row) * PAD + tok];
+    const float out = sum * exp2f(float(e[n]) * inv_k);
+    y[tok * stride_ym + n] = BF ? __bfloat16_as_ushort(__float2bfloat16(out)) : __half_as_ushort(__float2half(out));
+  }
+}
+
+template <bool BF, int R, int WN, int WK, int D, int FL>
+int launch_tiled(int M, const void* x, long long sxm, int K, const void* wt, int P, int tiles, long long N,
+                 const void* e, float inv_k, void* y, long long sym, cudaStream_t stream) {
+  const unsigned blocks = unsigned((tiles + WN * R - 1) / (WN * R));
+  const auto* xp = static_cast<const uint16_t*>(x);
+  const auto* wp = static_cast<const uint4*>(wt);
+  const auto* ep = static_cast<const int8_t*>(e);
+  auto* yp = static_cast<uint16_t*>(y);
+  if (M <= 8)
+    tiled_kernel<BF, R, WN, WK, 1, D, FL><<<blocks, WN * WK * 32, 0, stream>>>(xp, sxm, M, K, wp, P, tiles, N, ep, inv_k, yp, sym);
+  else
+    tiled_kernel<BF, R, WN, WK, 2, D, FL><<<blocks, WN * WK * 32, 0, stream>>>(xp, sxm, M, K, wp, P, tiles, N, ep, inv_k, yp, sym);
+  return int(cudaGetLastError());
+}
+
+// (R, WN, WK, D, FL) compiled in, in the order arbd_tiled_m's `variant` indexes them.
+#define ARBD_TILED_VARIANTS(X) \
+  X(2, 1, 8, 2, 0) X(2, 2, 8, 2, 0) X(1, 2, 8, 2, 0) X(2, 1, 6, 2, 0) X(4, 1, 8, 2, 0) X(1, 1, 8, 2, 0) \
+  X(2, 1, 8, 2, 1) X(2, 1, 8, 2, 2) X(2, 1, 8, 2, 3)
+
+template <bool BF>
+int launch_tiled_variant(int variant, int M, const void* x, long long sxm, int K, const void* wt, int P,
+                         int tiles, long long N, const void* e, float inv_k, void* y, long long sym,
+                         cudaStream_t s) {
+  int i = 0;
+#define ARBD_TILED_CASE(R, WN, WK, D, FL) \
+  if (variant == i++) return launch_tiled<BF, R, WN, WK, D, FL>(M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, s);
+  ARBD_TILED_VARIANTS(ARBD_TILED_CASE)
+#undef ARBD_TILED_CASE
+  return -1;
+}
+
 }  // namespace
 
 extern "C" {
@@ -386,6 +566,28 @@ int arbd_small_m(int bf16, int R, int warps, int M, const void* x, long long sxm
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return bf16 ? launch_shape<true>(R, warps, M, x, sxm, K, w, N, Kb, e, inv_k, y, sym, splits, chunks, flags, s)
               : launch_shape<false>(R, warps, M, x, sxm, K, w, N, Kb, e, inv_k, y, sym, splits, chunks, flags, s);
+}
+
+// The tiled variants compiled in: 5 ints (R, WN, WK, D, FL) each, in variant order.
+int arbd_tiled_m_variants(int* out, int cap) {
+  int n = 0;
+#define ARBD_TILED_LIST(R, WN, WK, D, FL) \
+  if (n + 5 <= cap) { out[n] = R; out[n + 1] = WN; out[n + 2] = WK; out[n + 3] = D; out[n + 4] = FL; } n += 5;
+  ARBD_TILED_VARIANTS(ARBD_TILED_LIST)
+#undef ARBD_TILED_LIST
+  return n / 5;
+}
+
+// y [M, N] = x [M, K] @ W.T with W as its tile-major copy wt [tiles, P, 32] x 16 bytes
+// (cuda_small_m.tile_major) and int8 exponents e [N]. x must be 8-byte aligned with a row stride
+// that is a multiple of 4 elements. Returns 0, a cudaError_t, or -1 for an unknown variant or M.
+int arbd_tiled_m(int bf16, int variant, int M, const void* x, long long sxm, int K, const void* wt,
+                 int P, int tiles, long long N, const void* e, float inv_k, void* y, long long sym,
+                 void* stream) {
+  if (M < 1 || M > 16) return -1;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return bf16 ? launch_tiled_variant<true>(variant, M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, s)
+              : launch_tiled_variant<false>(variant, M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, s);
 }
 
 }  // extern "C"
