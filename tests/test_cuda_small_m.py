@@ -26,6 +26,11 @@ def _weight(n: int, k: int, gen: torch.Generator):
     return packed, exponent, packing.decode(packed, exponent, k, torch.float64)
 
 
+# (M, K, N) for the ragged-shape tests of both kernels.
+RAGGED = [(16, 7168, 7168), (1, 7168, 7168), (9, 1001, 515), (8, 40, 173), (3, 19, 37), (16, 4096, 1000),
+          (13, 80, 16), (5, 5, 1)]
+
+
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double().cpu() - ref).norm() / ref.norm())
 
@@ -48,9 +53,7 @@ def test_every_byte_decodes_exactly(dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ragged_shapes_against_float64(dtype):
     gen = torch.Generator().manual_seed(1)
-    cases = [(16, 7168, 7168), (1, 7168, 7168), (9, 1001, 515), (8, 40, 173), (3, 19, 37), (16, 4096, 1000),
-             (13, 80, 16), (5, 5, 1)]
-    for m, k, n in cases:
+    for m, k, n in RAGGED:
         packed, exponent, w = _weight(n, k, gen)
         shapes = [None] + [(r, wp, s) for r, wp in cs.SHAPES for s in (1, 3)]
         for shape in shapes:
@@ -200,9 +203,7 @@ def test_tiled_every_byte_decodes_exactly(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_tiled_ragged_shapes_against_float64(dtype):
     gen = torch.Generator().manual_seed(13)
-    cases = [(16, 7168, 7168), (1, 7168, 7168), (9, 1001, 515), (8, 40, 173), (3, 19, 37), (16, 4096, 1000),
-             (13, 80, 16), (5, 5, 1), (16, 161, 17), (2, 7, 3)]
-    for m, k, n in cases:
+    for m, k, n in RAGGED + [(16, 161, 17), (2, 7, 3)]:  # and rows / columns past a tile or super-block
         packed, exponent, w = _weight(n, k, gen)
         packed, exponent = packed.cuda(), exponent.cuda()
         tiled = cs.tile_major(packed, k)

@@ -58,16 +58,22 @@ def _library(device: torch.device) -> ctypes.CDLL:
     return _LIB
 
 
-def usable(x: torch.Tensor, kb: int) -> bool:
-    """Whether ternary_matmul should run x against rows of kb packed bytes through this kernel
-    (builds it on the first call)."""
+def _takes(x: torch.Tensor, wanted: str) -> bool:
+    """Whether ARBD_CUDA_SMALL_M is `wanted` and x is 16-bit, 1..MAX_M rows, on an sm_90 GPU
+    (builds the library on the first call)."""
     if (x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16)
-            or not 1 <= x.shape[0] <= MAX_M or not 1 <= kb <= MAX_KB or mode() != "on"):
+            or not 1 <= x.shape[0] <= MAX_M or mode() != wanted):
         return False
     if cuda_ext.device_info(x.device)[0] < (9, 0):
-        return False  # thread-block clusters and distributed shared memory need sm_90
+        return False  # small_m_kernel's clusters need sm_90, and the library is built as one
     _library(x.device)  # asked for by name: a failed build is an error, not a silent fallback
     return True
+
+
+def usable(x: torch.Tensor, kb: int) -> bool:
+    """Whether ternary_matmul should run x against rows of kb packed bytes through small_m_matmul
+    (ARBD_CUDA_SMALL_M=on)."""
+    return 1 <= kb <= MAX_KB and _takes(x, "on")
 
 
 def smem_bytes(r: int, warps: int, chunks: int, m: int) -> int:
@@ -145,11 +151,10 @@ def tile_major(packed: torch.Tensor, K: int) -> torch.Tensor:
     n = packed.shape[0]
     tiles, supers = math.ceil(n / 16), math.ceil(K / SUPER)
     supers += supers % 2
-    digits = torch.ones(tiles * 16, supers * SUPER, dtype=torch.int16, device=packed.device)
-    digits[:n, :K] = packing.unpack_trits(packed, K).to(torch.int16) + 1
-    digits = digits.view(tiles * 16, supers, 5, 4, 4).transpose(2, 3)  # row, J, q, s, i
-    pow3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16, device=packed.device).view(1, 1, 1, 5, 1)
-    words = (digits * pow3).sum(3, dtype=torch.int16).to(torch.uint8).contiguous().view(torch.int32)  # [rows, J, q]
+    trits = torch.zeros(tiles * 16, supers * SUPER, dtype=torch.int8, device=packed.device)
+    trits[:n, :K] = packing.unpack_trits(packed, K)
+    trits = trits.view(tiles * 16, supers, 5, 4, 4).permute(0, 1, 3, 4, 2)  # row, J, q, i, s
+    words = packing.pack_trits(trits).squeeze(-1).view(torch.int32)  # bytes [row, J, q, i] -> [row, J, q]
     words = words.view(tiles, 2, 8, supers // 2, 2, 4)  # t, h, g, p, u, q
     return words.permute(0, 3, 2, 5, 4, 1).contiguous().view(tiles, supers // 2, 32, 4)
 
@@ -180,15 +185,18 @@ def tiled_copy(packed: torch.Tensor, K: int) -> torch.Tensor:
     return tiled
 
 
+_TILED_VARIANTS: list[tuple[int, ...]] = []  # the library's list, read once
+
+
 def tiled_variants(device: torch.device, probes: bool = False) -> list[tuple[int, ...]]:
     """The tiled kernel's compiled variants (row tiles per warp R, warps along N WN, warps along K
     WK, pairs loaded ahead D, probe FL): FL = 0 computes the product; probes (FL = 1: no MMAs,
     2: no decode, 3: neither; bench attribution only) leave parts out."""
-    lib = _library(device)
-    buf = (ctypes.c_int * 256)()
-    count = lib.arbd_tiled_m_variants(buf, 256)
-    found = [tuple(buf[5 * i: 5 * i + 5]) for i in range(count)]
-    return [v for v in found if probes or v[4] == 0]
+    if not _TILED_VARIANTS:
+        buf = (ctypes.c_int * 256)()
+        count = _library(device).arbd_tiled_m_variants(buf, 256)
+        _TILED_VARIANTS.extend(tuple(buf[5 * i: 5 * i + 5]) for i in range(count))
+    return [v for v in _TILED_VARIANTS if probes or v[4] == 0]
 
 
 # Row tiles per warp, warps along N, warps along K, pairs ahead, probe: the fastest measured at
@@ -197,15 +205,8 @@ DEFAULT_TILED = (2, 1, 8, 2, 0)
 
 
 def tiled_usable(x: torch.Tensor) -> bool:
-    """Whether ternary_matmul should take tiled_matmul for x (ARBD_CUDA_SMALL_M=tiled; builds the
-    kernel on the first call)."""
-    if (x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16)
-            or not 1 <= x.shape[0] <= MAX_M or mode() != "tiled"):
-        return False
-    if cuda_ext.device_info(x.device)[0] < (9, 0):
-        return False
-    _library(x.device)  # asked for by name: a failed build is an error
-    return True
+    """Whether ternary_matmul should take tiled_matmul for x (ARBD_CUDA_SMALL_M=tiled)."""
+    return _takes(x, "tiled")
 
 
 def tiled_matmul(x: torch.Tensor, tiled: torch.Tensor, exponent: torch.Tensor, n: int, K: int, *,
