@@ -4,10 +4,11 @@ Built on first use with the machine's nvcc and loaded with ctypes (cuda_ext.py).
 - small_m_matmul reads W's packed rows as they are;
 - tiled_matmul reads a tile-major copy of them (tile_major / tiled_copy), which lets every load be
   16 bytes wide and coalesced and the loads run ahead of the decode. It is the fastest small-M
-  forward measured on the H100 (M = 16, K = N = 7168: 14.7 us, 2.56x cuBLAS bf16, against 19.7 us
-  for the Triton kernel; bench/RESULTS.md), but the copy costs 0.2 bytes per weight while held and
-  about 1 ms per 7168 x 7168 matrix to make, once per weight version: right for inference, where
-  weights stay fixed, and wrong for training, where they change every step.
+  forward measured on the H100 (K = N = 7168, back-to-back calls: M = 16 in 13.7 us, 2.75x cuBLAS
+  bf16, against 19.9 us for the Triton kernel; M = 1 in 9.6 us, 4.1x; bench/RESULTS.md), but the
+  copy costs 0.2 bytes per weight while held and about 1 ms per 7168 x 7168 matrix to make, once
+  per weight version: right for inference, where weights stay fixed, and wrong for training, where
+  they change every step.
 
 ARBD_CUDA_SMALL_M picks what ternary_matmul uses at M <= 16: "off" (the default: the Triton small-M
 kernel), "on" (small_m_matmul wherever it applies) or "tiled" (tiled_matmul, each weight's copy
@@ -49,7 +50,7 @@ def _library(device: torch.device) -> ctypes.CDLL:
         lib.arbd_tiled_m.argtypes = [
             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int,
             ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_float,
-            ctypes.c_void_p, ctypes.c_longlong, ctypes.c_void_p]
+            ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p]
         lib.arbd_small_m.argtypes = [
             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_longlong,
             ctypes.c_int, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
@@ -190,18 +191,20 @@ _TILED_VARIANTS: list[tuple[int, ...]] = []  # the library's list, read once
 
 def tiled_variants(device: torch.device, probes: bool = False) -> list[tuple[int, ...]]:
     """The tiled kernel's compiled variants (row tiles per warp R, warps along N WN, warps along K
-    WK, pairs loaded ahead D, probe FL): FL = 0 computes the product; probes (FL = 1: no MMAs,
-    2: no decode, 3: neither; bench attribution only) leave parts out."""
+    WK, pairs loaded ahead D, flags FL): FL & 4 prefetches the warp's W into L2 up front; FL & 3
+    = 0 computes the product, and the probes (FL & 3 = 1: no MMAs, 2: no decode, 3: neither; bench
+    attribution only) leave parts out."""
     if not _TILED_VARIANTS:
         buf = (ctypes.c_int * 256)()
         count = _library(device).arbd_tiled_m_variants(buf, 256)
         _TILED_VARIANTS.extend(tuple(buf[5 * i: 5 * i + 5]) for i in range(count))
-    return [v for v in _TILED_VARIANTS if probes or v[4] == 0]
+    return [v for v in _TILED_VARIANTS if probes or v[4] & 3 == 0]
 
 
-# Row tiles per warp, warps along N, warps along K, pairs ahead, probe: the fastest measured at
-# M = 1, 8 and 16 (K = N = 7168, H100; bench/RESULTS.md "Small-M forward from a tile-major copy").
-DEFAULT_TILED = (2, 1, 8, 2, 0)
+# Row tiles per warp, warps along N, warps along K, pairs ahead, flags (4: W prefetched into L2):
+# the fastest or within 2% at M = 1, 8 and 16 (K = N = 7168, H100; bench/RESULTS.md "Small-M
+# forward: programmatic dependent launch and an L2 prefetch of W").
+DEFAULT_TILED = (2, 1, 8, 2, 4)
 
 
 def tiled_usable(x: torch.Tensor) -> bool:
@@ -210,11 +213,13 @@ def tiled_usable(x: torch.Tensor) -> bool:
 
 
 def tiled_matmul(x: torch.Tensor, tiled: torch.Tensor, exponent: torch.Tensor, n: int, K: int, *,
-                 variant: tuple[int, ...] | None = None,
+                 variant: tuple[int, ...] | None = None, pdl: bool = True,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T with W given as tile_major(packed, K) and int8 exponents [N].
 
-    x: bf16 or fp16 on an sm_90 GPU, 1 <= M <= 16. variant: one of tiled_variants()."""
+    x: bf16 or fp16 on an sm_90 GPU, 1 <= M <= 16. variant: one of tiled_variants(). pdl: launch
+    with programmatic dependent launch, so that this call's weight loads overlap the end of the
+    kernel before it (the kernel waits for that one to finish before it reads x or writes y)."""
     m, k = x.shape
     tiles, pairs = math.ceil(n / 16), math.ceil(math.ceil(K / SUPER) / 2)
     if not 1 <= m <= MAX_M or k != K:
@@ -235,7 +240,7 @@ def tiled_matmul(x: torch.Tensor, tiled: torch.Tensor, exponent: torch.Tensor, n
         raise ValueError(f"out must be a [{m}, {n}] {x.dtype} tensor with unit column stride")
     err = lib.arbd_tiled_m(int(x.dtype == torch.bfloat16), index, m, x.data_ptr(), x.stride(0), K,
                            tiled.data_ptr(), pairs, tiles, n, exponent.data_ptr(), 1.0 / SCALE_K,
-                           y.data_ptr(), y.stride(0), torch.cuda.current_stream(x.device).cuda_stream)
+                           y.data_ptr(), y.stride(0), int(pdl), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"CUDA tiled small-M kernel failed (code {err}) for M={m} N={n} K={K} variant={variant}")
     return y

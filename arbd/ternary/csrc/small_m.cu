@@ -418,9 +418,14 @@ tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
   // A block: WN groups of R row tiles (BN rows) x WK ranges of super-block pairs; warp (wn, wk).
   // FL (probe variants, for bench/gpu_gemm_small_m.py's attribution only; their output is not the
   // product): 1 = no MMAs (the decoded planes are folded into the sums by XOR), 2 = no decode (the
-  // raw words go to the MMAs as A).
+  // raw words go to the MMAs as A). FL bit 4 is not a probe: it prefetches W into L2 (below).
   constexpr int BN = WN * R * 16, THREADS = WN * WK * 32, PAD = 17;  // PAD: conflict-free sums
   __shared__ float part[WK * BN * PAD];
+  // Programmatic dependent launch (when launched with it; no-ops otherwise): the next kernel in the
+  // stream may start as soon as every block of this one has, and this one may start its W loads
+  // while the kernel before it finishes. Only W is read before griddepcontrol.wait below; W is the
+  // tile-major copy, which torch ops write, and they never let a dependent start early.
+  asm volatile("griddepcontrol.launch_dependents;");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const int wn = warp % WN, wk = warp / WN;
   const int tile0 = (blockIdx.x * WN + wn) * R;
@@ -444,6 +449,16 @@ tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
   for (int i = 0; i < D; ++i)
 #pragma unroll
     for (int r = 0; r < R; ++r) buf[i][r] = p0 + i < p1 ? __ldcs(src[r] + (long long)(p0 + i) * 32) : make_uint4(0, 0, 0, 0);
+  if constexpr (FL & 4) {
+    // The rest of this warp's W range towards L2 in one bulk request per tile, while the previous
+    // kernel may still run: later loads then wait for L2, not DRAM.
+    if (lane == 0 && p1 > p0 + D)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src[r] + (long long)(p0 + D) * 32),
+                     "r"(unsigned(p1 - p0 - D) * 512u) : "memory");
+  }
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // x and y: after the previous kernel is done
 
   for (int p = p0; p < p1; p += D) {
 #pragma unroll
@@ -515,31 +530,39 @@ tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
 
 template <bool BF, int R, int WN, int WK, int D, int FL>
 int launch_tiled(int M, const void* x, long long sxm, int K, const void* wt, int P, int tiles, long long N,
-                 const void* e, float inv_k, void* y, long long sym, cudaStream_t stream) {
+                 const void* e, float inv_k, void* y, long long sym, int pdl, cudaStream_t stream) {
   const unsigned blocks = unsigned((tiles + WN * R - 1) / (WN * R));
   const auto* xp = static_cast<const uint16_t*>(x);
   const auto* wp = static_cast<const uint4*>(wt);
   const auto* ep = static_cast<const int8_t*>(e);
   auto* yp = static_cast<uint16_t*>(y);
-  if (M <= 8)
-    tiled_kernel<BF, R, WN, WK, 1, D, FL><<<blocks, WN * WK * 32, 0, stream>>>(xp, sxm, M, K, wp, P, tiles, N, ep, inv_k, yp, sym);
-  else
-    tiled_kernel<BF, R, WN, WK, 2, D, FL><<<blocks, WN * WK * 32, 0, stream>>>(xp, sxm, M, K, wp, P, tiles, N, ep, inv_k, yp, sym);
-  return int(cudaGetLastError());
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(WN * WK * 32);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  cudaError_t err = M <= 8
+      ? cudaLaunchKernelEx(&cfg, tiled_kernel<BF, R, WN, WK, 1, D, FL>, xp, sxm, M, K, wp, P, tiles, N, ep, inv_k, yp, sym)
+      : cudaLaunchKernelEx(&cfg, tiled_kernel<BF, R, WN, WK, 2, D, FL>, xp, sxm, M, K, wp, P, tiles, N, ep, inv_k, yp, sym);
+  return int(err != cudaSuccess ? err : cudaGetLastError());
 }
 
 // (R, WN, WK, D, FL) compiled in, in the order arbd_tiled_m's `variant` indexes them.
 #define ARBD_TILED_VARIANTS(X) \
-  X(2, 1, 8, 2, 0) X(2, 2, 8, 2, 0) X(1, 2, 8, 2, 0) X(2, 1, 6, 2, 0) X(4, 1, 8, 2, 0) X(1, 1, 8, 2, 0) \
-  X(2, 1, 8, 2, 1) X(2, 1, 8, 2, 2) X(2, 1, 8, 2, 3)
+  X(2, 1, 8, 2, 4) X(2, 1, 8, 2, 0) X(2, 2, 8, 2, 4) X(1, 2, 8, 2, 4) X(4, 1, 8, 2, 4) \
+  X(2, 1, 8, 2, 5) X(2, 1, 8, 2, 6) X(2, 1, 8, 2, 7)
 
 template <bool BF>
 int launch_tiled_variant(int variant, int M, const void* x, long long sxm, int K, const void* wt, int P,
                          int tiles, long long N, const void* e, float inv_k, void* y, long long sym,
-                         cudaStream_t s) {
+                         int pdl, cudaStream_t s) {
   int i = 0;
 #define ARBD_TILED_CASE(R, WN, WK, D, FL) \
-  if (variant == i++) return launch_tiled<BF, R, WN, WK, D, FL>(M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, s);
+  if (variant == i++) return launch_tiled<BF, R, WN, WK, D, FL>(M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, pdl, s);
   ARBD_TILED_VARIANTS(ARBD_TILED_CASE)
 #undef ARBD_TILED_CASE
   return -1;
@@ -582,14 +605,15 @@ int arbd_tiled_m_variants(int* out, int cap) {
 
 // y [M, N] = x [M, K] @ W.T with W as its tile-major copy wt [tiles, P, 32] x 16 bytes
 // (cuda_small_m.tile_major) and int8 exponents e [N]. x must be 8-byte aligned with a row stride
-// that is a multiple of 4 elements. Returns 0, a cudaError_t, or -1 for an unknown variant or M.
+// that is a multiple of 4 elements. pdl: launch with programmatic dependent launch (see the kernel).
+// Returns 0, a cudaError_t, or -1 for an unknown variant or M.
 int arbd_tiled_m(int bf16, int variant, int M, const void* x, long long sxm, int K, const void* wt,
                  int P, int tiles, long long N, const void* e, float inv_k, void* y, long long sym,
-                 void* stream) {
+                 int pdl, void* stream) {
   if (M < 1 || M > 16) return -1;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return bf16 ? launch_tiled_variant<true>(variant, M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, s)
-              : launch_tiled_variant<false>(variant, M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, s);
+  return bf16 ? launch_tiled_variant<true>(variant, M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, pdl, s)
+              : launch_tiled_variant<false>(variant, M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, pdl, s);
 }
 
 }  // extern "C"
