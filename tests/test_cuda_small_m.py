@@ -200,7 +200,10 @@ def test_tiled_every_byte_decodes_exactly(dtype):
     gen = torch.Generator().manual_seed(12)
     every = torch.arange(243, dtype=torch.uint8).reshape(243, 1).cuda()
     e = torch.randint(-128, 128, (243,), generator=gen).to(torch.int8).cuda()
-    for variant in cs.tiled_variants(torch.device("cuda")):
+    variants = cs.tiled_variants(torch.device("cuda"))
+    assert cs.DEFAULT_TILED in variants and len(variants) >= 5  # every computing variant, no probe
+    assert len(cs.tiled_variants(torch.device("cuda"), probes=True)) > len(variants)
+    for variant in variants:
         y = _tiled(torch.eye(5, dtype=dtype, device="cuda"), every, e, 5, variant)
         assert torch.equal(y.t().cpu(), packing.decode(every.cpu(), e.cpu(), 5, dtype)), variant
 
@@ -256,6 +259,7 @@ def test_tiled_unaligned_strided_x_and_graph_replay():
         graph.replay()
         torch.cuda.synchronize()
         assert _rel_err(captured, xs.cpu().double() @ w.t()) < 3e-3
+        assert _rel_err(a, xs.cpu().double() @ wa.t()) < 3e-3
         # b's kernel reads a, which the kernel just before it writes: it must see a complete.
         assert a.data_ptr() % 8 == 0 and a.stride(0) % 4 == 0  # so no copy runs between the two
         assert _rel_err(b, a.cpu().double() @ wb.t()) < 3e-3
