@@ -4,8 +4,8 @@ Built on first use with the machine's nvcc and loaded with ctypes (cuda_ext.py).
 - small_m_matmul reads W's packed rows as they are;
 - tiled_matmul reads a tile-major copy of them (tile_major / tiled_copy), which lets every load be
   16 bytes wide and coalesced and the loads run ahead of the decode. It is the fastest small-M
-  forward measured on the H100 (K = N = 7168, back-to-back calls: M = 16 in 13.7 us, 2.75x cuBLAS
-  bf16, against 19.9 us for the Triton kernel; M = 1 in 9.6 us, 4.1x; bench/RESULTS.md), but the
+  forward measured on the H100 (K = N = 7168, back-to-back calls: M = 16 in 13.8 us, 2.79x cuBLAS
+  bf16, against 19.8 us for the Triton kernel; M = 1 in 9.7 us, 4.15x; bench/RESULTS.md), but the
   copy costs 0.2 bytes per weight while held and about 1 ms per 7168 x 7168 matrix to make, once
   per weight version: right for inference, where weights stay fixed, and wrong for training, where
   they change every step.

@@ -418,7 +418,7 @@ tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
   // A block: WN groups of R row tiles (BN rows) x WK ranges of super-block pairs; warp (wn, wk).
   // FL (probe variants, for bench/gpu_gemm_small_m.py's attribution only; their output is not the
   // product): 1 = no MMAs (the decoded planes are folded into the sums by XOR), 2 = no decode (the
-  // raw words go to the MMAs as A). FL bit 4 is not a probe: it prefetches W into L2 (below).
+  // raw words go to the MMAs as A). FL & 4 is not a probe: it prefetches W into L2 (below).
   constexpr int BN = WN * R * 16, THREADS = WN * WK * 32, PAD = 17;  // PAD: conflict-free sums
   __shared__ float part[WK * BN * PAD];
   // Programmatic dependent launch (when launched with it; no-ops otherwise): the next kernel in the
