@@ -21,6 +21,7 @@ import json
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,10 +63,12 @@ class Counter:
         self.site_bytes[site] += n
 
 
-def _site() -> str:
-    for f in reversed(traceback.extract_stack()[:-3]):
-        if f.filename.startswith(ROOT):
-            return f"{Path(f.filename).relative_to(Path(ROOT).parent)}:{f.lineno} {f.name}"
+def _site(callers: int = 0) -> str:
+    """The innermost frame inside arbd/ (and `callers` arbd frames above it, joined by '<')."""
+    stack = [f for f in reversed(traceback.extract_stack()[:-3]) if f.filename.startswith(ROOT)]
+    if stack:
+        return " < ".join(f"{Path(f.filename).relative_to(Path(ROOT).parent)}:{f.lineno} {f.name}"
+                          for f in stack[:callers + 1])
     for f in reversed(traceback.extract_stack()[:-3]):
         if "deepspeed" in f.filename:
             return f"deepspeed/{Path(f.filename).name}:{f.lineno} {f.name}"
@@ -124,15 +127,22 @@ def main() -> int:
         if ours.cprofile and t.rank == 0 and step == max(want):
             prof = cProfile.Profile()
             prof.enable()
+        sync_sites: collections.Counter = collections.Counter()
         if cuda and COUNTER.on:
             torch.cuda.synchronize()
-            import warnings
+
+            def on_warning(message, category, filename, lineno, file=None, line=None):
+                # Called while the syncing op is still on the stack: attribute it to its arbd caller.
+                if "synchroniz" in str(message):
+                    sync_sites[_site(callers=1)] += 1
+
             torch.cuda.set_sync_debug_mode("warn")
-            with warnings.catch_warnings(record=True) as w:
+            with warnings.catch_warnings():
                 warnings.simplefilter("always")
+                warnings.showwarning = on_warning
                 rec = t.train_step()
             torch.cuda.set_sync_debug_mode(0)
-            syncs = sum("synchroniz" in str(x.message) for x in w)
+            syncs = sum(sync_sites.values())
         else:
             rec = t.train_step()
         if prof is not None:
@@ -145,6 +155,7 @@ def main() -> int:
             rows.append({"step": step, "step_s": rec["step_s"], "loss": rec["loss"], "syncs": syncs,
                          "calls": dict(COUNTER.calls), "bytes": dict(COUNTER.bytes),
                          "secs": dict(COUNTER.secs),
+                         "sync_sites": dict(sync_sites.most_common()),
                          "sites": {f"{k} @ {s}": [n, COUNTER.site_bytes[(k, s)]]
                                    for (k, s), n in COUNTER.sites.most_common()}})
     if t.rank == 0:
@@ -160,6 +171,10 @@ def main() -> int:
         print(f"  {'calls':>5s} {'MB':>9s}  site")
         for s, (n, b) in r["sites"].items():
             print(f"  {n:5d} {b / 1e6:9.3f}  {s}")
+        if r["sync_sites"]:
+            print("host->device syncs by site (innermost arbd frame < its arbd caller):")
+            for s, n in r["sync_sites"].items():
+                print(f"  {n:5d}  {s}")
         if ours.json:
             Path(ours.json).write_text(json.dumps(rows, indent=1))
     if dist.is_initialized():

@@ -113,6 +113,41 @@ def _train(net: _Net, zp: ZeroPartitioner, rank: int, world: int, mbs: list, ste
     return rec
 
 
+def _kernel_runs(rank: int, world: int) -> dict:
+    """dp = 3 with the GPU update kernels (interpreted on CPU): the fused update of each row
+    block (summed) and the touched-row kernel on it (votes). Counts the kernel launches, so a
+    silent fallback to the torch rule cannot pass for the kernel path."""
+    from arbd.ternary import state, triton_update
+    launches = {"dense": 0, "rows": 0}
+
+    def counting(kind, fn):
+        def wrapped(*a, **k):
+            launches[kind] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    saved = (state.DENSE_UPDATE_KERNEL, state.ROW_UPDATE_KERNEL, triton_update.dense_update_many,
+             triton_update.apply_votes_rows)
+    state.DENSE_UPDATE_KERNEL = state.ROW_UPDATE_KERNEL = "triton"
+    triton_update.dense_update_many = counting("dense", triton_update.dense_update_many)
+    triton_update.apply_votes_rows = counting("rows", triton_update.apply_votes_rows)
+    out = {}
+    try:
+        net = _Net()
+        zp = ZeroPartitioner(net, None, "summed", dtype=torch.float32)
+        out["dp3_summed_kernel"] = _train(net, zp, rank, world, _batches(6), range(2), use_optimizer=False)
+        out["dp3_summed_kernel"]["launches"] = dict(launches)
+        net = _Net()
+        zp = ZeroPartitioner(net, None, "votes")
+        out["dp3_votes_kernel"] = _train(net, zp, rank, world, _batches(6), range(2), use_optimizer=True)
+        out["dp3_votes_kernel"]["launches"] = dict(launches)
+        out["kernel_failures"] = set(state._KERNEL_FAILED)
+    finally:
+        (state.DENSE_UPDATE_KERNEL, state.ROW_UPDATE_KERNEL, triton_update.dense_update_many,
+         triton_update.apply_votes_rows) = saved
+    return out
+
+
 def _worker(rank: int, world: int) -> dict:
     """One 3-rank job (spawning is the slow part): dp = 3 runs, then dp = 2 runs over ranks 0-1."""
     torch.set_num_threads(1)
@@ -134,6 +169,7 @@ def _worker(rank: int, world: int) -> dict:
     net = _Net()
     zp = ZeroPartitioner(net, None, "summed", dtype=torch.float32)
     out["dp3_summed"] = _train(net, zp, rank, world, _batches(6), range(2), use_optimizer=False)
+    out.update(_kernel_runs(rank, world))
     if rank >= 2:
         return out
     net = _Net()
@@ -309,6 +345,26 @@ def test_dp3_uneven_blocks_votes_then_repartitioned_at_dp2(dp3):
 def test_dp3_summed_fp32_all_to_all_adds_in_rank_order(dp3):
     runs = [r["dp3_summed"] for r in dp3]
     _check_equal(runs, _reference([3, 3], "summed"), 3)
+
+
+def test_dp3_block_updates_through_the_gpu_kernels_equal_the_torch_rule_at_dp1(dp3):
+    """The GPU path of the partitioned update (interpreted here): the fused dense update of each
+    rank's row block, hashed at global rows with the all-gathered "norm" scale mean, and the
+    touched-row kernel on the block for integer votes; every step equal to dp = 1's torch rule."""
+    assert all(not r["kernel_failures"] for r in dp3)
+    summed = [r["dp3_summed_kernel"] for r in dp3]
+    _check_equal(summed, _reference([3, 3], "summed"), 3)
+    votes = [r["dp3_votes_kernel"] for r in dp3]
+    ref_stats = []
+    _check_equal(votes, _reference([3, 3], "votes", stats=ref_stats), 3)
+    for r in dp3:
+        assert r["dp3_summed_kernel"]["launches"]["dense"] >= 2   # one group per step at least
+        assert r["dp3_votes_kernel"]["launches"]["rows"] > r["dp3_summed_kernel"]["launches"]["rows"]
+    # the counts, read once per step from the device, are the dp = 1 totals on every rank
+    for run in votes:
+        got = run["update_stats"]
+        assert (got.trit_flips, got.scale_moves) == (ref_stats[0].trit_flips, ref_stats[0].scale_moves)
+    assert ref_stats[0].trit_flips > 0 and ref_stats[0].scale_moves > 0
 
 
 def test_make_ternary_reducer_follows_the_zero_stage():

@@ -34,15 +34,20 @@ def _digit_table() -> torch.Tensor:
 
 
 _TABLE = _digit_table()
-_TABLE_CACHE: dict[torch.device, torch.Tensor] = {}
+# Device copies of the constants, made once: a pageable host-to-device copy waits for the work
+# already queued, so copying per call stalled the host (bench/sync_sites.sh).
+_ON_DEVICE: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _const_on(name: str, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = _ON_DEVICE.get((name, device))
+    if t is None:
+        t = _ON_DEVICE[(name, device)] = host.to(device)
+    return t
 
 
 def _table_on(device: torch.device) -> torch.Tensor:
-    t = _TABLE_CACHE.get(device)
-    if t is None:
-        t = _TABLE.to(device)
-        _TABLE_CACHE[device] = t
-    return t
+    return _const_on("table", _TABLE, device)
 
 
 def packed_cols(n: int) -> int:
@@ -63,7 +68,7 @@ def pack_trits(trits: torch.Tensor) -> torch.Tensor:
     if pad:
         digits = torch.nn.functional.pad(digits, (0, pad), value=1)
     digits = digits.reshape(*trits.shape[:-1], nb, TRITS_PER_BYTE)
-    return (digits * _POW3_16.to(trits.device)).sum(-1, dtype=torch.int16).to(torch.uint8)
+    return (digits * _const_on("pow3", _POW3_16, trits.device)).sum(-1, dtype=torch.int16).to(torch.uint8)
 
 
 def unpack_trits(packed: torch.Tensor, n: int) -> torch.Tensor:

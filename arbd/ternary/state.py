@@ -714,17 +714,52 @@ class TernaryMatrix(nn.Module):
         self.e_accum = e_accum.to(torch.int8, copy=True).to(self.packed.device)
         self.row_start, self.row_stop = 0, self.rows
 
+    def fused_block_item(self, grad: torch.Tensor, mean_ge: torch.Tensor | None):
+        """The fused GPU update's DenseItem for this process's row block [row_start, row_stop)
+        and the step's summed float evidence of those rows, or None where the kernel cannot take
+        it (then quantize + apply_block_votes). `mean_ge`: the mean |dL/dE| over all rows
+        (scale_mode "norm"), which the block alone cannot compute."""
+        use = DENSE_UPDATE_KERNEL == "triton" or (DENSE_UPDATE_KERNEL == "auto"
+                                                   and self.packed.is_cuda)
+        if not use or self.tp_shard is not None or ("dense", self.cols) in _KERNEL_FAILED:
+            return None
+        from arbd.ternary.triton_update import DenseItem, supports
+        if not supports(self.packed, grad):
+            return None
+        a, b = self.row_start, self.row_stop
+        if tuple(grad.shape) != (b - a, self.cols):
+            raise ValueError(f"block evidence must have shape {(b - a, self.cols)}, got {tuple(grad.shape)}")
+        if mean_ge is not None:
+            mean_ge = mean_ge.to(torch.float32).reshape(1)
+        return DenseItem(self.packed[a:b], self.t_accum, self.exponent[a:b], self.e_accum,
+                         grad.contiguous(), row_offset=a, mean_ge=mean_ge)
+
     @torch.no_grad()
     def apply_block_votes(self, votes: torch.Tensor, e_votes: torch.Tensor | None,
-                          rule: TernaryRule) -> dict[str, int]:
+                          rule: TernaryRule, *, counts_on_device: bool = False) -> dict:
         """The integer half of the rule on this process's rows [row_start, row_stop) only, given
         the step's exact vote sums for those rows. Writes their packed trits, exponents and
-        accumulators; the other rows' packed bytes are left for the all-gather."""
+        accumulators; the other rows' packed bytes are left for the all-gather. On the GPU the
+        block goes through the touched-row kernel (bit-identical to the torch rule); with
+        counts_on_device its counts may come back as "counts" (int32 [2] on the device), as in
+        apply_update, so that a loop over matrices does not wait for each one."""
         a, b = self.row_start, self.row_stop
         if tuple(votes.shape) != (b - a, self.cols):
             raise ValueError(f"block votes must have shape {(b - a, self.cols)}, got {tuple(votes.shape)}")
         if b == a:
             return {"trit_flips": 0, "scale_moves": 0, "rows": 0}
+        use = ROW_UPDATE_KERNEL == "triton" or (ROW_UPDATE_KERNEL == "auto" and self.packed.is_cuda)
+        if use:
+            from arbd.ternary.triton_update import apply_votes_rows
+            idx = torch.arange(b - a, device=self.packed.device)
+            counts = _kernel_or_none(("rows", self.cols), lambda: apply_votes_rows(
+                self.packed[a:b], self.t_accum, self.exponent[a:b], self.e_accum, idx, votes,
+                e_votes, rule))
+            if counts is not None:
+                if counts_on_device:
+                    return {"counts": counts, "rows": b - a}
+                flips, moves = counts.tolist()
+                return {"trit_flips": int(flips), "scale_moves": int(moves), "rows": b - a}
         trits, t_acc, exp, e_acc, stats = apply_votes(
             packing.unpack_trits(self.packed[a:b], self.cols), self.t_accum, self.exponent[a:b],
             self.e_accum, votes, e_votes, rule)

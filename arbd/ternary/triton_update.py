@@ -101,17 +101,22 @@ def _sround(x, pos, salt, STOCHASTIC: tl.constexpr, MAX_VOTE: tl.constexpr):
 
 
 # A group is every matrix of the step with the same column count (COLS is a compile-time
-# constant). Its rows are numbered one after another (group rows). `tab` int64 [n, 8] holds per
-# matrix the addresses of g, packed, t_accum, exponent and e_accum, its first group row and its
-# row count; `row_mat` int32 the matrix of every group row. One launch thus covers all the
+# constant). Its rows are numbered one after another (group rows). `tab` int64 [n, TAB] holds per
+# matrix the addresses of g, packed, t_accum, exponent and e_accum, its first group row, its
+# row count, the address of its row ids (touched rows) and the global index of its first row (a
+# ZeRO block's or a row shard's offset, added to the row for the rounding hash only); `row_mat`
+# int32 the matrix of every group row. One launch thus covers all the
 # group's matrices (a launch per matrix, with its torch glue, made the update host-bound).
+
+
+TAB = tl.constexpr(9)   # int64 fields per matrix in the group table
 
 
 @triton.jit
 def _group_rows(tab_ptr, row_mat_ptr, gr, live):
     """For group rows gr: (table row pointer, matrix index, matrix-local row as int64)."""
     m = tl.load(row_mat_ptr + gr, mask=live, other=0).to(tl.int64)
-    t = tab_ptr + m * 8
+    t = tab_ptr + m * TAB
     lr = gr.to(tl.int64) - tl.load(t + 5, mask=live, other=0)
     return t, m, lr
 
@@ -188,8 +193,8 @@ def _matrix_means_kernel(tab_ptr, abs_sum_ptr, ge_ptr, tensor_s_ptr, mean_ge_ptr
     """Per matrix, in float64: mean |g| over the whole matrix ("tensor" norm) and mean |dL/dE|
     over its rows (scale_mode "norm"), each rounded once to fp32."""
     m = tl.program_id(0)
-    base = tl.load(tab_ptr + m * 8 + 5)
-    rows = tl.load(tab_ptr + m * 8 + 6)
+    base = tl.load(tab_ptr + m * TAB + 5)
+    rows = tl.load(tab_ptr + m * TAB + 6)
     acc_a = tl.zeros((BLOCK,), dtype=tl.float64)
     acc_e = tl.zeros((BLOCK,), dtype=tl.float64)
     for r0 in range(0, rows, BLOCK):
@@ -221,6 +226,7 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
     live = gr < TOTAL
     t, m, lr = _group_rows(tab_ptr, row_mat_ptr, gr, live)
     sr = _state_rows(t, lr, live, ROW_IDS)   # the matrix row; lr: the evidence row
+    hr = sr + tl.load(t + 8, mask=live, other=0)   # the row the hash sees: global, for a block
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     bp, bm, rest = _packed_tile(t, sr, live, b, NB, S_P)
     gp = _evidence_rows(t, lr, live, COLS, G_TY)
@@ -251,7 +257,7 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
             g = tl.load(gp[:, None] + col[None, :], mask=cm, other=0.0).to(tl.float32)
             # (-g) / d == g / (-d) exactly under round-to-nearest, signed zeros included.
             x = tl.math.div_rn(g, negd[:, None]) * rate32
-            pos = sr.to(tl.uint32)[:, None] * COLS + col.to(tl.uint32)[None, :]
+            pos = hr.to(tl.uint32)[:, None] * COLS + col.to(tl.uint32)[None, :]
             acc = acc + _sround(x, pos, salt, STOCHASTIC, MAX_VOTE)
         n = tl.where(cm, _trit_moves(acc, trit, THRESHOLD), 0)
         trit, acc = _settle(acc, trit, n, THRESHOLD, CAP, ACC_MAX)
@@ -277,7 +283,7 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
                 xe = tl.math.div_rn(ge, 0.0 - (mean + tl.full((), 1e-30, tl.float32))) * srate32
             else:
                 xe = (0.0 - tl.where(ge > 0, 1.0, tl.where(ge < 0, -1.0, 0.0))) * srate32
-            ea += _sround(xe, sr.to(tl.uint32), salt, STOCHASTIC, MAX_VOTE)
+            ea += _sround(xe, hr.to(tl.uint32), salt, STOCHASTIC, MAX_VOTE)
             mv, ea = _scale_step(ea, e, live, S_THRESHOLD, ACC_MAX)
             tl.store(ep, (e + mv).to(tl.int8), mask=live)
             tl.store(eap, ea.to(tl.int8), mask=live)
@@ -301,13 +307,20 @@ def _tiles(rows: int, nb: int) -> tuple[int, int]:
 class DenseItem:
     """One matrix's state (updated in place) and its fp32 or bf16 evidence: [rows, cols] for the
     whole matrix, or [n, cols] for the distinct rows `row_ids` (int64 [n]; touched rows only:
-    the rest of the matrix is neither read nor written, as TernaryMatrix's sparse path)."""
+    the rest of the matrix is neither read nor written, as TernaryMatrix's sparse path).
+
+    A block of a larger matrix (a ZeRO row block, arbd/ternary/zero.py) passes the block's state
+    views with `row_offset`, the global index of its first row, which the rounding hash adds,
+    and `mean_ge`, the fp32 mean |dL/dE| over all the matrix's rows (scale_mode "norm"), since
+    the block alone cannot compute it."""
     packed: torch.Tensor
     t_accum: torch.Tensor
     exponent: torch.Tensor
     e_accum: torch.Tensor
     grad: torch.Tensor
     row_ids: torch.Tensor | None = None
+    row_offset: int = 0
+    mean_ge: torch.Tensor | None = None
 
 
 def supports(packed: torch.Tensor, grad: torch.Tensor) -> bool:
@@ -329,6 +342,12 @@ def _check(it: DenseItem) -> None:
     if it.row_ids is not None and (it.row_ids.dtype != torch.int64 or it.row_ids.dim() != 1
                                    or it.row_ids.device != it.packed.device):
         raise ValueError("row_ids must be a 1-d int64 tensor on the state's device")
+    if it.row_offset < 0 or (it.row_offset and it.row_ids is not None):
+        raise ValueError(f"row_offset {it.row_offset}: a block's offset is >= 0, and touched rows "
+                         "(row_ids) carry their own global ids")
+    if it.mean_ge is not None and (it.mean_ge.numel() != 1 or it.mean_ge.dtype != torch.float32
+                                   or it.mean_ge.device != it.packed.device):
+        raise ValueError("mean_ge must be one float32 value on the state's device")
     for name in ("grad",) + (("row_ids",) if it.row_ids is not None else ()):
         if not getattr(it, name).is_contiguous():
             raise ValueError(f"{name} must be contiguous")
@@ -356,7 +375,7 @@ def _table(items: list[DenseItem], device: torch.device) -> torch.Tensor:
         r = it.grad.shape[0]   # evidence rows: the matrix's, or its touched rows
         rows.append([it.grad.data_ptr(), it.packed.data_ptr(), it.t_accum.data_ptr(),
                      it.exponent.data_ptr(), it.e_accum.data_ptr(), base, r,
-                     0 if it.row_ids is None else it.row_ids.data_ptr()])
+                     0 if it.row_ids is None else it.row_ids.data_ptr(), it.row_offset])
         base += r
     tab = torch.tensor(rows, dtype=torch.int64)
     if device.type == "cuda":   # pinned + async: no wait for the work already queued
@@ -391,6 +410,9 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
     row_ids = items[0].row_ids is not None
     if any((it.row_ids is not None) != row_ids for it in items):
         raise ValueError("dense_update_many takes whole matrices or touched rows, not both at once")
+    given_means = items[0].mean_ge is not None
+    if any((it.mean_ge is not None) != given_means for it in items):
+        raise ValueError("dense_update_many takes mean_ge for every matrix or for none")
     s_p, s_t, s_e = row_strides(items[0])
     if any(row_strides(it) != (s_p, s_t, s_e) for it in items):
         raise ValueError("dense_update_many takes matrices of one state layout (row strides); "
@@ -426,10 +448,16 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
             ABS=need_abs, PRODUCT=scales, ROW_IDS=row_ids, S_P=s_p, S_E=s_e,
             G_TY=g_ty, num_warps=num_warps)
     tensor_norm = need_abs and not row_norm
-    if tensor_norm or norm_scales:
+    if tensor_norm and given_means:
+        raise ValueError("blocks of a matrix (mean_ge given) need per-row evidence normalisation: "
+                         "a tensor-wide norm needs every row's evidence")
+    mean_here = norm_scales and not given_means
+    if tensor_norm or mean_here:
         _matrix_means_kernel[(len(items),)](tab, abs_sum, ge, per_mat[0], per_mat[1], COLS=cols,
                                             BLOCK=1024, TENSOR_NORM=tensor_norm,
-                                            MEAN_GE=norm_scales, num_warps=4)
+                                            MEAN_GE=mean_here, num_warps=4)
+    if norm_scales and given_means:
+        torch.stack([it.mean_ge.reshape(()) for it in items], out=per_mat[1])
     stochastic = rule.rounding == "stochastic"
     _group_update_kernel[(triton.cdiv(total, br), triton.cdiv(nb, bb))](
         tab, row_mat, abs_sum, per_mat[0], ge, per_mat[1], stats, total,

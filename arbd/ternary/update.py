@@ -6,7 +6,7 @@ point the seeds' training scripts call (`loss_signal=` or `loss_components=`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -191,24 +191,17 @@ def apply_updates(mats: list[tuple[str, nn.Module]], rule: TernaryRule) -> dict[
     and are read once at the end: one synchronisation per step, and the host issues the whole
     update without waiting (it is host-bound otherwise)."""
     flips = moves = 0
-    on_device, groups, single = [], {}, []
+    fused, single = [], []
     for _, m in mats:
         if not m.has_evidence:
             continue
         item = m.fused_update_item()
         if item is None:
             single.append(m)
-        else:   # fused_update_item imported triton_update already
-            from arbd.ternary.triton_update import row_strides
-            key = (m.cols, item.grad.device, item.grad.dtype, item.row_ids is None,
-                   row_strides(item))
-            groups.setdefault(key, []).append((m, item))
-    for members in groups.values():
-        counts = update_fused(members, rule)
-        if counts is None:   # the kernel does not compile here: the torch rule, per matrix
-            single.extend(m for m, _ in members)
         else:
-            on_device.append(counts)
+            fused.append((m, item))
+    on_device, failed = update_fused_grouped(fused, rule)
+    single.extend(failed)   # the kernel does not compile here: the torch rule, per matrix
     for m in single:
         s = m.apply_update(rule, counts_on_device=True)
         if "counts" in s:
@@ -220,6 +213,30 @@ def apply_updates(mats: list[tuple[str, nn.Module]], rule: TernaryRule) -> dict[
         f, mv = torch.stack(on_device).sum(0, dtype=torch.int64).tolist()
         flips, moves = flips + f, moves + mv
     return {"trit_flips": flips, "scale_moves": moves}
+
+
+def update_fused_grouped(pairs: list[tuple[nn.Module, Any]], rule: TernaryRule
+                         ) -> tuple[list[torch.Tensor], list[nn.Module]]:
+    """Run the fused GPU update on (matrix, triton_update.DenseItem) pairs, a few launches per
+    group of one column count, evidence dtype, kind (whole matrices, touched rows, blocks with
+    a given mean) and state layout. Returns the groups' int32 [2] counts (on the device) and the
+    matrices whose kernel does not compile here (nothing of theirs was changed)."""
+    if not pairs:
+        return [], []
+    from arbd.ternary.triton_update import row_strides
+    groups: dict[tuple, list] = {}
+    for m, item in pairs:
+        key = (m.cols, item.grad.device, item.grad.dtype, item.row_ids is None,
+               item.mean_ge is None, row_strides(item))
+        groups.setdefault(key, []).append((m, item))
+    counts, failed = [], []
+    for members in groups.values():
+        c = update_fused(members, rule)
+        if c is None:
+            failed.extend(m for m, _ in members)
+        else:
+            counts.append(c)
+    return counts, failed
 
 
 def apply_updates_counted(mats: list[tuple[str, nn.Module]], rule: TernaryRule,

@@ -54,7 +54,8 @@ from torch import nn
 from arbd.ternary.dp import WireStats, max_abs, reduce_evidence_sign_votes, reduce_evidence_summed
 from arbd.ternary.rule import MIN_ROW_FOR_ROW_NORM, TernaryRule, abs_mean
 from arbd.ternary.state import TernaryMatrix, all_evidence_finite
-from arbd.ternary.update import apply_updates, apply_updates_counted, ternary_matrices
+from arbd.ternary.update import (apply_updates, apply_updates_counted, ternary_matrices,
+                                 update_fused_grouped)
 
 Mats = list[tuple[str, TernaryMatrix]]
 
@@ -339,30 +340,61 @@ class ZeroPartitioner:
         todo = [p for p in self.parts if id(p.matrix) in self._pending]
         mean_abs, block_g_e = self._scale_norms(todo, rule) if self.mode == "summed" else ({}, {})
         local = torch.zeros(2, dtype=torch.int64)
+        # Counts stay on the device where a kernel made them and are read once, at the end: a
+        # readback per matrix made the 2-GPU step wait on its GPU ~170 times (bench/RESULTS.md).
+        on_device: list[torch.Tensor] = []
+        fused: dict[bool, list] = {True: [], False: []}   # counted or not -> (matrix, DenseItem)
         for p in todo:
             m = p.matrix
             ev, e_votes = self._pending.pop(id(m))
+            if m.row_stop == m.row_start:
+                continue   # an empty block (fewer rows than ranks): nothing to update here
+            is_counted = counted is None or counted(m, True)
             if self.mode == "summed":
                 if rule.norm != "row":
                     raise ValueError('partitioned "summed" updates need rule.norm == "row" '
                                      "(a tensor-wide norm needs the whole gradient)")
                 if rule.learn_scales and rule.scale_mode == "norm" and id(m) not in mean_abs:
                     raise ValueError('scale_mode "norm" needs the mean |dL/dE| over all rows')
+                item = m.fused_block_item(ev, mean_abs.get(id(m)))
+                if item is not None:
+                    fused[is_counted].append((m, item))
+                    continue
                 # TernaryMatrix.quantize: global row ids for the hash, and a tensor-parallel
                 # shard's row statistics completed over its tp group.
                 rows = torch.arange(m.row_start, m.row_stop, device=ev.device)
                 ev, e_votes = m.quantize(ev, rule, rows, mean_abs=mean_abs.get(id(m)),
                                          g_e=block_g_e.get(id(m)))
-            s = m.apply_block_votes(ev, e_votes, rule)
-            if counted is None or counted(m, True):
-                local[0] += s["trit_flips"]
-                local[1] += s["scale_moves"]
+            s = m.apply_block_votes(ev, e_votes, rule, counts_on_device=True)
+            if is_counted:
+                if "counts" in s:
+                    on_device.append(s["counts"])
+                else:
+                    local[0] += s["trit_flips"]
+                    local[1] += s["scale_moves"]
+        for is_counted, pairs in fused.items():
+            counts, failed = update_fused_grouped(pairs, rule)
+            if is_counted:
+                on_device.extend(counts)
+            for m, item in pairs:   # the kernel did not compile for this width: the torch rule
+                if m in failed:
+                    ev, e_votes = m.quantize(item.grad, rule, torch.arange(
+                        m.row_start, m.row_stop, device=item.grad.device),
+                        mean_abs=mean_abs.get(id(m)), g_e=block_g_e.get(id(m)))
+                    s = m.apply_block_votes(ev, e_votes, rule)
+                    if is_counted:
+                        local[0] += s["trit_flips"]
+                        local[1] += s["scale_moves"]
         self._pending = {}
         self._gather_packed(todo)
+        if on_device:
+            dev = on_device[0].device
+            local = local.to(dev) + torch.stack(on_device).sum(0, dtype=torch.int64)
         if self.world > 1 and counted is None:
             dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group)
             self.stats.control_bytes += local.numel() * 8
-        return {"trit_flips": flips + int(local[0]), "scale_moves": moves + int(local[1])}
+        f, mv = local.tolist()   # the one readback of the update's counts
+        return {"trit_flips": flips + f, "scale_moves": moves + mv}
 
     def _scale_norms(self, todo: list[_Part], rule: TernaryRule
                      ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Host->device synchronisations of one training step, by arbd call site, at world 1 and at world
+# 2 on ONE GPU (issue 11: the 2-GPU step was bound by 314 syncs, not by NCCL).
+#
+#   OUT=dir bash bench/sync_sites.sh [WORLD2=1]      # writes $OUT/sync1.json, $OUT/sync2.json
+#
+# World 2 runs both ranks on GPU 0 with ARBD_CUDA_BACKEND=gloo (NCCL refuses two ranks on one
+# device): the multi-rank code paths and their syncs are those of an NCCL run; the times are not
+# (gloo copies CUDA tensors through host memory). Plans as bench/run_multi_gpu.sh's PROFILE step:
+# arb-small, seq 512, bf16, micro-batch 4 per rank, dp = ep = world, codebooks over all ranks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/sync_sites}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ! python3 -c "import deepspeed" 2>/dev/null && [ -d .whl ]; then
+  # shellcheck disable=SC2046
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site $(find .whl -type f -name '*.whl')
+  export PYTHONPATH=$PYTHONPATH:/tmp/site PATH=/tmp/site/bin:$PATH
+fi
+plan() {  # world -> plan file
+  cat > "$OUT/sync$1.yaml" <<PLAN
+name: sync$1
+preset: ${ARBD_PRESET:-arb-small}
+layout: {dp: $1, tp: 1, ep: $1, codebook_shards: 0}
+zero_stage: 1
+micro_batch: ${SYNC_MICRO:-4}
+grad_accum: 1
+seq_len: ${ARBD_SEQ:-512}
+dtype: ${ARBD_DTYPE:-bf16}
+backend: ${ARBD_BACKEND:-triton}
+evidence: ${EVIDENCE:-summed}
+PLAN
+  echo "$OUT/sync$1.yaml"
+}
+common=(--steps 4 --no-progress --no-save --out "$OUT/run" --rows 30)
+python3 bench/comm_profile.py --plan "$(plan 1)" --val-windows 1 --json "$OUT/sync1.json" \
+  "${common[@]}" 2>&1 | grep -v -i warn | tail -60
+if [ "${WORLD2:-1}" = 1 ]; then
+  ARBD_CUDA_BACKEND=gloo python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
+    bench/comm_profile.py --plan "$(plan 2)" --val-windows 2 --json "$OUT/sync2.json" \
+    "${common[@]}" 2>&1 | grep -v -i warn | tail -90
+fi
