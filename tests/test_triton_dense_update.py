@@ -253,3 +253,63 @@ def test_grouped_update_on_gpu_equals_torch_on_gpu(monkeypatch):
     assert want["trit_flips"] > 0 and got == want
     for a, b in zip(ref, mats):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def _blocks_against_whole(shape, rule, device, blocks=3, scale=1.0, seed=11):
+    """One matrix updated whole by the torch rule, and the same matrix updated block by block
+    (a ZeRO partition) by dense_update_many with each block's global row offset and the mean
+    |dL/dE| over all rows: the two must agree byte for byte over three steps."""
+    from arbd.ternary.rule import abs_mean
+    from arbd.ternary.zero import row_blocks
+    rows, cols = shape
+    gen = torch.Generator().manual_seed(seed)
+    whole = TernaryMatrix(rows, cols, generator=gen).to(device)
+    whole.t_accum.copy_(torch.randint(-100, 100, whole.t_accum.shape, generator=gen).to(torch.int8))
+    parts = copy.deepcopy(whole)
+    counts_whole = counts_parts = 0
+    for step in range(3):
+        r = replace(rule, salt=rule.salt + 1000 * step)
+        g = _nonzero_grad(shape, gen, scale).to(device)
+        whole.add_grad(g)
+        s = whole.apply_update(r)
+        counts_whole += s["trit_flips"] + s["scale_moves"]
+        mean = abs_mean(parts.scale_grad(g)) if rule.scale_mode == "norm" else None
+        items = [tu.DenseItem(parts.packed[a:b], parts.t_accum[a:b], parts.exponent[a:b],
+                              parts.e_accum[a:b], g[a:b].contiguous(), row_offset=a,
+                              mean_ge=None if mean is None else mean.reshape(1))
+                 for a, b in row_blocks(rows, blocks) if b > a]
+        counts_parts += int(sum(tu.dense_update_many([it], r).sum() for it in items))
+    return whole, parts, counts_whole, counts_parts
+
+
+@pytest.mark.parametrize("name", ["tuned", "stochastic_row", "default"])
+def test_row_blocks_with_offsets_and_a_given_mean_equal_the_whole_matrix(name, monkeypatch):
+    monkeypatch.setattr(state, "DENSE_UPDATE_KERNEL", "torch")
+    whole, parts, cw, cp = _blocks_against_whole((23, 40), RULES[name], DEVICE)
+    assert cw > 0 and cp == cw
+    for f in ("packed", "t_accum", "exponent", "e_accum"):
+        assert torch.equal(getattr(parts, f), getattr(whole, f)), f
+
+
+def test_row_block_arguments_are_checked():
+    m = TernaryMatrix(4, 10).to(DEVICE)
+    g = torch.ones(2, 10, device=DEVICE)
+    with pytest.raises(ValueError, match="mean_ge must be one float32"):
+        tu.dense_update_many([tu.DenseItem(m.packed[:2], m.t_accum[:2], m.exponent[:2], m.e_accum[:2],
+                                           g, row_offset=2, mean_ge=torch.ones(2, device=DEVICE))],
+                             TUNED_RULE)
+    with pytest.raises(ValueError, match="tensor-wide norm"):
+        tu.dense_update_many([tu.DenseItem(m.packed[:2], m.t_accum[:2], m.exponent[:2], m.e_accum[:2],
+                                           g, row_offset=2, mean_ge=torch.ones(1, device=DEVICE))],
+                             RULES["nearest_tensor_norm"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs compiled kernels")
+def test_row_blocks_on_gpu_equal_the_whole_matrix_on_gpu(monkeypatch):
+    monkeypatch.setattr(state, "DENSE_UPDATE_KERNEL", "torch")
+    whole, parts, cw, cp = _blocks_against_whole((3000, 1024), TUNED_RULE, "cuda", blocks=2,
+                                                 scale=1e-4)
+    assert cw > 0 and cp == cw
+    for f in ("packed", "t_accum", "exponent", "e_accum"):
+        assert torch.equal(getattr(parts, f), getattr(whole, f)), f

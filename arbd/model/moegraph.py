@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from arbd.config import ARBConfig
 from arbd.model.kg_edges import KGEdges
 from arbd.model.ledger import ContextAttentionScheduler
+from arbd.sync_free import bin_counts
 from arbd.ternary import TernaryLinear, TernaryRMSNorm, grouped
 
 HALT_EPS = 0.01
@@ -101,7 +102,7 @@ class MoEGraph(nn.Module):
         if rows.shape[0] == 0:
             return rows * 0
         order = torch.argsort(expert_ids, stable=True)
-        counts = torch.bincount(expert_ids, minlength=self.n_experts).tolist()
+        counts = bin_counts(expert_ids, self.n_experts).tolist()
         ffn = self.grouped_ffn(rows)
         if ffn is not None:   # every local expert at once (arbd/ternary/grouped.py says why)
             local = sorted(int(e) for e in self.experts)   # all, or this rank's block under EP

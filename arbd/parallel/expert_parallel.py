@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from arbd.model.moegraph import MoEGraph
+from arbd.sync_free import bin_counts
 from arbd.ternary.state import TernaryMatrix
 
 
@@ -78,10 +79,10 @@ class ExpertParallelDispatch:
         flat_row = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)
         owner = torch.div(flat_e, self.per_rank, rounding_mode="floor")
         order = torch.argsort(owner, stable=True)
-        send = torch.bincount(owner, minlength=self.ep)
+        send = bin_counts(owner, self.ep)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
-        send_l, recv_l = send.tolist(), recv.tolist()
+        send_l, recv_l = torch.stack([send, recv]).tolist()   # the split sizes: one readback
         # Which expert each received row is for (no gradient), then the rows themselves.
         e_recv = torch.empty(sum(recv_l), dtype=flat_e.dtype, device=x.device)
         dist.all_to_all_single(e_recv, flat_e[order].contiguous(), recv_l, send_l, group=self.group)

@@ -10,6 +10,7 @@ multiset of pairs it sees.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from arbd.model.kg_edges import KGEdges, neighbor_rows
 from arbd.parallel.sharded_vq import shard_bounds
+from arbd.sync_free import bin_counts
 
 
 def _exchange(send: torch.Tensor, counts: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,12 +26,13 @@ def _exchange(send: torch.Tensor, counts: torch.Tensor, group) -> tuple[torch.Te
     Returns (received rows grouped by source, rows received from each rank)."""
     recv_counts = torch.empty_like(counts)
     dist.all_to_all_single(recv_counts, counts, group=group)
+    rc, sc = torch.stack([recv_counts, counts]).tolist()   # the split sizes: one readback
     width = send.shape[1:]
-    recv = send.new_empty((int(recv_counts.sum()), *width))
-    scale = int(torch.tensor(width).prod()) if len(width) else 1
+    recv = send.new_empty((sum(rc), *width))
+    scale = math.prod(width)
     dist.all_to_all_single(recv.reshape(-1), send.reshape(-1),
-                           output_split_sizes=(recv_counts * scale).tolist(),
-                           input_split_sizes=(counts * scale).tolist(), group=group)
+                           output_split_sizes=[n * scale for n in rc],
+                           input_split_sizes=[n * scale for n in sc], group=group)
     return recv, recv_counts
 
 
@@ -48,16 +51,26 @@ class ShardedKGEdges(KGEdges):
         self.total_nodes, self.bounds = num_nodes, bounds
         self.global_start, self.global_stop = bounds[rank], bounds[rank + 1]
         self._bounds_t = torch.tensor(bounds[1:-1], dtype=torch.int64)
+        self._bounds_on: dict[torch.device, torch.Tensor] = {}
 
     def owner_of(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.searchsorted(self._bounds_t.to(ids.device), ids, right=True)
+        b = self._bounds_on.get(ids.device)
+        if b is None:   # copied once per device: a pageable copy waits for the queued work
+            b = self._bounds_on[ids.device] = self._bounds_t.to(ids.device)
+        return torch.searchsorted(b, ids, right=True)
 
     def _agree_valid(self, *ids: torch.Tensor) -> None:
-        """Every rank learns whether any rank got out-of-range ids, before any data moves."""
-        bad = any(t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.total_nodes) for t in ids)
-        flag = torch.tensor([int(bad)])
+        """Every rank learns whether any rank got out-of-range ids, before any data moves. The
+        test and the agreement stay on the ids' device: one readback, however many tensors."""
+        dev = ids[0].device
+        flag = torch.zeros(1, dtype=torch.int64, device=dev)
+        for t in ids:
+            if t.numel():
+                flag = flag | ((t.min() < 0) | (t.max() >= self.total_nodes)).to(torch.int64)
+        bad = flag.clone()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        if int(flag):
+        flag, bad = torch.cat([flag, bad]).tolist()
+        if flag:
             raise ValueError(f"KG node ids must lie in [0, {self.total_nodes}) on every rank "
                              f"({'this' if bad else 'another'} rank sent ids out of range)")
 
@@ -73,7 +86,7 @@ class ShardedKGEdges(KGEdges):
         owner = self.owner_of(src)
         order = torch.argsort(owner, stable=True)
         pairs = torch.stack([src[order], dst[order]], 1)
-        counts = torch.bincount(owner, minlength=self.world)   # world-sized, not table-sized
+        counts = bin_counts(owner, self.world)
         recv, _ = _exchange(pairs, counts, self.group)
         if not recv.numel():
             return 0
@@ -87,7 +100,7 @@ class ShardedKGEdges(KGEdges):
         self._agree_valid(nodes)
         uniq, inverse = torch.unique(nodes, sorted=True, return_inverse=True)
         owner = self.owner_of(uniq)                      # uniq is sorted, so owners are grouped
-        counts = torch.bincount(owner, minlength=self.world)
+        counts = bin_counts(owner, self.world)
         asked, asked_counts = _exchange(uniq, counts, self.group)
         local = asked - self.global_start
         back, _ = _exchange(self.slots[local], asked_counts, self.group)   # in our send order

@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from arbd.sync_free import bin_counts
 from arbd.ternary import packing
 from arbd.ternary.rule import (MIN_ROW_FOR_ROW_NORM, TernaryRule, abs_mean, quantize_evidence,
                                scale_grad, scale_votes, votes_from_scale_grad)
@@ -394,7 +395,7 @@ class ShardedTernaryVQCodebook(CodebookCommon, nn.Module):
             uniq, inv = torch.unique(h.ids.reshape(-1), sorted=True, return_inverse=True)
             h.uniq, h.inv = uniq, inv.reshape(h.ids.shape)
             owner = self.owner_of(uniq)
-            send_counts = torch.bincount(owner, minlength=self.world).cpu()
+            send_counts = bin_counts(owner, self.world).cpu()
             request = (uniq - self._bounds_t[owner]).to(torch.int32)
         elif path in (_PATH_SCORE, _PATH_EXACT):
             if path == _PATH_SCORE:
@@ -535,14 +536,16 @@ class ShardedTernaryVQCodebook(CodebookCommon, nn.Module):
                 or ids.dtype == torch.bool:
             got = getattr(ids, "dtype", type(ids).__name__)
             err, msg = _ERR_IDS, f"row ids must be an integer tensor, got {got}"
-        elif ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_codes):
-            err, msg = _ERR_IDS, (f"row ids must be in [0, {self.num_codes}), got values in "
-                                  f"[{int(ids.min())}, {int(ids.max())}]")
+        elif ids.numel():
+            lo, hi = torch.stack([ids.min(), ids.max()]).tolist()   # one readback, not two
+            if lo < 0 or hi >= self.num_codes:
+                err, msg = _ERR_IDS, (f"row ids must be in [0, {self.num_codes}), got values in "
+                                      f"[{lo}, {hi}]")
         dev = self.matrix.packed.device
         flat = torch.zeros(0, dtype=torch.int64, device=dev) if err else ids.reshape(-1).long()
         uniq, inv = torch.unique(flat, sorted=True, return_inverse=True)
         owner = self.owner_of(uniq)
-        sends = torch.bincount(owner, minlength=self.world).cpu()
+        sends = bin_counts(owner, self.world).cpu()
         meta = self._exchange_meta(_OP_FETCH, sends, err=err, err_msg=msg, phase="lookup_meta")
         recv, sends = meta[:, _COUNT].tolist(), sends.tolist()
         asked, _ = self._payload(recv, sends, (uniq - self._bounds_t[owner]).to(torch.int32),
@@ -671,7 +674,8 @@ class ShardedTernaryVQCodebook(CodebookCommon, nn.Module):
                 f |= _F_F64
             if any(e["g"].dtype != torch.float64 for e in self._pending):
                 f |= _F_F32
-            if not all(bool(torch.isfinite(e["g"]).all()) for e in self._pending):
+            finite = torch.stack([torch.isfinite(e["g"]).all() for e in self._pending])
+            if not bool(finite.all()):   # one readback for all pending evidence
                 f |= _F_NONFINITE
         if self._nonfinite:
             f |= _F_NONFINITE
@@ -750,13 +754,14 @@ class ShardedTernaryVQCodebook(CodebookCommon, nn.Module):
         u_own = self.owner_of(u_ids)
         u_rec = torch.stack([(u_ids - self._bounds_t[u_own]).to(torch.int32),
                              u_cnt.clamp_max(USAGE_MAX).to(torch.int32)], 1)
-        u_counts = torch.bincount(u_own, minlength=self.world).cpu()
+        u_counts = bin_counts(u_own, self.world)
         # Evidence records, ordered by owner (stable: keeps tag then query/row order).
         e_ids, e_tag, e_val = self._evidence_records(kind, fdtype)
         e_own = self.owner_of(e_ids)
         order = torch.argsort(e_own, stable=True)
         e_ids, e_tag, e_val, e_own = e_ids[order], e_tag[order], e_val[order], e_own[order]
-        e_counts = torch.bincount(e_own, minlength=self.world).cpu()
+        e_counts = bin_counts(e_own, self.world)
+        e_counts, u_counts = torch.stack([e_counts, u_counts]).cpu()   # one readback, not two
         bound = int(e_val.abs().max()) if kind == "votes" and e_val.numel() else 0
         meta = self._exchange_meta(_OP_ROUTE, e_counts, u_counts, aux=bound, phase="update_meta")
         if kind == "votes":
