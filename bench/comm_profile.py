@@ -116,15 +116,18 @@ def main() -> int:
     args = tr.build_parser("comm profile").parse_args(rest)
     t = tr.Trainer(args)
     install()  # modules imported by the trainer (deepspeed's comm wrappers) too
+    # --cprofile takes one more step after the counted ones, counted by nothing else: the
+    # counters' stack walks would otherwise show up in its profile.
+    steps = args.steps + (1 if ours.cprofile else 0)
     want = {int(s) for s in ours.profile_steps.split(",") if s} or set(range(2, args.steps + 1))
     cuda = t.device.type == "cuda"
     rows = []
-    for step in range(1, args.steps + 1):
+    for step in range(1, steps + 1):
         COUNTER.reset()
-        COUNTER.on = step in want
+        COUNTER.on = step in want and step <= args.steps
         syncs = 0
         prof = None
-        if ours.cprofile and t.rank == 0 and step == max(want):
+        if ours.cprofile and t.rank == 0 and step == steps:
             prof = cProfile.Profile()
             prof.enable()
         sync_sites: collections.Counter = collections.Counter()
@@ -147,10 +150,11 @@ def main() -> int:
             rec = t.train_step()
         if prof is not None:
             prof.disable()
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(ours.rows)
-            print(f"-- step {step} under cProfile (rank 0), by cumulative time")
-            print("\n".join(ln for ln in buf.getvalue().splitlines() if ln.strip()))
+            for order in ("cumulative", "tottime"):   # where the time is spent, and by whom
+                buf = io.StringIO()
+                pstats.Stats(prof, stream=buf).sort_stats(order).print_stats(ours.rows)
+                print(f"-- step {step} under cProfile (rank 0, {rec['step_s']:.3f} s), by {order}")
+                print("\n".join(ln for ln in buf.getvalue().splitlines() if ln.strip()))
         if COUNTER.on:
             rows.append({"step": step, "step_s": rec["step_s"], "loss": rec["loss"], "syncs": syncs,
                          "calls": dict(COUNTER.calls), "bytes": dict(COUNTER.bytes),

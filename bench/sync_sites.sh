@@ -2,7 +2,7 @@
 # Host->device synchronisations of one training step, by arbd call site, at world 1 and at world
 # 2 on ONE GPU (issue 11: the 2-GPU step was bound by 314 syncs, not by NCCL).
 #
-#   OUT=dir bash bench/sync_sites.sh [WORLD2=1]      # writes $OUT/sync1.json, $OUT/sync2.json
+#   OUT=dir [WORLD2=1] [CPROFILE=1 ROWS=40] bash bench/sync_sites.sh   # $OUT/sync1.json, sync2.json
 #
 # World 2 runs both ranks on GPU 0 with ARBD_CUDA_BACKEND=gloo (NCCL refuses two ranks on one
 # device): the multi-rank code paths and their syncs are those of an NCCL run; the times are not
@@ -34,11 +34,12 @@ evidence: ${EVIDENCE:-summed}
 PLAN
   echo "$OUT/sync$1.yaml"
 }
-common=(--steps 4 --no-progress --no-save --out "$OUT/run" --rows 30)
+common=(--steps 4 --no-progress --no-save --out "$OUT/run" --rows "${ROWS:-30}")
+[ "${CPROFILE:-0}" = 1 ] && common+=(--cprofile)   # one more step, under cProfile (rank 0)
 python3 bench/comm_profile.py --plan "$(plan 1)" --val-windows 1 --json "$OUT/sync1.json" \
-  "${common[@]}" 2>&1 | grep -v -i warn | tail -60
+  "${common[@]}" 2>&1 | grep -v -i warn | tail -${TAIL:-60}
 if [ "${WORLD2:-1}" = 1 ]; then
   ARBD_CUDA_BACKEND=gloo python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
     bench/comm_profile.py --plan "$(plan 2)" --val-windows 2 --json "$OUT/sync2.json" \
-    "${common[@]}" 2>&1 | grep -v -i warn | tail -90
+    "${common[@]}" 2>&1 | grep -v -i warn | tail -${TAIL:-90}
 fi

@@ -313,3 +313,23 @@ def test_row_blocks_on_gpu_equal_the_whole_matrix_on_gpu(monkeypatch):
     assert cw > 0 and cp == cw
     for f in ("packed", "t_accum", "exponent", "e_accum"):
         assert torch.equal(getattr(parts, f), getattr(whole, f)), f
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_row_scale_grads_equal_the_rule_for_blocks_of_several_widths(dtype):
+    """triton_update.row_scale_grads (one launch per column count) against TernaryMatrix.scale_grad
+    (the torch rule), for whole matrices and row blocks of three widths, bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    items, want = [], []
+    for rows, cols, (a, b) in [(23, 40, (0, 23)), (30, 40, (11, 30)), (9, 7, (2, 2)), (17, 203, (3, 9))]:
+        m = TernaryMatrix(rows, cols, generator=gen).to(DEVICE)
+        m.exponent.copy_(torch.randint(-40, 40, (rows,), generator=gen).to(torch.int8))
+        g = _nonzero_grad((b - a, cols), gen).to(dtype).to(DEVICE)
+        items.append(tu.DenseItem(m.packed[a:b], m.t_accum[a:b], m.exponent[a:b], m.e_accum[a:b],
+                                  g, row_offset=a))
+        want.append(m.scale_grad(g, torch.arange(a, b, device=DEVICE)))
+    got = tu.row_scale_grads(items)
+    assert [t.shape for t in got] == [t.shape for t in want]
+    assert sum(int((t != 0).sum()) for t in want) > 0
+    for x, y in zip(got, want):
+        assert x.dtype == torch.float32 and torch.equal(x, y.to(torch.float32))

@@ -472,6 +472,38 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
     return stats
 
 
+def row_scale_grads(items: list[DenseItem]) -> list[torch.Tensor]:
+    """dL/dE of every row of each item (fp32 [rows]), as rule.scale_grad computes it, from
+    `_row_sums_kernel`: one launch per group of one column count, evidence dtype and layout
+    instead of a few torch ops per matrix. A ZeRO block needs these before its update, to
+    agree on the mean |dL/dE| over all ranks' rows (zero.py)."""
+    out: list[torch.Tensor | None] = [None] * len(items)
+    groups: dict[tuple, list[int]] = {}
+    for i, it in enumerate(items):
+        _check(it)
+        key = (it.t_accum.shape[1], it.grad.dtype, it.row_ids is None, row_strides(it))
+        groups.setdefault(key, []).append(i)
+    for (cols, g_dtype, whole, (s_p, _, s_e)), idx in groups.items():
+        group = [items[i] for i in idx]
+        dev = group[0].packed.device
+        rows = tuple(it.grad.shape[0] for it in group)
+        total = sum(rows)
+        ge = torch.empty(max(total, 1), dtype=torch.float32, device=dev)
+        if total:
+            nb = packing.packed_cols(cols)
+            row_mat = _row_matrix_map(dev, rows) if whole else torch.cat(
+                [torch.full((r,), i, dtype=torch.int32, device=dev) for i, r in enumerate(rows)])
+            br, bb = _tiles(total, nb)
+            _row_sums_kernel[(triton.cdiv(total, br),)](
+                _table(group, dev), row_mat, packing.exponent_to_scale_table(dev), ge, ge, total,
+                _f32_bits(math.log(2) / SCALE_K), COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb,
+                ABS=False, PRODUCT=True, ROW_IDS=not whole, S_P=s_p, S_E=s_e,
+                G_TY=tl.bfloat16 if g_dtype == torch.bfloat16 else tl.float32, num_warps=4)
+        for i, part in zip(idx, ge[:total].split(rows)):
+            out[i] = part
+    return out
+
+
 def dense_update(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torch.Tensor,
                  e_accum: torch.Tensor, grad: torch.Tensor, rule: TernaryRule, *,
                  num_warps: int = 4) -> torch.Tensor:

@@ -402,11 +402,16 @@ class ZeroPartitioner:
         rank's block of dL/dE rows (reused by the quantisation, not computed twice)."""
         if not (rule.learn_scales and rule.scale_mode == "norm") or not todo:
             return {}, {}
-        rows = []
-        for p in todo:
-            m = p.matrix
-            g, _ = self._pending[id(m)]
-            rows.append(m.scale_grad(g, torch.arange(m.row_start, m.row_stop, device=g.device)))
+        items = [p.matrix.fused_block_item(self._pending[id(p.matrix)][0], None) for p in todo]
+        if all(it is not None for it in items):   # one kernel launch per column count
+            from arbd.ternary.triton_update import row_scale_grads
+            rows = row_scale_grads(items)
+        else:
+            rows = []
+            for p in todo:
+                m = p.matrix
+                g, _ = self._pending[id(m)]
+                rows.append(m.scale_grad(g, torch.arange(m.row_start, m.row_stop, device=g.device)))
         full = self._gather_rows(todo, [r[:, None] for r in rows], rows[0].dtype)
         return ({id(p.matrix): abs_mean(f[:, 0]) for p, f in zip(todo, full)},
                 {id(p.matrix): r for p, r in zip(todo, rows)})
