@@ -90,11 +90,17 @@ def main() -> int:
     cfg = training_config(args.preset)
     models, zps = {}, {}
     base = ARBModel(cfg, backend="triton" if device == "cuda" else "torch", seed=0, device=device)
+    # Accumulators spread over (-threshold, threshold), as after some training, so that trits
+    # flip from the first update on and the comparison covers the repacking too.
+    rule = preset_rule(args.preset)
+    g = torch.Generator().manual_seed(1)
+    for _, m in ternary_matrices(base):
+        m.t_accum.copy_(torch.randint(1 - rule.threshold, rule.threshold, tuple(m.t_accum.shape),
+                                      generator=g, dtype=torch.int8))
     for name in VARIANTS:
         models[name] = copy.deepcopy(base)
         zps[name] = ZeroPartitioner(models[name], None, "summed", dtype=torch.bfloat16)
     del base
-    rule = preset_rule(args.preset)
     weights = sum(p.matrix.rows * p.matrix.cols for p in zps["torch"].parts)
     print(f"{args.preset}: {len(zps['torch'].parts)} partitioned matrices, {weights / 1e6:.1f}M weights")
     rows = {name: [] for name in VARIANTS}
