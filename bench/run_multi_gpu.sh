@@ -36,6 +36,18 @@ fi
 #   ARBD_GPUS=2 ARBD_PRESET=arb-tiny ARBD_SEQ=32 ARBD_DTYPE=fp32 ARBD_BACKEND=torch bash bench/run_multi_gpu.sh 3
 N=${ARBD_GPUS:-$(nvidia-smi -L | wc -l)}
 echo "run_multi_gpu: $N GPUs, $STEPS steps, out=$OUT"
+# ARBD_CUDA_BACKEND=gloo ARBD_GPUS=2 on a one-GPU machine: every rank on GPU 0, CUDA tensors over
+# gloo (arbd/train/distributed.py), launched by torchrun (DeepSpeed's launcher wants a GPU per
+# rank). A rehearsal of the code paths and of correctness; its times are not NCCL's.
+launch() {  # nprocs script args...
+  local n=$1
+  shift
+  if [ "${ARBD_CUDA_BACKEND:-nccl}" = gloo ]; then
+    python3 -m torch.distributed.run --standalone --nproc_per_node "$n" "$@"
+  else
+    deepspeed --num_gpus "$n" --master_port $((29600 + RANDOM % 1000)) "$@"
+  fi
+}
 
 plan() {  # name dp tp ep micro accum -> a plan file under $OUT
   cat > "$OUT/$1.yaml" <<EOF
@@ -56,14 +68,14 @@ EOF
 train() {  # ngpus plan out [extra args]
   local n=$1 p=$2 o=$3
   shift 3
-  deepspeed --num_gpus "$n" --master_port $((29600 + RANDOM % 1000)) launch/pretrain.py \
+  launch "$n" launch/pretrain.py \
     --plan "$p" --steps "$STEPS" --no-progress --val-windows 16 --out "$o" \
     --save-dir "$o/ckpt" --save-interval "$STEPS" ${TRAIN_ARGS:-} "$@" 2>&1 | tee "$o.log" | grep -E "^(step|arbd)" || true
   test -f "$o/history.json"
 }
 
 if [ "${PROFILE:-0}" = 1 ]; then  # where a distributed step's time goes (rank 0 prints)
-  deepspeed --num_gpus "$N" --master_port $((29600 + RANDOM % 1000)) bench/comm_profile.py \
+  launch "$N" bench/comm_profile.py \
     --plan "$(plan prof "$N" 1 "$N" "${WEAK_MICRO:-4}" 1)" --steps 4 --no-progress --no-save \
     --val-windows "$N" --out "$OUT/prof" --cprofile --json "$OUT/prof.json" 2>&1 | tee "$OUT/prof.log" \
     | grep -v -i warn | tail -120

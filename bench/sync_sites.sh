@@ -3,6 +3,7 @@
 # 2 on ONE GPU (issue 11: the 2-GPU step was bound by 314 syncs, not by NCCL).
 #
 #   OUT=dir [WORLD2=1] [CPROFILE=1 ROWS=40] bash bench/sync_sites.sh   # $OUT/sync1.json, sync2.json
+#   OUT=dir TIMING=1 [STEPS=12] bash bench/sync_sites.sh   # plain step times at world 1 and 2
 #
 # World 2 runs both ranks on GPU 0 with ARBD_CUDA_BACKEND=gloo (NCCL refuses two ranks on one
 # device): the multi-rank code paths and their syncs are those of an NCCL run; the times are not
@@ -34,6 +35,24 @@ evidence: ${EVIDENCE:-summed}
 PLAN
   echo "$OUT/sync$1.yaml"
 }
+if [ "${TIMING:-0}" = 1 ]; then
+  # Plain training steps instead (no counters): launch/pretrain.py at world 1 and 2 (both ranks on
+  # GPU 0 over gloo), median step time over steps 4..STEPS. For A/B of two trees in one call
+  # (bench/ab_trees.sh): the gloo copies are in both, so only the difference means something.
+  for w in 1 2; do
+    ARBD_CUDA_BACKEND=gloo python3 -m torch.distributed.run --standalone --nproc_per_node "$w" \
+      launch/pretrain.py --plan "$(plan "$w")" --steps "${STEPS:-12}" --no-save --no-progress \
+      --val-windows "$w" --out "$OUT/time$w" > "$OUT/time$w.log" 2>&1 || { tail -20 "$OUT/time$w.log"; exit 1; }
+    python3 - "$OUT/time$w/history.json" "$w" <<'PY'
+import json, statistics, sys
+h = json.load(open(sys.argv[1]))
+t = [r["step_s"] for r in h[3:]]
+print(f"world {sys.argv[2]} (one GPU): median step {statistics.median(t):.3f} s over steps 4-{len(h)} "
+      f"(min {min(t):.3f}), final loss {h[-1]['loss']:.4f}")
+PY
+  done
+  exit 0
+fi
 common=(--steps 4 --no-progress --no-save --out "$OUT/run" --rows "${ROWS:-30}")
 [ "${CPROFILE:-0}" = 1 ] && common+=(--cprofile)   # one more step, under cProfile (rank 0)
 python3 bench/comm_profile.py --plan "$(plan 1)" --val-windows 1 --json "$OUT/sync1.json" \
