@@ -178,3 +178,11 @@ def test_loss_watch_warns_once_on_a_climbing_loss():
     assert w.check(7, 360.0) is None                         # once per run
     quiet = LossWatch(rate=1.0)
     assert all(quiet.check(s, 8.0 - 0.01 * s) is None for s in range(1, 200))
+
+
+def test_unknown_cuda_backend_is_refused_before_anything_starts(monkeypatch):
+    from arbd.train import distributed
+    monkeypatch.setenv("ARBD_CUDA_BACKEND", "mpi")
+    with pytest.raises(ValueError, match="ARBD_CUDA_BACKEND='mpi'.*'nccl'.*'gloo'"):
+        distributed.init_distributed()
+    assert not torch.distributed.is_initialized()

@@ -23,17 +23,18 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU); returns rank, world, device."""
     import deepspeed
 
-    export_mpi_env()
-    if "RANK" not in os.environ:  # a plain `python launch/pretrain.py`: one rank
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29512")
-    cuda = torch.cuda.is_available()
     # ARBD_CUDA_BACKEND=gloo moves CUDA tensors over gloo (through host memory) so that several
     # ranks can share one GPU: a debugging mode that exercises the multi-rank code paths on a
     # one-GPU machine (NCCL refuses two ranks on one device). Never for speed.
     cuda_backend = os.environ.get("ARBD_CUDA_BACKEND", "nccl")
     if cuda_backend not in ("nccl", "gloo"):
-        raise ValueError(f"ARBD_CUDA_BACKEND={cuda_backend!r}: use 'nccl' (default) or 'gloo'")
+        raise ValueError(f"ARBD_CUDA_BACKEND={cuda_backend!r}: use 'nccl' (the default) or 'gloo' "
+                         "(several ranks sharing one GPU, for debugging)")
+    export_mpi_env()
+    if "RANK" not in os.environ:  # a plain `python launch/pretrain.py`: one rank
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29512")
+    cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda and cuda_backend == "gloo":
         local %= torch.cuda.device_count()
