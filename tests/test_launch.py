@@ -181,8 +181,10 @@ def test_loss_watch_warns_once_on_a_climbing_loss():
 
 
 def test_unknown_cuda_backend_is_refused_before_anything_starts(monkeypatch):
+    import torch.distributed as dist
+
     from arbd.train import distributed
     monkeypatch.setenv("ARBD_CUDA_BACKEND", "mpi")
     with pytest.raises(ValueError, match="ARBD_CUDA_BACKEND='mpi'.*'nccl'.*'gloo'"):
         distributed.init_distributed()
-    assert not torch.distributed.is_initialized()
+    assert not dist.is_initialized()
