@@ -344,6 +344,9 @@ class ZeroPartitioner:
         # readback per matrix made the 2-GPU step wait on its GPU ~170 times (bench/RESULTS.md).
         on_device: list[torch.Tensor] = []
         fused: dict[bool, list] = {True: [], False: []}   # counted or not -> (matrix, DenseItem)
+        if self.mode == "summed" and rule.norm != "row" and todo:   # on every rank alike
+            raise ValueError('partitioned "summed" updates need rule.norm == "row" '
+                             "(a tensor-wide norm needs the whole gradient)")
         for p in todo:
             m = p.matrix
             ev, e_votes = self._pending.pop(id(m))
@@ -351,9 +354,6 @@ class ZeroPartitioner:
                 continue   # an empty block (fewer rows than ranks): nothing to update here
             is_counted = counted is None or counted(m, True)
             if self.mode == "summed":
-                if rule.norm != "row":
-                    raise ValueError('partitioned "summed" updates need rule.norm == "row" '
-                                     "(a tensor-wide norm needs the whole gradient)")
                 if rule.learn_scales and rule.scale_mode == "norm" and id(m) not in mean_abs:
                     raise ValueError('scale_mode "norm" needs the mean |dL/dE| over all rows')
                 item = m.fused_block_item(ev, mean_abs.get(id(m)))
