@@ -165,3 +165,62 @@ def test_tp2_dp2_with_zero_partitioned_shards_equals_one_rank():
         for name, parts in ref.items():
             for i, (a, b) in enumerate(zip(got[name], parts)):
                 assert torch.equal(a, b), f"rank {r}: {name} part {i} differs from one rank"
+
+
+def _tp_zero_paths(rank, world):
+    """tp 2 x dp 2, float32: the same two updates through the torch rule and through the GPU
+    kernels (interpreted here), from the same state and evidence. Returns each path's gathered
+    state and what the kernel path handed to the fused update."""
+    from arbd.ternary import state, triton_update
+    from arbd.ternary.update import UpdateStats, apply_ternary_update
+    from arbd.ternary.zero import ZeroPartitioner
+
+    dist = torch.distributed
+    groups = {"tp": [dist.new_group([0, 1]), dist.new_group([2, 3])],
+              "dp": [dist.new_group([0, 2]), dist.new_group([1, 3])]}
+    d, t = divmod(rank, 2)
+    seen = []
+    original = triton_update.dense_update_many
+
+    def recording(items, *a, **k):
+        seen.extend((it.row_len is not None, it.row_offset, it.col_offset) for it in items)
+        return original(items, *a, **k)
+
+    out = {}
+    for path in ("torch", "triton"):
+        state.DENSE_UPDATE_KERNEL = state.ROW_UPDATE_KERNEL = path
+        triton_update.dense_update_many = recording
+        layer = MLA(CFG, generator=torch.Generator().manual_seed(3))
+        parallelize_mla(layer, groups["tp"][d], 2, t)
+        g = torch.Generator().manual_seed(10 + rank)   # accumulators near their thresholds
+        for m in layer.modules():
+            if isinstance(m, TernaryMatrix):
+                m.t_accum.copy_(torch.randint(-23, 24, tuple(m.t_accum.shape), generator=g,
+                                              dtype=torch.int8))
+        zp = ZeroPartitioner(layer, groups["dp"][t], "summed", dtype=torch.float32)
+        stats = UpdateStats()
+        for step in range(2):
+            x, w = _inputs(step, torch.float32)
+            (layer(x[d:d + 1]) * w[d:d + 1]).sum().backward()
+            apply_ternary_update(layer, TUNED_RULE, stats, reduce_evidence=zp)
+        out[path] = (zp.gather_full_state(), stats.trit_flips, stats.scale_moves)
+        triton_update.dense_update_many = original
+    state.DENSE_UPDATE_KERNEL = state.ROW_UPDATE_KERNEL = "auto"
+    out["seen"] = seen
+    return out
+
+
+def test_tp_shards_in_zero_blocks_through_the_kernels_equal_the_torch_rule():
+    """Row shards (wq_b, wkv_b: global row offsets, the tp-summed scale mean) and column shards
+    (wo: the hash placed in the whole row, row norms and dL/dE completed over the tp group) of
+    ZeRO blocks through the fused update: every byte as the torch rule leaves it."""
+    for r, got in enumerate(run_on_ranks(_tp_zero_paths, 4)):
+        ref, new = got["torch"], got["triton"]
+        assert ref[1] > 0 and ref[1:] == new[1:], f"rank {r}: counts {ref[1:]} vs {new[1:]}"
+        differ = [k for k in ref[0] if not torch.equal(ref[0][k], new[0][k])]
+        assert not differ, f"rank {r}: {differ}"
+        col_shards = [s for s in got["seen"] if s[0]]
+        wo_offset = (r % 2) * (CFG.n_heads // 2) * CFG.v_head_dim   # tp index t holds heads t
+        assert col_shards and all(off == wo_offset for _, _, off in col_shards), got["seen"]
+        if r:   # rank 0 holds the first dp block of the first tp shard: offsets 0
+            assert any(not s[0] and s[1] > 0 for s in got["seen"]), got["seen"]

@@ -714,14 +714,22 @@ class TernaryMatrix(nn.Module):
         self.e_accum = e_accum.to(torch.int8, copy=True).to(self.packed.device)
         self.row_start, self.row_stop = 0, self.rows
 
-    def fused_block_item(self, grad: torch.Tensor, mean_ge: torch.Tensor | None):
+    def fused_block_item(self, grad: torch.Tensor, mean_ge: torch.Tensor | None,
+                         rule: TernaryRule | None = None, g_e: torch.Tensor | None = None):
         """The fused GPU update's DenseItem for this process's row block [row_start, row_stop)
         and the step's summed float evidence of those rows, or None where the kernel cannot take
-        it (then quantize + apply_block_votes). `mean_ge`: the mean |dL/dE| over all rows
-        (scale_mode "norm"), which the block alone cannot compute."""
+        it (then quantize + apply_block_votes). `mean_ge`: the mean |dL/dE| over all rows of
+        this (local) matrix (scale_mode "norm"), which the block alone cannot compute.
+
+        A tensor-parallel shard (given `rule` and, for a column shard, its rows' dL/dE `g_e`
+        completed over the tp group) gets what TernaryMatrix.quantize would do with it: a row
+        shard hashes at its global rows and takes the mean over the whole matrix (summed over
+        the tp group); a column shard hashes in the whole row and divides by the whole row's
+        norm (row sums completed over the tp group). Collective over the tp group, like
+        quantize. Other tp layouts (tensor-wide norms, short rows) return None."""
         use = DENSE_UPDATE_KERNEL == "triton" or (DENSE_UPDATE_KERNEL == "auto"
                                                    and self.packed.is_cuda)
-        if not use or self.tp_shard is not None or ("dense", self.cols) in _KERNEL_FAILED:
+        if not use or ("dense", self.cols) in _KERNEL_FAILED:
             return None
         from arbd.ternary.triton_update import DenseItem, supports
         if not supports(self.packed, grad):
@@ -731,8 +739,25 @@ class TernaryMatrix(nn.Module):
             raise ValueError(f"block evidence must have shape {(b - a, self.cols)}, got {tuple(grad.shape)}")
         if mean_ge is not None:
             mean_ge = mean_ge.to(torch.float32).reshape(1)
-        return DenseItem(self.packed[a:b], self.t_accum, self.exponent[a:b], self.e_accum,
-                         grad.contiguous(), row_offset=a, mean_ge=mean_ge)
+        views = (self.packed[a:b], self.t_accum, self.exponent[a:b], self.e_accum, grad.contiguous())
+        sh = self.tp_shard
+        if sh is None:
+            return DenseItem(*views, row_offset=a, mean_ge=mean_ge)
+        if rule is None or rule.norm != "row" or self.cols < MIN_ROW_FOR_ROW_NORM:
+            return None
+        if sh.dim == 0:
+            if rule.learn_scales and rule.scale_mode == "norm" and mean_ge is None:
+                return None   # the whole matrix's mean needs the caller's rows (quantize's path)
+            if mean_ge is not None:   # quantize's arithmetic: this shard's sum, over the tp group
+                total = _tp_sum((mean_ge.double() * self.rows).reshape(1), sh.group)
+                mean_ge = (total / sh.global_size).to(torch.float32)
+            return DenseItem(*views, row_offset=sh.offset + a, mean_ge=mean_ge)
+        if g_e is None and rule.learn_scales:
+            return None
+        abs_sums = _tp_sum(row_sums(_evidence_dtype(grad).abs()), sh.group)[:, 0]
+        return DenseItem(*views, row_offset=a, mean_ge=mean_ge, col_offset=sh.offset,
+                         row_len=sh.global_size, row_abs_sums=abs_sums,
+                         ge=None if g_e is None else g_e.to(torch.float32).contiguous())
 
     @torch.no_grad()
     def apply_block_votes(self, votes: torch.Tensor, e_votes: torch.Tensor | None,

@@ -103,13 +103,15 @@ def _sround(x, pos, salt, STOCHASTIC: tl.constexpr, MAX_VOTE: tl.constexpr):
 # A group is every matrix of the step with the same column count (COLS is a compile-time
 # constant). Its rows are numbered one after another (group rows). `tab` int64 [n, TAB] holds per
 # matrix the addresses of g, packed, t_accum, exponent and e_accum, its first group row, its
-# row count, the address of its row ids (touched rows) and the global index of its first row (a
-# ZeRO block's or a row shard's offset, added to the row for the rounding hash only); `row_mat`
-# int32 the matrix of every group row. One launch thus covers all the
+# row count, the address of its row ids (touched rows), the global index of its first row (a
+# ZeRO block's or a row shard's offset, added to the row for the rounding hash only), the global
+# row length and the global index of its first column (a tensor-parallel column shard: the hash
+# places it in the whole row, and its row norm divides by the whole row); `row_mat` int32 the
+# matrix of every group row. One launch thus covers all the
 # group's matrices (a launch per matrix, with its torch glue, made the update host-bound).
 
 
-TAB = tl.constexpr(9)   # int64 fields per matrix in the group table
+TAB = tl.constexpr(11)   # int64 fields per matrix in the group table
 
 
 @triton.jit
@@ -227,13 +229,15 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
     t, m, lr = _group_rows(tab_ptr, row_mat_ptr, gr, live)
     sr = _state_rows(t, lr, live, ROW_IDS)   # the matrix row; lr: the evidence row
     hr = sr + tl.load(t + 8, mask=live, other=0)   # the row the hash sees: global, for a block
+    row_len = tl.load(t + 9, mask=live, other=COLS)   # global row length (COLS unless tp-split)
+    col_off = tl.load(t + 10, mask=live, other=0)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     bp, bm, rest = _packed_tile(t, sr, live, b, NB, S_P)
     gp = _evidence_rows(t, lr, live, COLS, G_TY)
     tp = _ptr(t, 2, live, tl.int8) + sr * S_T
     # s: the row's (or the matrix's) mean |g|; d = s + 1e-30 in fp32, as torch adds it
     if ROW_NORM:
-        s = (tl.load(abs_sum_ptr + gr, mask=live, other=1.0) / COLS).to(tl.float32)
+        s = (tl.load(abs_sum_ptr + gr, mask=live, other=1.0) / row_len.to(tl.float64)).to(tl.float32)
     else:
         s = tl.load(tensor_s_ptr + m, mask=live, other=1.0)
     negd = 0.0 - (s + tl.full((), 1e-30, tl.float32))
@@ -257,7 +261,8 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
             g = tl.load(gp[:, None] + col[None, :], mask=cm, other=0.0).to(tl.float32)
             # (-g) / d == g / (-d) exactly under round-to-nearest, signed zeros included.
             x = tl.math.div_rn(g, negd[:, None]) * rate32
-            pos = hr.to(tl.uint32)[:, None] * COLS + col.to(tl.uint32)[None, :]
+            pos = (hr.to(tl.uint32)[:, None] * row_len.to(tl.uint32)[:, None]
+                   + (col[None, :] + col_off[:, None]).to(tl.uint32))
             acc = acc + _sround(x, pos, salt, STOCHASTIC, MAX_VOTE)
         n = tl.where(cm, _trit_moves(acc, trit, THRESHOLD), 0)
         trit, acc = _settle(acc, trit, n, THRESHOLD, CAP, ACC_MAX)
@@ -312,7 +317,13 @@ class DenseItem:
     A block of a larger matrix (a ZeRO row block, arbd/ternary/zero.py) passes the block's state
     views with `row_offset`, the global index of its first row, which the rounding hash adds,
     and `mean_ge`, the fp32 mean |dL/dE| over all the matrix's rows (scale_mode "norm"), since
-    the block alone cannot compute it."""
+    the block alone cannot compute it.
+
+    A tensor-parallel column shard holds columns [col_offset, col_offset + cols) of rows of
+    `row_len` columns: the hash places its entries in the whole row, and since its row sums are
+    partial, the caller passes them completed over the tp group: `row_abs_sums` (float64 sum |g|
+    per row, divided by row_len for the row norm) and `ge` (fp32 dL/dE per row). A group either
+    gives both (as its evidence needs them) or neither."""
     packed: torch.Tensor
     t_accum: torch.Tensor
     exponent: torch.Tensor
@@ -321,6 +332,10 @@ class DenseItem:
     row_ids: torch.Tensor | None = None
     row_offset: int = 0
     mean_ge: torch.Tensor | None = None
+    col_offset: int = 0
+    row_len: int | None = None
+    row_abs_sums: torch.Tensor | None = None
+    ge: torch.Tensor | None = None
 
 
 def supports(packed: torch.Tensor, grad: torch.Tensor) -> bool:
@@ -345,6 +360,13 @@ def _check(it: DenseItem) -> None:
     if it.row_offset < 0 or (it.row_offset and it.row_ids is not None):
         raise ValueError(f"row_offset {it.row_offset}: a block's offset is >= 0, and touched rows "
                          "(row_ids) carry their own global ids")
+    if it.row_len is not None and it.row_len < it.col_offset + cols:
+        raise ValueError(f"columns [{it.col_offset}, {it.col_offset + cols}) do not fit rows of "
+                         f"{it.row_len}")
+    for name, dtype in (("row_abs_sums", torch.float64), ("ge", torch.float32)):
+        v = getattr(it, name)
+        if v is not None and (tuple(v.shape) != (n,) or v.dtype != dtype or v.device != it.packed.device):
+            raise ValueError(f"{name} must be {dtype} [{n}] on the state's device")
     if it.mean_ge is not None and (it.mean_ge.numel() != 1 or it.mean_ge.dtype != torch.float32
                                    or it.mean_ge.device != it.packed.device):
         raise ValueError("mean_ge must be one float32 value on the state's device")
@@ -375,7 +397,8 @@ def _table(items: list[DenseItem], device: torch.device) -> torch.Tensor:
         r = it.grad.shape[0]   # evidence rows: the matrix's, or its touched rows
         rows.append([it.grad.data_ptr(), it.packed.data_ptr(), it.t_accum.data_ptr(),
                      it.exponent.data_ptr(), it.e_accum.data_ptr(), base, r,
-                     0 if it.row_ids is None else it.row_ids.data_ptr(), it.row_offset])
+                     0 if it.row_ids is None else it.row_ids.data_ptr(), it.row_offset,
+                     it.t_accum.shape[1] if it.row_len is None else it.row_len, it.col_offset])
         base += r
     tab = torch.tensor(rows, dtype=torch.int64)
     if device.type == "cuda":   # pinned + async: no wait for the work already queued
@@ -413,6 +436,10 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
     given_means = items[0].mean_ge is not None
     if any((it.mean_ge is not None) != given_means for it in items):
         raise ValueError("dense_update_many takes mean_ge for every matrix or for none")
+    given_sums = items[0].row_abs_sums is not None or items[0].ge is not None
+    if any((it.row_abs_sums is not None or it.ge is not None) != given_sums for it in items):
+        raise ValueError("dense_update_many takes row sums (row_abs_sums, ge) for every matrix "
+                         "or for none")
     s_p, s_t, s_e = row_strides(items[0])
     if any(row_strides(it) != (s_p, s_t, s_e) for it in items):
         raise ValueError("dense_update_many takes matrices of one state layout (row strides); "
@@ -441,7 +468,14 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
     ge = torch.empty(total if scales else 1, dtype=torch.float32, device=dev)
     per_mat = torch.empty(2, len(items), dtype=torch.float32, device=dev)   # tensor s, mean |ge|
     br, bb = _tiles(total, nb)
-    if need_abs or scales:
+    if given_sums:   # completed over a tp group by the caller
+        for name, need, buf in (("row_abs_sums", need_abs, abs_sum), ("ge", scales, ge)):
+            if need:
+                parts = [getattr(it, name) for it in items]
+                if any(p is None for p in parts):
+                    raise ValueError(f"this rule needs {name} of every matrix")
+                torch.cat(parts, out=buf)
+    elif need_abs or scales:
         _row_sums_kernel[(triton.cdiv(total, br),)](
             tab, row_mat, packing.exponent_to_scale_table(dev), abs_sum, ge, total,
             _f32_bits(math.log(2) / SCALE_K), COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb,

@@ -219,15 +219,16 @@ def update_fused_grouped(pairs: list[tuple[nn.Module, Any]], rule: TernaryRule
                          ) -> tuple[list[torch.Tensor], list[nn.Module]]:
     """Run the fused GPU update on (matrix, triton_update.DenseItem) pairs, a few launches per
     group of one column count, evidence dtype, kind (whole matrices, touched rows, blocks with
-    a given mean) and state layout. Returns the groups' int32 [2] counts (on the device) and the
-    matrices whose kernel does not compile here (nothing of theirs was changed)."""
+    a given mean, column shards with given row sums) and state layout. Returns the groups'
+    int32 [2] counts (on the device) and the matrices whose kernel does not compile here
+    (nothing of theirs was changed)."""
     if not pairs:
         return [], []
     from arbd.ternary.triton_update import row_strides
     groups: dict[tuple, list] = {}
     for m, item in pairs:
         key = (m.cols, item.grad.device, item.grad.dtype, item.row_ids is None,
-               item.mean_ge is None, row_strides(item))
+               item.mean_ge is None, item.row_abs_sums is None, row_strides(item))
         groups.setdefault(key, []).append((m, item))
     counts, failed = [], []
     for members in groups.values():

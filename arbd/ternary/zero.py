@@ -356,7 +356,7 @@ class ZeroPartitioner:
             if self.mode == "summed":
                 if rule.learn_scales and rule.scale_mode == "norm" and id(m) not in mean_abs:
                     raise ValueError('scale_mode "norm" needs the mean |dL/dE| over all rows')
-                item = m.fused_block_item(ev, mean_abs.get(id(m)))
+                item = m.fused_block_item(ev, mean_abs.get(id(m)), rule, block_g_e.get(id(m)))
                 if item is not None:
                     fused[is_counted].append((m, item))
                     continue
@@ -402,16 +402,20 @@ class ZeroPartitioner:
         rank's block of dL/dE rows (reused by the quantisation, not computed twice)."""
         if not (rule.learn_scales and rule.scale_mode == "norm") or not todo:
             return {}, {}
-        items = [p.matrix.fused_block_item(self._pending[id(p.matrix)][0], None) for p in todo]
-        if all(it is not None for it in items):   # one kernel launch per column count
+        # The kernel, one launch per column count, where it can take the matrix; the torch rule
+        # for the rest (tensor-parallel column shards complete their row sums over the tp group).
+        items = [None if p.matrix.tp_shard is not None else
+                 p.matrix.fused_block_item(self._pending[id(p.matrix)][0], None) for p in todo]
+        rows: list[torch.Tensor | None] = [None] * len(todo)
+        if any(it is not None for it in items):
             from arbd.ternary.triton_update import row_scale_grads
-            rows = row_scale_grads(items)
-        else:
-            rows = []
-            for p in todo:
+            got = iter(row_scale_grads([it for it in items if it is not None]))
+            rows = [next(got) if it is not None else None for it in items]
+        for i, p in enumerate(todo):
+            if rows[i] is None:
                 m = p.matrix
                 g, _ = self._pending[id(m)]
-                rows.append(m.scale_grad(g, torch.arange(m.row_start, m.row_stop, device=g.device)))
+                rows[i] = m.scale_grad(g, torch.arange(m.row_start, m.row_stop, device=g.device))
         full = self._gather_rows(todo, [r[:, None] for r in rows], rows[0].dtype)
         return ({id(p.matrix): abs_mean(f[:, 0]) for p, f in zip(todo, full)},
                 {id(p.matrix): r for p, r in zip(todo, rows)})
