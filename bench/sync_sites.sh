@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Host->device synchronisations of one training step, by arbd call site, at world 1 and at world
-# 2 on ONE GPU (issue 11: the 2-GPU step was bound by 314 syncs, not by NCCL).
+# 2 (or WORLDS; SYNC_TP sets the tensor-parallel size, dp = ep = world / tp) on ONE GPU (issue
+# 11: the 2-GPU step was bound by 314 syncs, not by NCCL).
 #
-#   OUT=dir [WORLD2=1] [CPROFILE=1 ROWS=40] bash bench/sync_sites.sh   # $OUT/sync1.json, sync2.json
+#   OUT=dir [WORLDS="1 2"] [SYNC_TP=1] [CPROFILE=1 ROWS=40] bash bench/sync_sites.sh   # $OUT/sync<w>.json
 #   OUT=dir TIMING=1 [STEPS=12] bash bench/sync_sites.sh   # plain step times at world 1 and 2
 #
 # World 2 runs both ranks on GPU 0 with ARBD_CUDA_BACKEND=gloo (NCCL refuses two ranks on one
@@ -24,7 +25,7 @@ plan() {  # world -> plan file
   cat > "$OUT/sync$1.yaml" <<PLAN
 name: sync$1
 preset: ${ARBD_PRESET:-arb-small}
-layout: {dp: $1, tp: 1, ep: $1, codebook_shards: 0}
+layout: {dp: $(( $1 / ${SYNC_TP:-1} > 0 ? $1 / ${SYNC_TP:-1} : 1 )), tp: $(( $1 >= ${SYNC_TP:-1} ? ${SYNC_TP:-1} : 1 )), ep: $(( $1 / ${SYNC_TP:-1} > 0 ? $1 / ${SYNC_TP:-1} : 1 )), codebook_shards: 0}
 zero_stage: 1
 micro_batch: ${SYNC_MICRO:-4}
 grad_accum: 1
@@ -55,10 +56,8 @@ PY
 fi
 common=(--steps 4 --no-progress --no-save --out "$OUT/run" --rows "${ROWS:-30}")
 [ "${CPROFILE:-0}" = 1 ] && common+=(--cprofile)   # one more step, under cProfile (rank 0)
-python3 bench/comm_profile.py --plan "$(plan 1)" --val-windows 1 --json "$OUT/sync1.json" \
-  "${common[@]}" 2>&1 | grep -v -i warn | tail -${TAIL:-60}
-if [ "${WORLD2:-1}" = 1 ]; then
-  ARBD_CUDA_BACKEND=gloo python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
-    bench/comm_profile.py --plan "$(plan 2)" --val-windows 2 --json "$OUT/sync2.json" \
+for w in ${WORLDS:-1 2}; do
+  ARBD_CUDA_BACKEND=gloo python3 -m torch.distributed.run --standalone --nproc_per_node "$w" \
+    bench/comm_profile.py --plan "$(plan "$w")" --val-windows "$w" --json "$OUT/sync$w.json" \
     "${common[@]}" 2>&1 | grep -v -i warn | tail -${TAIL:-90}
-fi
+done
