@@ -302,6 +302,22 @@ def test_row_block_arguments_are_checked():
         tu.dense_update_many([tu.DenseItem(m.packed[:2], m.t_accum[:2], m.exponent[:2], m.e_accum[:2],
                                            g, row_offset=2, mean_ge=torch.ones(1, device=DEVICE))],
                              RULES["nearest_tensor_norm"])
+    sums = dict(row_abs_sums=torch.ones(2, dtype=torch.float64, device=DEVICE),
+                ge=torch.ones(2, device=DEVICE))
+    with pytest.raises(ValueError, match="row sums .* for every matrix or for none"):
+        tu.dense_update_many([tu.DenseItem(m.packed[:2], m.t_accum[:2], m.exponent[:2],
+                                           m.e_accum[:2], g, col_offset=10, row_len=20, **sums),
+                              tu.DenseItem(m.packed[2:], m.t_accum[2:], m.exponent[2:],
+                                           m.e_accum[2:], g)], TUNED_RULE)
+    with pytest.raises(ValueError, match="do not fit"):
+        tu.dense_update_many([tu.DenseItem(m.packed[:2], m.t_accum[:2], m.exponent[:2],
+                                           m.e_accum[:2], g, col_offset=15, row_len=20, **sums)],
+                             TUNED_RULE)
+    with pytest.raises(ValueError, match="ge must be"):
+        tu.dense_update_many([tu.DenseItem(m.packed[:2], m.t_accum[:2], m.exponent[:2],
+                                           m.e_accum[:2], g, col_offset=10, row_len=20,
+                                           row_abs_sums=sums["row_abs_sums"],
+                                           ge=torch.ones(3, device=DEVICE))], TUNED_RULE)
 
 
 @pytest.mark.gpu

@@ -482,9 +482,9 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
             ABS=need_abs, PRODUCT=scales, ROW_IDS=row_ids, S_P=s_p, S_E=s_e,
             G_TY=g_ty, num_warps=num_warps)
     tensor_norm = need_abs and not row_norm
-    if tensor_norm and given_means:
-        raise ValueError("blocks of a matrix (mean_ge given) need per-row evidence normalisation: "
-                         "a tensor-wide norm needs every row's evidence")
+    if tensor_norm and (given_means or given_sums):
+        raise ValueError("blocks and column shards of a matrix (mean_ge or row sums given) need "
+                         "per-row evidence normalisation: a tensor-wide norm needs all evidence")
     mean_here = norm_scales and not given_means
     if tensor_norm or mean_here:
         _matrix_means_kernel[(len(items),)](tab, abs_sum, ge, per_mat[0], per_mat[1], COLS=cols,
