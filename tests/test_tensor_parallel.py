@@ -224,3 +224,44 @@ def test_tp_shards_in_zero_blocks_through_the_kernels_equal_the_torch_rule():
         assert col_shards and all(off == wo_offset for _, _, off in col_shards), got["seen"]
         if r:   # rank 0 holds the first dp block of the first tp shard: offsets 0
             assert any(not s[0] and s[1] > 0 for s in got["seen"]), got["seen"]
+
+
+def _tp_paths(rank, world):
+    """tp 2, float32, no ZeRO: two updates of every matrix through update.apply_updates, once with
+    the torch rule and once with the kernels (interpreted), from the same state and evidence."""
+    from arbd.ternary import state
+    from arbd.ternary.update import apply_updates, ternary_matrices
+
+    out = {}
+    for path in ("torch", "triton"):
+        state.DENSE_UPDATE_KERNEL = state.ROW_UPDATE_KERNEL = path
+        layer = MLA(CFG, generator=torch.Generator().manual_seed(3))
+        parallelize_mla(layer, torch.distributed.group.WORLD, world, rank)
+        g = torch.Generator().manual_seed(20 + rank)
+        for m in layer.modules():
+            if isinstance(m, TernaryMatrix):
+                m.t_accum.copy_(torch.randint(-23, 24, tuple(m.t_accum.shape), generator=g,
+                                              dtype=torch.int8))
+        counts = []
+        for step in range(2):
+            x, w = _inputs(step, torch.float32)
+            (layer(x) * w).sum().backward()
+            items = [m.fused_tp_item(TUNED_RULE) for _, m in ternary_matrices(layer)
+                     if m.tp_shard is not None] if path == "triton" and step == 0 else None
+            if items is not None:   # fused_tp_item is collective and side-effect free: probe it
+                out["tp_items"] = [(it.row_len, it.row_offset, it.col_offset) for it in items]
+            counts.append(apply_updates(ternary_matrices(layer), TUNED_RULE))
+        out[path] = ({k: v.clone() for k, v in layer.state_dict().items()}, counts)
+    state.DENSE_UPDATE_KERNEL = state.ROW_UPDATE_KERNEL = "auto"
+    return out
+
+
+def test_tp_shards_through_the_kernels_equal_the_torch_rule_without_zero():
+    for r, got in enumerate(run_on_ranks(_tp_paths, 2)):
+        (ref, ref_counts), (new, new_counts) = got["torch"], got["triton"]
+        assert ref_counts == new_counts and ref_counts[0]["trit_flips"] > 0, (ref_counts, new_counts)
+        differ = [k for k in ref if not torch.equal(ref[k], new[k])]
+        assert not differ, f"rank {r}: {differ}"
+        items = got["tp_items"]
+        assert len(items) == 3 and all(it is not None for it in items)
+        assert sorted(row_len is not None for row_len, _, _ in items) == [False, False, True]

@@ -615,6 +615,32 @@ class TernaryMatrix(nn.Module):
         q, ev = self.quantize(grad, rule, idx)
         return self.apply_row_votes(idx, q, ev, rule)
 
+    def fused_tp_item(self, rule: TernaryRule):
+        """fused_update_item for a whole tensor-parallel shard (not ZeRO-partitioned) with dense
+        evidence: what TernaryMatrix.quantize does with it, as a DenseItem (see
+        fused_block_item). Collective over the tp group; None where the kernel cannot take it."""
+        use = DENSE_UPDATE_KERNEL == "triton" or (DENSE_UPDATE_KERNEL == "auto"
+                                                   and self.packed.is_cuda)
+        sh, g = self.tp_shard, self._grad
+        if not use or sh is None or self.has_votes or self._votes_nonfinite or self.is_partitioned \
+                or g is None or self._row_grads or ("dense", self.cols) in _KERNEL_FAILED \
+                or rule.norm != "row" or self.cols < MIN_ROW_FOR_ROW_NORM:
+            return None
+        from arbd.ternary.triton_update import DenseItem, supports
+        if not supports(self.packed, g):
+            return None
+        views = (self.packed, self.t_accum, self.exponent, self.e_accum, g.contiguous())
+        if sh.dim == 0:
+            mean = None
+            if rule.learn_scales and rule.scale_mode == "norm":   # quantize's arithmetic
+                local = self.scale_grad(g).abs().sum(dtype=torch.float64).reshape(1)
+                mean = (_tp_sum(local, sh.group) / sh.global_size).to(torch.float32)
+            return DenseItem(*views, row_offset=sh.offset, mean_ge=mean)
+        abs_sums = _tp_sum(row_sums(_evidence_dtype(g).abs()), sh.group)[:, 0]
+        ge = self.scale_grad(g).to(torch.float32) if rule.learn_scales else None   # tp-summed
+        return DenseItem(*views, col_offset=sh.offset, row_len=sh.global_size,
+                         row_abs_sums=abs_sums, ge=ge)
+
     def fused_update_item(self):
         """This matrix's state and float evidence as a triton_update.DenseItem when the fused
         GPU update can take it (an unsharded matrix with dense evidence, or sparse row evidence

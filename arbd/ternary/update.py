@@ -195,7 +195,7 @@ def apply_updates(mats: list[tuple[str, nn.Module]], rule: TernaryRule) -> dict[
     for _, m in mats:
         if not m.has_evidence:
             continue
-        item = m.fused_update_item()
+        item = m.fused_update_item() if m.tp_shard is None else m.fused_tp_item(rule)
         if item is None:
             single.append(m)
         else:
