@@ -37,6 +37,11 @@ ROW_UPDATE_KERNEL = "auto"
 DENSE_UPDATE_KERNEL = "auto"
 
 
+def _kernel_on(setting: str, state: torch.Tensor) -> bool:
+    """Whether a kernel setting ("auto" / "torch" / "triton") picks the kernel for this state."""
+    return setting == "triton" or (setting == "auto" and state.is_cuda)
+
+
 _KERNEL_FAILED: set[tuple] = set()
 
 
@@ -617,37 +622,24 @@ class TernaryMatrix(nn.Module):
 
     def fused_tp_item(self, rule: TernaryRule):
         """fused_update_item for a whole tensor-parallel shard (not ZeRO-partitioned) with dense
-        evidence: what TernaryMatrix.quantize does with it, as a DenseItem (see
-        fused_block_item). Collective over the tp group; None where the kernel cannot take it."""
-        use = DENSE_UPDATE_KERNEL == "triton" or (DENSE_UPDATE_KERNEL == "auto"
-                                                   and self.packed.is_cuda)
+        evidence: its one block, every row, through fused_block_item, with the shard's dL/dE
+        where the rule needs it. Collective over the tp group; None where the kernel cannot
+        take it."""
         sh, g = self.tp_shard, self._grad
-        if not use or sh is None or self.has_votes or self._votes_nonfinite or self.is_partitioned \
-                or g is None or self._row_grads or ("dense", self.cols) in _KERNEL_FAILED \
-                or rule.norm != "row" or self.cols < MIN_ROW_FOR_ROW_NORM:
+        if sh is None or not _kernel_on(DENSE_UPDATE_KERNEL, self.packed) or self.has_votes \
+                or self._votes_nonfinite or self.is_partitioned or g is None or self._row_grads:
             return None
-        from arbd.ternary.triton_update import DenseItem, supports
-        if not supports(self.packed, g):
-            return None
-        views = (self.packed, self.t_accum, self.exponent, self.e_accum, g.contiguous())
-        if sh.dim == 0:
-            mean = None
-            if rule.learn_scales and rule.scale_mode == "norm":   # quantize's arithmetic
-                local = self.scale_grad(g).abs().sum(dtype=torch.float64).reshape(1)
-                mean = (_tp_sum(local, sh.group) / sh.global_size).to(torch.float32)
-            return DenseItem(*views, row_offset=sh.offset, mean_ge=mean)
-        abs_sums = _tp_sum(row_sums(_evidence_dtype(g).abs()), sh.group)[:, 0]
-        ge = self.scale_grad(g).to(torch.float32) if rule.learn_scales else None   # tp-summed
-        return DenseItem(*views, col_offset=sh.offset, row_len=sh.global_size,
-                         row_abs_sums=abs_sums, ge=ge)
+        # A column shard's scale votes need its rows' dL/dE (completed over the tp group); a row
+        # shard's need them only for the "norm" mean.
+        need = rule.learn_scales and (sh.dim == 1 or rule.scale_mode == "norm")
+        return self.fused_block_item(g, None, rule, self.scale_grad(g) if need else None)
 
     def fused_update_item(self):
         """This matrix's state and float evidence as a triton_update.DenseItem when the fused
         GPU update can take it (an unsharded matrix with dense evidence, or sparse row evidence
         only, which then updates the touched rows; no votes), else None. update.apply_updates
         batches these by column count."""
-        use = DENSE_UPDATE_KERNEL == "triton" or (DENSE_UPDATE_KERNEL == "auto"
-                                                   and self.packed.is_cuda)
+        use = _kernel_on(DENSE_UPDATE_KERNEL, self.packed)
         if not use or self.has_votes or self._votes_nonfinite or self.tp_shard is not None \
                 or self.is_partitioned or ("dense", self.cols) in _KERNEL_FAILED:
             return None
@@ -671,7 +663,7 @@ class TernaryMatrix(nn.Module):
         """The integer half of the rule on all rows (idx None) or the distinct rows idx. Touched
         rows of an unpartitioned matrix on the GPU go through one Triton launch that reads and
         writes only those rows (bit-identical to the torch rule, tests/test_triton_update.py)."""
-        use = ROW_UPDATE_KERNEL == "triton" or (ROW_UPDATE_KERNEL == "auto" and self.packed.is_cuda)
+        use = _kernel_on(ROW_UPDATE_KERNEL, self.packed)
         if idx is not None and use and not self.is_partitioned:
             from arbd.ternary.triton_update import apply_votes_rows
             counts = _kernel_or_none(("rows", self.cols), lambda: apply_votes_rows(
@@ -747,14 +739,14 @@ class TernaryMatrix(nn.Module):
         it (then quantize + apply_block_votes). `mean_ge`: the mean |dL/dE| over all rows of
         this (local) matrix (scale_mode "norm"), which the block alone cannot compute.
 
-        A tensor-parallel shard (given `rule` and, for a column shard, its rows' dL/dE `g_e`
-        completed over the tp group) gets what TernaryMatrix.quantize would do with it: a row
-        shard hashes at its global rows and takes the mean over the whole matrix (summed over
-        the tp group); a column shard hashes in the whole row and divides by the whole row's
-        norm (row sums completed over the tp group). Collective over the tp group, like
-        quantize. Other tp layouts (tensor-wide norms, short rows) return None."""
-        use = DENSE_UPDATE_KERNEL == "triton" or (DENSE_UPDATE_KERNEL == "auto"
-                                                   and self.packed.is_cuda)
+        A tensor-parallel shard (given `rule`, and its rows' dL/dE `g_e`, completed over the tp
+        group for a column shard) gets what TernaryMatrix.quantize would do with it: a row shard
+        hashes at its global rows and takes the "norm" mean over the whole matrix, from
+        `mean_ge` or else from `g_e`, summed over the tp group; a column shard hashes in the
+        whole row and divides by the whole row's norm (row sums completed over the tp group).
+        Collective over the tp group, like quantize. Other tp layouts (tensor-wide norms, short
+        rows) return None."""
+        use = _kernel_on(DENSE_UPDATE_KERNEL, self.packed)
         if not use or ("dense", self.cols) in _KERNEL_FAILED:
             return None
         from arbd.ternary.triton_update import DenseItem, supports
@@ -772,11 +764,13 @@ class TernaryMatrix(nn.Module):
         if rule is None or rule.norm != "row" or self.cols < MIN_ROW_FOR_ROW_NORM:
             return None
         if sh.dim == 0:
-            if rule.learn_scales and rule.scale_mode == "norm" and mean_ge is None:
-                return None   # the whole matrix's mean needs the caller's rows (quantize's path)
-            if mean_ge is not None:   # quantize's arithmetic: this shard's sum, over the tp group
-                total = _tp_sum((mean_ge.double() * self.rows).reshape(1), sh.group)
-                mean_ge = (total / sh.global_size).to(torch.float32)
+            if rule.learn_scales and rule.scale_mode == "norm":
+                if mean_ge is None and g_e is None:
+                    return None   # the whole matrix's mean needs the shard's rows
+                # quantize's arithmetic: this shard's sum, over the tp group
+                local = (g_e.abs().sum(dtype=torch.float64) if mean_ge is None
+                         else mean_ge.double() * self.rows)
+                mean_ge = (_tp_sum(local.reshape(1), sh.group) / sh.global_size).to(torch.float32)
             return DenseItem(*views, row_offset=sh.offset + a, mean_ge=mean_ge)
         if g_e is None and rule.learn_scales:
             return None
@@ -799,7 +793,7 @@ class TernaryMatrix(nn.Module):
             raise ValueError(f"block votes must have shape {(b - a, self.cols)}, got {tuple(votes.shape)}")
         if b == a:
             return {"trit_flips": 0, "scale_moves": 0, "rows": 0}
-        use = ROW_UPDATE_KERNEL == "triton" or (ROW_UPDATE_KERNEL == "auto" and self.packed.is_cuda)
+        use = _kernel_on(ROW_UPDATE_KERNEL, self.packed)
         if use:
             from arbd.ternary.triton_update import apply_votes_rows
             idx = torch.arange(b - a, device=self.packed.device)
