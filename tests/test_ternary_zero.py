@@ -142,7 +142,19 @@ def _kernel_runs(rank: int, world: int) -> dict:
         out["dp3_votes_kernel"] = _train(net, zp, rank, world, _batches(6), range(2), use_optimizer=True)
         out["dp3_votes_kernel"]["launches"] = dict(launches)
         out["kernel_failures"] = set(state._KERNEL_FAILED)
+
+        def fails_to_compile(*a, **k):   # as triton 3.6 does for some widths (state._kernel_or_none)
+            raise RuntimeError("PassManager::run failed")
+
+        triton_update.dense_update_many = fails_to_compile
+        net = _Net()
+        zp = ZeroPartitioner(net, None, "summed", dtype=torch.float32)
+        with pytest.warns(UserWarning, match="failed to compile"):
+            out["dp3_summed_fallback"] = _train(net, zp, rank, world, _batches(6), range(2),
+                                                use_optimizer=False)
+        out["fallback_failures"] = set(state._KERNEL_FAILED)
     finally:
+        state._KERNEL_FAILED.clear()
         (state.DENSE_UPDATE_KERNEL, state.ROW_UPDATE_KERNEL, triton_update.dense_update_many,
          triton_update.apply_votes_rows) = saved
     return out
@@ -365,6 +377,12 @@ def test_dp3_block_updates_through_the_gpu_kernels_equal_the_torch_rule_at_dp1(d
         got = run["update_stats"]
         assert (got.trit_flips, got.scale_moves) == (ref_stats[0].trit_flips, ref_stats[0].scale_moves)
     assert ref_stats[0].trit_flips > 0 and ref_stats[0].scale_moves > 0
+    # A width the fused update cannot compile: its blocks, evidence already taken, fall back to
+    # the torch rule in the same step and still equal dp = 1.
+    # (rank 2's block of the 2-row c is empty: it never tries c's 8-column width)
+    assert [("dense", 8) in r["fallback_failures"] for r in dp3] == [True, True, False]
+    assert all(("dense", 16) in r["fallback_failures"] for r in dp3)
+    _check_equal([r["dp3_summed_fallback"] for r in dp3], _reference([3, 3], "summed"), 3)
 
 
 def test_make_ternary_reducer_follows_the_zero_stage():

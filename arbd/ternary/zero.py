@@ -347,6 +347,23 @@ class ZeroPartitioner:
         if self.mode == "summed" and rule.norm != "row" and todo:   # on every rank alike
             raise ValueError('partitioned "summed" updates need rule.norm == "row" '
                              "(a tensor-wide norm needs the whole gradient)")
+
+        def torch_rule(m: TernaryMatrix, ev: torch.Tensor, e_votes, is_counted: bool) -> None:
+            """Quantise summed evidence with the torch rule (TernaryMatrix.quantize: global row
+            ids for the hash, a tensor-parallel shard's row statistics completed over its tp
+            group), then the block's integer update."""
+            if self.mode == "summed":
+                rows = torch.arange(m.row_start, m.row_stop, device=ev.device)
+                ev, e_votes = m.quantize(ev, rule, rows, mean_abs=mean_abs.get(id(m)),
+                                         g_e=block_g_e.get(id(m)))
+            s = m.apply_block_votes(ev, e_votes, rule, counts_on_device=True)
+            if is_counted:
+                if "counts" in s:
+                    on_device.append(s["counts"])
+                else:
+                    local[0] += s["trit_flips"]
+                    local[1] += s["scale_moves"]
+
         for p in todo:
             m = p.matrix
             ev, e_votes = self._pending.pop(id(m))
@@ -360,31 +377,14 @@ class ZeroPartitioner:
                 if item is not None:
                     fused[is_counted].append((m, item))
                     continue
-                # TernaryMatrix.quantize: global row ids for the hash, and a tensor-parallel
-                # shard's row statistics completed over its tp group.
-                rows = torch.arange(m.row_start, m.row_stop, device=ev.device)
-                ev, e_votes = m.quantize(ev, rule, rows, mean_abs=mean_abs.get(id(m)),
-                                         g_e=block_g_e.get(id(m)))
-            s = m.apply_block_votes(ev, e_votes, rule, counts_on_device=True)
-            if is_counted:
-                if "counts" in s:
-                    on_device.append(s["counts"])
-                else:
-                    local[0] += s["trit_flips"]
-                    local[1] += s["scale_moves"]
+            torch_rule(m, ev, e_votes, is_counted)
         for is_counted, pairs in fused.items():
             counts, failed = update_fused_grouped(pairs, rule)
             if is_counted:
                 on_device.extend(counts)
             for m, item in pairs:   # the kernel did not compile for this width: the torch rule
                 if m in failed:
-                    ev, e_votes = m.quantize(item.grad, rule, torch.arange(
-                        m.row_start, m.row_stop, device=item.grad.device),
-                        mean_abs=mean_abs.get(id(m)), g_e=block_g_e.get(id(m)))
-                    s = m.apply_block_votes(ev, e_votes, rule)
-                    if is_counted:
-                        local[0] += s["trit_flips"]
-                        local[1] += s["scale_moves"]
+                    torch_rule(m, item.grad, None, is_counted)
         self._pending = {}
         self._gather_packed(todo)
         if on_device:
