@@ -406,6 +406,31 @@ def _table(items: list[DenseItem], device: torch.device) -> torch.Tensor:
     return tab
 
 
+def _group_index(items: list[DenseItem], dev: torch.device, rows: tuple[int, ...],
+                 row_ids: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's table and the matrix of every group row. Whole matrices: the same map every
+    step (cached). Touched rows change every step: the map is built on the device (a host-built
+    one is a pageable copy, which waits for the queued work)."""
+    row_mat = _row_matrix_map(dev, rows) if not row_ids else torch.cat(
+        [torch.full((r,), i, dtype=torch.int32, device=dev) for i, r in enumerate(rows)])
+    return _table(items, dev), row_mat
+
+
+def _row_sums(tab: torch.Tensor, row_mat: torch.Tensor, dev: torch.device, total: int, cols: int,
+              abs_sum: torch.Tensor, ge: torch.Tensor, *, need_abs: bool, product: bool,
+              row_ids: bool, strides: tuple[int, int, int], g_dtype: torch.dtype,
+              num_warps: int = 4) -> None:
+    """Launch `_row_sums_kernel` over a group's `total` rows: sum |g| into abs_sum (need_abs),
+    dL/dE into ge (product)."""
+    nb = packing.packed_cols(cols)
+    br, bb = _tiles(total, nb)
+    _row_sums_kernel[(triton.cdiv(total, br),)](
+        tab, row_mat, packing.exponent_to_scale_table(dev), abs_sum, ge, total,
+        _f32_bits(math.log(2) / SCALE_K), COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb,
+        ABS=need_abs, PRODUCT=product, ROW_IDS=row_ids, S_P=strides[0], S_E=strides[2],
+        G_TY=tl.bfloat16 if g_dtype == torch.bfloat16 else tl.float32, num_warps=num_warps)
+
+
 def _mark_written(*tensors: torch.Tensor) -> None:
     """Bump the version counters of buffers a kernel wrote through raw pointers, as an in-place
     torch op would: whatever keys on them (TernaryMatrix.decoded_shared) sees the change."""
@@ -454,11 +479,7 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
     stats = torch.zeros(2, dtype=torch.int32, device=dev)
     if total == 0:
         return stats
-    tab = _table(items, dev)
-    # Whole matrices: the same map every step (cached). Touched rows change every step: build the
-    # map on the device (a host-built one is a pageable copy, which waits for the queued work).
-    row_mat = _row_matrix_map(dev, rows) if not row_ids else torch.cat(
-        [torch.full((r,), i, dtype=torch.int32, device=dev) for i, r in enumerate(rows)])
+    tab, row_mat = _group_index(items, dev, rows, row_ids)
     freeze = bool(rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM)
     row_norm = rule.norm == "row" and cols >= MIN_ROW_FOR_ROW_NORM
     scales = rule.learn_scales
@@ -476,11 +497,8 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
                     raise ValueError(f"this rule needs {name} of every matrix")
                 torch.cat(parts, out=buf)
     elif need_abs or scales:
-        _row_sums_kernel[(triton.cdiv(total, br),)](
-            tab, row_mat, packing.exponent_to_scale_table(dev), abs_sum, ge, total,
-            _f32_bits(math.log(2) / SCALE_K), COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb,
-            ABS=need_abs, PRODUCT=scales, ROW_IDS=row_ids, S_P=s_p, S_E=s_e,
-            G_TY=g_ty, num_warps=num_warps)
+        _row_sums(tab, row_mat, dev, total, cols, abs_sum, ge, need_abs=need_abs, product=scales,
+                  row_ids=row_ids, strides=(s_p, s_t, s_e), g_dtype=g_dtype, num_warps=num_warps)
     tensor_norm = need_abs and not row_norm
     if tensor_norm and (given_means or given_sums):
         raise ValueError("blocks and column shards of a matrix (mean_ge or row sums given) need "
@@ -517,22 +535,16 @@ def row_scale_grads(items: list[DenseItem]) -> list[torch.Tensor]:
         _check(it)
         key = (it.t_accum.shape[1], it.grad.dtype, it.row_ids is None, row_strides(it))
         groups.setdefault(key, []).append(i)
-    for (cols, g_dtype, whole, (s_p, _, s_e)), idx in groups.items():
+    for (cols, g_dtype, whole, strides), idx in groups.items():
         group = [items[i] for i in idx]
         dev = group[0].packed.device
         rows = tuple(it.grad.shape[0] for it in group)
         total = sum(rows)
         ge = torch.empty(max(total, 1), dtype=torch.float32, device=dev)
         if total:
-            nb = packing.packed_cols(cols)
-            row_mat = _row_matrix_map(dev, rows) if whole else torch.cat(
-                [torch.full((r,), i, dtype=torch.int32, device=dev) for i, r in enumerate(rows)])
-            br, bb = _tiles(total, nb)
-            _row_sums_kernel[(triton.cdiv(total, br),)](
-                _table(group, dev), row_mat, packing.exponent_to_scale_table(dev), ge, ge, total,
-                _f32_bits(math.log(2) / SCALE_K), COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb,
-                ABS=False, PRODUCT=True, ROW_IDS=not whole, S_P=s_p, S_E=s_e,
-                G_TY=tl.bfloat16 if g_dtype == torch.bfloat16 else tl.float32, num_warps=4)
+            tab, row_mat = _group_index(group, dev, rows, not whole)
+            _row_sums(tab, row_mat, dev, total, cols, ge, ge, need_abs=False, product=True,
+                      row_ids=not whole, strides=strides, g_dtype=g_dtype)
         for i, part in zip(idx, ge[:total].split(rows)):
             out[i] = part
     return out
