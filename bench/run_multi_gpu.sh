@@ -17,7 +17,7 @@
 # The CPU suite's state-equality tests run on gloo (CPU tensors); with the trainer's
 # "cpu:gloo,cuda:nccl" groups the runs above move every CUDA tensor over NCCL.
 #
-# DeepSpeed is not in the device image: carry it and its dependencies as wheels under .whl (as
+# DeepSpeed is not in the device image: carry it and its dependencies as wheels under .whl/ds (as
 # bench/train_step_gpu.sh does, see the device README); this script installs them first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,13 +25,9 @@ STEPS=${1:-50}
 OUT=${OUT:-runs/multi_gpu}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if ! python3 -c "import deepspeed" 2>/dev/null && [ -d .whl ]; then
-  # shellcheck disable=SC2046
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site $(find .whl -type f -name '*.whl')
-  export PYTHONPATH=$PYTHONPATH:/tmp/site PATH=/tmp/site/bin:$PATH
-fi
+export PYTHONWARNINGS=ignore
+. bench/ds_env.sh
+. bench/plans.sh
 # ARBD_GPUS/PRESET/SEQ/DTYPE/BACKEND: a CPU dry run of this script (gloo), e.g.
 #   ARBD_GPUS=2 ARBD_PRESET=arb-tiny ARBD_SEQ=32 ARBD_DTYPE=fp32 ARBD_BACKEND=torch bash bench/run_multi_gpu.sh 3
 N=${ARBD_GPUS:-$(nvidia-smi -L | wc -l)}
@@ -47,22 +43,6 @@ launch() {  # nprocs script args...
   else
     deepspeed --num_gpus "$n" --master_port $((29600 + RANDOM % 1000)) "$@"
   fi
-}
-
-plan() {  # name dp tp ep micro accum -> a plan file under $OUT
-  cat > "$OUT/$1.yaml" <<EOF
-name: $1
-preset: ${ARBD_PRESET:-arb-small}
-layout: {dp: $2, tp: $3, ep: $4, codebook_shards: 0}
-zero_stage: 1
-micro_batch: $5
-grad_accum: $6
-seq_len: ${ARBD_SEQ:-512}
-dtype: ${ARBD_DTYPE:-bf16}
-backend: ${ARBD_BACKEND:-triton}
-evidence: ${EVIDENCE:-summed}
-EOF
-  echo "$OUT/$1.yaml"
 }
 
 train() {  # ngpus plan out [extra args]

@@ -14,27 +14,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/sync_sites}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if ! python3 -c "import deepspeed" 2>/dev/null && [ -d .whl ]; then
-  # shellcheck disable=SC2046
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site $(find .whl -type f -name '*.whl')
-  export PYTHONPATH=$PYTHONPATH:/tmp/site PATH=/tmp/site/bin:$PATH
-fi
-plan() {  # world -> plan file
-  cat > "$OUT/sync$1.yaml" <<PLAN
-name: sync$1
-preset: ${ARBD_PRESET:-arb-small}
-layout: {dp: $(( $1 / ${SYNC_TP:-1} > 0 ? $1 / ${SYNC_TP:-1} : 1 )), tp: $(( $1 >= ${SYNC_TP:-1} ? ${SYNC_TP:-1} : 1 )), ep: $(( $1 / ${SYNC_TP:-1} > 0 ? $1 / ${SYNC_TP:-1} : 1 )), codebook_shards: 0}
-zero_stage: 1
-micro_batch: ${SYNC_MICRO:-4}
-grad_accum: 1
-seq_len: ${ARBD_SEQ:-512}
-dtype: ${ARBD_DTYPE:-bf16}
-backend: ${ARBD_BACKEND:-triton}
-evidence: ${EVIDENCE:-summed}
-PLAN
-  echo "$OUT/sync$1.yaml"
+export PYTHONWARNINGS=ignore
+. bench/ds_env.sh
+. bench/plans.sh
+layout() {  # world -> the plan file: dp = ep = world / tp, tp = SYNC_TP (1 below that world)
+  local tp=$(( $1 >= ${SYNC_TP:-1} ? ${SYNC_TP:-1} : 1 ))
+  plan "sync$1" $(( $1 / tp )) "$tp" $(( $1 / tp )) "${SYNC_MICRO:-4}" 1
 }
 if [ "${TIMING:-0}" = 1 ]; then
   # Plain training steps instead (no counters): launch/pretrain.py at world 1 and 2 (both ranks on
@@ -42,7 +27,7 @@ if [ "${TIMING:-0}" = 1 ]; then
   # (bench/ab_trees.sh): the gloo copies are in both, so only the difference means something.
   for w in 1 2; do
     ARBD_CUDA_BACKEND=gloo python3 -m torch.distributed.run --standalone --nproc_per_node "$w" \
-      launch/pretrain.py --plan "$(plan "$w")" --steps "${STEPS:-12}" --no-save --no-progress \
+      launch/pretrain.py --plan "$(layout "$w")" --steps "${STEPS:-12}" --no-save --no-progress \
       --val-windows "$w" --out "$OUT/time$w" > "$OUT/time$w.log" 2>&1 || { tail -20 "$OUT/time$w.log"; exit 1; }
     python3 - "$OUT/time$w/history.json" "$w" <<'PY'
 import json, statistics, sys
@@ -58,6 +43,6 @@ common=(--steps 4 --no-progress --no-save --out "$OUT/run" --rows "${ROWS:-30}")
 [ "${CPROFILE:-0}" = 1 ] && common+=(--cprofile)   # one more step, under cProfile (rank 0)
 for w in ${WORLDS:-1 2}; do
   ARBD_CUDA_BACKEND=gloo python3 -m torch.distributed.run --standalone --nproc_per_node "$w" \
-    bench/comm_profile.py --plan "$(plan "$w")" --val-windows "$w" --json "$OUT/sync$w.json" \
+    bench/comm_profile.py --plan "$(layout "$w")" --val-windows "$w" --json "$OUT/sync$w.json" \
     "${common[@]}" 2>&1 | grep -v -i warn | tail -${TAIL:-90}
 done
