@@ -11,7 +11,7 @@
 # 1. correctness: `deepspeed launch/pretrain.py` on all N GPUs with shard_plans/gpu-N.yaml (tp 2,
 #    ep 2 or 4, codebooks over all ranks where N allows) for STEPS (50) steps, against one GPU
 #    accumulating the same global batch; losses must agree within bf16 tolerance;
-# 2. weak scaling: tp 1, ep = dp = G, micro-batch fixed per GPU, G = 1, 2, 4, ... N: tokens/s,
+# 2. weak scaling: tp 1, ep = dp = G (capped by the expert count), micro-batch fixed per GPU, G = 1, 2, 4, ... N: tokens/s,
 #    efficiency = tokens/s(G) / (G * tokens/s(1)), all-to-all bytes per step per rank;
 # 3. resharding: the N-GPU checkpoint resumes on 2 GPUs (same global batch) and trains on.
 # The CPU suite's state-equality tests run on gloo (CPU tensors); with the trainer's
@@ -72,9 +72,13 @@ train "$N" "$PAR" "$OUT/par"
 train 1 "$(plan one 1 1 1 4 "$DP")" "$OUT/one"
 
 # 2. weak scaling (fixed micro-batch per GPU)
+# ep = the largest divisor of the preset's expert count that is <= G (arb-small: G itself).
+EXPERTS=$(python3 -c "from arbd.config import get_preset; print(get_preset('${ARBD_PRESET:-arb-small}').n_experts)")
 G=1
 while [ "$G" -le "$N" ]; do
-  STEPS=${WEAK_STEPS:-$STEPS} train "$G" "$(plan weak$G "$G" 1 "$G" "${WEAK_MICRO:-4}" 1)" "$OUT/weak$G" --no-save
+  EP=$G
+  while [ $((EXPERTS % EP)) -ne 0 ]; do EP=$((EP - 1)); done
+  STEPS=${WEAK_STEPS:-$STEPS} train "$G" "$(plan weak$G "$G" 1 "$EP" "${WEAK_MICRO:-4}" 1)" "$OUT/weak$G" --no-save
   G=$((G * 2))
 done
 

@@ -160,14 +160,25 @@ def test_loss_falls_over_200_steps_on_embedded_corpus():
     assert last < first - 1.0, (first, last)
 
 
-def test_activation_checkpointing_changes_nothing_but_memory():
-    """Recomputing MLA layers and MoEGraph in backward gives the same loss and the same ternary
-    evidence, bit for bit (float64), on the full arb-tiny stack."""
+@pytest.mark.parametrize("head_chunk", [None, 16, 40])
+def test_activation_checkpointing_changes_nothing_but_memory(head_chunk):
+    """Recomputing MLA layers, MemGram, LTI, MoEGraph's scheduler and each ACT step, and the
+    ByteHead in backward gives the same loss and the same ternary evidence, bit for bit (float64),
+    on the full arb-tiny stack. With the ByteHead in chunks of positions (slices of a row: 16;
+    whole rows: 40) its products run on fewer rows, so everything agrees to rounding instead."""
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
     got, saved = [], []
+    steps = []
     for ck in (False, True):
         model = ARBModel(TINY, seed=1)
         model.activation_checkpointing = ck
+        if head_chunk:
+            model.head_chunk_positions = head_chunk
+        runs = [0]
+        step = model.moegraph.act_step
+        model.moegraph.act_step = lambda *a, step=step, runs=runs: (runs.__setitem__(0, runs[0] + 1), step(*a))[1]
+        head_calls = []
+        model.byte_head.register_forward_pre_hook(lambda m, i: head_calls.append(i[0].shape[:2]))
         n = [0]
 
         def pack(t, n=n):   # what autograd keeps for backward during the forward
@@ -176,18 +187,27 @@ def test_activation_checkpointing_changes_nothing_but_memory():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(ids, dtype=torch.float64)
         saved.append(n[0])
+        forward_steps = runs[0]
         out.loss.backward()
+        steps.append((forward_steps, runs[0]))
+        # The head ran once per chunk in forward, and again per chunk in backward when recomputed.
+        chunks = {None: [(2, 38)], 16: [(2, 16), (2, 16), (2, 6)], 40: [(1, 38), (1, 38)]}
+        assert sorted(head_calls) == sorted(chunks[head_chunk] * 2 if ck else [(2, 38)]), head_calls
         ev = {n: m.evidence() for n, m in ternary_matrices(model)}
         got.append((out.loss.detach(), ev))
     assert saved[1] < 0.7 * saved[0], saved   # the checkpointed blocks kept only their inputs
-    assert torch.equal(got[0][0], got[1][0])
+    # Each ACT step ran once more, in backward, under checkpointing; never without.
+    assert steps[0][0] == steps[0][1] == steps[1][0] > 0 and steps[1][1] == 2 * steps[1][0], steps
+    same = torch.equal if head_chunk is None else \
+        lambda a, b: torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+    assert same(got[0][0], got[1][0])
     assert got[0][1].keys() == got[1][1].keys()
     compared = 0
     for name, (idx, g) in got[0][1].items():
         idx2, g2 = got[1][1][name]
         assert (g is None) == (g2 is None), name
         if g is not None:
-            assert torch.equal(g, g2), name
+            assert same(g, g2), name
             assert (idx is None and idx2 is None) or torch.equal(idx, idx2), name
             compared += 1
     assert compared > 20

@@ -20,11 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
 
-from arbd.config import ARB_TILELANG_TRAINING, NGRAM, ARBConfig
+from arbd.config import ARB_TILELANG_TRAINING, HEAD_CHUNK, NGRAM, ARBConfig
 from arbd.model.audio import AudioSequencer
 from arbd.model.composite import CompositeProposalHead
 from arbd.model.heads import HEAD_NAMES, ByteHead, OutputRouter, TalkerHead, VideoHead
@@ -34,6 +33,7 @@ from arbd.model.lti import LTIInjection
 from arbd.model.memgram import MemGram
 from arbd.model.mla import MLA
 from arbd.model.moegraph import MoEGraph
+from arbd.model.recompute import maybe_recompute
 from arbd.model.sequencer import Sequencer
 from arbd.model.vae2d import VAE2DSequencer
 from arbd.ternary import TernaryUpdateMixin, ternary_matrices
@@ -129,19 +129,31 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
         self.logit_scale = nn.Parameter(torch.zeros(1, device=device))
 
     # -- shared trunk ------------------------------------------------------------------------
-    # Activation checkpointing (plan field `activation_checkpointing`): each MLA layer, the
-    # MoEGraph block, MemGram, LTI and the ByteHead keep only their inputs and run their forward
-    # again in backward. Safe here because nothing they read changes within a step (KG edges and
-    # codebook rows move at the update, the ledger view is an argument), their forwards change no
-    # state, and every rank recomputes at the same point of its backward, so the collectives
-    # inside (tp, ep, codebook group) stay matched. The VQ blocks are not recomputed: their
-    # forward records codebook usage.
+    # Activation checkpointing (plan field `activation_checkpointing`): each MLA layer, MemGram,
+    # LTI, the ByteHead (in chunks of positions) and MoEGraph (its scheduler and each ACT step on
+    # their own, or the whole block under expert parallelism) keep only their inputs and run their
+    # forward again in backward. Safe here because nothing they read changes within a step (KG
+    # edges and codebook rows move at the update, the ledger view is an argument), their forwards
+    # change no state, and every rank recomputes at the same point of its backward, so the
+    # collectives inside (tp, ep, codebook group) stay matched. The VQ blocks are not recomputed:
+    # their forward records codebook usage.
     activation_checkpointing: bool = False
+    head_chunk_positions: int = HEAD_CHUNK   # positions per recomputed ByteHead chunk
+
+    def _recomputing(self) -> bool:
+        return self.activation_checkpointing and self.training
 
     def _maybe_checkpoint(self, fn, *args):
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        return maybe_recompute(self._recomputing(), fn, *args)
+
+    def _byte_logits(self, h: torch.Tensor) -> torch.Tensor:
+        per_row = h.shape[1]
+        if not self._recomputing() or h.shape[0] * per_row <= self.head_chunk_positions:
+            return self._maybe_checkpoint(self.byte_head, h)
+        # Whole rows per chunk when a row fits, else slices of one row's positions.
+        dim, step = (0, max(1, self.head_chunk_positions // per_row)) if per_row <= self.head_chunk_positions \
+            else (1, self.head_chunk_positions)
+        return torch.cat([self._maybe_checkpoint(self.byte_head, c) for c in h.split(step, dim)], dim)
 
     def _trunk(self, h: torch.Tensor, motif_ids: torch.Tensor | None,
                losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -149,9 +161,13 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
             for layer in self.layers:
                 h = h + self._maybe_checkpoint(layer, h)
         if self.moegraph is not None:
+            mg = self.moegraph
             codebook = self.shared_vq.codebook if self.shared_vq is not None else None
-            h, aux = self._maybe_checkpoint(self.moegraph, h, motif_ids, codebook, self.kg_edges,
-                                            self.ledger.view())
+            # Step by step where the experts run locally; under expert parallelism the whole
+            # block, so that every rank re-runs its all-to-alls in forward order (decisions.md).
+            mg.recompute_steps = self._recomputing() and not mg.expert_parallel
+            whole = self._maybe_checkpoint if not mg.recompute_steps else lambda f, *a: f(*a)
+            h, aux = whole(mg, h, motif_ids, codebook, self.kg_edges, self.ledger.view())
             if "balance" in aux:
                 losses["balance"] = aux["balance"]
                 losses["ponder"] = aux["ponder"]
@@ -191,7 +207,7 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
             self.ledger.reset()
         self.ledger.seed(ids)
         h = self._trunk(h, motif_ids, losses)
-        logits = self._maybe_checkpoint(self.byte_head, h) * self.logit_scale.exp().to(h.dtype)
+        logits = self._byte_logits(h) * self.logit_scale.exp().to(h.dtype)
         t = ids.shape[1]
         terms = [F.cross_entropy(logits[:, :t - NGRAM - j, j].reshape(-1, logits.shape[-1]).float(),
                                  ids[:, NGRAM + j:].reshape(-1)) for j in range(NGRAM)]

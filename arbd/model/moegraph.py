@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from arbd.config import ARBConfig
 from arbd.model.kg_edges import KGEdges
 from arbd.model.ledger import ContextAttentionScheduler
+from arbd.model.recompute import maybe_recompute
 from arbd.sync_free import bin_counts
 from arbd.ternary import TernaryLinear, TernaryRMSNorm, grouped
 
@@ -55,6 +56,11 @@ class MoEGraph(nn.Module):
             self.out_norm = TernaryRMSNorm(d, cfg.norm_eps)
         self.top_k = cfg.moe_top_k
         self.n_experts = cfg.n_experts
+        self.expert_parallel = False   # set by parallelize_moe
+        # Set by ARBModel under activation checkpointing: the scheduler and each ACT step keep
+        # only their inputs and run again in backward, one step at a time (the whole block's
+        # ACT loop is the largest thing a recomputation would otherwise hold).
+        self.recompute_steps = False
 
     # -- graph -------------------------------------------------------------------------------
     def graph_message(self, motif_ids: torch.Tensor, codebook, edges: KGEdges,
@@ -133,6 +139,19 @@ class MoEGraph(nn.Module):
         since every rank must take part in every dispatch)."""
         return n_running > 0
 
+    def act_step(self, x: torch.Tensor, mass: torch.Tensor, last: bool):
+        """One ACT step for the running rows x [R, d] with halted mass [R]: the new state, its
+        weighted contribution to the output, the share, which rows stop, the balance loss."""
+        xn = self.expert_norm(x)
+        top_i, top_w, bal = self.route(xn)
+        x = x + self.dispatch(xn, top_i, top_w)
+        p = torch.sigmoid(self.halt(x).float()).squeeze(-1)
+        # A position halts when its mass would pass 1 - eps, or at the step cap; it then
+        # contributes its remainder, so contributions always sum to 1.
+        stop = (mass + p > 1 - HALT_EPS) | torch.full_like(p, last, dtype=torch.bool)
+        share = torch.where(stop, 1 - mass, p)
+        return x, x * share.to(x.dtype)[:, None], share, stop, bal
+
     def act(self, h: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Adaptive computation over positions h [N, d]; halted positions are not recomputed."""
         n = h.shape[0]
@@ -146,19 +165,12 @@ class MoEGraph(nn.Module):
                            # run further, empty, steps for the other ranks of its group)
         for step in range(self.cfg.act_max_steps):
             x = state[running]
-            xn = self.expert_norm(x)
-            top_i, top_w, bal = self.route(xn)
-            balance = balance + bal
             routed_steps += int(x.shape[0] > 0)
-            x = x + self.dispatch(xn, top_i, top_w)
-            p = torch.sigmoid(self.halt(x).float()).squeeze(-1)
-            mass = halted_mass[running]
             last = step == self.cfg.act_max_steps - 1
-            # A position halts when its mass would pass 1 - eps, or at the step cap; it then
-            # contributes its remainder, so contributions always sum to 1.
-            stop = (mass + p > 1 - HALT_EPS) | torch.full_like(p, last, dtype=torch.bool)
-            share = torch.where(stop, 1 - mass, p)
-            out = out.index_add(0, running, x * share.to(x.dtype)[:, None])
+            x, part, share, stop, bal = maybe_recompute(
+                self.recompute_steps and self.training, self.act_step, x, halted_mass[running], last)
+            balance = balance + bal
+            out = out.index_add(0, running, part)
             halted_mass = halted_mass.index_add(0, running, share)
             steps = steps.index_add(0, running, torch.ones_like(share))
             state = state.index_copy(0, running, x)
@@ -173,7 +185,7 @@ class MoEGraph(nn.Module):
                 ledger_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         aux: dict[str, torch.Tensor] = {}
         if self.use_graph:
-            h = h + self.scheduler(h, ledger_ids)
+            h = h + maybe_recompute(self.recompute_steps and self.training, self.scheduler, h, ledger_ids)
             if motif_ids is not None and codebook is not None and edges is not None:
                 h = h + self.graph_message(motif_ids, codebook, edges, h.dtype)
         if self.use_moe:

@@ -120,6 +120,7 @@ def parallelize_moe(moe: MoEGraph, group, ep: int, ep_index: int) -> None:
             m.micro_batches_per_commit = ep
     moe.dispatch = ExpertParallelDispatch(moe, group, ep)
     moe.keep_running = _any_running(group)
+    moe.expert_parallel = True
 
 
 def is_expert_matrix(name: str) -> bool:

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from arbd.config import NGRAM, ARBConfig, get_preset
+from arbd.config import HEAD_CHUNK, NGRAM, ARBConfig, get_preset
 from arbd.parallel.plan import Plan, load_plan
 
 GiB = 2**30
@@ -170,38 +170,70 @@ def activation_bytes(cfg: ARBConfig, micro_batch: int, seq_len: int, s: int, tp:
                        + 2 * vd * s + 4))                         # attention output, wo input, lse
         for i in range(cfg.n_layers):
             out[f"layers.{i}"] = N * per
-    g = 0.0
-    if cfg.use_graph:
-        L = cfg.kv_ledger_len
-        # scheduler: SDPA with head dim d runs the math path: q, the attention weights over the
-        # ledger, and the ledger keys per sequence; graph message: decoded neighbour rows, agg
-        g += N * (d * s + L * s) + micro_batch * L * d * s
-        g += N * ((cfg.kg_edges_per_node + 1) * c * s + c * s + 4 * (cfg.kg_edges_per_node + 1))
-    if cfg.use_moe:
-        k, H = cfg.moe_top_k, cfg.expert_hidden
-        step = (d * s + _norm(d, s) + d * s                       # gathered x, expert_norm, router input
-                + k * (2 * d * s + 2 * H * s)                     # x[rows], relu^2 output, down out
-                + d * s + 8 * cfg.n_experts)                      # x + dispatch, router float/softmax
-        g += N * (a * step + _norm(d, s))                         # ACT steps, out_norm
-        if s == 2:   # 16-bit on the GPU: the grouped path keeps the stacked up and down weights
-            g += 2 * (cfg.n_experts // ep) * d * H * s            # of this rank's experts
+    g = moegraph_parts(cfg, micro_batch, N, s, ep)
     if g:
-        out["moegraph"] = g
-    H = cfg.bytehead_hidden
-    out["byte_head"] = N * (2 * d * s + 4 * H * s + 3 * 256 * s + 3 * 256 * 4)
+        out["moegraph"] = g["scheduler"] + g["graph"] + a * g["act_step"] + g["rest"]
+    hb = byte_head_parts(cfg, N, s)
+    out["byte_head"] = hb["head"] + hb["logits"]
     if cfg.use_graph:
         P = cfg.proposal_hidden
         out["composite"] = N * (2 * P * s + c * (s + 16) + c * s)
     return {k: int(v) for k, v in out.items()}
 
 
-def checkpointed_bytes(acts: dict[str, int], N: int, d: int, s: int) -> int:
-    """With activation checkpointing of every MLA layer, MoEGraph, MemGram, LTI and the ByteHead
-    (ARBModel._maybe_checkpoint), only their inputs stay (N x d each) plus, during backward, one
-    recomputed block at a time."""
-    ck = [k for k in acts if k.startswith("layers.") or k in ("moegraph", "memgram", "lti", "byte_head")]
-    rest = sum(v for k, v in acts.items() if k not in ck)
-    return rest + len(ck) * N * d * s + (max(acts[k] for k in ck) if ck else 0)
+def moegraph_parts(cfg: ARBConfig, micro_batch: int, N: int, s: int, ep: int = 1) -> dict[str, float]:
+    """MoEGraph's saved bytes by part: the scheduler, the graph message, one ACT step over all N
+    positions, and the rest (out_norm; the grouped path's stacked expert weights)."""
+    d, c = cfg.d_model, cfg.codebook_dim
+    parts = {"scheduler": 0.0, "graph": 0.0, "act_step": 0.0, "rest": 0.0}
+    if cfg.use_graph:
+        L = cfg.kv_ledger_len
+        # scheduler: SDPA with head dim d runs the math path: q, the attention weights over the
+        # ledger, and the ledger keys per sequence; graph message: decoded neighbour rows, agg
+        parts["scheduler"] = N * (d * s + L * s) + micro_batch * L * d * s
+        parts["graph"] = N * ((cfg.kg_edges_per_node + 1) * c * s + c * s + 4 * (cfg.kg_edges_per_node + 1))
+    if cfg.use_moe:
+        k, H = cfg.moe_top_k, cfg.expert_hidden
+        parts["act_step"] = N * (d * s + _norm(d, s) + d * s      # gathered x, expert_norm, router input
+                                 + k * (2 * d * s + 2 * H * s)    # x[rows], relu^2 output, down out
+                                 + d * s + 8 * cfg.n_experts)     # x + dispatch, router float/softmax
+        parts["rest"] = N * _norm(d, s)                           # out_norm
+        if s == 2:   # 16-bit on the GPU: the grouped path keeps the stacked up and down weights
+            parts["rest"] += 2 * (cfg.n_experts // ep) * d * H * s  # of this rank's experts
+    return parts if cfg.use_graph or cfg.use_moe else {}
+
+
+def byte_head_parts(cfg: ARBConfig, N: int, s: int) -> dict[str, float]:
+    """The ByteHead's gated MLP (x, gate, up, their product, the residual) and its logits with
+    the float32 copies the loss makes (kept outside the head's recomputation)."""
+    d, H = cfg.d_model, cfg.bytehead_hidden
+    return {"head": N * (2 * d * s + 4 * H * s), "logits": N * (3 * 256 * s + 3 * 256 * 4)}
+
+
+def checkpointed_bytes(acts: dict[str, int], cfg: ARBConfig, micro_batch: int, N: int, s: int,
+                       ep: int = 1, act_steps: float | None = None, head_chunk: int | None = None) -> int:
+    """Activations under checkpointing (ARBModel._maybe_checkpoint): every MLA layer, MemGram,
+    LTI, the ByteHead (in chunks of `head_chunk` positions) and MoEGraph (its scheduler and each
+    ACT step apart; the whole block at ep > 1) keep only their inputs (N x d each), plus, during
+    backward, the largest recomputed block. Counted as if every position ran every ACT step."""
+    d, head_chunk = cfg.d_model, head_chunk or HEAD_CHUNK
+    a = float(cfg.act_max_steps if act_steps is None else act_steps)
+    ck = [k for k in acts if k.startswith("layers.") or k in ("memgram", "lti")]
+    kept = sum(v for k, v in acts.items() if k not in ck + ["moegraph", "byte_head"])
+    kept += len(ck) * N * d * s
+    blocks = [acts[k] for k in ck]
+    hb = byte_head_parts(cfg, N, s)
+    kept += hb["logits"] + N * d * s
+    blocks.append(hb["head"] * min(N, head_chunk) / N)
+    if "moegraph" in acts:
+        if ep == 1:
+            g = moegraph_parts(cfg, micro_batch, N, s, ep)
+            kept += g["graph"] + g["rest"] + N * d * s * (1 + a)    # scheduler and step inputs
+            blocks += [g["scheduler"], g["act_step"]]
+        else:
+            kept += N * d * s
+            blocks.append(acts["moegraph"])
+    return int(kept + max(blocks))
 
 
 # -- the estimate -------------------------------------------------------------------------------
@@ -244,7 +276,8 @@ def estimate(plan: Plan, world: int | None = None, *, act_steps: float | None = 
     fp = inv.float_params
     floats = fp * (s + 4 + (4 if s == 2 else 0)) + 8 * fp // (dp if zero >= 1 else 1)
     acts = activation_bytes(cfg, plan.micro_batch, plan.seq_len, s, lay.tp, act_steps, lay.ep)
-    act_full, act_ck = sum(acts.values()), checkpointed_bytes(acts, N, cfg.d_model, s)
+    act_full = sum(acts.values())
+    act_ck = checkpointed_bytes(acts, cfg, plan.micro_batch, N, s, lay.ep, act_steps)
     if checkpointing is None:
         checkpointing = plan.activation_checkpointing
     act = act_ck if checkpointing else act_full
@@ -282,7 +315,9 @@ def estimate(plan: Plan, world: int | None = None, *, act_steps: float | None = 
     grads = 2 * N * cfg.d_model * s                     # gradients of the residual stream in flight
     for b in reversed(order):
         held = 0 if checkpointing else acts.get(b, 0)
-        inflight = grads + (3 * N * cfg.bytehead_hidden * s if b == "byte_head" else 0)
+        # the ByteHead's hidden gradients, per chunk when it is recomputed in chunks
+        head_rows = min(N, HEAD_CHUNK) if checkpointing else N
+        inflight = grads + (3 * head_rows * cfg.bytehead_hidden * s if b == "byte_head" else 0)
         # start of the block's backward: its activations still held; end: its evidence added
         # (the first add_grad clones, so the weight gradient exists twice for a moment).
         first = max(first, persistent + done + acts_left + inflight,
