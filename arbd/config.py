@@ -32,7 +32,7 @@ BYTE_VOCAB = 256  # the sequencer reads raw bytes
 NGRAM = 3  # bytes per trigram: the sequencer and the ByteHead work on 3 bytes at a time
 # Positions per ByteHead chunk when activation checkpointing recomputes it (ARBModel._byte_logits):
 # its 4 x bytehead_hidden activations per position are otherwise the largest recomputed block.
-HEAD_CHUNK = 8192
+HEAD_CHUNK = 16384
 N_OUTPUT_HEADS = 3  # OutputRouter picks among ByteHead, VideoHead, TalkerHead
 
 

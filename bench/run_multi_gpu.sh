@@ -2,7 +2,8 @@
 # Issue 11: the whole distributed stack on NCCL, on one multi-GPU node (nvidia-h200-x2/-x4/-x8).
 #
 #   bash bench/run_multi_gpu.sh [STEPS]        # writes $OUT (default runs/multi_gpu)/results.json
-#   (WEAK_STEPS=n shortens the weak-scaling runs, WEAK_MICRO=m sets their micro-batch per GPU
+#   (PARTS="correctness weak reshard" picks what runs, all three by default; reshard needs the
+#   correctness run's checkpoint. WEAK_STEPS=n shortens the weak-scaling runs, WEAK_MICRO=m sets their micro-batch per GPU
 #   (4); EVIDENCE=votes trains on integer votes instead of summed float gradients, so that no float
 #   summation order reaches the ternary state; TRAIN_ARGS="--warmup-steps 10" adds trainer
 #   flags; PROFILE=1 first counts the collectives, syncs and host time of one N-GPU weak-scaling
@@ -61,6 +62,9 @@ if [ "${PROFILE:-0}" = 1 ]; then  # where a distributed step's time goes (rank 0
     | grep -v -i warn | tail -120
 fi
 
+PARTS=" ${PARTS:-correctness weak reshard} "
+has() { [[ $PARTS == *" $1 "* ]]; }
+
 # 1. correctness against one GPU with the same global batch
 case $N in
   2) PAR=$(plan par 2 1 2 4 1) ;;
@@ -68,13 +72,16 @@ case $N in
   *) PAR=$(plan par $((N / 2)) 2 $((N / 2 >= 4 ? 4 : 2)) 4 1) ;;
 esac
 DP=$(python3 -c "from arbd.parallel.plan import load_plan; print(load_plan('$PAR').layout.dp)")
-train "$N" "$PAR" "$OUT/par"
-train 1 "$(plan one 1 1 1 4 "$DP")" "$OUT/one"
+if has correctness; then
+  train "$N" "$PAR" "$OUT/par"
+  train 1 "$(plan one 1 1 1 4 "$DP")" "$OUT/one"
+fi
 
 # 2. weak scaling (fixed micro-batch per GPU)
 # ep = the largest divisor of the preset's expert count that is <= G (arb-small: G itself).
 EXPERTS=$(python3 -c "from arbd.config import get_preset; print(get_preset('${ARBD_PRESET:-arb-small}').n_experts)")
 G=1
+has weak || G=$((N + 1))
 while [ "$G" -le "$N" ]; do
   EP=$G
   while [ $((EXPERTS % EP)) -ne 0 ]; do EP=$((EP - 1)); done
@@ -83,19 +90,28 @@ while [ "$G" -le "$N" ]; do
 done
 
 # 3. the N-GPU checkpoint on 2 GPUs (dp 2, accumulation keeps the global batch)
-STEPS=$((STEPS + 5)) train 2 "$(plan two 2 1 2 4 $((DP / 2 > 0 ? DP / 2 : 1)))" "$OUT/two" \
-  --resume "$OUT/par/ckpt/latest"
+if has reshard; then
+  STEPS=$((STEPS + 5)) train 2 "$(plan two 2 1 2 4 $((DP / 2 > 0 ? DP / 2 : 1)))" "$OUT/two" \
+    --resume "$OUT/par/ckpt/latest"
+fi
 
-python3 - "$OUT" "$N" <<'EOF'
+python3 - "$OUT" "$N" "$PARTS" <<'EOF'
 import json, sys
 from pathlib import Path
-out, n = Path(sys.argv[1]), int(sys.argv[2])
+out, n, parts = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split()
 hist = lambda name: json.loads((out / name / "history.json").read_text())
-par, one = [r["loss"] for r in hist("par")], [r["loss"] for r in hist("one")]
-diff = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(par, one))
+res, ok = {"gpus": n, "parts": parts}, True
+if "correctness" in parts:
+    par, one = [r["loss"] for r in hist("par")], [r["loss"] for r in hist("one")]
+    rel = [abs(a - b) / max(abs(b), 1e-6) for a, b in zip(par, one)]
+    diff = max(rel)
+    res.update(steps=len(par), max_rel_loss_diff_vs_one_gpu=diff, loss_first_last=[par[0], par[-1]],
+               first_step_over_5pct=next((i + 1 for i, r in enumerate(rel) if r >= 0.05), None))
+    ok = diff < 0.05
+    print("correctness", "OK" if ok else "FAILED", f"(max relative loss difference {diff:.4f})")
 weak = {}
 g = 1
-while g <= n:
+while g <= n and "weak" in parts:
     h = hist(f"weak{g}")
     h = h[3:] if len(h) > 5 else h          # skip warm-up steps
     weak[g] = {"tokens_per_s": sum(r["tokens_per_s"] for r in h) / len(h),
@@ -103,16 +119,18 @@ while g <= n:
     g *= 2
 for g, w in weak.items():
     w["efficiency"] = w["tokens_per_s"] / (g * weak[1]["tokens_per_s"])
-two = hist("two")
-res = {"gpus": n, "steps": len(par), "max_rel_loss_diff_vs_one_gpu": diff,
-       "loss_first_last": [par[0], par[-1]], "weak_scaling": weak,
-       "resumed_on_2": {"steps": [two[0]["step"], two[-1]["step"]],
-                        "losses_after_resume": [r["loss"] for r in two[len(par):]]}}
+if weak:
+    res["weak_scaling"] = weak
+if "reshard" in parts:
+    par, two = hist("par"), hist("two")
+    res["resumed_on_2"] = {"steps": [two[0]["step"], two[-1]["step"]],
+                           "losses_after_resume": [r["loss"] for r in two[len(par):]]}
+    # The 2-GPU run restores the N-GPU history (same first losses) and trains 5 more steps.
+    resumed = [r["loss"] for r in two[:len(par)]] == [r["loss"] for r in par] \
+        and two[-1]["step"] == len(par) + 5
+    print("resume on 2", "OK" if resumed else "FAILED")
+    ok = ok and resumed
 (out / "results.json").write_text(json.dumps(res, indent=1))
 print(json.dumps(res, indent=1))
-# The 2-GPU run restores the N-GPU history (same first losses) and trains 5 more steps.
-resumed = [r["loss"] for r in two[:len(par)]] == par and two[-1]["step"] == len(par) + 5
-ok = diff < 0.05 and resumed
-print("correctness", "OK" if ok else "FAILED", f"(max relative loss difference {diff:.4f})")
 sys.exit(0 if ok else 1)
 EOF
