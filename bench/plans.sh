@@ -1,6 +1,6 @@
 # Sourced by bench/run_multi_gpu.sh and bench/sync_sites.sh: the plan files their runs train.
 #   plan NAME DP TP EP MICRO ACCUM   -> writes $OUT/NAME.yaml and prints its path
-# ARBD_PRESET / ARBD_SEQ / ARBD_DTYPE / ARBD_BACKEND / EVIDENCE change the model and the run
+# ARBD_PRESET / ARBD_SEQ / ARBD_DTYPE / ARBD_BACKEND / EVIDENCE / EVIDENCE_RATE change the model and the run
 # (a CPU dry run: ARBD_PRESET=arb-tiny ARBD_SEQ=32 ARBD_DTYPE=fp32 ARBD_BACKEND=torch).
 plan() {
   cat > "$OUT/$1.yaml" <<PLAN
@@ -15,5 +15,7 @@ dtype: ${ARBD_DTYPE:-bf16}
 backend: ${ARBD_BACKEND:-triton}
 evidence: ${EVIDENCE:-summed}
 PLAN
+  # EVIDENCE_RATE: the rule's evidence rate (the preset's when unset)
+  [ -z "${EVIDENCE_RATE:-}" ] || echo "rule: {evidence_rate: $EVIDENCE_RATE}" >> "$OUT/$1.yaml"
   echo "$OUT/$1.yaml"
 }
