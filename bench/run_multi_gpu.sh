@@ -2,7 +2,7 @@
 # Issue 11: the whole distributed stack on NCCL, on one multi-GPU node (nvidia-h200-x2/-x4/-x8).
 #
 #   bash bench/run_multi_gpu.sh [STEPS]        # writes $OUT (default runs/multi_gpu)/results.json
-#   (PARTS="correctness weak reshard" picks what runs, all three by default; reshard needs the
+#   (PARTS="correctness weak reshard equality" picks what runs, all by default; reshard needs the
 #   correctness run's checkpoint. WEAK_STEPS=n shortens the weak-scaling runs, WEAK_MICRO=m sets their micro-batch per GPU
 #   (4); EVIDENCE=votes trains on integer votes instead of summed float gradients, so that no float
 #   summation order reaches the ternary state; TRAIN_ARGS="--warmup-steps 10" adds trainer
@@ -14,9 +14,11 @@
 #    accumulating the same global batch; losses must agree within bf16 tolerance;
 # 2. weak scaling: tp 1, ep = dp = G (capped by the expert count), micro-batch fixed per GPU, G = 1, 2, 4, ... N: tokens/s,
 #    efficiency = tokens/s(G) / (G * tokens/s(1)), all-to-all bytes per step per rank;
-# 3. resharding: the N-GPU checkpoint resumes on 2 GPUs (same global batch) and trains on.
-# The CPU suite's state-equality tests run on gloo (CPU tensors); with the trainer's
-# "cpu:gloo,cuda:nccl" groups the runs above move every CUDA tensor over NCCL.
+# 3. resharding: the N-GPU checkpoint resumes on 2 GPUs (same global batch) and trains on;
+# 4. equality: the CPU suite's end-to-end state-equality tests (tests/test_parallel_e2e.py: tp 2 x
+#    ep 2 x dp 2 with sharded codebooks against one rank, bit for bit in float64; votes on 2 ranks)
+#    with their ranks on the GPUs: over NCCL with >= 4 GPUs, else ranks share GPUs over gloo.
+# With the trainer's "cpu:gloo,cuda:nccl" groups every CUDA tensor above moves over NCCL.
 #
 # DeepSpeed is not in the device image: carry it and its dependencies as wheels under .whl/ds (as
 # bench/train_step_gpu.sh does, see the device README); this script installs them first.
@@ -68,7 +70,7 @@ fi
 # 50-step, 2-rank rehearsal within 5.2% of one rank at every step (bench/RESULTS.md).
 export EVIDENCE_RATE=${EVIDENCE_RATE-0.5}
 TRAIN_ARGS=${TRAIN_ARGS-"--warmup-steps 10"}
-PARTS=" ${PARTS:-correctness weak reshard} "
+PARTS=" ${PARTS:-correctness weak reshard equality} "
 has() { [[ $PARTS == *" $1 "* ]]; }
 
 # 1. correctness against one GPU with the same global batch
@@ -101,7 +103,14 @@ if has reshard; then
     --resume "$OUT/par/ckpt/latest"
 fi
 
-python3 - "$OUT" "$N" "$PARTS" <<'EOF'
+EQUALITY_RC=
+if has equality; then
+  ( [ "$N" -ge 4 ] || export ARBD_CUDA_BACKEND=gloo
+    python3 -m pytest -q -p no:cacheprovider tests/test_parallel_e2e.py ) 2>&1 | tee "$OUT/equality.log" | tail -3
+  EQUALITY_RC=${PIPESTATUS[0]}
+fi
+
+python3 - "$OUT" "$N" "$PARTS" "$EQUALITY_RC" <<'EOF'
 import json, sys
 from pathlib import Path
 out, n, parts = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split()
@@ -136,6 +145,10 @@ if "reshard" in parts:
         and two[-1]["step"] == len(par) + 5
     print("resume on 2", "OK" if resumed else "FAILED")
     ok = ok and resumed
+if "equality" in parts:
+    res["state_equality_tests_passed"] = sys.argv[4] == "0"
+    print("state-equality tests", "OK" if sys.argv[4] == "0" else "FAILED")
+    ok = ok and sys.argv[4] == "0"
 (out / "results.json").write_text(json.dumps(res, indent=1))
 print(json.dumps(res, indent=1))
 sys.exit(0 if ok else 1)
