@@ -483,13 +483,34 @@ class TernaryMatrix(nn.Module):
         votes of this step; the float evidence is dropped. `rule` carries this micro-batch's
         rate (the step's rate divided by the micro-batches per step)."""
         idx, g = self.evidence()
-        self._grad, self._row_grads = None, []
         if g is None:
+            self._grad, self._row_grads = None, []
             return
         if not bool(torch.isfinite(g).all()):
             self._votes_nonfinite = True
             g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         q, ev = self.quantize(g, rule, idx)
+        self.add_committed(idx, q, ev)
+
+    def commit_item(self):
+        """This micro-batch's float evidence as a triton_update.DenseItem for `votes_many`, the
+        GPU version of commit_micro_batch (update.commit_micro_batch groups them), or None where
+        the torch path must commit it: a tensor-parallel shard, no evidence, evidence the kernel
+        cannot read (float64), or a column count whose kernel failed to compile."""
+        if not _kernel_on(DENSE_UPDATE_KERNEL, self.packed) or self.tp_shard is not None \
+                or ("votes", self.cols) in _KERNEL_FAILED:
+            return None
+        from arbd.ternary.triton_update import DenseItem, supports
+        idx, g = self.evidence()
+        if g is None or not supports(self.packed, g):
+            return None
+        return DenseItem(self.packed, self.t_accum, self.exponent, self.e_accum, g.contiguous(),
+                         None if idx is None else idx.contiguous())
+
+    def add_committed(self, idx: torch.Tensor | None, q: torch.Tensor, ev: torch.Tensor) -> None:
+        """Add one micro-batch's int32 votes (all rows, or the distinct rows idx) to the step's
+        and drop the float evidence they came from."""
+        self._grad, self._row_grads = None, []
         if idx is None:
             self._votes = q if self._votes is None else self._votes.add_(q)
             self._e_votes = ev if self._e_votes is None else self._e_votes.add_(ev)

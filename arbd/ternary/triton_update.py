@@ -295,6 +295,51 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
             tl.atomic_add(stats_ptr + 1, tl.sum(tl.abs(mv), axis=0))
 
 
+@triton.jit(do_not_specialize=["TOTAL", "rate_bits", "srate_bits", "salt_bits"])
+def _group_votes_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr, mean_ge_ptr,
+                        votes_ptr, e_votes_ptr, TOTAL, rate_bits, srate_bits, salt_bits,
+                        COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                        STOCHASTIC: tl.constexpr, MAX_VOTE: tl.constexpr, ROW_NORM: tl.constexpr,
+                        SCALES: tl.constexpr, NORM_SCALES: tl.constexpr, ROW_IDS: tl.constexpr,
+                        G_TY: tl.constexpr):
+    """The votes `_group_update_kernel` adds to the accumulators, written out instead (int32,
+    group row gr at votes_ptr + gr * COLS), for evidence committed per micro-batch."""
+    pid_c = tl.program_id(1)
+    gr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = gr < TOTAL
+    t, m, lr = _group_rows(tab_ptr, row_mat_ptr, gr, live)
+    hr = _state_rows(t, lr, live, ROW_IDS) + tl.load(t + 8, mask=live, other=0)
+    row_len = tl.load(t + 9, mask=live, other=COLS)
+    col_off = tl.load(t + 10, mask=live, other=0)
+    if ROW_NORM:
+        s = (tl.load(abs_sum_ptr + gr, mask=live, other=1.0) / row_len.to(tl.float64)).to(tl.float32)
+    else:
+        s = tl.load(tensor_s_ptr + m, mask=live, other=1.0)
+    negd = 0.0 - (s + tl.full((), 1e-30, tl.float32))
+    rate32 = rate_bits.to(tl.int32).to(tl.float32, bitcast=True)
+    salt = salt_bits.to(tl.int32).to(tl.uint32, bitcast=True)
+    col = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = live[:, None] & (col[None, :] < COLS)
+    gp = _evidence_rows(t, lr, live, COLS, G_TY)
+    g = tl.load(gp[:, None] + col[None, :], mask=cm, other=0.0).to(tl.float32)
+    x = tl.math.div_rn(g, negd[:, None]) * rate32
+    pos = (hr.to(tl.uint32)[:, None] * row_len.to(tl.uint32)[:, None]
+           + (col[None, :] + col_off[:, None]).to(tl.uint32))
+    q = _sround(x, pos, salt, STOCHASTIC, MAX_VOTE)
+    tl.store(votes_ptr + gr.to(tl.int64)[:, None] * COLS + col[None, :], q, mask=cm)
+    if SCALES:
+        if pid_c == 0:
+            ge = tl.load(ge_ptr + gr, mask=live, other=0.0)
+            srate32 = srate_bits.to(tl.int32).to(tl.float32, bitcast=True)
+            if NORM_SCALES:
+                mean = tl.load(mean_ge_ptr + m, mask=live, other=1.0)
+                xe = tl.math.div_rn(ge, 0.0 - (mean + tl.full((), 1e-30, tl.float32))) * srate32
+            else:
+                xe = (0.0 - tl.where(ge > 0, 1.0, tl.where(ge < 0, -1.0, 0.0))) * srate32
+            tl.store(e_votes_ptr + gr, _sround(xe, hr.to(tl.uint32), salt, STOCHASTIC, MAX_VOTE),
+                     mask=live)
+
+
 # Packed bytes per program (5 weights each) and the widest tile, in bytes along a row. One row
 # of 256 bytes per program beat 16 x 64 by 1.8x at 7168 x 7168 on an H100 (bench/RESULTS.md):
 # the digit planes read g at a stride of 5, and fewer rows in flight keep the lines in L1.
@@ -344,8 +389,10 @@ def supports(packed: torch.Tensor, grad: torch.Tensor) -> bool:
             and grad.device == packed.device)
 
 
-def _check(it: DenseItem) -> None:
-    rows, cols = it.t_accum.shape
+def _check(it: DenseItem, votes: bool = False) -> None:
+    """`votes`: for votes_many, which never touches the accumulators; they may then be a ZeRO
+    block of the matrix (rows from the packed trits)."""
+    rows, cols = (it.packed.shape[0], it.grad.shape[1]) if votes else it.t_accum.shape
     if not supports(it.packed, it.grad):
         raise ValueError(f"dense_update takes 2-d float32 or bfloat16 evidence on {it.packed.device}, "
                          f"got {it.grad.dtype} {tuple(it.grad.shape)} on {it.grad.device}")
@@ -398,7 +445,7 @@ def _table(items: list[DenseItem], device: torch.device) -> torch.Tensor:
         rows.append([it.grad.data_ptr(), it.packed.data_ptr(), it.t_accum.data_ptr(),
                      it.exponent.data_ptr(), it.e_accum.data_ptr(), base, r,
                      0 if it.row_ids is None else it.row_ids.data_ptr(), it.row_offset,
-                     it.t_accum.shape[1] if it.row_len is None else it.row_len, it.col_offset])
+                     it.grad.shape[1] if it.row_len is None else it.row_len, it.col_offset])
         base += r
     tab = torch.tensor(rows, dtype=torch.int64)
     if device.type == "cuda":   # pinned + async: no wait for the work already queued
@@ -438,19 +485,37 @@ def _mark_written(*tensors: torch.Tensor) -> None:
         torch.autograd.graph.increment_version(t)
 
 
-def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
-                      num_warps: int = 4) -> torch.Tensor:
-    """quantize_evidence + scale_votes + apply_votes of whole matrices of one column count, in
-    place, bit for bit as TernaryMatrix's torch path, in three launches for all of them (two
-    without a per-matrix mean). Items with `row_ids` (all or none) update only those rows, as the
-    torch path does for sparse row evidence (global row ids hash the rounding; the "norm" scale
-    mean is over the rows given). Returns (trit flips, scale moves) as int32 [2] on the device."""
+@dataclass
+class _Prepared:
+    """A group's table, row sums and per-matrix means: what the update and the votes kernels read."""
+    cols: int
+    nb: int
+    rows: tuple[int, ...]
+    total: int
+    dev: torch.device
+    tab: torch.Tensor | None
+    row_mat: torch.Tensor | None
+    abs_sum: torch.Tensor | None
+    ge: torch.Tensor | None
+    per_mat: torch.Tensor | None   # [2, n]: tensor-wide s, mean |dL/dE|
+    freeze: bool
+    row_norm: bool
+    row_ids: bool
+    strides: tuple[int, int, int]
+    g_ty: object
+
+
+def _prepare(items: list[DenseItem], rule: TernaryRule, *, votes: bool = False,
+             num_warps: int = 4) -> _Prepared:
+    """Check a group, build its table and launch the row-sum and matrix-mean kernels the rule
+    needs. `votes`: for votes only (quantize_evidence always normalises, even rows the update
+    would freeze)."""
     if not items:
         raise ValueError("dense_update_many needs at least one matrix")
     for it in items:
-        _check(it)
-    cols = items[0].t_accum.shape[1]
-    if any(it.t_accum.shape[1] != cols for it in items):
+        _check(it, votes)
+    cols = items[0].grad.shape[1]
+    if any(it.grad.shape[1] != cols for it in items):
         raise ValueError("dense_update_many takes matrices of one column count; group them first")
     dev = items[0].packed.device
     if any(it.packed.device != dev for it in items):
@@ -465,30 +530,29 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
     if any((it.row_abs_sums is not None or it.ge is not None) != given_sums for it in items):
         raise ValueError("dense_update_many takes row sums (row_abs_sums, ge) for every matrix "
                          "or for none")
-    s_p, s_t, s_e = row_strides(items[0])
-    if any(row_strides(it) != (s_p, s_t, s_e) for it in items):
+    strides = row_strides(items[0])
+    if any(row_strides(it) != strides for it in items):
         raise ValueError("dense_update_many takes matrices of one state layout (row strides); "
                          "group them first")
     g_dtype = items[0].grad.dtype
     if any(it.grad.dtype != g_dtype for it in items):
         raise ValueError("dense_update_many takes evidence of one dtype; group them first")
     g_ty = tl.bfloat16 if g_dtype == torch.bfloat16 else tl.float32
-    nb = packing.packed_cols(cols)
     rows = tuple(it.grad.shape[0] for it in items)
     total = sum(rows)
-    stats = torch.zeros(2, dtype=torch.int32, device=dev)
-    if total == 0:
-        return stats
-    tab, row_mat = _group_index(items, dev, rows, row_ids)
-    freeze = bool(rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM)
+    freeze = bool(not votes and rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM)
     row_norm = rule.norm == "row" and cols >= MIN_ROW_FOR_ROW_NORM
+    prep = _Prepared(cols, packing.packed_cols(cols), rows, total, dev, None, None, None, None,
+                     None, freeze, row_norm, row_ids, strides, g_ty)
+    if total == 0:
+        return prep
+    prep.tab, prep.row_mat = _group_index(items, dev, rows, row_ids)
     scales = rule.learn_scales
     norm_scales = scales and rule.scale_mode == "norm"
     need_abs = not freeze
-    abs_sum = torch.empty(total if need_abs else 1, dtype=torch.float64, device=dev)
-    ge = torch.empty(total if scales else 1, dtype=torch.float32, device=dev)
-    per_mat = torch.empty(2, len(items), dtype=torch.float32, device=dev)   # tensor s, mean |ge|
-    br, bb = _tiles(total, nb)
+    prep.abs_sum = abs_sum = torch.empty(total if need_abs else 1, dtype=torch.float64, device=dev)
+    prep.ge = ge = torch.empty(total if scales else 1, dtype=torch.float32, device=dev)
+    prep.per_mat = per_mat = torch.empty(2, len(items), dtype=torch.float32, device=dev)
     if given_sums:   # completed over a tp group by the caller
         for name, need, buf in (("row_abs_sums", need_abs, abs_sum), ("ge", scales, ge)):
             if need:
@@ -497,31 +561,75 @@ def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
                     raise ValueError(f"this rule needs {name} of every matrix")
                 torch.cat(parts, out=buf)
     elif need_abs or scales:
-        _row_sums(tab, row_mat, dev, total, cols, abs_sum, ge, need_abs=need_abs, product=scales,
-                  row_ids=row_ids, strides=(s_p, s_t, s_e), g_dtype=g_dtype, num_warps=num_warps)
+        _row_sums(prep.tab, prep.row_mat, dev, total, cols, abs_sum, ge, need_abs=need_abs,
+                  product=scales, row_ids=row_ids, strides=strides, g_dtype=g_dtype,
+                  num_warps=num_warps)
     tensor_norm = need_abs and not row_norm
     if tensor_norm and (given_means or given_sums):
         raise ValueError("blocks and column shards of a matrix (mean_ge or row sums given) need "
                          "per-row evidence normalisation: a tensor-wide norm needs all evidence")
     mean_here = norm_scales and not given_means
     if tensor_norm or mean_here:
-        _matrix_means_kernel[(len(items),)](tab, abs_sum, ge, per_mat[0], per_mat[1], COLS=cols,
+        _matrix_means_kernel[(len(items),)](prep.tab, abs_sum, ge, per_mat[0], per_mat[1], COLS=cols,
                                             BLOCK=1024, TENSOR_NORM=tensor_norm,
                                             MEAN_GE=mean_here, num_warps=4)
     if norm_scales and given_means:
         torch.stack([it.mean_ge.reshape(()) for it in items], out=per_mat[1])
-    stochastic = rule.rounding == "stochastic"
-    _group_update_kernel[(triton.cdiv(total, br), triton.cdiv(nb, bb))](
-        tab, row_mat, abs_sum, per_mat[0], ge, per_mat[1], stats, total,
+    return prep
+
+
+def dense_update_many(items: list[DenseItem], rule: TernaryRule, *,
+                      num_warps: int = 4) -> torch.Tensor:
+    """quantize_evidence + scale_votes + apply_votes of whole matrices of one column count, in
+    place, bit for bit as TernaryMatrix's torch path, in three launches for all of them (two
+    without a per-matrix mean). Items with `row_ids` (all or none) update only those rows, as the
+    torch path does for sparse row evidence (global row ids hash the rounding; the "norm" scale
+    mean is over the rows given). Returns (trit flips, scale moves) as int32 [2] on the device."""
+    p = _prepare(items, rule, num_warps=num_warps)
+    stats = torch.zeros(2, dtype=torch.int32, device=p.dev)
+    if p.total == 0:
+        return stats
+    scales = rule.learn_scales
+    br, bb = _tiles(p.total, p.nb)
+    s_p, s_t, s_e = p.strides
+    _group_update_kernel[(triton.cdiv(p.total, br), triton.cdiv(p.nb, bb))](
+        p.tab, p.row_mat, p.abs_sum, p.per_mat[0], p.ge, p.per_mat[1], stats, p.total,
         _f32_bits(rule.evidence_rate), _f32_bits(rule.scale_rate), _salt_bits(rule.salt),
-        COLS=cols, NB=nb, BLOCK_R=br, BLOCK_B=bb, STOCHASTIC=stochastic, MAX_VOTE=rule.max_vote,
-        THRESHOLD=rule.threshold, DECAY=rule.decay_shift, FREEZE=freeze, ROW_NORM=row_norm,
-        CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales, NORM_SCALES=norm_scales,
-        S_THRESHOLD=rule.scale_threshold, ROW_IDS=row_ids, S_P=s_p, S_T=s_t, S_E=s_e,
-        G_TY=g_ty, num_warps=num_warps, enable_fp_fusion=False)
+        COLS=p.cols, NB=p.nb, BLOCK_R=br, BLOCK_B=bb, STOCHASTIC=rule.rounding == "stochastic",
+        MAX_VOTE=rule.max_vote, THRESHOLD=rule.threshold, DECAY=rule.decay_shift, FREEZE=p.freeze,
+        ROW_NORM=p.row_norm, CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales,
+        NORM_SCALES=scales and rule.scale_mode == "norm", S_THRESHOLD=rule.scale_threshold,
+        ROW_IDS=p.row_ids, S_P=s_p, S_T=s_t, S_E=s_e, G_TY=p.g_ty, num_warps=num_warps,
+        enable_fp_fusion=False)
     for it in items:
         _mark_written(it.packed, it.t_accum, it.exponent, it.e_accum)
     return stats
+
+
+def votes_many(items: list[DenseItem], rule: TernaryRule, *,
+               num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TernaryMatrix.quantize of every item's evidence (no tensor-parallel shards), bit for bit:
+    int32 votes [total, cols] and scale votes [total] for the group's rows one after another (item
+    i's rows are the i-th block of `rows` evidence rows), and per evidence row whether sum |g| is
+    finite (bool [total]; a non-finite row's votes are not meaningful). The state is only read.
+    What `commit_micro_batch` does per matrix in ~20 torch ops and a host read, for a whole
+    group in three launches."""
+    p = _prepare(items, rule, votes=True, num_warps=num_warps)
+    votes = torch.empty(p.total, p.cols, dtype=torch.int32, device=p.dev)
+    e_votes = torch.zeros(p.total, dtype=torch.int32, device=p.dev)
+    if p.total == 0:
+        return votes, e_votes, torch.ones(0, dtype=torch.bool, device=p.dev)
+    scales = rule.learn_scales
+    bc = min(256, triton.next_power_of_2(p.cols))
+    br = max(1, min(2048 // bc, triton.next_power_of_2(p.total)))
+    _group_votes_kernel[(triton.cdiv(p.total, br), triton.cdiv(p.cols, bc))](
+        p.tab, p.row_mat, p.abs_sum, p.per_mat[0], p.ge, p.per_mat[1], votes, e_votes, p.total,
+        _f32_bits(rule.evidence_rate), _f32_bits(rule.scale_rate), _salt_bits(rule.salt),
+        COLS=p.cols, BLOCK_R=br, BLOCK_C=bc, STOCHASTIC=rule.rounding == "stochastic",
+        MAX_VOTE=rule.max_vote, ROW_NORM=p.row_norm, SCALES=scales,
+        NORM_SCALES=scales and rule.scale_mode == "norm", ROW_IDS=p.row_ids, G_TY=p.g_ty,
+        num_warps=num_warps, enable_fp_fusion=False)
+    return votes, e_votes, torch.isfinite(p.abs_sum)
 
 
 def row_scale_grads(items: list[DenseItem]) -> list[torch.Tensor]:

@@ -73,14 +73,54 @@ def commit_micro_batch(model: nn.Module, rule: TernaryRule, *, micro_batches: in
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     # A matrix whose one backward holds k micro-batches votes with k shares (experts under ep).
     rules: dict[int, TernaryRule] = {}
+    on_gpu: dict[int, list] = {}
     for _, m in ternary_matrices(model):
         k = m.micro_batches_per_commit
         if k not in rules:
             rules[k] = with_step_salt(rule.scaled(rate_mult * k / micro_batches), model)
-        m.commit_micro_batch(rules[k])
+        item = m.commit_item()
+        if item is None:
+            m.commit_micro_batch(rules[k])
+        else:
+            on_gpu.setdefault(k, []).append((m, item))
+    if on_gpu:
+        _commit_on_gpu(on_gpu, rules)
     mb_rule = rules.get(1) or with_step_salt(rule.scaled(rate_mult / micro_batches), model)
     for owner in evidence_owners(model):
         owner.commit_micro_batch(mb_rule)
+
+
+def _commit_on_gpu(on_gpu: dict[int, list], rules: dict[int, TernaryRule]) -> None:
+    """commit_micro_batch of the matrices that gave a DenseItem: votes_many per group (rule,
+    column count, evidence dtype, whole or touched rows, layout), one host read for all groups'
+    finiteness instead of one per matrix. A group with non-finite evidence (a NaN loss) or whose
+    kernel fails to compile commits matrix by matrix through the torch path."""
+    from arbd.ternary.state import _kernel_or_none
+    from arbd.ternary.triton_update import row_strides, votes_many
+    groups: dict[tuple, list] = {}
+    for k, pairs in on_gpu.items():
+        for m, it in pairs:
+            key = (k, m.cols, it.grad.dtype, it.row_ids is None, row_strides(it))
+            groups.setdefault(key, []).append((m, it))
+    done, finite = [], []
+    for key, pairs in groups.items():
+        rule = rules[key[0]]
+        out = _kernel_or_none(("votes", key[1]), lambda: votes_many([it for _, it in pairs], rule))
+        if out is None:
+            for m, _ in pairs:
+                m.commit_micro_batch(rule)
+            continue
+        done.append((pairs, rule, out))
+        finite.append(out[2].all())
+    ok = torch.stack(finite).tolist() if finite else []
+    for (pairs, rule, (votes, e_votes, _)), good in zip(done, ok):
+        if not good:
+            for m, _ in pairs:
+                m.commit_micro_batch(rule)
+            continue
+        rows = [it.grad.shape[0] for _, it in pairs]
+        for (m, it), q, ev in zip(pairs, votes.split(rows), e_votes.split(rows)):
+            m.add_committed(it.row_ids, q, ev)
 
 
 def with_step_salt(rule: TernaryRule, model: nn.Module) -> TernaryRule:
