@@ -132,3 +132,30 @@ def test_votes_on_the_compiled_kernel_equal_the_torch_commit_on_gpu(monkeypatch)
     monkeypatch.setattr(state, "DENSE_UPDATE_KERNEL", "auto")
     got = _commit(base, steps, TUNED_RULE, "auto", monkeypatch)
     _same_votes(want, got)
+
+
+@pytest.mark.parametrize("name", ["tuned", "norm_scales", "nearest_tensor_norm"])
+def test_committed_votes_applied_by_the_row_kernel_equal_torch(name, monkeypatch):
+    """The step's votes, whole matrices and touched rows, applied by the row kernel (every row of
+    a whole matrix) give the torch rule's state and counts, byte for byte."""
+    gen = torch.Generator().manual_seed(17 + len(name))
+    base = _Mats(gen, False).to(DEVICE)
+    for m in base.mats:
+        m.t_accum.copy_(torch.randint(-127, 128, m.t_accum.shape, generator=gen).to(torch.int8))
+    steps = _evidence(gen, torch.float32)
+    rule = replace(RULES[name], salt=3)
+    calls = []
+    real = tu.apply_votes_rows
+    monkeypatch.setattr(tu, "apply_votes_rows", lambda *a, **k: calls.append(a[4].numel()) or real(*a, **k))
+    out, stats = {}, {}
+    for mode in ("torch", "triton"):
+        monkeypatch.setattr(state, "ROW_UPDATE_KERNEL", mode)
+        model = _commit(base, steps, rule, mode, monkeypatch)
+        stats[mode] = [m.apply_update(rule) for m in model.mats]
+        out[mode] = model
+    # the kernel ran once per matrix, over all rows of the whole ones
+    assert calls[:4] == [rows for rows, _, kind in SHAPES if kind == "dense"] and len(calls) == 5, calls
+    assert stats["triton"] == stats["torch"] and sum(s["trit_flips"] for s in stats["torch"]) > 0
+    for a, b in zip(out["torch"].mats, out["triton"].mats):
+        for k in ("packed", "t_accum", "exponent", "e_accum"):
+            assert torch.equal(getattr(a, k), getattr(b, k)), k

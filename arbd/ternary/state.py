@@ -11,6 +11,8 @@ row sharding give bit-identical states.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 import warnings
 import weakref
@@ -35,6 +37,12 @@ _NONZERO_FRACTION = 2 * (1 - 0.6914624612740131)
 ROW_UPDATE_KERNEL = "auto"
 # Dense float updates: "auto" = the fused Triton update on CUDA; "torch" / "triton" as above.
 DENSE_UPDATE_KERNEL = "auto"
+
+
+@functools.lru_cache(maxsize=256)
+def _all_rows(rows: int, device: torch.device) -> torch.Tensor:
+    """int64 [rows]: every row id, for the row kernels (the same each step, so cached)."""
+    return torch.arange(rows, device=device)
 
 
 def _kernel_on(setting: str, state: torch.Tensor) -> bool:
@@ -685,14 +693,17 @@ class TernaryMatrix(nn.Module):
         rows of an unpartitioned matrix on the GPU go through one Triton launch that reads and
         writes only those rows (bit-identical to the torch rule, tests/test_triton_update.py)."""
         use = _kernel_on(ROW_UPDATE_KERNEL, self.packed)
-        if idx is not None and use and not self.is_partitioned:
+        if use and not self.is_partitioned:
             from arbd.ternary.triton_update import apply_votes_rows
+            # Whole-matrix votes (votes mode) take the same kernel over every row, instead of
+            # unpacking, updating and repacking the whole matrix in torch ops.
+            rows = _all_rows(self.rows, self.packed.device) if idx is None else idx
             counts = _kernel_or_none(("rows", self.cols), lambda: apply_votes_rows(
-                self.packed, self.t_accum, self.exponent, self.e_accum, idx, votes, e_votes, rule))
+                self.packed, self.t_accum, self.exponent, self.e_accum, rows, votes, e_votes, rule))
             if counts is not None:
                 flips, moves = counts.tolist()
                 return {"trit_flips": int(flips), "scale_moves": int(moves),
-                        "rows": int(idx.numel())}
+                        "rows": int(rows.numel())}
         return self._rewrite_rows(idx, lambda *st: apply_votes(*st, votes, e_votes, rule))
 
     def _rewrite_rows(self, idx: torch.Tensor | None, step) -> dict[str, int]:
