@@ -147,13 +147,14 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
         return maybe_recompute(self._recomputing(), fn, *args)
 
     def _byte_logits(self, h: torch.Tensor) -> torch.Tensor:
-        per_row = h.shape[1]
-        if not self._recomputing() or h.shape[0] * per_row <= self.head_chunk_positions:
+        """ByteHead logits [B, T', 3, 256]; recomputed in chunks of at most head_chunk_positions
+        positions (the head works position by position, so the batch is flattened first)."""
+        n = self.head_chunk_positions
+        if not self._recomputing() or h.shape[0] * h.shape[1] <= n:
             return self._maybe_checkpoint(self.byte_head, h)
-        # Whole rows per chunk when a row fits, else slices of one row's positions.
-        dim, step = (0, max(1, self.head_chunk_positions // per_row)) if per_row <= self.head_chunk_positions \
-            else (1, self.head_chunk_positions)
-        return torch.cat([self._maybe_checkpoint(self.byte_head, c) for c in h.split(step, dim)], dim)
+        flat = h.reshape(-1, h.shape[-1])
+        out = torch.cat([self._maybe_checkpoint(self.byte_head, c) for c in flat.split(n)])
+        return out.reshape(*h.shape[:-1], *out.shape[1:])
 
     def _trunk(self, h: torch.Tensor, motif_ids: torch.Tensor | None,
                losses: dict[str, torch.Tensor]) -> torch.Tensor:
