@@ -212,6 +212,50 @@ def _matrix_means_kernel(tab_ptr, abs_sum_ptr, ge_ptr, tensor_s_ptr, mean_ge_ptr
         tl.store(mean_ge_ptr + m, (tl.sum(acc_e, axis=0) / rows.to(tl.float64)).to(tl.float32))
 
 
+@triton.jit
+def _row_terms(t, m, lr, gr, live, abs_sum_ptr, tensor_s_ptr, COLS: tl.constexpr,
+               ROW_NORM: tl.constexpr, ROW_IDS: tl.constexpr):
+    """Per group row: the matrix row sr (lr: the evidence row), the row the hash sees (global,
+    for a block), the global row length (COLS unless tp-split) and first column, and -d, where
+    d = s + 1e-30 in fp32 as torch adds it, s the row's (or the matrix's) mean |g|."""
+    sr = _state_rows(t, lr, live, ROW_IDS)
+    hr = sr + tl.load(t + 8, mask=live, other=0)
+    row_len = tl.load(t + 9, mask=live, other=COLS)
+    col_off = tl.load(t + 10, mask=live, other=0)
+    if ROW_NORM:
+        s = (tl.load(abs_sum_ptr + gr, mask=live, other=1.0) / row_len.to(tl.float64)).to(tl.float32)
+    else:
+        s = tl.load(tensor_s_ptr + m, mask=live, other=1.0)
+    return sr, hr, row_len, col_off, 0.0 - (s + tl.full((), 1e-30, tl.float32))
+
+
+@triton.jit
+def _vote(g, negd, hr, row_len, col, col_off, rate_bits, salt, STOCHASTIC: tl.constexpr,
+          MAX_VOTE: tl.constexpr):
+    """rule.quantize_evidence of fp32 evidence g [R, C] at columns col: x = -g / d * rate (rate:
+    the int32 bits of the fp32 rate torch multiplies by), rounded at the entry's global hash
+    position."""
+    # (-g) / d == g / (-d) exactly under round-to-nearest, signed zeros included.
+    x = tl.math.div_rn(g, negd[:, None]) * rate_bits.to(tl.int32).to(tl.float32, bitcast=True)
+    pos = (hr.to(tl.uint32)[:, None] * row_len.to(tl.uint32)[:, None]
+           + (col[None, :] + col_off[:, None]).to(tl.uint32))
+    return _sround(x, pos, salt, STOCHASTIC, MAX_VOTE)
+
+
+@triton.jit
+def _scale_vote(ge_ptr, mean_ge_ptr, gr, m, live, hr, srate_bits, salt, NORM_SCALES: tl.constexpr,
+                STOCHASTIC: tl.constexpr, MAX_VOTE: tl.constexpr):
+    """rule.votes_from_scale_grad of the rows' dL/dE: its x, hashed at position = the matrix's row."""
+    ge = tl.load(ge_ptr + gr, mask=live, other=0.0)
+    srate32 = srate_bits.to(tl.int32).to(tl.float32, bitcast=True)
+    if NORM_SCALES:
+        mean = tl.load(mean_ge_ptr + m, mask=live, other=1.0)
+        xe = tl.math.div_rn(ge, 0.0 - (mean + tl.full((), 1e-30, tl.float32))) * srate32
+    else:
+        xe = (0.0 - tl.where(ge > 0, 1.0, tl.where(ge < 0, -1.0, 0.0))) * srate32
+    return _sround(xe, hr.to(tl.uint32), salt, STOCHASTIC, MAX_VOTE)
+
+
 @triton.jit(do_not_specialize=["TOTAL", "rate_bits", "srate_bits", "salt_bits"])
 def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr, mean_ge_ptr,
                          stats_ptr, TOTAL, rate_bits, srate_bits, salt_bits,
@@ -227,23 +271,13 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
     gr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = gr < TOTAL
     t, m, lr = _group_rows(tab_ptr, row_mat_ptr, gr, live)
-    sr = _state_rows(t, lr, live, ROW_IDS)   # the matrix row; lr: the evidence row
-    hr = sr + tl.load(t + 8, mask=live, other=0)   # the row the hash sees: global, for a block
-    row_len = tl.load(t + 9, mask=live, other=COLS)   # global row length (COLS unless tp-split)
-    col_off = tl.load(t + 10, mask=live, other=0)
+    sr, hr, row_len, col_off, negd = _row_terms(t, m, lr, gr, live, abs_sum_ptr, tensor_s_ptr,
+                                                COLS, ROW_NORM, ROW_IDS)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     bp, bm, rest = _packed_tile(t, sr, live, b, NB, S_P)
     gp = _evidence_rows(t, lr, live, COLS, G_TY)
     tp = _ptr(t, 2, live, tl.int8) + sr * S_T
-    # s: the row's (or the matrix's) mean |g|; d = s + 1e-30 in fp32, as torch adds it
-    if ROW_NORM:
-        s = (tl.load(abs_sum_ptr + gr, mask=live, other=1.0) / row_len.to(tl.float64)).to(tl.float32)
-    else:
-        s = tl.load(tensor_s_ptr + m, mask=live, other=1.0)
-    negd = 0.0 - (s + tl.full((), 1e-30, tl.float32))
-    # int32 bits of the fp32 rate torch multiplies by, and of the salt's hash mix
-    rate32 = rate_bits.to(tl.int32).to(tl.float32, bitcast=True)
-    salt = salt_bits.to(tl.int32).to(tl.uint32, bitcast=True)
+    salt = salt_bits.to(tl.int32).to(tl.uint32, bitcast=True)   # int32 bits of the hash mix
     new_byte = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.int32)
     flips = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.int32)
     p3 = 1
@@ -259,11 +293,8 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
             if DECAY > 0:
                 acc = acc - _trunc_div(acc, 1 << DECAY)
             g = tl.load(gp[:, None] + col[None, :], mask=cm, other=0.0).to(tl.float32)
-            # (-g) / d == g / (-d) exactly under round-to-nearest, signed zeros included.
-            x = tl.math.div_rn(g, negd[:, None]) * rate32
-            pos = (hr.to(tl.uint32)[:, None] * row_len.to(tl.uint32)[:, None]
-                   + (col[None, :] + col_off[:, None]).to(tl.uint32))
-            acc = acc + _sround(x, pos, salt, STOCHASTIC, MAX_VOTE)
+            acc = acc + _vote(g, negd, hr, row_len, col, col_off, rate_bits, salt, STOCHASTIC,
+                              MAX_VOTE)
         n = tl.where(cm, _trit_moves(acc, trit, THRESHOLD), 0)
         trit, acc = _settle(acc, trit, n, THRESHOLD, CAP, ACC_MAX)
         tl.store(tp[:, None] + col[None, :], acc.to(tl.int8), mask=cm)
@@ -280,15 +311,8 @@ def _group_update_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr
             ea = tl.load(eap, mask=live, other=0).to(tl.int32)
             if DECAY > 0:
                 ea = ea - _trunc_div(ea, 1 << DECAY)
-            ge = tl.load(ge_ptr + gr, mask=live, other=0.0)
-            srate32 = srate_bits.to(tl.int32).to(tl.float32, bitcast=True)
-            # rule.votes_from_scale_grad: its x, hashed at position = the matrix's row
-            if NORM_SCALES:
-                mean = tl.load(mean_ge_ptr + m, mask=live, other=1.0)
-                xe = tl.math.div_rn(ge, 0.0 - (mean + tl.full((), 1e-30, tl.float32))) * srate32
-            else:
-                xe = (0.0 - tl.where(ge > 0, 1.0, tl.where(ge < 0, -1.0, 0.0))) * srate32
-            ea += _sround(xe, hr.to(tl.uint32), salt, STOCHASTIC, MAX_VOTE)
+            ea += _scale_vote(ge_ptr, mean_ge_ptr, gr, m, live, hr, srate_bits, salt, NORM_SCALES,
+                              STOCHASTIC, MAX_VOTE)
             mv, ea = _scale_step(ea, e, live, S_THRESHOLD, ACC_MAX)
             tl.store(ep, (e + mv).to(tl.int8), mask=live)
             tl.store(eap, ea.to(tl.int8), mask=live)
@@ -308,35 +332,19 @@ def _group_votes_kernel(tab_ptr, row_mat_ptr, abs_sum_ptr, tensor_s_ptr, ge_ptr,
     gr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = gr < TOTAL
     t, m, lr = _group_rows(tab_ptr, row_mat_ptr, gr, live)
-    hr = _state_rows(t, lr, live, ROW_IDS) + tl.load(t + 8, mask=live, other=0)
-    row_len = tl.load(t + 9, mask=live, other=COLS)
-    col_off = tl.load(t + 10, mask=live, other=0)
-    if ROW_NORM:
-        s = (tl.load(abs_sum_ptr + gr, mask=live, other=1.0) / row_len.to(tl.float64)).to(tl.float32)
-    else:
-        s = tl.load(tensor_s_ptr + m, mask=live, other=1.0)
-    negd = 0.0 - (s + tl.full((), 1e-30, tl.float32))
-    rate32 = rate_bits.to(tl.int32).to(tl.float32, bitcast=True)
+    _, hr, row_len, col_off, negd = _row_terms(t, m, lr, gr, live, abs_sum_ptr, tensor_s_ptr,
+                                               COLS, ROW_NORM, ROW_IDS)
     salt = salt_bits.to(tl.int32).to(tl.uint32, bitcast=True)
     col = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = live[:, None] & (col[None, :] < COLS)
     gp = _evidence_rows(t, lr, live, COLS, G_TY)
     g = tl.load(gp[:, None] + col[None, :], mask=cm, other=0.0).to(tl.float32)
-    x = tl.math.div_rn(g, negd[:, None]) * rate32
-    pos = (hr.to(tl.uint32)[:, None] * row_len.to(tl.uint32)[:, None]
-           + (col[None, :] + col_off[:, None]).to(tl.uint32))
-    q = _sround(x, pos, salt, STOCHASTIC, MAX_VOTE)
+    q = _vote(g, negd, hr, row_len, col, col_off, rate_bits, salt, STOCHASTIC, MAX_VOTE)
     tl.store(votes_ptr + gr.to(tl.int64)[:, None] * COLS + col[None, :], q, mask=cm)
     if SCALES:
         if pid_c == 0:
-            ge = tl.load(ge_ptr + gr, mask=live, other=0.0)
-            srate32 = srate_bits.to(tl.int32).to(tl.float32, bitcast=True)
-            if NORM_SCALES:
-                mean = tl.load(mean_ge_ptr + m, mask=live, other=1.0)
-                xe = tl.math.div_rn(ge, 0.0 - (mean + tl.full((), 1e-30, tl.float32))) * srate32
-            else:
-                xe = (0.0 - tl.where(ge > 0, 1.0, tl.where(ge < 0, -1.0, 0.0))) * srate32
-            tl.store(e_votes_ptr + gr, _sround(xe, hr.to(tl.uint32), salt, STOCHASTIC, MAX_VOTE),
+            tl.store(e_votes_ptr + gr, _scale_vote(ge_ptr, mean_ge_ptr, gr, m, live, hr, srate_bits,
+                                                   salt, NORM_SCALES, STOCHASTIC, MAX_VOTE),
                      mask=live)
 
 
