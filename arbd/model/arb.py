@@ -167,8 +167,8 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
             # Step by step where the experts run locally; under expert parallelism the whole
             # block, so that every rank re-runs its all-to-alls in forward order (decisions.md).
             mg.recompute_steps = self._recomputing() and not mg.expert_parallel
-            whole = self._maybe_checkpoint if not mg.recompute_steps else lambda f, *a: f(*a)
-            h, aux = whole(mg, h, motif_ids, codebook, self.kg_edges, self.ledger.view())
+            h, aux = maybe_recompute(self._recomputing() and not mg.recompute_steps, mg, h,
+                                     motif_ids, codebook, self.kg_edges, self.ledger.view())
             if "balance" in aux:
                 losses["balance"] = aux["balance"]
                 losses["ponder"] = aux["ponder"]

@@ -73,7 +73,7 @@ def commit_micro_batch(model: nn.Module, rule: TernaryRule, *, micro_batches: in
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     # A matrix whose one backward holds k micro-batches votes with k shares (experts under ep).
     rules: dict[int, TernaryRule] = {}
-    on_gpu: dict[int, list] = {}
+    on_gpu: dict[tuple, list] = {}   # (k, kernel group) -> (matrix, DenseItem)
     for _, m in ternary_matrices(model):
         k = m.micro_batches_per_commit
         if k not in rules:
@@ -82,7 +82,7 @@ def commit_micro_batch(model: nn.Module, rule: TernaryRule, *, micro_batches: in
         if item is None:
             m.commit_micro_batch(rules[k])
         else:
-            on_gpu.setdefault(k, []).append((m, item))
+            on_gpu.setdefault((k,) + _kernel_group(m, item), []).append((m, item))
     if on_gpu:
         _commit_on_gpu(on_gpu, rules)
     mb_rule = rules.get(1) or with_step_salt(rule.scaled(rate_mult / micro_batches), model)
@@ -90,18 +90,22 @@ def commit_micro_batch(model: nn.Module, rule: TernaryRule, *, micro_batches: in
         owner.commit_micro_batch(mb_rule)
 
 
-def _commit_on_gpu(on_gpu: dict[int, list], rules: dict[int, TernaryRule]) -> None:
-    """commit_micro_batch of the matrices that gave a DenseItem: votes_many per group (rule,
-    column count, evidence dtype, whole or touched rows, layout), one host read for all groups'
-    finiteness instead of one per matrix. A group with non-finite evidence (a NaN loss) or whose
-    kernel fails to compile commits matrix by matrix through the torch path."""
+def _kernel_group(m: nn.Module, item: Any) -> tuple:
+    """What matrices must share to go through one launch of the fused kernels: column count,
+    device, evidence dtype, kind (whole matrices, touched rows, blocks with a given mean, column
+    shards with given row sums) and state layout."""
+    from arbd.ternary.triton_update import row_strides
+    return (m.cols, item.grad.device, item.grad.dtype, item.row_ids is None,
+            item.mean_ge is None, item.row_abs_sums is None, row_strides(item))
+
+
+def _commit_on_gpu(groups: dict[tuple, list], rules: dict[int, TernaryRule]) -> None:
+    """commit_micro_batch of the matrices that gave a DenseItem, grouped by (micro-batches per
+    commit, _kernel_group): votes_many per group, one host read for all groups' finiteness
+    instead of one per matrix. A group with non-finite evidence (a NaN loss) or whose kernel
+    fails to compile commits matrix by matrix through the torch path."""
     from arbd.ternary.state import _kernel_or_none
-    from arbd.ternary.triton_update import row_strides, votes_many
-    groups: dict[tuple, list] = {}
-    for k, pairs in on_gpu.items():
-        for m, it in pairs:
-            key = (k, m.cols, it.grad.dtype, it.row_ids is None, row_strides(it))
-            groups.setdefault(key, []).append((m, it))
+    from arbd.ternary.triton_update import votes_many
     done, finite = [], []
     for key, pairs in groups.items():
         rule = rules[key[0]]
@@ -264,12 +268,9 @@ def update_fused_grouped(pairs: list[tuple[nn.Module, Any]], rule: TernaryRule
     (nothing of theirs was changed)."""
     if not pairs:
         return [], []
-    from arbd.ternary.triton_update import row_strides
     groups: dict[tuple, list] = {}
     for m, item in pairs:
-        key = (m.cols, item.grad.device, item.grad.dtype, item.row_ids is None,
-               item.mean_ge is None, item.row_abs_sums is None, row_strides(item))
-        groups.setdefault(key, []).append((m, item))
+        groups.setdefault(_kernel_group(m, item), []).append((m, item))
     counts, failed = [], []
     for members in groups.values():
         c = update_fused(members, rule)
