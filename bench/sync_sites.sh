@@ -4,7 +4,8 @@
 # 11: the 2-GPU step was bound by 314 syncs, not by NCCL).
 #
 #   OUT=dir [WORLDS="1 2"] [SYNC_TP=1] [CPROFILE=1 ROWS=40] bash bench/sync_sites.sh   # $OUT/sync<w>.json
-#   OUT=dir TIMING=1 [STEPS=12] bash bench/sync_sites.sh   # plain step times at world 1 and 2
+#   OUT=dir TIMING=1 [STEPS=12] [TIMING_TIMEOUT=s] bash bench/sync_sites.sh   # plain step times
+#   (a run that hangs: ARBD_STALL_DUMP_S=60 makes every rank print its stacks each minute)
 #
 # World 2 runs both ranks on GPU 0 with ARBD_CUDA_BACKEND=gloo (NCCL refuses two ranks on one
 # device): the multi-rank code paths and their syncs are those of an NCCL run; the times are not
@@ -25,8 +26,8 @@ if [ "${TIMING:-0}" = 1 ]; then
   # Plain training steps instead (no counters): launch/pretrain.py at world 1 and 2 (both ranks on
   # GPU 0 over gloo), median step time over steps 4..STEPS. For A/B of two trees in one call
   # (bench/ab_trees.sh): the gloo copies are in both, so only the difference means something.
-  for w in 1 2; do
-    ARBD_CUDA_BACKEND=gloo python3 -m torch.distributed.run --standalone --nproc_per_node "$w" \
+  for w in ${WORLDS:-1 2}; do
+    ARBD_CUDA_BACKEND=gloo timeout "${TIMING_TIMEOUT:-900}" python3 -m torch.distributed.run --standalone --nproc_per_node "$w" \
       launch/pretrain.py --plan "$(layout "$w")" --steps "${STEPS:-12}" --no-save --no-progress \
       --val-windows "$w" --out "$OUT/time$w" > "$OUT/time$w.log" 2>&1 || { tail -20 "$OUT/time$w.log"; exit 1; }
     python3 - "$OUT/time$w/history.json" "$w" <<'PY'

@@ -188,3 +188,22 @@ def test_unknown_cuda_backend_is_refused_before_anything_starts(monkeypatch):
     with pytest.raises(ValueError, match="ARBD_CUDA_BACKEND='mpi'.*'nccl'.*'gloo'"):
         distributed.init_distributed()
     assert not dist.is_initialized()
+
+
+def test_stall_dump_prints_every_ranks_stacks_and_refuses_bad_values(monkeypatch):
+    # ARBD_STALL_DUMP_S arms faulthandler's repeating dump: a process that stays inside one call
+    # (as a rank blocked on a collective does) prints that call's stack on stderr.
+    code = ("import time; from arbd.train.trainer import _arm_stall_dump\n"
+            "def waiting_in_a_collective():\n    time.sleep(1.5)\n"
+            "_arm_stall_dump(); waiting_in_a_collective()\n")
+    env = dict(_env(), ARBD_STALL_DUMP_S="0.4")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr.count("most recent call first") >= 2, res.stderr[-2000:]
+    assert "waiting_in_a_collective" in res.stderr
+    from arbd.train.trainer import _arm_stall_dump
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv("ARBD_STALL_DUMP_S", bad)
+        with pytest.raises(SystemExit, match="ARBD_STALL_DUMP_S"):
+            _arm_stall_dump()

@@ -82,8 +82,10 @@ def _check_against_torch(cols, rule, rows, u, seed, vote_dtype=torch.int32, laun
     return want
 
 
-# 8-16 columns: the widths triton 3.6 could not compile the earlier gather kernel for.
-@pytest.mark.parametrize("cols", [64, 37, 1, 8, 12, 13, 16, 24, 100])
+# 8-16 columns: the widths triton 3.6 could not compile the earlier gather kernel for. 128 is
+# the widest whole row; 129, 251 and 300 go in chunks of 125 (row_chunking): a chunk of 4
+# columns, a last column alone in its byte, three chunks.
+@pytest.mark.parametrize("cols", [64, 37, 1, 8, 12, 13, 16, 24, 100, 128, 129, 251, 300])
 @pytest.mark.parametrize("rule", RULES, ids=["tuned", "default", "cap_decay", "no_scales"])
 def test_apply_votes_rows_equals_torch(cols, rule):
     # 77 rows: no multiple of the row block. TUNED_RULE freezes rows under 8 columns.
@@ -107,7 +109,10 @@ ROWS, TOUCHED = (600, 300) if DEVICE == "cpu" else (9000, 7000)
     (64, dict(packing_mode="scan", block_r=16, num_warps=4, programs_per_sm=1)),
     (13, dict(packing_mode="scan", block_r=64, num_warps=4, programs_per_sm=None)),
     (16, dict(packing_mode="scan", block_r=16, num_warps=2, programs_per_sm=1)),
-], ids=["g64", "g37_p1", "g64_w8_noevict", "s64", "s64_p1", "s13_oneblock", "s16_w2_p1"])
+    (252, dict(packing_mode="gather", block_r=32, num_warps=8, programs_per_sm=2)),
+    (252, dict(packing_mode="scan")),
+], ids=["g64", "g37_p1", "g64_w8_noevict", "s64", "s64_p1", "s13_oneblock", "s16_w2_p1",
+        "g252_chunks_p2", "s252_chunks"])
 def test_packings_and_block_loop_equal_torch(cols, knobs):
     _check_against_torch(cols, TernaryRule(threshold=5, decay_shift=3, saturated_cap=20,
                                            scale_threshold=3), ROWS, TOUCHED, 11 + cols, **knobs)

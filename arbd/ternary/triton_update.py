@@ -720,53 +720,46 @@ def _segment_sum(a, head_a, b, head_b):
 
 
 @triton.jit
-def _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev_ptr, u, blk,
-               COLS: tl.constexpr, COLS_P: tl.constexpr, NB: tl.constexpr, NB_P: tl.constexpr,
-               PAD: tl.constexpr, BLOCK_R: tl.constexpr, THRESHOLD: tl.constexpr,
-               DECAY: tl.constexpr, FREEZE: tl.constexpr, CAP: tl.constexpr,
-               ACC_MAX: tl.constexpr, SCALES: tl.constexpr, S_THRESHOLD: tl.constexpr,
-               GATHER: tl.constexpr, EVICT: tl.constexpr, S_P: tl.constexpr, S_T: tl.constexpr,
-               S_E: tl.constexpr, S_EA: tl.constexpr):
-    """rule.apply_votes on touched rows [blk * BLOCK_R, (blk + 1) * BLOCK_R); returns the
-    rows' trit flips and scale moves. S_*: row strides of packed, t_acc, exponent, e_acc
-    (contiguous buffers or one row record: cuda_rows.check_row_layout). GATHER: the "gather"
-    packing of the comment above, else "scan"."""
+def _row_chunk(packed_ptr, t_acc_ptr, votes_ptr, row, r, live, c0, COLS: tl.constexpr,
+               NB: tl.constexpr, PAD: tl.constexpr, CW: tl.constexpr, CP: tl.constexpr,
+               NBC: tl.constexpr, NBC_P: tl.constexpr, BLOCK_R: tl.constexpr,
+               THRESHOLD: tl.constexpr, DECAY: tl.constexpr, FREEZE: tl.constexpr,
+               CAP: tl.constexpr, ACC_MAX: tl.constexpr, GATHER: tl.constexpr,
+               EVICT: tl.constexpr, S_P: tl.constexpr, S_T: tl.constexpr):
+    """The trit half of rule.apply_votes on columns [c0, c0 + CW) of the rows (c0 a multiple of
+    5, so the chunk starts on a byte: NBC bytes, CP and NBC_P the powers of two holding CW and
+    NBC); returns each row's trit flips."""
     # Per-column constants (loop-invariant: the compiler hoists them).
-    col = tl.arange(0, COLS_P)
-    cin = col < COLS
-    byte_of = col // 5
-    digit = col % 5
+    lc = tl.arange(0, CP)
+    col = c0 + lc
+    cin = (lc < CW) & (col < COLS)
+    byte_of = lc // 5                        # the byte within the chunk
+    digit = lc % 5
     p3 = _pow3(digit)
     magic = (65535 + p3) // p3               # (x * magic) >> 16 == x // 3**d for x < 256
     head = (digit == 0).to(tl.int32)
     last = cin & ((digit == 4) | (col == COLS - 1))
     # digits past the last column pack as 1 (trit 0), as pack_trits pads
     pad = tl.where(col == COLS - 1, PAD, 0)
-    r = tl.arange(0, BLOCK_R).to(tl.int64) + blk * BLOCK_R      # u < 2**31: no overflow
-    live = r < u
-    row = tl.load(idx_ptr + r, mask=live, other=0, eviction_policy=EVICT).to(tl.int64)
-    if COLS == COLS_P:
+    if CW == CP and CW == COLS:
         # a mask constant along the row lets the loads and stores be 16-byte vectors
         cm = live[:, None]
     else:
         cm = live[:, None] & cin[None, :]
-    b = tl.arange(0, NB_P)
-    bm = live[:, None] & (b[None, :] < NB)
+    b = tl.arange(0, NBC_P)
+    bm = live[:, None] & ((b < NBC) & (c0 // 5 + b < NB))[None, :]
+    pp = packed_ptr + row[:, None] * S_P + c0 // 5
     if GATHER:
-        by = tl.load(packed_ptr + row[:, None] * S_P + b[None, :], mask=bm, other=121)
-        by = tl.gather(by, tl.broadcast_to(tl.minimum(byte_of, NB_P - 1)[None, :],
-                                           (BLOCK_R, COLS_P)), 1)
+        by = tl.load(pp + b[None, :], mask=bm, other=121)
+        by = tl.gather(by, tl.broadcast_to(tl.minimum(byte_of, NBC_P - 1)[None, :],
+                                           (BLOCK_R, CP)), 1)
     else:
-        by = tl.load(packed_ptr + row[:, None] * S_P + byte_of[None, :], mask=cm, other=121)
+        by = tl.load(pp + byte_of[None, :], mask=cm, other=121)
     by = by.to(tl.int32)
     # Bytes above 242 are not base-3 trits; packing's table decodes them as five zeros.
     by = tl.where(by > 242, 121, by)
     trit = ((by * magic[None, :]) >> 16) % 3 - 1
     off = row[:, None] * S_T + col[None, :]
-    if SCALES:
-        e = tl.load(exp_ptr + row * S_E, mask=live, other=0).to(tl.int32)
-        ea = tl.load(e_acc_ptr + row * S_EA, mask=live, other=0).to(tl.int32)
-        ev = tl.load(ev_ptr + r, mask=live, other=0, eviction_policy=EVICT).to(tl.int32)
     if FREEZE:
         acc = trit * 0                      # the rule zeroes frozen rows' accumulators
     else:
@@ -779,25 +772,57 @@ def _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev
     n = _trit_moves(acc, trit, THRESHOLD)
     trit, acc = _settle(acc, trit, n, THRESHOLD, CAP, ACC_MAX)
     tl.store(t_acc_ptr + off, acc.to(tl.int8), mask=cm)
-    flips = tl.sum(tl.abs(n), axis=1)
     if GATHER:
-        # slot (b, d) takes column 5b + d; slots past COLS hold digit 1 (trit 0)
+        # slot (b, d) takes column 5b + d of the chunk; slots past its columns hold digit 1
         d = tl.arange(0, 8)
-        slot = b[:, None] * 5 + d[None, :]                                   # [NB_P, 8]
-        src = tl.reshape(tl.minimum(slot, COLS_P - 1), (NB_P * 8,))
-        t_slot = tl.reshape(tl.gather(trit, tl.broadcast_to(src[None, :], (BLOCK_R, NB_P * 8)),
-                                      1), (BLOCK_R, NB_P, 8))
-        dig = tl.where(slot[None, :, :] < COLS, t_slot + 1, 1)
+        slot = b[:, None] * 5 + d[None, :]                                   # [NBC_P, 8]
+        src = tl.reshape(tl.minimum(slot, CP - 1), (NBC_P * 8,))
+        t_slot = tl.reshape(tl.gather(trit, tl.broadcast_to(src[None, :], (BLOCK_R, NBC_P * 8)),
+                                      1), (BLOCK_R, NBC_P, 8))
+        real = (slot < CW) & (c0 + slot < COLS)
+        dig = tl.where(real[None, :, :], t_slot + 1, 1)
         packed = tl.sum(tl.where(d[None, None, :] < 5, dig * _pow3(d)[None, None, :], 0), axis=2)
-        tl.store(packed_ptr + row[:, None] * S_P + b[None, :], packed.to(tl.uint8), mask=bm)
+        tl.store(pp + b[None, :], packed.to(tl.uint8), mask=bm)
     else:
         packed, _ = tl.associative_scan(
-            ((trit + 1) * p3[None, :], tl.broadcast_to(head[None, :], (BLOCK_R, COLS_P))), 1,
+            ((trit + 1) * p3[None, :], tl.broadcast_to(head[None, :], (BLOCK_R, CP))), 1,
             _segment_sum)
         if PAD:
             packed += pad[None, :]
-        tl.store(packed_ptr + row[:, None] * S_P + byte_of[None, :], packed.to(tl.uint8),
-                 mask=live[:, None] & last[None, :])
+        tl.store(pp + byte_of[None, :], packed.to(tl.uint8), mask=live[:, None] & last[None, :])
+    return tl.sum(tl.abs(n), axis=1)
+
+
+@triton.jit
+def _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev_ptr, u, blk,
+               COLS: tl.constexpr, NB: tl.constexpr, PAD: tl.constexpr, CW: tl.constexpr,
+               CP: tl.constexpr, NBC: tl.constexpr, NBC_P: tl.constexpr, BLOCK_R: tl.constexpr,
+               THRESHOLD: tl.constexpr, DECAY: tl.constexpr, FREEZE: tl.constexpr,
+               CAP: tl.constexpr, ACC_MAX: tl.constexpr, SCALES: tl.constexpr,
+               S_THRESHOLD: tl.constexpr, GATHER: tl.constexpr, EVICT: tl.constexpr,
+               S_P: tl.constexpr, S_T: tl.constexpr, S_E: tl.constexpr, S_EA: tl.constexpr):
+    """rule.apply_votes on touched rows [blk * BLOCK_R, (blk + 1) * BLOCK_R); returns the
+    rows' trit flips and scale moves. S_*: row strides of packed, t_acc, exponent, e_acc
+    (contiguous buffers or one row record: cuda_rows.check_row_layout). GATHER: the "gather"
+    packing of the comment above, else "scan". A row wider than one chunk of CW columns is
+    walked chunk by chunk in a loop the compiler keeps rolled (row_chunking)."""
+    r = tl.arange(0, BLOCK_R).to(tl.int64) + blk * BLOCK_R      # u < 2**31: no overflow
+    live = r < u
+    row = tl.load(idx_ptr + r, mask=live, other=0, eviction_policy=EVICT).to(tl.int64)
+    if SCALES:
+        e = tl.load(exp_ptr + row * S_E, mask=live, other=0).to(tl.int32)
+        ea = tl.load(e_acc_ptr + row * S_EA, mask=live, other=0).to(tl.int32)
+        ev = tl.load(ev_ptr + r, mask=live, other=0, eviction_policy=EVICT).to(tl.int32)
+    if CW >= COLS:
+        flips = _row_chunk(packed_ptr, t_acc_ptr, votes_ptr, row, r, live, 0, COLS, NB, PAD, CW,
+                           CP, NBC, NBC_P, BLOCK_R, THRESHOLD, DECAY, FREEZE, CAP, ACC_MAX,
+                           GATHER, EVICT, S_P, S_T)
+    else:
+        flips = tl.zeros((BLOCK_R,), dtype=tl.int32)
+        for c0 in range(0, COLS, CW):
+            flips += _row_chunk(packed_ptr, t_acc_ptr, votes_ptr, row, r, live, c0, COLS, NB,
+                                PAD, CW, CP, NBC, NBC_P, BLOCK_R, THRESHOLD, DECAY, FREEZE, CAP,
+                                ACC_MAX, GATHER, EVICT, S_P, S_T)
     if SCALES:
         if DECAY > 0:
             ea = ea - _trunc_div(ea, 1 << DECAY)
@@ -813,8 +838,9 @@ def _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev
 
 @triton.jit(do_not_specialize=["u"])
 def _apply_votes_kernel(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr, ev_ptr,
-                        stats_ptr, u, COLS: tl.constexpr, COLS_P: tl.constexpr, NB: tl.constexpr,
-                        NB_P: tl.constexpr, PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                        stats_ptr, u, COLS: tl.constexpr, NB: tl.constexpr, PAD: tl.constexpr,
+                        CW: tl.constexpr, CP: tl.constexpr, NBC: tl.constexpr,
+                        NBC_P: tl.constexpr, BLOCK_R: tl.constexpr,
                         THRESHOLD: tl.constexpr, DECAY: tl.constexpr, FREEZE: tl.constexpr,
                         CAP: tl.constexpr, ACC_MAX: tl.constexpr, SCALES: tl.constexpr,
                         S_THRESHOLD: tl.constexpr, GATHER: tl.constexpr, EVICT: tl.constexpr,
@@ -827,19 +853,36 @@ def _apply_votes_kernel(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, vote
         moves = tl.zeros((BLOCK_R,), dtype=tl.int32)
         for blk in tl.range(tl.program_id(0), tl.cdiv(u, BLOCK_R), tl.num_programs(0)):
             f, m = _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr,
-                              ev_ptr, u, blk, COLS, COLS_P, NB, NB_P, PAD, BLOCK_R, THRESHOLD,
-                              DECAY, FREEZE, CAP, ACC_MAX, SCALES, S_THRESHOLD, GATHER, EVICT,
-                              S_P, S_T, S_E, S_EA)
+                              ev_ptr, u, blk, COLS, NB, PAD, CW, CP, NBC, NBC_P, BLOCK_R,
+                              THRESHOLD, DECAY, FREEZE, CAP, ACC_MAX, SCALES, S_THRESHOLD,
+                              GATHER, EVICT, S_P, S_T, S_E, S_EA)
             flips += f
             moves += m
     else:
         flips, moves = _row_block(packed_ptr, t_acc_ptr, exp_ptr, e_acc_ptr, idx_ptr, votes_ptr,
-                                  ev_ptr, u, tl.program_id(0), COLS, COLS_P, NB, NB_P, PAD,
+                                  ev_ptr, u, tl.program_id(0), COLS, NB, PAD, CW, CP, NBC, NBC_P,
                                   BLOCK_R, THRESHOLD, DECAY, FREEZE, CAP, ACC_MAX, SCALES,
                                   S_THRESHOLD, GATHER, EVICT, S_P, S_T, S_E, S_EA)
     tl.atomic_add(stats_ptr, tl.sum(flips, axis=0))
     if SCALES:
         tl.atomic_add(stats_ptr + 1, tl.sum(moves, axis=0))
+
+
+# Rows wider than this many trits are walked in chunks of ROW_CHUNK (25 bytes, padded to 128
+# lanes): the kernel holds BLOCK_R x (row width) values in registers, and whole rows of 1,024+
+# trits (votes mode sends every matrix here) took minutes to compile and spilled.
+ROW_CHUNK_ABOVE = 128
+ROW_CHUNK = 125
+
+
+def row_chunking(cols: int) -> tuple[int, int, int, int]:
+    """(columns per chunk, its power-of-two width, bytes per chunk, its power of two) for rows
+    of `cols` trits: the whole row when it fits ROW_CHUNK_ABOVE, else ROW_CHUNK columns."""
+    if cols <= ROW_CHUNK_ABOVE:
+        nb = packing.packed_cols(cols)
+        return cols, triton.next_power_of_2(cols), nb, triton.next_power_of_2(nb)
+    return ROW_CHUNK, triton.next_power_of_2(ROW_CHUNK), ROW_CHUNK // 5, \
+        triton.next_power_of_2(ROW_CHUNK // 5)
 
 
 # (rows per block, warps per program, programs per SM or None for one block per program) of the
@@ -902,11 +945,12 @@ def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torc
     blocks = triton.cdiv(u, br)
     grid = blocks if pps is None else min(blocks, pps * _sm_count(packed.device))
     tail = cols % 5
+    cw, cp, nbc, nbc_p = row_chunking(cols)
     _apply_votes_kernel[(grid,)](
         packed, t_accum, exponent, e_accum, idx.reshape(-1).contiguous(), narrow(votes),
-        narrow(e_votes) if scales else stats, stats, u, COLS=cols,
-        COLS_P=triton.next_power_of_2(cols), NB=nb, NB_P=triton.next_power_of_2(nb),
-        PAD=(3 ** 5 - 3 ** tail) // 2 if tail else 0, BLOCK_R=br, THRESHOLD=rule.threshold,
+        narrow(e_votes) if scales else stats, stats, u, COLS=cols, NB=nb,
+        PAD=(3 ** 5 - 3 ** tail) // 2 if tail else 0, CW=cw, CP=cp, NBC=nbc, NBC_P=nbc_p,
+        BLOCK_R=br, THRESHOLD=rule.threshold,
         DECAY=rule.decay_shift, FREEZE=bool(rule.freeze_short_rows and cols < MIN_ROW_FOR_ROW_NORM),
         CAP=rule.saturated_cap, ACC_MAX=ACC_MAX, SCALES=scales, S_THRESHOLD=rule.scale_threshold,
         GATHER=mode == "gather", EVICT="evict_first" if evict_first else "", LOOP=pps is not None,

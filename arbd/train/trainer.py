@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -445,12 +446,30 @@ MODALITY_DEFAULTS = {
 }
 
 
+def _arm_stall_dump() -> None:
+    """ARBD_STALL_DUMP_S=N: every N seconds, each rank writes all its threads' Python stacks to
+    stderr. For a run that hangs (a rank waiting on a collective another never entered): the
+    last dumps of the ranks show where each one waits. Off by default."""
+    s = os.environ.get("ARBD_STALL_DUMP_S", "")
+    if not s:
+        return
+    try:
+        secs = float(s)
+    except ValueError:
+        raise SystemExit(f"arbd: ARBD_STALL_DUMP_S must be a number of seconds, got {s!r}") from None
+    if secs <= 0:
+        raise SystemExit(f"arbd: ARBD_STALL_DUMP_S must be > 0, got {s!r}")
+    import faulthandler
+    faulthandler.dump_traceback_later(secs, repeat=True, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None, *, description: str = "arbd pretraining",
          lightweight_text: bool = False, modality: str | None = None) -> int:
     parser = build_parser(description, lightweight_text=lightweight_text)
     if modality is not None:
         parser.set_defaults(no_vq=True, no_graph=True, no_attention=True, **MODALITY_DEFAULTS[modality])
     args = parser.parse_args(argv)
+    _arm_stall_dump()
     try:
         trainer = Trainer(args)
     except ckpt.CheckpointError as e:  # a clear one-line refusal, not a traceback
