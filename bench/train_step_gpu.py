@@ -71,6 +71,8 @@ def _plan(a: argparse.Namespace) -> Plan:
         kw["activation_checkpointing"] = a.activation_checkpointing == "on"
     if a.evidence_dtype:
         kw["evidence_dtype"] = a.evidence_dtype
+    if a.activation_offload:
+        kw["activation_checkpointing"] = kw["activation_offload"] = True
     # One process: dp 1, no ZeRO for the ternary side (the h100 plans say the same).
     return replace(plan, **kw)
 
@@ -98,6 +100,7 @@ def _build(plan: Plan, device, backend: str) -> ARBModel:
     model.ternary_rule = plan.ternary_rule()
     model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
     model.activation_checkpointing = plan.activation_checkpointing
+    model.activation_offload = plan.activation_offload
     set_evidence_dtype(model, plan.evidence_dtype)
     return model
 
@@ -305,7 +308,7 @@ def run_ternary(a: argparse.Namespace) -> dict:
     except Exception as e:  # stated in the result, never silently
         mode = f"no engine (deepspeed.initialize failed: {type(e).__name__}: {e})"
     if plan.activation_checkpointing:
-        mode += ", activation checkpointing"
+        mode += ", activation checkpointing" + (" + offload" if plan.activation_offload else "")
     _sync()
     build_s = time.perf_counter() - t0
     persistent = _alloc()
@@ -476,6 +479,8 @@ def main() -> None:
                    choices=("plan", "on", "off"),
                    help="recompute MLA layers and MoEGraph in backward: the plan's setting "
                         "(default; the dense twin then runs without), on, or off")
+    p.add_argument("--activation-offload", action="store_true",
+                   help="checkpointing with the kept inputs in pinned host memory (ternary runs)")
     p.add_argument("--evidence-dtype", choices=["fp32", "bf16"], default=None,
                    help="override the plan's evidence_dtype (ternary runs)")
     p.add_argument("--phases", action="store_true", help="one extra step timed per phase")

@@ -51,6 +51,9 @@ def test_plan_errors_name_the_field(tmp_path):
     bad.write_text("preset: arb-tiny\nmicro_batch: 0\n")
     with pytest.raises(ValueError, match="micro_batch must be a positive int"):
         load_plan(bad)
+    bad.write_text("preset: arb-tiny\nactivation_offload: true\n")
+    with pytest.raises(ValueError, match="set activation_checkpointing: true"):
+        load_plan(bad)
     bad.write_text("preset: arb-tiny\nzero: 1\n")
     with pytest.raises(ValueError, match=r"unknown plan field\(s\) \['zero'\]"):
         load_plan(bad)

@@ -135,6 +135,23 @@ def test_cli_prints_table_and_comm():
     assert js["rows"]["activations, with checkpointing"] < js["rows"]["activations, no checkpointing"]
 
 
+def test_offload_estimate_drops_the_kept_inputs_but_one():
+    """activation_offload: the recomputed regions' inputs (N x d each: 8 MLA layers, MemGram, LTI,
+    the head, the scheduler and each ACT step) leave the GPU, except the one being recomputed."""
+    from dataclasses import replace
+    plan = load_plan(ROOT / "shard_plans/h100-arb-small.yaml")
+    cfg = planner.training_config(plan)
+    N, s, a = plan.micro_batch * (plan.seq_len - 1), 2, 2.5
+    acts = planner.activation_bytes(cfg, plan.micro_batch, plan.seq_len, s, 1, a, 1)
+    kept = planner.checkpointed_bytes(acts, cfg, plan.micro_batch, N, s, 1, a)
+    off = planner.checkpointed_bytes(acts, cfg, plan.micro_batch, N, s, 1, a, offload=True)
+    n_inputs = 8 + 2 + 1 + 1 + a      # layers, MemGram and LTI, head, scheduler, ACT steps
+    assert kept - off == pytest.approx((n_inputs - 1) * N * cfg.d_model * s, rel=1e-6)
+    est = planner.estimate(replace(plan, activation_offload=True), act_steps=a)
+    assert est.rows["activations, with checkpointing and offload"] == off
+    assert est.peak < planner.estimate(plan, act_steps=a).peak
+
+
 @pytest.mark.parametrize("change, args, words", [
     (dict(layout={"tp": 3, "dp": 1}), ["--world", 3], ["layout.tp = 3", "4 attention heads"]),
     (dict(layout={"dp": 3, "ep": 3}), [], ["layout.ep = 3", "4 experts"]),

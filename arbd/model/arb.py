@@ -138,13 +138,14 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
     # collectives inside (tp, ep, codebook group) stay matched. The VQ blocks are not recomputed:
     # their forward records codebook usage.
     activation_checkpointing: bool = False
+    activation_offload: bool = False   # the regions' kept inputs wait in host memory (recompute.py)
     head_chunk_positions: int = HEAD_CHUNK   # positions per recomputed ByteHead chunk
 
     def _recomputing(self) -> bool:
         return self.activation_checkpointing and self.training
 
     def _maybe_checkpoint(self, fn, *args):
-        return maybe_recompute(self._recomputing(), fn, *args)
+        return maybe_recompute(self._recomputing(), fn, *args, offload=self.activation_offload)
 
     def _byte_logits(self, h: torch.Tensor) -> torch.Tensor:
         """ByteHead logits [B, T', 3, 256]; recomputed in chunks of at most head_chunk_positions
@@ -167,8 +168,10 @@ class ARBModel(TernaryUpdateMixin, nn.Module):
             # Step by step where the experts run locally; under expert parallelism the whole
             # block, so that every rank re-runs its all-to-alls in forward order (decisions.md).
             mg.recompute_steps = self._recomputing() and not mg.expert_parallel
+            mg.offload_inputs = self.activation_offload
             h, aux = maybe_recompute(self._recomputing() and not mg.recompute_steps, mg, h,
-                                     motif_ids, codebook, self.kg_edges, self.ledger.view())
+                                     motif_ids, codebook, self.kg_edges, self.ledger.view(),
+                                     offload=self.activation_offload)
             if "balance" in aux:
                 losses["balance"] = aux["balance"]
                 losses["ponder"] = aux["ponder"]

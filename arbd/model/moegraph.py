@@ -61,6 +61,7 @@ class MoEGraph(nn.Module):
         # only their inputs and run again in backward, one step at a time (the whole block's
         # ACT loop is the largest thing a recomputation would otherwise hold).
         self.recompute_steps = False
+        self.offload_inputs = False   # ARBModel's activation_offload, for those regions
 
     # -- graph -------------------------------------------------------------------------------
     def graph_message(self, motif_ids: torch.Tensor, codebook, edges: KGEdges,
@@ -168,7 +169,8 @@ class MoEGraph(nn.Module):
             routed_steps += int(x.shape[0] > 0)
             last = step == self.cfg.act_max_steps - 1
             x, part, share, stop, bal = maybe_recompute(
-                self.recompute_steps and self.training, self.act_step, x, halted_mass[running], last)
+                self.recompute_steps and self.training, self.act_step, x, halted_mass[running], last,
+                offload=self.offload_inputs)
             balance = balance + bal
             out = out.index_add(0, running, part)
             halted_mass = halted_mass.index_add(0, running, share)
@@ -185,7 +187,8 @@ class MoEGraph(nn.Module):
                 ledger_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         aux: dict[str, torch.Tensor] = {}
         if self.use_graph:
-            h = h + maybe_recompute(self.recompute_steps and self.training, self.scheduler, h, ledger_ids)
+            h = h + maybe_recompute(self.recompute_steps and self.training, self.scheduler, h,
+                                    ledger_ids, offload=self.offload_inputs)
             if motif_ids is not None and codebook is not None and edges is not None:
                 h = h + self.graph_message(motif_ids, codebook, edges, h.dtype)
         if self.use_moe:

@@ -1,5 +1,5 @@
 """Activation checkpointing, in one place for ARBModel and MoEGraph (docs/decisions.md,
-"activation checkpointing")."""
+"activation checkpointing"), with optional offloading of the kept inputs to host memory."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -7,10 +7,68 @@ from typing import Any, Callable
 import torch
 import torch.utils.checkpoint
 
+# Inputs smaller than this stay on the GPU: a copy's fixed cost outweighs what it frees.
+OFFLOAD_MIN_BYTES = 1 << 20
+_copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 
-def maybe_recompute(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:
+
+def maybe_recompute(enabled: bool, fn: Callable[..., Any], *args: Any, offload: bool = False) -> Any:
     """fn(*args); when `enabled` and autograd records, keep only the inputs and run fn again in
-    backward (non-reentrant, so outputs that need no grad and keyword-free closures are fine)."""
-    if enabled and torch.is_grad_enabled():
+    backward (non-reentrant, so outputs that need no grad and keyword-free closures are fine).
+    With `offload`, the kept CUDA inputs of 1 MiB or more wait in pinned host memory instead
+    of on the GPU between this forward and the recomputation (HostInputs)."""
+    if not (enabled and torch.is_grad_enabled()):
+        return fn(*args)
+    if not offload:
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+    held = HostInputs(args)
+    # The region sees its inputs through `held`, so the checkpoint itself keeps none of them;
+    # the anchor tells it which device's random state to restore for the recomputation.
+    anchor = next((a.new_empty(0) for a in args if isinstance(a, torch.Tensor)), None)
+    out = torch.utils.checkpoint.checkpoint(lambda _anchor: fn(*held.values()), anchor,
+                                            use_reentrant=False)
+    held.offload()
+    return out
+
+
+class HostInputs:
+    """A recomputed region's arguments. offload() copies the large CUDA tensors among them to
+    pinned host memory on a side stream and lets go of the GPU copies (the caching allocator
+    reuses their memory once the copy is done: record_stream); values() gives the arguments
+    back, copying those tensors to the GPU again behind the current stream's work. The values
+    are bit-identical, so the recomputation equals the one from GPU-held inputs."""
+
+    def __init__(self, args: tuple) -> None:
+        self.args = list(args)
+        self.host: dict[int, tuple[torch.Tensor, bool]] = {}
+        self.done: torch.cuda.Event | None = None
+
+    def offload(self) -> None:
+        big = [i for i, a in enumerate(self.args) if isinstance(a, torch.Tensor) and a.is_cuda
+               and a.numel() * a.element_size() >= OFFLOAD_MIN_BYTES]
+        if not big:
+            return
+        dev = self.args[big[0]].device
+        side = _copy_streams.get(dev)
+        if side is None:
+            side = _copy_streams[dev] = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))   # the inputs are written by then
+        with torch.cuda.stream(side):
+            for i in big:
+                a = self.args[i]
+                h = torch.empty(a.shape, dtype=a.dtype, pin_memory=True)
+                h.copy_(a.detach(), non_blocking=True)
+                a.record_stream(side)
+                self.host[i] = (h, a.requires_grad)
+                self.args[i] = a.device
+        self.done = side.record_event()
+
+    def values(self) -> list:
+        if self.done is None:
+            return self.args
+        out = list(self.args)
+        torch.cuda.current_stream(self.args[next(iter(self.host))]).wait_event(self.done)
+        for i, (h, grad) in self.host.items():
+            t = h.to(self.args[i], non_blocking=True)
+            out[i] = t.requires_grad_() if grad else t
+        return out

@@ -12,6 +12,7 @@
     evidence: summed       # data-parallel ternary evidence: summed | votes
     evidence_dtype: fp32   # dense evidence summed over a step's micro-batches: fp32 | bf16
     activation_checkpointing: false   # recompute MLA layers and MoEGraph in backward
+    activation_offload: false         # with checkpointing on CUDA: kept inputs wait in host memory
     model: {kg_edges_per_node: 32}    # optional: ARBConfig fields that differ from the preset
     rule: {evidence_rate: 1.5}        # optional: TernaryRule fields that differ from the preset's
 
@@ -52,6 +53,7 @@ class Plan:
     evidence: str = "summed"
     evidence_dtype: str = "fp32"   # bf16 halves the float evidence a step holds (planner)
     activation_checkpointing: bool = False   # MLA layers and MoEGraph recompute in backward
+    activation_offload: bool = False   # the recomputed regions' inputs in pinned host memory
     model: dict = field(default_factory=dict)   # ARBConfig overrides on top of the preset
     rule: dict = field(default_factory=dict)    # TernaryRule overrides on top of preset_rule()
 
@@ -124,6 +126,13 @@ class Plan:
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(f"plan {self.name}: activation_checkpointing must be true or false, "
                              f"got {self.activation_checkpointing!r}")
+        if not isinstance(self.activation_offload, bool):
+            raise ValueError(f"plan {self.name}: activation_offload must be true or false, "
+                             f"got {self.activation_offload!r}")
+        if self.activation_offload and not self.activation_checkpointing:
+            raise ValueError(f"plan {self.name}: activation_offload moves the inputs that "
+                             "activation checkpointing keeps; set activation_checkpointing: true "
+                             "or drop activation_offload")
         if self.evidence not in EVIDENCE_MODES:
             raise ValueError(f"plan {self.name}: evidence must be one of {EVIDENCE_MODES}, "
                              f"got {self.evidence!r}")

@@ -211,28 +211,34 @@ def byte_head_parts(cfg: ARBConfig, N: int, s: int) -> dict[str, float]:
 
 
 def checkpointed_bytes(acts: dict[str, int], cfg: ARBConfig, micro_batch: int, N: int, s: int,
-                       ep: int = 1, act_steps: float | None = None, head_chunk: int | None = None) -> int:
+                       ep: int = 1, act_steps: float | None = None, head_chunk: int | None = None,
+                       offload: bool = False) -> int:
     """Activations under checkpointing (ARBModel._maybe_checkpoint): every MLA layer, MemGram,
     LTI, the ByteHead (in chunks of `head_chunk` positions) and MoEGraph (its scheduler and each
     ACT step apart; the whole block at ep > 1) keep only their inputs (N x d each), plus, during
-    backward, the largest recomputed block. Counted as if every position ran every ACT step."""
+    backward, the largest recomputed block. Counted as if every position ran every ACT step.
+    With `offload` the regions' inputs wait in host memory, and only the one being recomputed
+    is back on the GPU (recompute.HostInputs)."""
     d, head_chunk = cfg.d_model, head_chunk or HEAD_CHUNK
     a = float(cfg.act_max_steps if act_steps is None else act_steps)
     ck = [k for k in acts if k.startswith("layers.") or k in ("memgram", "lti")]
     kept = sum(v for k, v in acts.items() if k not in ck + ["moegraph", "byte_head"])
-    kept += len(ck) * N * d * s
+    inputs = len(ck) * N * d * s
     blocks = [acts[k] for k in ck]
     hb = byte_head_parts(cfg, N, s)
-    kept += hb["logits"] + N * d * s
+    kept += hb["logits"]
+    inputs += N * d * s
     blocks.append(hb["head"] * min(N, head_chunk) / N)
     if "moegraph" in acts:
         if ep == 1:
             g = moegraph_parts(cfg, micro_batch, N, s, ep)
-            kept += g["graph"] + g["rest"] + N * d * s * (1 + a)    # scheduler and step inputs
+            kept += g["graph"] + g["rest"]
+            inputs += N * d * s * (1 + a)    # scheduler and step inputs
             blocks += [g["scheduler"], g["act_step"]]
         else:
-            kept += N * d * s
+            inputs += N * d * s
             blocks.append(acts["moegraph"])
+    kept += N * d * s if offload else inputs
     return int(kept + max(blocks))
 
 
@@ -277,7 +283,8 @@ def estimate(plan: Plan, world: int | None = None, *, act_steps: float | None = 
     floats = fp * (s + 4 + (4 if s == 2 else 0)) + 8 * fp // (dp if zero >= 1 else 1)
     acts = activation_bytes(cfg, plan.micro_batch, plan.seq_len, s, lay.tp, act_steps, lay.ep)
     act_full = sum(acts.values())
-    act_ck = checkpointed_bytes(acts, cfg, plan.micro_batch, N, s, lay.ep, act_steps)
+    act_ck = checkpointed_bytes(acts, cfg, plan.micro_batch, N, s, lay.ep, act_steps,
+                                offload=plan.activation_offload)
     if checkpointing is None:
         checkpointing = plan.activation_checkpointing
     act = act_ck if checkpointing else act_full
@@ -347,7 +354,8 @@ def estimate(plan: Plan, world: int | None = None, *, act_steps: float | None = 
         f"float params + Adam ({fp} params)": floats,
         f"float evidence ({'bf16' if ev_b == 2 else 'fp32'} dL/dW, transient)": evidence + sparse_ev,
         "activations, no checkpointing": act_full,
-        "activations, with checkpointing": act_ck,
+        ("activations, with checkpointing and offload" if plan.activation_offload
+         else "activations, with checkpointing"): act_ck,
         "communication buffers": comm_buf,
     }
     comm = communication(plan, cfg, inv, world, N, s)

@@ -167,6 +167,7 @@ class Trainer:
         model.ternary_rule = plan.ternary_rule()
         model.ternary_micro_batches = plan.grad_accum * plan.layout.dp
         model.activation_checkpointing = plan.activation_checkpointing
+        model.activation_offload = plan.activation_offload
         set_evidence_dtype(model, plan.evidence_dtype)
         # MLA heads over tp, experts over ep, codebook rows over the codebook group.
         parallelize(model, self.mesh)
