@@ -69,6 +69,8 @@ def _plan(a: argparse.Namespace) -> Plan:
                             ("grad_accum", a.grad_accum), ("seq_len", a.seq_len)) if v is not None}
     if a.activation_checkpointing != "plan":
         kw["activation_checkpointing"] = a.activation_checkpointing == "on"
+        if a.activation_checkpointing == "off":
+            kw["activation_offload"] = False
     if a.evidence_dtype:
         kw["evidence_dtype"] = a.evidence_dtype
     if a.activation_offload:
@@ -359,7 +361,7 @@ def run_dense(a: argparse.Namespace) -> dict:
     plan = _plan(a)
     if a.activation_checkpointing == "plan":
         # The baseline is dense training as usually run: no recomputation unless asked for.
-        plan = replace(plan, activation_checkpointing=False)
+        plan = replace(plan, activation_checkpointing=False, activation_offload=False)
     t0 = time.perf_counter()
     model = _build(plan, device, "torch")   # ternary kernels unused: every ternary module is swapped
     swapped = densify(model)
