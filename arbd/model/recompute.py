@@ -71,6 +71,9 @@ class HostInputs:
         self.done = side.record_event()
         HostInputs._offloaded.append(weakref.ref(self))
 
+    def _device(self) -> torch.device:
+        return self.args[next(iter(self.host))]
+
     def _to_gpu(self) -> list[torch.Tensor]:
         return [h.to(self.args[i], non_blocking=True) for i, (h, _) in self.host.items()]
 
@@ -78,9 +81,10 @@ class HostInputs:
         if self.done is None:
             return self.args
         self.used = True
-        cur = torch.cuda.current_stream(self.args[next(iter(self.host))])
+        cur = torch.cuda.current_stream(self._device())
         if self.early is not None:
-            gpu, ready = self.early
+            # dropped here, so that the GPU copies live only as long as the recomputation needs
+            (gpu, ready), self.early = self.early, None
             cur.wait_event(ready)
             for t in gpu:
                 t.record_stream(cur)   # made on the side stream, used on this one
@@ -101,7 +105,7 @@ class HostInputs:
                 break
             stack.pop()
             prev = None
-        if prev is None or prev.early is not None:
+        if prev is None or prev.early is not None or prev._device() != device:
             return
         side = _copy_stream(device)
         side.wait_event(prev.done)
