@@ -150,6 +150,9 @@ def test_offload_estimate_drops_the_kept_inputs_but_one():
     est = planner.estimate(replace(plan, activation_offload=True), act_steps=a)
     assert est.rows["activations, with checkpointing and offload"] == off
     assert est.peak < planner.estimate(plan, act_steps=a).peak
+    assert est.info["pinned_host_offload"] == kept - off
+    text = planner.format_report(replace(plan, activation_offload=True), 1, est, 80.0)
+    assert "pinned host memory (offloaded checkpoint inputs)" in text
 
 
 @pytest.mark.parametrize("change, args, words", [

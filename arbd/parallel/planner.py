@@ -361,6 +361,9 @@ def estimate(plan: Plan, world: int | None = None, *, act_steps: float | None = 
     comm = communication(plan, cfg, inv, world, N, s)
     info = {"positions_per_micro_batch": N, "dense_weights_with_evidence": n_live,
             "largest_matrix": big, "persistent": persistent}
+    if plan.activation_offload:   # host RAM the offloaded inputs take (pinned, per rank)
+        info["pinned_host_offload"] = checkpointed_bytes(
+            acts, cfg, plan.micro_batch, N, s, lay.ep, act_steps) - act_ck
     return Estimate(rows, phases[phase], phase, phases, comm, info)
 
 
@@ -462,7 +465,11 @@ def format_report(plan: Plan, world: int, est: Estimate, gpu_mem_gib: float) -> 
     lines += ["-" * 72]
     lines += [f"{'peak at ' + k:<58}{_fmt(v)}" for k, v in est.phases.items()]
     lines += [f"{'ESTIMATED PEAK (' + est.phase + ')':<58}{_fmt(est.peak)}  of {gpu_mem_gib:g} GiB "
-              f"({100 * est.peak / (gpu_mem_gib * GiB):.0f}%)", "",
+              f"({100 * est.peak / (gpu_mem_gib * GiB):.0f}%)"]
+    if "pinned_host_offload" in est.info:
+        lines += [f"{'pinned host memory (offloaded checkpoint inputs)':<58}"
+                  f"{_fmt(est.info['pinned_host_offload'])}"]
+    lines += ["",
               f"{'communication per rank per step':<58}{'bytes sent':>14}", "-" * 72]
     lines += [f"{k:<58}{_fmt(v)}" for k, v in est.comm.items()]
     return "\n".join(lines)
