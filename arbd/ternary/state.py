@@ -12,7 +12,6 @@ row sharding give bit-identical states.
 from __future__ import annotations
 
 import functools
-
 import math
 import warnings
 import weakref
