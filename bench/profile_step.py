@@ -2,7 +2,7 @@
 (+ the ternary update once), after warm-up.
 
     python3 bench/profile_step.py [--preset arb-small] [--micro-batch 8] [--seq-len 1024]
-        [--scaling 4,8,16] [--cprofile] [--torch-profile]
+        [--scaling 4,8,16] [--cprofile] [--torch-profile] [--activation-checkpointing] [--activation-offload]
 
 Prints: wall time per micro-batch with one synchronisation at the end; with --scaling, tokens/s at
 several micro-batch sizes (tokens/s that grows with the batch means the host, not the GPU, sets
@@ -65,6 +65,10 @@ def main() -> None:
                    help="the dense bf16 twin (bench/dense_twin.py) instead; no ternary update")
     p.add_argument("--keep-decoded-weight", choices=["on", "off"], default=None,
                    help="arbd.ternary.ops.KEEP_DECODED_WEIGHT (default: the library's setting)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute the model's regions in backward, as a plan with activation_checkpointing")
+    p.add_argument("--activation-offload", action="store_true",
+                   help="also keep the recomputed regions' inputs in pinned host memory (implies checkpointing)")
     a = p.parse_args()
     if a.keep_decoded_weight:
         from arbd.ternary import ops
@@ -73,6 +77,8 @@ def main() -> None:
     backend = "triton" if dev.type == "cuda" else "torch"
     model = ARBModel(planner.training_config(a.preset), backend=backend, seed=0, device=dev)
     model.ternary_rule = preset_rule(a.preset)
+    model.activation_checkpointing = a.activation_checkpointing or a.activation_offload
+    model.activation_offload = a.activation_offload
     if a.dense:
         from bench.dense_twin import densify
         densify(model)

@@ -272,7 +272,7 @@ def evidence_probe(model: ARBModel, plan: Plan, inputs, dtype, reps: int = 2) ->
              TernaryMatrix.add_grad_product)
     ops.weight_grad = lambda gy, x, backend="torch": None
     TernaryMatrix.add_grad = lambda self, grad: None
-    TernaryMatrix.add_grad_product = lambda self, gy, x, backend="torch": None
+    TernaryMatrix.add_grad_product = lambda self, gy, x, backend="torch", bucket=True: None
     TernaryMatrix.add_row_grad = lambda self, idx, rows: None
     try:
         res.update(run("no_evidence"))

@@ -325,3 +325,34 @@ def test_rope_tables_cached_for_a_position_range_give_the_same_rotation():
     assert key in mla._ROPE_CACHE
     # A different start is a different table: positions 0..6 rotate differently.
     assert not torch.equal(mla.apply_rope(x, torch.arange(7), 10000.0, start=0), first)
+
+
+@pytest.mark.parametrize("shape, nope", [((2, 5, 3, 96), 64), ((2, 7, 32), 0), ((1, 4, 2, 11), 5), ((3, 33, 2, 40), 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_rope_tail_matches_the_torch_formula_and_float64(monkeypatch, shape, nope, dtype):
+    """The Triton kernel (interpreted on CPU) against the torch path in the same dtype and against
+    float64, forward and backward, on a strided input (a split's view), ragged widths included."""
+    pytest.importorskip("triton")
+    import os
+    from arbd.model import mla
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA")
+    dev = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    g = torch.Generator().manual_seed(sum(shape) + nope)
+    base = torch.randn(*shape[:-1], shape[-1] + 6, generator=g, dtype=torch.float64)
+    up = torch.randn(*shape, generator=g, dtype=torch.float64)
+    positions = torch.arange(3, 3 + shape[1])
+    out = {}
+    for mode in ("on", "off", "float64"):
+        monkeypatch.setattr(mla, "FUSED_ROPE", "off" if mode == "float64" else mode)
+        src = (base if mode == "float64" else base.to(dtype)).to(dev).requires_grad_()
+        x = src[..., 6:]   # a strided view, as the key's split gives
+        y = mla.rope_tail(x, nope, positions.to(dev), 10000.0, start=3)
+        (y.double() * up.to(dev)).sum().backward()
+        out[mode] = (y.detach().double().cpu(), src.grad[..., 6:].double().cpu())
+        assert torch.equal(src.grad[..., :6], torch.zeros_like(src.grad[..., :6]))
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    for (a, b, c) in zip(out["on"], out["off"], out["float64"]):
+        assert torch.allclose(a, b, rtol=tol, atol=tol)
+        assert (a - c).abs().max() <= max(2 * (b - c).abs().max(), 1e-12) + tol / 10
+    assert torch.equal(out["on"][0][..., :nope], base[..., 6:6 + nope].to(dtype).double())

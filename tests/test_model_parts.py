@@ -146,6 +146,73 @@ def test_scheduler_is_attention_over_ledger_embeddings():
     assert torch.equal(sched(h, None), torch.zeros_like(h))
 
 
+def _attention_reference(q, kv):
+    att = torch.softmax(q @ kv.transpose(1, 2) / q.shape[-1] ** 0.5, -1)
+    return att @ kv
+
+
+@pytest.mark.parametrize("chunk", [1 << 23, 7 * 6, 5 * 6 * 2])   # one chunk; one row; two rows, ragged
+def test_ledger_attention_matches_float64_softmax_and_its_gradients(monkeypatch, chunk):
+    from arbd.model import ledger
+    monkeypatch.setattr(ledger, "ATTENTION_CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(5, 7, 16, dtype=torch.float64, generator=g) * 2
+    kv = torch.randn(5, 6, 16, dtype=torch.float64, generator=g)
+    up = torch.randn(5, 7, 16, dtype=torch.float64, generator=g)
+    qa, kva = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    out = ledger.ledger_attention(qa, kva)
+    (out * up).sum().backward()
+    qr, kvr = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    ref = _attention_reference(qr, kvr)
+    (ref * up).sum().backward()
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(qa.grad, qr.grad, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(kva.grad, kvr.grad, rtol=1e-10, atol=1e-12)
+    # 16-bit inputs: within bf16 rounding of the float64 answer, gradients included.
+    qb, kvb = q.bfloat16().requires_grad_(), kv.bfloat16().requires_grad_()
+    outb = ledger.ledger_attention(qb, kvb)
+    (outb.double() * up).sum().backward()
+    for got, want in ((outb, ref), (qb.grad, qr.grad), (kvb.grad, kvr.grad)):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < 2e-2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ledger_attention_on_cuda_is_as_close_to_float64_as_sdpa(monkeypatch):
+    """bf16 on the GPU, several chunks with a ragged last one: output and gradients are no
+    further from the float64 answer than SDPA's own bf16 kernel is (plus a little)."""
+    import torch.nn.functional as F
+    from arbd.model import ledger
+    monkeypatch.setattr(ledger, "ATTENTION_CHUNK_ELEMENTS", 2 * 300 * 500)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(5, 300, 512, dtype=torch.float64, generator=g) * 2
+    kv = torch.randn(5, 500, 512, dtype=torch.float64, generator=g)
+    up = torch.randn(5, 300, 512, dtype=torch.float64, generator=g)
+    qr, kvr = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    ref = _attention_reference(qr, kvr)
+    (ref * up).sum().backward()
+    errors = {}
+    for name in ("ours", "sdpa"):
+        qb = q.cuda().bfloat16().requires_grad_()
+        kvb = kv.cuda().bfloat16().requires_grad_()
+        if name == "ours":
+            out = ledger.ledger_attention(qb, kvb)
+        else:
+            out = F.scaled_dot_product_attention(qb[:, None], kvb[:, None], kvb[:, None])[:, 0]
+        (out.double() * up.cuda()).sum().backward()
+        errors[name] = [float((got.double().cpu() - want).abs().max() / want.abs().max())
+                        for got, want in ((out, ref), (qb.grad, qr.grad), (kvb.grad, kvr.grad))]
+    for ours, sdpa in zip(errors["ours"], errors["sdpa"]):
+        assert ours < max(1.5 * sdpa, 1e-2), errors
+
+
+def test_ledger_attention_refuses_mismatched_shapes():
+    from arbd.model.ledger import ledger_attention
+    with pytest.raises(ValueError, match=r"q \[B, T, d\] and kv \[B, L, d\]"):
+        ledger_attention(torch.randn(2, 3, 4), torch.randn(3, 5, 4))
+
+
 def _moegraph():
     torch.manual_seed(0)
     return MoEGraph(CFG, generator=torch.Generator().manual_seed(2))
@@ -190,3 +257,16 @@ def test_graph_message_reads_only_active_rows_as_constants():
     # The graph reads codebook rows as constants (the codebook learns from its own loss), so
     # the same code serves a row-sharded codebook; the projection learns.
     assert not codebook.has_evidence and m.node_proj.weight.has_evidence
+
+
+def test_only_moegraph_layers_round_their_rows_for_cublas():
+    """MoEGraph's ternary layers see a different row count at every call (ACT steps, experts,
+    graph nodes) and pad it to a repeating size; the trunk's layers (fixed rows) do not pay the
+    copy. ARBModel.forward's MLA layers are the example of the latter."""
+    from arbd.model.mla import MLA
+    from arbd.ternary import TernaryLinear
+    m = _moegraph()
+    inside = [mod for mod in m.modules() if isinstance(mod, TernaryLinear)]
+    assert inside and all(mod.varying_rows for mod in inside)
+    mla = MLA(CFG, layer_idx=0)
+    assert not any(mod.varying_rows for mod in mla.modules() if isinstance(mod, TernaryLinear))

@@ -388,12 +388,14 @@ def test_pad_rows_zeroes_only_what_it_adds(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("varying", [True, False])
 @pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("m, n", [(tk.DENSE_MIN_M + 3, 65), (700, 65), (300, 520), (1024, 65)])
-def test_layer_on_the_dense_path_matches_float64(m, n, keep, monkeypatch):
+def test_layer_on_the_dense_path_matches_float64(m, n, keep, varying, monkeypatch):
     # A TernaryLinear whose products take the dense path (decode + cuBLAS; forced under the
-    # interpreter, the default from DENSE_MIN_M rows on the GPU): backward pads gy and x once, with
-    # zero rows, to cublas_rows(m); W is kept from forward when n <= m (unless switched off with
+    # interpreter, the default from DENSE_MIN_M rows on the GPU). With varying_rows, forward pads
+    # x and backward pads gy and x once, with zero rows, to cublas_rows(m); without, nothing is
+    # padded. W is kept from forward when n <= m (unless switched off with
     # ops.KEEP_DECODED_WEIGHT), else decoded again.
     from arbd.ternary import ops
 
@@ -405,7 +407,12 @@ def test_layer_on_the_dense_path_matches_float64(m, n, keep, monkeypatch):
     decodes = []
     real = tk.decode_weight
     monkeypatch.setattr(tk, "decode_weight", lambda *a, **kw: decodes.append(1) or real(*a, **kw))
+    pads = []
+    real_pad = tk.pad_rows
+    monkeypatch.setattr(tk, "pad_rows", lambda t, rows, **kw: (pads.append(rows) if rows != t.shape[0] else None)
+                        or real_pad(t, rows, **kw))
     layer = TernaryLinear(k, n, backend="triton", generator=torch.Generator().manual_seed(m), device=DEVICE)
+    layer.varying_rows = varying
     gen = torch.Generator().manual_seed(m + 1)
     x = torch.randn(m, k, generator=gen).to(DEVICE, torch.float16).requires_grad_(True)
     gy = torch.randn(m, n, generator=gen).to(DEVICE, torch.float16)
@@ -413,6 +420,8 @@ def test_layer_on_the_dense_path_matches_float64(m, n, keep, monkeypatch):
     y.backward(gy)
     assert tk.takes_dense_path(x, n, k)
     assert len(decodes) == (1 if keep and n <= m else 2)
+    padded = varying and tk.cublas_rows(m) > m
+    assert pads == ([tk.cublas_rows(m)] * 3 if padded else []), pads   # x; then gy and x once
     w = packing.decode(layer.weight.packed.cpu(), layer.weight.exponent.cpu(), k, torch.float64)
     assert y.shape == (m, n) and x.grad.shape == (m, k)
     assert _rel_err(y, x.detach().cpu().double() @ w.t()) < 2e-3

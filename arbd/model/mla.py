@@ -29,6 +29,7 @@ block's logits.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,32 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, *,
     xf = x.to(cdt)
     x1, x2 = xf[..., 0::2], xf[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+# Where rope_tail runs the fused kernel (arbd/model/triton_rope.py): "auto" = CUDA tensors in
+# 16-bit dtypes; "on" = also float32, and CPU tensors under TRITON_INTERPRET=1 (tests); "off".
+FUSED_ROPE = os.environ.get("ARBD_FUSED_ROPE", "auto")
+
+
+def _fused_rope(x: torch.Tensor) -> bool:
+    if FUSED_ROPE == "off" or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if FUSED_ROPE == "on":
+        return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda and x.dtype != torch.float32
+
+
+def rope_tail(x: torch.Tensor, nope: int, positions: torch.Tensor, theta: float, *,
+              start: int | None = None) -> torch.Tensor:
+    """x [B, T, (H,) nope + rope]: the first `nope` channels as they are, the last `rope` rotated
+    as apply_rope does, in a new tensor (the query's torch.cat, without its copy and launches)."""
+    rope = x.shape[-1] - nope
+    if _fused_rope(x) and rope > 0 and rope % 2 == 0 and positions.shape == (x.shape[1],):
+        from arbd.model.triton_rope import RopeTailFn
+        cos, sin = _rope_tables(positions, rope, theta, torch.float32, start)
+        return RopeTailFn.apply(x, cos, sin, nope)
+    rotated = apply_rope(x[..., nope:], positions, theta, start=start)
+    return rotated if nope == 0 else torch.cat([x[..., :nope], rotated], dim=-1)
 
 
 def crop_to_common(kv: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,11 +300,10 @@ class MLA(nn.Module):
 
         h = self.attn_norm(x)
         q = self.wq_b(self.q_norm(self.wq_a(h))).view(b, t, hl, self.qk_head_dim)
-        q_nope, q_pe = q.split([nope, rope], dim=-1)
-        q = torch.cat([q_nope, apply_rope(q_pe, positions, self.cfg.rope_theta, start=start)], dim=-1)
+        q = rope_tail(q, nope, positions, self.cfg.rope_theta, start=start)
         c_kv, k_pe = self.wkv_a(h).split([self.kv_lora_rank, rope], dim=-1)
         c_kv = self.kv_norm(c_kv)
-        k_pe = self.rope_key(apply_rope(k_pe, positions, self.cfg.rope_theta, start=start))
+        k_pe = self.rope_key(rope_tail(k_pe, 0, positions, self.cfg.rope_theta, start=start))
 
         if cache is None and t <= self.cfg.kv_cache_len:
             # Everything fits in the window: plain causal attention, no mask tensor.

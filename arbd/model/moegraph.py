@@ -56,6 +56,11 @@ class MoEGraph(nn.Module):
             self.out_norm = TernaryRMSNorm(d, cfg.norm_eps)
         self.top_k = cfg.moe_top_k
         self.n_experts = cfg.n_experts
+        # Every ternary layer here sees a row count that changes from call to call: graph nodes,
+        # running ACT positions, an expert's tokens (TernaryLinear.varying_rows).
+        for layer in self.modules():
+            if isinstance(layer, TernaryLinear):
+                layer.varying_rows = True
         self.expert_parallel = False   # set by parallelize_moe
         # Set by ARBModel under activation checkpointing: the scheduler and each ACT step keep
         # only their inputs and run again in backward, one step at a time (the whole block's

@@ -188,9 +188,9 @@ def moegraph_parts(cfg: ARBConfig, micro_batch: int, N: int, s: int, ep: int = 1
     parts = {"scheduler": 0.0, "graph": 0.0, "act_step": 0.0, "rest": 0.0}
     if cfg.use_graph:
         L = cfg.kv_ledger_len
-        # scheduler: SDPA with head dim d runs the math path: q, the attention weights over the
-        # ledger, and the ledger keys per sequence; graph message: decoded neighbour rows, agg
-        parts["scheduler"] = N * (d * s + L * s) + micro_batch * L * d * s
+        # scheduler (ledger.ledger_attention): q, out and the row log-sum-exp per position, the
+        # ledger keys per sequence; graph message: decoded neighbour rows, agg
+        parts["scheduler"] = N * (2 * d * s + 4) + micro_batch * L * d * s
         parts["graph"] = N * ((cfg.kg_edges_per_node + 1) * c * s + c * s + 4 * (cfg.kg_edges_per_node + 1))
     if cfg.use_moe:
         k, H = cfg.moe_top_k, cfg.expert_hidden

@@ -20,18 +20,18 @@ def _anchor(device: torch.device) -> torch.Tensor:
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, anchor, matrix: TernaryMatrix, backend: str):
-        ctx.matrix, ctx.backend = matrix, backend
+    def forward(ctx, x, anchor, matrix: TernaryMatrix, backend: str, bucket: bool):
+        ctx.matrix, ctx.backend, ctx.bucket = matrix, backend, bucket
         # x, and the decoded W where it is no larger than x (else backward decodes it again).
-        y, w = ops.linear_forward_for_backward(x, matrix, backend)
+        y, w = ops.linear_forward_for_backward(x, matrix, backend, bucket)
         ctx.save_for_backward(x, w)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        gx = ops.linear_backward(gy, x, w, ctx.matrix, ctx.backend, ctx.needs_input_grad[0])
-        return gx, None, None, None
+        gx = ops.linear_backward(gy, x, w, ctx.matrix, ctx.backend, ctx.needs_input_grad[0], ctx.bucket)
+        return gx, None, None, None, None
 
 
 class _DecodedFn(torch.autograd.Function):
@@ -69,6 +69,10 @@ class TernaryLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.backend = ops.check_backend(backend)
         self.weight = TernaryMatrix(out_features, in_features, std=std, generator=generator, device=device)
+        # True where the row count changes from call to call (ACT steps, experts, graph nodes):
+        # cuBLAS then runs on rounded-up row counts, so that its shapes repeat (ops says why).
+        # Layers with a fixed row count skip that copy of their inputs.
+        self.varying_rows = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -76,7 +80,7 @@ class TernaryLinear(nn.Module):
         w = self.weight
         if not torch.is_grad_enabled():
             return ops.linear_forward(x, w.packed, w.exponent, w.cols, self.backend)
-        return _LinearFn.apply(x, _anchor(x.device), w, self.backend)
+        return _LinearFn.apply(x, _anchor(x.device), w, self.backend, self.varying_rows)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, backend={self.backend}"

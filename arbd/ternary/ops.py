@@ -62,15 +62,17 @@ def linear_forward(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
 KEEP_DECODED_WEIGHT = True
 
 
-def linear_forward_for_backward(x: torch.Tensor, matrix: "TernaryMatrix",
-                                backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor | None]:
+def linear_forward_for_backward(x: torch.Tensor, matrix: "TernaryMatrix", backend: str = "torch",
+                                bucket: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, w): linear_forward with `matrix`'s W, and the decoded W if backward should keep it.
 
     w is kept when the product decoded W and holding it until backward costs no more than the x
     kept anyway (N <= M): backward's input gradient then skips a second decode. What is kept
     depends on shapes only, never on what happens to be cached, as activation checkpointing
     requires (its recomputed forward must keep tensors of the same shapes). The decode itself is
-    shared with earlier calls while their W is alive (TernaryMatrix.decoded_shared).
+    shared with earlier calls while their W is alive (TernaryMatrix.decoded_shared). `bucket`:
+    cuBLAS runs on M rounded up to a repeating size (triton_kernels.cublas_rows), for callers
+    whose M changes from call to call; a caller with a fixed M says False and skips the copy.
     """
     k, n = matrix.cols, matrix.rows
     if x.shape[-1] != k:
@@ -82,7 +84,7 @@ def linear_forward_for_backward(x: torch.Tensor, matrix: "TernaryMatrix",
         y = x2 @ w.t()
     elif m > 0 and _triton().takes_dense_path(x2, n, k):
         w = _decoded(matrix, x.dtype, backend)
-        y = _triton().mm_rows_bucketed(x2, w.t())
+        y = _triton().mm_rows_bucketed(x2, w.t()) if bucket else x2 @ w.t()
     else:
         return linear_forward(x, matrix.packed, matrix.exponent, k, backend), None
     return y.reshape(*x.shape[:-1], n), (w if KEEP_DECODED_WEIGHT and n <= m else None)
@@ -95,16 +97,17 @@ def _decoded(matrix: "TernaryMatrix", dtype: torch.dtype, backend: str) -> torch
 
 
 def linear_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, matrix: "TernaryMatrix",
-                    backend: str = "torch", need_input_grad: bool = True) -> torch.Tensor | None:
+                    backend: str = "torch", need_input_grad: bool = True,
+                    bucket: bool = True) -> torch.Tensor | None:
     """The backward of linear_forward_for_backward: adds gy^T x to `matrix`'s evidence and returns
     gx (or None). Where the products decode W and call cuBLAS, gy and x are padded once, with
-    zero rows, to cublas_rows(M) (triton_kernels says why), gy for both products; without a kept
+    zero rows, to cublas_rows(M) if `bucket` (triton_kernels says why), gy for both products; without a kept
     w, a W that another call still holds (TernaryMatrix.decoded_shared) serves before a decode."""
     k, n = matrix.cols, matrix.rows
     gy2, x2 = gy.reshape(-1, n), x.reshape(-1, k)
     m = gy2.shape[0]
     cublas = backend == "torch" or (m > 0 and _triton().grad_input_config(m, n, k, gy2.dtype).dense)
-    if backend == "triton" and cublas:
+    if backend == "triton" and cublas and bucket:
         tk = _triton()
         rows = tk.cublas_rows(m)
         gy2, x2 = tk.pad_rows(gy2, rows, zero=True), tk.pad_rows(x2, rows, zero=True)
@@ -117,7 +120,7 @@ def linear_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, m
                 w = _decoded(matrix, gy2.dtype, backend)
             gx = gy2 @ w
         gx = gx[:m].reshape(*gy.shape[:-1], k)
-    matrix.add_grad_product(gy2, x2, backend)
+    matrix.add_grad_product(gy2, x2, backend, bucket=bucket)
     return gx
 
 
@@ -169,20 +172,23 @@ def _addmm_into_fp32_ok(device: torch.device) -> bool:
 
 
 def weight_grad_into(acc: torch.Tensor | None, gy: torch.Tensor, x: torch.Tensor,
-                     backend: str = "torch", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     backend: str = "torch", dtype: torch.dtype = torch.float32,
+                     bucket: bool = True) -> torch.Tensor:
     """acc + gy^T x (acc None: the product alone), float32 (float64 for float64 inputs).
 
     On CUDA with 16-bit inputs cuBLAS adds the product into acc in place: no [N, K] temporary
     and no separate add kernel (one launch instead of a Triton launch plus an add; the layer's
-    backward is host-bound, bench/RESULTS.md). Elsewhere: weight_grad, then an add."""
+    backward is host-bound, bench/RESULTS.md). Elsewhere: weight_grad, then an add. `bucket`: as
+    in linear_forward_for_backward."""
     gy2 = gy.reshape(-1, gy.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     if dtype == torch.bfloat16 and x2.dtype != torch.float64:
-        return _weight_grad_into_bf16(acc, gy2, x2, backend)
+        return _weight_grad_into_bf16(acc, gy2, x2, backend, bucket)
     if (gy2.is_cuda and gy2.dtype in (torch.bfloat16, torch.float16) and x2.dtype == gy2.dtype
             and gy2.shape[0] > 0 and (acc is None or acc.dtype == torch.float32)
             and _addmm_into_fp32_ok(gy2.device)):
-        gy2, x2 = _padded_for_cublas(gy2, x2)
+        if bucket:
+            gy2, x2 = _padded_for_cublas(gy2, x2)
         if acc is None:
             return torch.mm(gy2.t(), x2, out_dtype=torch.float32)
         return torch.addmm(acc, gy2.t(), x2, out_dtype=torch.float32, out=acc)
@@ -201,11 +207,12 @@ def _padded_for_cublas(gy2: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _weight_grad_into_bf16(acc: torch.Tensor | None, gy2: torch.Tensor, x2: torch.Tensor,
-                           backend: str) -> torch.Tensor:
+                           backend: str, bucket: bool = True) -> torch.Tensor:
     """acc + gy^T x kept in bf16: the product is summed in fp32 and rounded once, as it is
     added (cuBLAS does both in one call for bf16 inputs: beta = 1 reads acc)."""
     if gy2.is_cuda and gy2.dtype == x2.dtype == torch.bfloat16 and gy2.shape[0] > 0:
-        gy2, x2 = _padded_for_cublas(gy2, x2)
+        if bucket:
+            gy2, x2 = _padded_for_cublas(gy2, x2)
         if acc is None:
             return torch.mm(gy2.t(), x2)
         return torch.addmm(acc, gy2.t(), x2, out=acc)

@@ -404,14 +404,16 @@ class TernaryMatrix(nn.Module):
         g = _evidence_dtype(grad.detach())
         self._grad = g.clone() if self._grad is None else self._grad.add_(g)
 
-    def add_grad_product(self, gy: torch.Tensor, x: torch.Tensor, backend: str = "torch") -> None:
+    def add_grad_product(self, gy: torch.Tensor, x: torch.Tensor, backend: str = "torch",
+                         bucket: bool = True) -> None:
         """Accumulate dL/dW = gy^T x (gy [..., rows], x [..., cols]) without forming it apart
-        where cuBLAS can add into the evidence in place (ops.weight_grad_into)."""
+        where cuBLAS can add into the evidence in place (ops.weight_grad_into, which says what
+        `bucket` does)."""
         shape = (gy.shape[-1], x.shape[-1])
         if shape != (self.rows, self.cols):
             raise ValueError(f"gradient must have shape {(self.rows, self.cols)}, got {shape}")
         self._grad = ops.weight_grad_into(self._grad, gy.detach(), x.detach(), backend,
-                                          dtype=self.evidence_dtype)
+                                          dtype=self.evidence_dtype, bucket=bucket)
 
     def add_row_grad(self, idx: torch.Tensor, grad_rows: torch.Tensor) -> None:
         """Accumulate dL/dW for the listed rows only (sparse path). Duplicates are summed later."""
