@@ -327,7 +327,7 @@ def test_rope_tables_cached_for_a_position_range_give_the_same_rotation():
     assert not torch.equal(mla.apply_rope(x, torch.arange(7), 10000.0, start=0), first)
 
 
-@pytest.mark.parametrize("shape, nope", [((2, 5, 3, 96), 64), ((2, 7, 32), 0), ((1, 4, 2, 11), 5), ((3, 33, 2, 40), 8)])
+@pytest.mark.parametrize("shape, nope", [((2, 5, 3, 96), 64), ((2, 7, 32), 0), ((1, 4, 2, 14), 6), ((3, 33, 2, 40), 8), ((2, 3, 2, 6), 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_rope_tail_matches_the_torch_formula_and_float64(monkeypatch, shape, nope, dtype):
     """The Triton kernel (interpreted on CPU) against the torch path in the same dtype and against
@@ -348,6 +348,7 @@ def test_fused_rope_tail_matches_the_torch_formula_and_float64(monkeypatch, shap
         src = (base if mode == "float64" else base.to(dtype)).to(dev).requires_grad_()
         x = src[..., 6:]   # a strided view, as the key's split gives
         y = mla.rope_tail(x, nope, positions.to(dev), 10000.0, start=3)
+        assert (type(y.grad_fn).__name__ == "RopeTailFnBackward") == (mode == "on")
         (y.double() * up.to(dev)).sum().backward()
         out[mode] = (y.detach().double().cpu(), src.grad[..., 6:].double().cpu())
         assert torch.equal(src.grad[..., :6], torch.zeros_like(src.grad[..., :6]))

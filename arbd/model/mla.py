@@ -110,7 +110,8 @@ def rope_tail(x: torch.Tensor, nope: int, positions: torch.Tensor, theta: float,
     """x [B, T, (H,) nope + rope]: the first `nope` channels as they are, the last `rope` rotated
     as apply_rope does, in a new tensor (the query's torch.cat, without its copy and launches)."""
     rope = x.shape[-1] - nope
-    if _fused_rope(x) and rope > 0 and rope % 2 == 0 and positions.shape == (x.shape[1],):
+    if (_fused_rope(x) and rope > 0 and rope % 2 == 0 and nope % 2 == 0
+            and positions.shape == (x.shape[1],)):
         from arbd.model.triton_rope import RopeTailFn
         cos, sin = _rope_tables(positions, rope, theta, torch.float32, start)
         return RopeTailFn.apply(x, cos, sin, nope)

@@ -14,38 +14,39 @@ import triton
 import triton.language as tl
 
 
+ROWS, NUM_WARPS = 16, 2   # rows per program, warps per program
+
+
 @triton.jit
 def _rope_tail_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, heads, seq, sx, sign,
-                      NOPE: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+                      NOPE: tl.constexpr, HALF: tl.constexpr, BLOCK_P: tl.constexpr,
+                      ROWS: tl.constexpr):
+    # Whole rows in one contiguous load, seen as BLOCK_P channel pairs (2p, 2p + 1). NOPE is
+    # even, so pair p < NOPE / 2 does not rotate (cos 1, sin 0: exact) and pair p >= NOPE / 2
+    # rotates by angle index p - NOPE / 2.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
     r64 = rows.to(tl.int64)
     width = NOPE + 2 * HALF
-    if NOPE > 0:   # channels that do not rotate: copied as they are
-        c = tl.arange(0, BLOCK_N)
-        m = rmask[:, None] & (c < NOPE)[None, :]
-        v = tl.load(x_ptr + r64[:, None] * sx + c[None, :], mask=m)
-        tl.store(y_ptr + r64[:, None] * width + c[None, :], v, mask=m)
-    i = tl.arange(0, BLOCK_H)
-    m = rmask[:, None] & (i < HALF)[None, :]
+    c = tl.arange(0, 2 * BLOCK_P)
+    m = rmask[:, None] & (c < width)[None, :]
+    v = tl.load(x_ptr + r64[:, None] * sx + c[None, :], mask=m, other=0.0).to(tl.float32)
+    x1, x2 = tl.split(tl.reshape(v, [ROWS, BLOCK_P, 2]))
+    p = tl.arange(0, BLOCK_P) - NOPE // 2
     t = (rows // heads) % seq   # rows are [B, T, H] flattened
-    cos = tl.load(cos_ptr + t[:, None] * HALF + i[None, :], mask=m, other=0.0)
-    sin = tl.load(sin_ptr + t[:, None] * HALF + i[None, :], mask=m, other=0.0) * sign
-    src = x_ptr + r64[:, None] * sx + NOPE + 2 * i[None, :]
-    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src + 1, mask=m, other=0.0).to(tl.float32)
+    rot = rmask[:, None] & ((p >= 0) & (p < HALF))[None, :]
+    cos = tl.load(cos_ptr + t[:, None] * HALF + p[None, :], mask=rot, other=1.0)
+    sin = tl.load(sin_ptr + t[:, None] * HALF + p[None, :], mask=rot, other=0.0) * sign
     # Products rounded before the sum, as torch's separate kernels do (no fused multiply-add).
     a1, b1 = x1 * cos, x2 * sin
     a2, b2 = x1 * sin, x2 * cos
-    dst = y_ptr + r64[:, None] * width + NOPE + 2 * i[None, :]
-    tl.store(dst, (a1 - b1).to(y_ptr.dtype.element_ty), mask=m)
-    tl.store(dst + 1, (a2 + b2).to(y_ptr.dtype.element_ty), mask=m)
+    y = tl.reshape(tl.join(a1 - b1, a2 + b2), [ROWS, 2 * BLOCK_P])
+    tl.store(y_ptr + r64[:, None] * width + c[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nope: int, sign: float) -> torch.Tensor:
-    """x [B, T, H, nope + rope] or [B, T, nope + rope], last dimension contiguous; cos / sin
-    [T, rope / 2] float32. Returns a new contiguous tensor of x's shape."""
+    """x [B, T, H, nope + rope] or [B, T, nope + rope], nope even; cos / sin [T, rope / 2]
+    float32. Returns a new contiguous tensor of x's shape."""
     width = x.shape[-1]
     half = (width - nope) // 2
     heads = x.shape[2] if x.dim() == 4 else 1
@@ -56,11 +57,10 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nope: int, si
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if rows == 0:
         return y
-    block_rows = 32
-    _rope_tail_kernel[(triton.cdiv(rows, block_rows),)](
+    _rope_tail_kernel[(triton.cdiv(rows, ROWS),)](
         x2, cos, sin, y, rows, heads, seq, x2.stride(0), sign,
-        NOPE=nope, HALF=half, BLOCK_N=triton.next_power_of_2(max(nope, 1)),
-        BLOCK_H=triton.next_power_of_2(half), ROWS=block_rows)
+        NOPE=nope, HALF=half, BLOCK_P=triton.next_power_of_2(width) // 2 if width > 1 else 1,
+        ROWS=ROWS, num_warps=NUM_WARPS)
     return y
 
 
