@@ -11,7 +11,6 @@ first batch row. Medians of CUDA event times.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,24 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arbd.model.ledger import ledger_attention  # noqa: E402
 from arbd.parallel import planner  # noqa: E402
+from bench.gpu_update import event_median_ms  # noqa: E402
 
 
 def _sdpa(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q[:, None], kv[:, None], kv[:, None])[:, 0]
-
-
-def _median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -68,12 +54,12 @@ def main() -> None:
         err = [float((got[:1].double() - want).abs().max() / want.abs().max())
                for got, want in ((out, ref), (q.grad, q64.grad), (kv.grad, kv64.grad))]
         with torch.no_grad():
-            fwd = _median_ms(lambda: fn(q, kv), a.reps)
+            fwd = event_median_ms(lambda: fn(q, kv), a.reps, warmup=3)
 
         def both():
             q.grad = kv.grad = None
             (fn(q, kv) * up).sum().backward()
-        fb = _median_ms(both, a.reps)
+        fb = event_median_ms(both, a.reps, warmup=3)
         print(f"| {name} | {fwd:.3f} | {fb:.3f} | " + " / ".join(f"{e:.2e}" for e in err) + " |")
     print(f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 

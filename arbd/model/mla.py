@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from arbd.config import ARBConfig
+from arbd.ternary import ops
 from arbd.ternary.layers import TernaryLinear, TernaryRMSNorm
 
 
@@ -92,17 +93,9 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, *,
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
-# Where rope_tail runs the fused kernel (arbd/model/triton_rope.py): "auto" = CUDA tensors in
-# 16-bit dtypes; "on" = also float32, and CPU tensors under TRITON_INTERPRET=1 (tests); "off".
+# Where rope_tail runs the fused kernel (arbd/model/triton_rope.py): auto | on | off, as
+# ops.use_fused_kernel reads them.
 FUSED_ROPE = os.environ.get("ARBD_FUSED_ROPE", "auto")
-
-
-def _fused_rope(x: torch.Tensor) -> bool:
-    if FUSED_ROPE == "off" or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return False
-    if FUSED_ROPE == "on":
-        return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return x.is_cuda and x.dtype != torch.float32
 
 
 def rope_tail(x: torch.Tensor, nope: int, positions: torch.Tensor, theta: float, *,
@@ -110,7 +103,7 @@ def rope_tail(x: torch.Tensor, nope: int, positions: torch.Tensor, theta: float,
     """x [B, T, (H,) nope + rope]: the first `nope` channels as they are, the last `rope` rotated
     as apply_rope does, in a new tensor (the query's torch.cat, without its copy and launches)."""
     rope = x.shape[-1] - nope
-    if (_fused_rope(x) and rope > 0 and rope % 2 == 0 and nope % 2 == 0
+    if (ops.use_fused_kernel(FUSED_ROPE, x) and rope > 0 and rope % 2 == 0 and nope % 2 == 0
             and positions.shape == (x.shape[1],)):
         from arbd.model.triton_rope import RopeTailFn
         cos, sin = _rope_tables(positions, rope, theta, torch.float32, start)

@@ -231,7 +231,7 @@ def rms_norm(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of x over its last dimension times the gain g [D], differentiable in both: float32
     statistics, the normalised x cast back to x's dtype, then the gain. One fused Triton kernel
     per direction where FUSED_NORM allows (same arithmetic up to float32 summation order)."""
-    if _fused_norm(x) and g.dtype == x.dtype:
+    if use_fused_kernel(FUSED_NORM, x) and g.dtype == x.dtype:
         from arbd.ternary.triton_norm import RMSNormFn
         return RMSNormFn.apply(x, g, eps)
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -239,9 +239,12 @@ def rms_norm(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
     return y.to(x.dtype) * g
 
 
-def _fused_norm(x: torch.Tensor) -> bool:
-    if FUSED_NORM == "off" or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+def use_fused_kernel(setting: str, x: torch.Tensor) -> bool:
+    """Whether a fused-kernel switch (FUSED_NORM, mla.FUSED_ROPE) picks its Triton kernel for x:
+    "auto" = CUDA tensors in 16-bit dtypes; "on" = also float32, and CPU tensors under
+    TRITON_INTERPRET=1 (tests); "off" = never."""
+    if setting == "off" or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
-    if FUSED_NORM == "on":
+    if setting == "on":
         return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     return x.is_cuda and x.dtype != torch.float32
