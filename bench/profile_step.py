@@ -30,6 +30,7 @@ from arbd.parallel import planner  # noqa: E402
 from arbd.ternary.rule import preset_rule  # noqa: E402
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+ALLOC_EVENTS = ("cudaMalloc", "cudaFree", "cudaHostAlloc", "cudaFreeHost", "cudaMallocHost")
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
 
@@ -60,6 +61,8 @@ def main() -> None:
                         "time in one micro-batch by call site in arbd/")
     p.add_argument("--sync-sites", action="store_true",
                    help="list where one micro-batch and one update wait on the GPU (call sites in arbd/)")
+    p.add_argument("--callers", default="",
+                   help="with --cprofile: regex of functions whose callers to list (e.g. 'method empty')")
     p.add_argument("--reps", type=int, default=3, help="micro-batches timed one by one")
     p.add_argument("--dense", action="store_true",
                    help="the dense bf16 twin (bench/dense_twin.py) instead; no ternary update")
@@ -158,6 +161,9 @@ def main() -> None:
         prof = profiled(lambda: micro(a.micro_batch), "one micro-batch")
         _print_stats("callers of synchronising calls", lambda st: st.sort_stats("tottime").print_callers(
             r"item|tolist|nonzero|__bool__|__int__|_local_scalar|cpu|unique"), prof)
+        if a.callers:
+            _print_stats(f"callers of {a.callers}",
+                         lambda st: st.sort_stats("tottime").print_callers(a.callers), prof)
 
     def torch_profiled(fn, title: str) -> None:
         """Run fn (synchronised) under torch.profiler; print host and kernel totals, launches,
@@ -177,7 +183,9 @@ def main() -> None:
         print(f"profiled {title}: host {sum(e.self_cpu_time_total for e in ev) / 1e3:.1f} ms, "
               f"kernels {sum(dev_t(e) for e in kernels) / 1e3:.1f} ms (profiler on); "
               f"launches {count(LAUNCH_EVENTS)}, synchronisations {count(SYNC_EVENTS)}, "
-              f"device-to-host copies {sum(e.count for e in ev if 'DtoH' in e.key or 'Device -> Pageable' in e.key)}")
+              f"device-to-host copies {sum(e.count for e in ev if 'DtoH' in e.key or 'Device -> Pageable' in e.key)}; "
+              + ", ".join(f"{e.key} {e.count} ({e.self_cpu_time_total / 1e3:.1f} ms)"
+                          for e in ev if e.key in ALLOC_EVENTS))
         for how, key in (("by device time", dev_t), ("by host time", lambda e: e.self_cpu_time_total)):
             print(f"-- {title}, top {a.rows} {how}: name | host ms | device ms | calls")
             for e in sorted(ev, key=key, reverse=True)[:a.rows]:

@@ -13,6 +13,64 @@ OFFLOAD_MIN_BYTES = 1 << 20
 _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
+class PinnedPool:
+    """Pinned host buffers that outlive the offloaded tensors they held.
+
+    torch's pinned allocations cost about 2.8 ms each on the H100 host in a training loop (17
+    per arb-small micro-batch, 48 ms of host time; bench/RESULTS.md), so offload takes its
+    buffers from here instead. A buffer is a uint8 tensor of a size class (sizes rounded up by
+    at most 1/8, so that the ACT steps' varying row counts still meet a free buffer); it goes
+    back with the event after which nothing reads it any more, and is handed out again only
+    once that event has passed. Idle buffers beyond the most ever in use are freed, oldest first.
+    `allocate(nbytes)` and the events (anything with query()) are arguments for tests."""
+
+    def __init__(self, allocate: Callable[[int], torch.Tensor] | None = None) -> None:
+        self._allocate = allocate or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
+        self._idle: list[tuple[torch.Tensor, Any]] = []   # (buffer, last-use event), oldest first
+        self.in_use = 0          # bytes handed out and not yet given back
+        self.peak_in_use = 0
+        self.allocations = 0     # buffers ever allocated (a test reads it)
+
+    @staticmethod
+    def size_class(nbytes: int) -> int:
+        step = 1 << max(12, nbytes.bit_length() - 4)
+        return -(-nbytes // step) * step
+
+    def idle_bytes(self) -> int:
+        return sum(b.numel() for b, _ in self._idle)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        size = self.size_class(nbytes)
+        for i, (buf, done) in enumerate(self._idle):
+            if buf.numel() == size and (done is None or done.query()):
+                del self._idle[i]
+                break
+        else:
+            buf = self._allocate(size)
+            self.allocations += 1
+        self.in_use += size
+        self.peak_in_use = max(self.peak_in_use, self.in_use)
+        return buf
+
+    def give(self, buf: torch.Tensor, done: Any) -> None:
+        """buf back, free to reuse once `done` (an event, or None) has passed."""
+        self.in_use -= buf.numel()
+        self._idle.append((buf, done))
+        idle = self.idle_bytes()
+        while self._idle and idle > self.peak_in_use:
+            idle -= self._idle.pop(0)[0].numel()
+
+
+_pinned_pool = PinnedPool()
+
+
+def _pinned_like(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(buffer from the pool, a pinned view of it shaped and typed like a)."""
+    nbytes = a.numel() * a.element_size()
+    buf = _pinned_pool.take(nbytes)
+    return buf, buf[:nbytes].view(a.dtype).view(a.shape)
+
+
 def maybe_recompute(enabled: bool, fn: Callable[..., Any], *args: Any, offload: bool = False) -> Any:
     """fn(*args); when `enabled` and autograd records, keep only the inputs and run fn again in
     backward (non-reentrant, so outputs that need no grad and keyword-free closures are fine).
@@ -49,7 +107,9 @@ class HostInputs:
     def __init__(self, args: tuple) -> None:
         self.args = list(args)
         self.host: dict[int, tuple[torch.Tensor, bool]] = {}
+        self.buffers: list[torch.Tensor] = []   # the pool's buffers behind self.host
         self.done: torch.cuda.Event | None = None
+        self.read: torch.cuda.Event | None = None   # after the last copy out of the buffers
         self.early: tuple[list, torch.cuda.Event] | None = None   # a prefetch: tensors, event
         self.used = False
 
@@ -63,7 +123,8 @@ class HostInputs:
         with torch.cuda.stream(side):
             for i in big:
                 a = self.args[i]
-                h = torch.empty(a.shape, dtype=a.dtype, pin_memory=True)
+                buf, h = _pinned_like(a)
+                self.buffers.append(buf)
                 h.copy_(a.detach(), non_blocking=True)
                 a.record_stream(side)
                 self.host[i] = (h, a.requires_grad)
@@ -75,7 +136,18 @@ class HostInputs:
         return self.args[next(iter(self.host))]
 
     def _to_gpu(self) -> list[torch.Tensor]:
-        return [h.to(self.args[i], non_blocking=True) for i, (h, _) in self.host.items()]
+        """The host copies back on the current stream; the buffers may be reused after that."""
+        gpu = [h.to(self.args[i], non_blocking=True) for i, (h, _) in self.host.items()]
+        self.read = torch.cuda.current_stream(self._device()).record_event()
+        return gpu
+
+    def __del__(self) -> None:
+        # Back to the pool once nothing reads them: after the last copy back if there was one,
+        # else after the copy out (a forward whose backward never ran).
+        for buf in self.buffers:
+            if _pinned_pool is not None:   # None only while the interpreter shuts down
+                _pinned_pool.give(buf, self.read or self.done)
+        self.buffers = []
 
     def values(self) -> list:
         if self.done is None:
