@@ -83,7 +83,9 @@ def main() -> None:
     p.add_argument("--shapes", action="store_true",
                    help="only: host cost of cuBLAS / Triton calls whose M changes (first sight, seen before, bucketed)")
     p.add_argument("--dissect", action="store_true",
-                   help="also profile 50 TernaryLinear forward+backward calls (cProfile, torch.profiler)")
+                   help="also profile 50 calls of one case (cProfile, torch.profiler)")
+    p.add_argument("--case", default="TernaryLinear forward+backward",
+                   help="with --dissect: the case to profile (a substring of its name)")
     a = p.parse_args()
     dev = torch.device("cuda")
     bf = torch.bfloat16
@@ -151,6 +153,8 @@ def main() -> None:
         import cProfile
         import io
         import pstats
+        name, layer_fb = next((n, f) for n, f in cases.items() if a.case in n)
+        print(f"-- dissected: {name}")
         layer_fb()
         torch.cuda.synchronize()
         prof = cProfile.Profile()

@@ -487,3 +487,61 @@ def test_fused_rms_norm_is_what_ternary_norm_runs_and_feeds_its_evidence():
             ops.FUSED_NORM = old
     assert _rel_err(ev["on"][0], ev["off"][0]) < 1e-6
     assert _rel_err(ev["on"][1], ev["off"][1]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", NORM_DTYPES)
+def test_ternary_norm_fused_node_keeps_its_gain_and_feeds_float32_evidence(dtype):
+    """TernaryRMSNorm's fused path (one TernaryRMSNormFn node, the decoded gain kept between
+    calls): output and dx as the two-node torch path within rounding, the gain's evidence against
+    float64 summed in float32 (never rounded to x's dtype), and a gain changed in place between
+    calls is decoded again."""
+    from arbd.ternary import ops
+    from arbd.ternary.layers import TernaryRMSNorm
+
+    d = 48
+    norm = TernaryRMSNorm(d).to(DEVICE)
+    gen = torch.Generator().manual_seed(5)
+    trits = torch.randint(-1, 2, (d, 1), generator=gen)
+    norm.gain.set_trits(trits, (torch.randint(-40, 40, (d,), generator=gen)).to(torch.int8))
+    x = (torch.randn(2, 9, d, generator=gen) * 2).to(DEVICE, dtype)
+    w = torch.randn(2, 9, d, generator=gen).to(DEVICE, dtype)
+    g64 = norm.gain.decode(torch.float64).reshape(d).cpu()
+    x64 = x.cpu().double().requires_grad_(True)
+    xhat = (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.eps))
+    (xhat * g64 * w.cpu().double()).sum().backward()
+    # the kernel's gain gradient: gy times the normalised x rounded to x's dtype, summed
+    ev64 = (xhat.detach().to(dtype).double() * w.cpu().double()).sum((0, 1))
+    got = {}
+    for mode in ("on", "off"):
+        old, ops.FUSED_NORM = ops.FUSED_NORM, mode
+        try:
+            norm.gain.clear_evidence()
+            xs = x.clone().requires_grad_(True)
+            y = norm(xs)
+            (y * w).sum().backward()
+            got[mode] = (y.detach(), xs.grad, norm.gain.evidence()[1].reshape(d).cpu(), type(y.grad_fn).__name__)
+        finally:
+            ops.FUSED_NORM = old
+    assert got["on"][3] == "TernaryRMSNormFnBackward" and got["off"][3] != got["on"][3]
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    for i in (0, 1):
+        assert _rel_err(got["on"][i], got["off"][i]) < tol
+    assert _rel_err(got["on"][1].cpu(), x64.grad) < tol
+    assert got["on"][2].dtype == torch.float32
+    # float32 sums: far closer to float64 than a result rounded to a 16-bit dtype could be
+    assert _rel_err(got["on"][2], ev64) < 1e-4, dtype
+    # the kept gain follows an in-place change of the exponents
+    old, ops.FUSED_NORM = ops.FUSED_NORM, "on"
+    try:
+        before = norm(x).detach()
+        norm.gain.exponent.add_(16)           # 2 ** (16 / SCALE_K) times larger
+        after = norm(x).detach()
+        with torch.no_grad():
+            after_nograd = norm(x)
+    finally:
+        ops.FUSED_NORM = old
+    from arbd.ternary.packing import SCALE_K
+    ratio = 2.0 ** (16 / SCALE_K)
+    nz = before.abs() > 1e-2
+    assert _rel_err(after[nz].float(), (before[nz].float() * ratio)) < 2 * tol
+    assert torch.equal(after, after_nograd)

@@ -16,12 +16,14 @@ _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 class PinnedPool:
     """Pinned host buffers that outlive the offloaded tensors they held.
 
-    torch's pinned allocations cost about 2.8 ms each on the H100 host in a training loop (17
-    per arb-small micro-batch, 48 ms of host time; bench/RESULTS.md), so offload takes its
-    buffers from here instead. A buffer is a uint8 tensor of a size class (sizes rounded up by
-    at most 1/8, so that the ACT steps' varying row counts still meet a free buffer); it goes
-    back with the event after which nothing reads it any more, and is handed out again only
-    once that event has passed. Idle buffers beyond the most ever in use are freed, oldest first.
+    A new pinned allocation page-locks its memory and takes milliseconds (about 1 GB/s on the
+    H100 host), and torch's pinned-memory cache still allocated in steady state at arb-small
+    (bench/RESULTS.md), so offload takes its buffers from here. A request takes the smallest
+    idle buffer that fits and is at most twice its size (or the size it would allocate), so
+    that the ACT steps' row counts, which change from micro-batch to micro-batch, still find
+    one; a new buffer has a quarter more room than asked. A buffer goes back with the event
+    after which nothing reads it any more, and is handed out again only once that event has
+    passed. Idle buffers beyond twice the most ever in use at once are freed, oldest first.
     `allocate(nbytes)` and the events (anything with query()) are arguments for tests."""
 
     def __init__(self, allocate: Callable[[int], torch.Tensor] | None = None) -> None:
@@ -40,15 +42,21 @@ class PinnedPool:
         return sum(b.numel() for b, _ in self._idle)
 
     def take(self, nbytes: int) -> torch.Tensor:
-        size = self.size_class(nbytes)
+        """A buffer of at least nbytes: the smallest idle one whose reader has finished, if it is
+        at most twice as large (a new pinned allocation costs milliseconds), else a new one."""
+        best, fresh = None, self.size_class(nbytes + nbytes // 4)   # a new one has room to grow
+        limit = max(2 * nbytes, fresh)
         for i, (buf, done) in enumerate(self._idle):
-            if buf.numel() == size and (done is None or done.query()):
-                del self._idle[i]
-                break
+            size = buf.numel()
+            if nbytes <= size <= limit and (best is None or size < self._idle[best][0].numel()) \
+                    and (done is None or done.query()):
+                best = i
+        if best is not None:
+            buf = self._idle.pop(best)[0]
         else:
-            buf = self._allocate(size)
+            buf = self._allocate(fresh)
             self.allocations += 1
-        self.in_use += size
+        self.in_use += buf.numel()
         self.peak_in_use = max(self.peak_in_use, self.in_use)
         return buf
 
@@ -57,7 +65,7 @@ class PinnedPool:
         self.in_use -= buf.numel()
         self._idle.append((buf, done))
         idle = self.idle_bytes()
-        while self._idle and idle > self.peak_in_use:
+        while self._idle and idle > 2 * self.peak_in_use:
             idle -= self._idle.pop(0)[0].numel()
 
 

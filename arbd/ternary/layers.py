@@ -98,8 +98,15 @@ class TernaryRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
             raise ValueError(f"TernaryRMSNorm expects {self.dim} features, got {x.shape[-1]}")
-        g = decoded_weight(self.gain, x.dtype).reshape(self.dim)
-        return ops.rms_norm(x, g, self.eps)
+        m = self.gain
+        if not torch.is_grad_enabled() or ops.use_fused_kernel(ops.FUSED_NORM, x):
+            # The decoded gain is kept until the update changes it: no decode launch per call.
+            g = m.decoded_shared(x.dtype, lambda: m.decode(x.dtype), keep=True).reshape(self.dim)
+            if not torch.is_grad_enabled():
+                return ops.rms_norm(x, g, self.eps)
+            from arbd.ternary.triton_norm import TernaryRMSNormFn
+            return TernaryRMSNormFn.apply(x, _anchor(x.device), m, g, self.eps)
+        return ops.rms_norm(x, decoded_weight(m, x.dtype).reshape(self.dim), self.eps)
 
 
 def id_range(ids: torch.Tensor) -> tuple[int, int]:

@@ -343,17 +343,19 @@ class TernaryMatrix(nn.Module):
         """The whole matrix as floats: transient, for dense layers of moderate size."""
         return ops.decode(self.packed, self.exponent, self.cols, dtype)
 
-    def decoded_shared(self, dtype: torch.dtype, decode: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def decoded_shared(self, dtype: torch.dtype, decode: Callable[[], torch.Tensor],
+                       keep: bool = False) -> torch.Tensor:
         """decode() in `dtype`, or the W an earlier call returned if that tensor is still alive
         (autograd holds it for a backward) and the trits and exponents have not changed since
         (same buffers, same version counters). A layer called several times in one forward (the
-        ACT loop) then decodes once."""
+        ACT loop) then decodes once. `keep`: hold W until the trits change, for small matrices
+        (norm gains) whose decode would otherwise cost a launch at every call."""
         key = (dtype, self.packed._version, self.exponent._version)
         cached = self._decoded
         w = cached[2]() if cached is not None and cached[0] == key and cached[1]() is self.packed else None
         if w is None:
             w = decode()
-            self._decoded = (key, weakref.ref(self.packed), weakref.ref(w))
+            self._decoded = (key, weakref.ref(self.packed), (lambda w=w: w) if keep else weakref.ref(w))
         return w
 
     def __getstate__(self) -> dict:

@@ -67,23 +67,50 @@ def _shape(d: int) -> tuple[int, int, int]:
     return block, rows, 4 if block * rows <= 4096 else 8
 
 
+def _forward(x: torch.Tensor, g: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y [n, d], x as [n, d] with unit column stride, rstd [n]) for rms_norm(x) * g."""
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n = x2.shape[0]
+    y = torch.empty(n, d, dtype=x.dtype, device=x.device)
+    rstd = torch.empty(n, dtype=torch.float32, device=x.device)
+    block, rows, warps = _shape(d)
+    if n:
+        _rms_fwd_kernel[(triton.cdiv(n, rows),)](x2, g.contiguous(), y, rstd, n, d, x2.stride(0),
+                                                 y.stride(0), eps, BLOCK_D=block, ROWS=rows,
+                                                 num_warps=warps)
+    return y, x2, rstd
+
+
+def _backward(x2: torch.Tensor, g: torch.Tensor, rstd: torch.Tensor,
+              gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx [n, d], the gain's gradient in float32 partial sums [programs, d]; sum them over 0)."""
+    n, d = x2.shape
+    gy2 = gy.reshape(-1, d)
+    if gy2.stride(-1) != 1:
+        gy2 = gy2.contiguous()
+    gx = torch.empty_like(x2)
+    if not n:
+        return gx, torch.zeros(1, d, dtype=torch.float32, device=x2.device)
+    block, rows, warps = _shape(d)
+    progs = max(1, min(triton.cdiv(n, rows), 4 * (_sm_count(x2.device) if x2.is_cuda else 4)))
+    per = triton.cdiv(triton.cdiv(n, progs), rows) * rows
+    progs = triton.cdiv(n, per)
+    gg = torch.empty(progs, d, dtype=torch.float32, device=x2.device)   # every program writes its row
+    _rms_bwd_kernel[(progs,)](x2, g.contiguous(), gy2, rstd, gx, gg, n, d, x2.stride(0),
+                              gy2.stride(0), gx.stride(0), per, BLOCK_D=block, ROWS=rows,
+                              num_warps=warps)
+    return gx, gg
+
+
 class RMSNormFn(torch.autograd.Function):
     """y = rms_norm(x) * g with both directions fused (arbd.ternary.ops.rms_norm dispatches)."""
 
     @staticmethod
     def forward(ctx, x, g, eps: float):
-        d = x.shape[-1]
-        x2 = x.reshape(-1, d)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        n = x2.shape[0]
-        y = torch.empty(n, d, dtype=x.dtype, device=x.device)
-        rstd = torch.empty(n, dtype=torch.float32, device=x.device)
-        block, rows, warps = _shape(d)
-        if n:
-            _rms_fwd_kernel[(triton.cdiv(n, rows),)](x2, g.contiguous(), y, rstd, n, d, x2.stride(0),
-                                                     y.stride(0), eps, BLOCK_D=block, ROWS=rows,
-                                                     num_warps=warps)
+        y, x2, rstd = _forward(x, g, eps)
         ctx.save_for_backward(x2, g, rstd)
         ctx.shape = x.shape
         return y.reshape(x.shape)
@@ -91,18 +118,27 @@ class RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x2, g, rstd = ctx.saved_tensors
-        n, d = x2.shape
-        gy2 = gy.reshape(-1, d)
-        if gy2.stride(-1) != 1:
-            gy2 = gy2.contiguous()
-        gx = torch.empty_like(x2)
-        block, rows, warps = _shape(d)
-        progs = max(1, min(triton.cdiv(n, rows), 4 * (_sm_count(x2.device) if x2.is_cuda else 4)))
-        per = triton.cdiv(triton.cdiv(max(n, 1), progs), rows) * rows
-        progs = triton.cdiv(max(n, 1), per)
-        gg = torch.zeros(progs, d, dtype=torch.float32, device=x2.device)
-        if n:
-            _rms_bwd_kernel[(progs,)](x2, g.contiguous(), gy2, rstd, gx, gg, n, d, x2.stride(0),
-                                      gy2.stride(0), gx.stride(0), per, BLOCK_D=block, ROWS=rows,
-                                      num_warps=warps)
+        gx, gg = _backward(x2, g, rstd, gy)
         return gx.reshape(ctx.shape), gg.sum(0).to(g.dtype), None
+
+
+class TernaryRMSNormFn(torch.autograd.Function):
+    """RMSNormFn for a ternary gain: `g` is `matrix` ([D, 1]) decoded, and backward adds the
+    gain's gradient to the matrix's evidence itself, summed in float32 and never rounded to x's
+    dtype. One autograd node per call instead of a norm plus a decode node: the checkpointed
+    step is bound by the host (bench/RESULTS.md). `anchor` (empty, requires grad) makes backward
+    run even where x needs no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, matrix, g, eps: float):
+        y, x2, rstd = _forward(x, g, eps)
+        ctx.save_for_backward(x2, g, rstd)
+        ctx.shape, ctx.matrix = x.shape, matrix
+        return y.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, g, rstd = ctx.saved_tensors
+        gx, gg = _backward(x2, g, rstd, gy)
+        ctx.matrix.add_grad(gg.sum(0).view(-1, 1))
+        return (gx.reshape(ctx.shape) if ctx.needs_input_grad[0] else None), None, None, None, None
