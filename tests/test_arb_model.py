@@ -250,8 +250,6 @@ def test_activation_offload_changes_nothing_but_gpu_memory(monkeypatch, request)
     ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(3)).cuda()
     got, held, copies = [], [], []
     plain_offload = recompute.HostInputs.offload
-    pool = recompute.PinnedPool()
-    monkeypatch.setattr(recompute, "_pinned_pool", pool)
     for offload in (False, True):
         model = ARBModel(TINY, seed=1, device="cuda")
         model.activation_checkpointing = True
@@ -269,18 +267,6 @@ def test_activation_offload_changes_nothing_but_gpu_memory(monkeypatch, request)
         got.append((out.loss.detach(), {n: m.evidence() for n, m in ternary_matrices(model)}))
     # 2 layers, MemGram, LTI, the head, the scheduler and the ACT steps: 8 regions, 1-2 inputs each
     assert copies[0] == 0 and copies[1] >= 8, copies
-    # The pinned buffers went back to the pool with the graph, and a second micro-batch of the
-    # same shapes reuses them: no new pinned allocation, the same loss.
-    assert pool.allocations >= 8
-    del out
-    assert pool.in_use == 0, pool.in_use
-    torch.cuda.synchronize()
-    before = pool.allocations
-    again = model(ids)
-    again.loss.backward()
-    torch.cuda.synchronize()
-    assert pool.allocations == before, (before, pool.allocations)
-    assert torch.equal(again.loss.detach(), got[1][0])
     assert held[1] < held[0], held
     assert torch.equal(got[0][0], got[1][0]), (got[0][0].item(), got[1][0].item())
     compared = 0

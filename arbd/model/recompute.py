@@ -13,72 +13,6 @@ OFFLOAD_MIN_BYTES = 1 << 20
 _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
-class PinnedPool:
-    """Pinned host buffers that outlive the offloaded tensors they held.
-
-    A new pinned allocation page-locks its memory and takes milliseconds (about 1 GB/s on the
-    H100 host), and torch's pinned-memory cache still allocated in steady state at arb-small
-    (bench/RESULTS.md), so offload takes its buffers from here. A request takes the smallest
-    idle buffer that fits and is at most twice its size (or the size it would allocate), so
-    that the ACT steps' row counts, which change from micro-batch to micro-batch, still find
-    one; a new buffer has a quarter more room than asked. A buffer goes back with the event
-    after which nothing reads it any more, and is handed out again only once that event has
-    passed. Idle buffers beyond twice the most ever in use at once are freed, oldest first.
-    `allocate(nbytes)` and the events (anything with query()) are arguments for tests."""
-
-    def __init__(self, allocate: Callable[[int], torch.Tensor] | None = None) -> None:
-        self._allocate = allocate or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
-        self._idle: list[tuple[torch.Tensor, Any]] = []   # (buffer, last-use event), oldest first
-        self.in_use = 0          # bytes handed out and not yet given back
-        self.peak_in_use = 0
-        self.allocations = 0     # buffers ever allocated (a test reads it)
-
-    @staticmethod
-    def size_class(nbytes: int) -> int:
-        step = 1 << max(12, nbytes.bit_length() - 4)
-        return -(-nbytes // step) * step
-
-    def idle_bytes(self) -> int:
-        return sum(b.numel() for b, _ in self._idle)
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        """A buffer of at least nbytes: the smallest idle one whose reader has finished, if it is
-        at most twice as large (a new pinned allocation costs milliseconds), else a new one."""
-        best, fresh = None, self.size_class(nbytes + nbytes // 4)   # a new one has room to grow
-        limit = max(2 * nbytes, fresh)
-        for i, (buf, done) in enumerate(self._idle):
-            size = buf.numel()
-            if nbytes <= size <= limit and (best is None or size < self._idle[best][0].numel()) \
-                    and (done is None or done.query()):
-                best = i
-        if best is not None:
-            buf = self._idle.pop(best)[0]
-        else:
-            buf = self._allocate(fresh)
-            self.allocations += 1
-        self.in_use += buf.numel()
-        self.peak_in_use = max(self.peak_in_use, self.in_use)
-        return buf
-
-    def give(self, buf: torch.Tensor, done: Any) -> None:
-        """buf back, free to reuse once `done` (an event, or None) has passed."""
-        self.in_use -= buf.numel()
-        self._idle.append((buf, done))
-        idle = self.idle_bytes()
-        while self._idle and idle > 2 * self.peak_in_use:
-            idle -= self._idle.pop(0)[0].numel()
-
-
-_pinned_pool = PinnedPool()
-
-
-def _pinned_like(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(buffer from the pool, a pinned view of it shaped and typed like a)."""
-    nbytes = a.numel() * a.element_size()
-    buf = _pinned_pool.take(nbytes)
-    return buf, buf[:nbytes].view(a.dtype).view(a.shape)
-
-
 def maybe_recompute(enabled: bool, fn: Callable[..., Any], *args: Any, offload: bool = False) -> Any:
     """fn(*args); when `enabled` and autograd records, keep only the inputs and run fn again in
     backward (non-reentrant, so outputs that need no grad and keyword-free closures are fine).
@@ -115,9 +49,7 @@ class HostInputs:
     def __init__(self, args: tuple) -> None:
         self.args = list(args)
         self.host: dict[int, tuple[torch.Tensor, bool]] = {}
-        self.buffers: list[torch.Tensor] = []   # the pool's buffers behind self.host
         self.done: torch.cuda.Event | None = None
-        self.read: torch.cuda.Event | None = None   # after the last copy out of the buffers
         self.early: tuple[list, torch.cuda.Event] | None = None   # a prefetch: tensors, event
         self.used = False
 
@@ -131,8 +63,7 @@ class HostInputs:
         with torch.cuda.stream(side):
             for i in big:
                 a = self.args[i]
-                buf, h = _pinned_like(a)
-                self.buffers.append(buf)
+                h = torch.empty(a.shape, dtype=a.dtype, pin_memory=True)
                 h.copy_(a.detach(), non_blocking=True)
                 a.record_stream(side)
                 self.host[i] = (h, a.requires_grad)
@@ -144,18 +75,7 @@ class HostInputs:
         return self.args[next(iter(self.host))]
 
     def _to_gpu(self) -> list[torch.Tensor]:
-        """The host copies back on the current stream; the buffers may be reused after that."""
-        gpu = [h.to(self.args[i], non_blocking=True) for i, (h, _) in self.host.items()]
-        self.read = torch.cuda.current_stream(self._device()).record_event()
-        return gpu
-
-    def __del__(self) -> None:
-        # Back to the pool once nothing reads them: after the last copy back if there was one,
-        # else after the copy out (a forward whose backward never ran).
-        for buf in self.buffers:
-            if _pinned_pool is not None:   # None only while the interpreter shuts down
-                _pinned_pool.give(buf, self.read or self.done)
-        self.buffers = []
+        return [h.to(self.args[i], non_blocking=True) for i, (h, _) in self.host.items()]
 
     def values(self) -> list:
         if self.done is None:
