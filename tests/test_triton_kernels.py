@@ -404,6 +404,7 @@ def test_layer_on_the_dense_path_matches_float64(m, n, keep, varying, monkeypatc
     if INTERPRETED:
         monkeypatch.setattr(tk, "takes_dense_path", lambda x, n, k: True)
         monkeypatch.setattr(tk, "grad_input_config", lambda *a: tk.TileConfig(16, 16, 16, dense=True))
+        monkeypatch.setattr(tk, "matmul_config", lambda *a: tk.TileConfig(16, 16, 16, dense=True))
     decodes = []
     real = tk.decode_weight
     monkeypatch.setattr(tk, "decode_weight", lambda *a, **kw: decodes.append(1) or real(*a, **kw))
@@ -429,7 +430,12 @@ def test_layer_on_the_dense_path_matches_float64(m, n, keep, varying, monkeypatc
     _, ev = layer.weight.evidence()
     assert ev.dtype == torch.float32
     assert _rel_err(ev, gy.cpu().double().t() @ x.detach().cpu().double()) < 1e-5
-    assert ops.linear_forward(x.detach(), layer.weight.packed, layer.weight.exponent, k, "triton").shape == (m, n)
+    # The no-grad forward (evaluation, generation) pads exactly where the training forward does.
+    pads.clear()
+    with torch.no_grad():
+        y_eval = layer(x)
+    assert pads == ([tk.cublas_rows(m)] if padded else []), pads
+    assert torch.equal(y_eval, y.detach())
 
 
 # -- fused RMSNorm (arbd/ternary/triton_norm.py through ops.rms_norm) ---------------------------

@@ -79,7 +79,7 @@ class TernaryLinear(nn.Module):
             raise ValueError(f"TernaryLinear expects {self.in_features} input features, got {x.shape[-1]}")
         w = self.weight
         if not torch.is_grad_enabled():
-            return ops.linear_forward(x, w.packed, w.exponent, w.cols, self.backend)
+            return ops.linear_forward(x, w.packed, w.exponent, w.cols, self.backend, self.varying_rows)
         return _LinearFn.apply(x, _anchor(x.device), w, self.backend, self.varying_rows)
 
     def extra_repr(self) -> str:

@@ -45,13 +45,14 @@ def decode(packed: torch.Tensor, exponent: torch.Tensor, k: int, dtype: torch.dt
 
 
 def linear_forward(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor, k: int,
-                   backend: str = "torch") -> torch.Tensor:
+                   backend: str = "torch", bucket: bool = True) -> torch.Tensor:
+    """x @ W.T without autograd; `bucket` as in linear_forward_for_backward."""
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {k}")
     if backend == "triton":
         if x.numel() == 0:   # e.g. an expert-parallel ACT step with no running tokens here
             return x.new_zeros(*x.shape[:-1], packed.shape[0])
-        y = _triton().ternary_matmul(x.reshape(-1, k), packed, exponent, k)
+        y = _triton().ternary_matmul(x.reshape(-1, k), packed, exponent, k, bucket=bucket)
         return y.reshape(*x.shape[:-1], packed.shape[0])
     return x @ packing.decode(packed, exponent, k, x.dtype).t()
 
@@ -86,7 +87,7 @@ def linear_forward_for_backward(x: torch.Tensor, matrix: "TernaryMatrix", backen
         w = _decoded(matrix, x.dtype, backend)
         y = _triton().mm_rows_bucketed(x2, w.t()) if bucket else x2 @ w.t()
     else:
-        return linear_forward(x, matrix.packed, matrix.exponent, k, backend), None
+        return linear_forward(x, matrix.packed, matrix.exponent, k, backend, bucket), None
     return y.reshape(*x.shape[:-1], n), (w if KEEP_DECODED_WEIGHT and n <= m else None)
 
 

@@ -871,10 +871,12 @@ def _small_m_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tenso
 
 
 def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor, K: int, *,
-                   config: TileConfig | None = None) -> torch.Tensor:
+                   config: TileConfig | None = None, bucket: bool = True) -> torch.Tensor:
     """y = x @ W.T for x [M, K] and W [N, K] given as packed trits and int8 row exponents.
 
     Returns [M, N] in x's dtype, accumulated in fp32. `config` overrides the default tile shape.
+    `bucket`: on the dense path, cuBLAS runs on M rounded up (mm_rows_bucketed), for callers whose
+    M changes from call to call; False runs it on M as it is.
     """
     _check_float("x", x)
     n = _check_weight(packed, exponent, K)
@@ -893,7 +895,8 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
             return cuda_small_m.small_m_matmul(x, packed, exponent, K)
     cfg = config or matmul_config(m, n, K, x.device, x.dtype)
     if cfg.dense:
-        return mm_rows_bucketed(x, decode_weight(packed, exponent, K, x.dtype).t())
+        w = decode_weight(packed, exponent, K, x.dtype)
+        return mm_rows_bucketed(x, w.t()) if bucket else x @ w.t()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if cfg.small_m and m <= cfg.block_m:
         return _small_m_matmul(x, packed, exponent, K, cfg, out=y)
