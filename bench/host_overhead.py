@@ -153,14 +153,14 @@ def main() -> None:
         import cProfile
         import io
         import pstats
-        name, layer_fb = next((n, f) for n, f in cases.items() if a.case in n)
+        name, fn = next((n, f) for n, f in cases.items() if a.case in n)
         print(f"-- dissected: {name}")
-        layer_fb()
+        fn()
         torch.cuda.synchronize()
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(50):
-            layer_fb()
+            fn()
         torch.cuda.synchronize()
         prof.disable()
         buf = io.StringIO()
@@ -169,7 +169,7 @@ def main() -> None:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as tp:
             for _ in range(50):
-                layer_fb()
+                fn()
             torch.cuda.synchronize()
         print(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     if a.json:

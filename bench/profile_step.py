@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--sync-sites", action="store_true",
                    help="list where one micro-batch and one update wait on the GPU (call sites in arbd/)")
     p.add_argument("--callers", default="",
-                   help="with --cprofile: regex of functions whose callers to list (e.g. 'method empty')")
+                   help="with --cprofile: regex of functions whose callers to list (e.g. 'torch.empty')")
     p.add_argument("--reps", type=int, default=3, help="micro-batches timed one by one")
     p.add_argument("--dense", action="store_true",
                    help="the dense bf16 twin (bench/dense_twin.py) instead; no ternary update")

@@ -99,14 +99,16 @@ class TernaryRMSNorm(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"TernaryRMSNorm expects {self.dim} features, got {x.shape[-1]}")
         m = self.gain
-        if not torch.is_grad_enabled() or ops.use_fused_kernel(ops.FUSED_NORM, x):
-            # The decoded gain is kept until the update changes it: no decode launch per call.
-            g = m.decoded_shared(x.dtype, lambda: m.decode(x.dtype), keep=True).reshape(self.dim)
-            if not torch.is_grad_enabled():
-                return ops.rms_norm(x, g, self.eps)
-            from arbd.ternary.triton_norm import TernaryRMSNormFn
-            return TernaryRMSNormFn.apply(x, _anchor(x.device), m, g, self.eps)
-        return ops.rms_norm(x, decoded_weight(m, x.dtype).reshape(self.dim), self.eps)
+        grad = torch.is_grad_enabled()
+        if grad and not ops.use_fused_kernel(ops.FUSED_NORM, x):
+            # torch formula: the gain's decode is an autograd node of its own (_DecodedFn)
+            return ops.rms_norm(x, decoded_weight(m, x.dtype).reshape(self.dim), self.eps)
+        # The decoded gain is kept until the update changes it: no decode launch per call.
+        g = m.decoded_shared(x.dtype, lambda: m.decode(x.dtype), keep=True).reshape(self.dim)
+        if not grad:
+            return ops.rms_norm(x, g, self.eps)
+        from arbd.ternary.triton_norm import TernaryRMSNormFn
+        return TernaryRMSNormFn.apply(x, _anchor(x.device), m, g, self.eps)
 
 
 def id_range(ids: torch.Tensor) -> tuple[int, int]:

@@ -85,7 +85,7 @@ def linear_forward_for_backward(x: torch.Tensor, matrix: "TernaryMatrix", backen
         y = x2 @ w.t()
     elif m > 0 and _triton().takes_dense_path(x2, n, k):
         w = _decoded(matrix, x.dtype, backend)
-        y = _triton().mm_rows_bucketed(x2, w.t()) if bucket else x2 @ w.t()
+        y = _triton().mm_rows_bucketed(x2, w.t(), bucket)
     else:
         return linear_forward(x, matrix.packed, matrix.exponent, k, backend, bucket), None
     return y.reshape(*x.shape[:-1], n), (w if KEEP_DECODED_WEIGHT and n <= m else None)

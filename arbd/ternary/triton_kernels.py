@@ -674,10 +674,11 @@ def pad_rows(t: torch.Tensor, rows: int, *, zero: bool) -> torch.Tensor:
     return out
 
 
-def mm_rows_bucketed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b, run on a's rows padded to cublas_rows (the extra output rows are dropped)."""
+def mm_rows_bucketed(a: torch.Tensor, b: torch.Tensor, bucket: bool = True) -> torch.Tensor:
+    """a @ b, run on a's rows padded to cublas_rows (the extra output rows are dropped); with
+    `bucket` False, on a's rows as they are (callers whose row count never changes)."""
     m = a.shape[0]
-    rows = cublas_rows(m)
+    rows = cublas_rows(m) if bucket else m
     if rows == m:
         return a @ b
     return (pad_rows(a, rows, zero=False) @ b)[:m]
@@ -895,8 +896,7 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
             return cuda_small_m.small_m_matmul(x, packed, exponent, K)
     cfg = config or matmul_config(m, n, K, x.device, x.dtype)
     if cfg.dense:
-        w = decode_weight(packed, exponent, K, x.dtype)
-        return mm_rows_bucketed(x, w.t()) if bucket else x @ w.t()
+        return mm_rows_bucketed(x, decode_weight(packed, exponent, K, x.dtype).t(), bucket)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if cfg.small_m and m <= cfg.block_m:
         return _small_m_matmul(x, packed, exponent, K, cfg, out=y)
