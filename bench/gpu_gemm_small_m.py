@@ -57,10 +57,10 @@ def cuda(r: int, warps: int, splits: int, flags: int = 0) -> tuple:
     return ("cuda", r, warps, splits, flags)
 
 
-def tiled(r: int, wn: int, wk: int, d: int, fl: int = 0, pdl: bool = True, splits: int = 1) -> tuple:
+def tiled(r: int, wn: int, wk: int, d: int, fl: int = 0, pdl: bool = True) -> tuple:
     """A candidate of the CUDA kernel on the tile-major copy of W (tiled_kernel; cuda_small_m.tiled_copy
-    makes the copy once per weight, outside the timed graphs); splits: blocks along K."""
-    return ("tiled", r, wn, wk, d, fl, pdl, splits)
+    makes the copy once per weight, outside the timed graphs)."""
+    return ("tiled", r, wn, wk, d, fl, pdl)
 
 
 def phase_only(cfg) -> bool:
@@ -73,7 +73,7 @@ def name(cfg, decode: int = 2) -> str:
     if isinstance(cfg, tuple) and cfg[0] == "tiled":
         return (f"CUDA tiled R{cfg[1]} WN{cfg[2]} WK{cfg[3]} D{cfg[4]}" + (" L2-prefetch" if cfg[5] & 4 else "")
                 + (f" probe {cfg[5] & 3}" if cfg[5] & 3 else "")
-                + ("" if cfg[6] else " no PDL") + (f" S{cfg[7]}" if cfg[7] > 1 else ""))
+                + ("" if cfg[6] else " no PDL"))
     if isinstance(cfg, tuple):
         return f"CUDA r{cfg[1]} w{cfg[2]} split{cfg[3]}" + (f" phase-flags {cfg[4]}" if cfg[4] else "")
     if not cfg.small_m:
@@ -91,7 +91,7 @@ def name(cfg, decode: int = 2) -> str:
 def run(x, packed, exponent, k, cfg, decode=2, out=None):
     if isinstance(cfg, tuple) and cfg[0] == "tiled":
         return cuda_small_m.tiled_matmul(x, cuda_small_m.tiled_copy(packed, k), exponent, packed.shape[0], k,
-                                         variant=cfg[1:6], pdl=cfg[6], splits=cfg[7], out=out)
+                                         variant=cfg[1:6], pdl=cfg[6], out=out)
     if isinstance(cfg, tuple):
         return cuda_small_m.small_m_matmul(x, packed, exponent, k, shape=cfg[1:4], out=out, _flags=cfg[4])
     if cfg is not None and cfg.small_m:
@@ -317,9 +317,8 @@ def main() -> int:
     sweep = {1: SWEEP16, 2: SWEEP16_2, 3: SWEEP16_3, 4: SWEEP16_4, 5: SWEEP16_5}[args.sweep]
     rows: list = []
     if args.sweep == 5:
-        # Variants with few warps along K split K over blocks instead (S blocks per row range).
-        sweep = sweep + [(tiled(*v, pdl=pdl, splits=s), 2) for v in cuda_small_m.tiled_variants(DEV, probes=True)
-                         for pdl, s in ([(True, 1), (False, 1)] if v[2] >= 8 else [(True, 4), (True, 8), (True, 16)])]
+        sweep = sweep + [(tiled(*v, pdl=pdl), 2) for v in cuda_small_m.tiled_variants(DEV, probes=True)
+                         for pdl in (True, False)]
         conversion(rows)
     try:
         checks(sweep, rows)

@@ -50,8 +50,7 @@ def _library(device: torch.device) -> ctypes.CDLL:
         lib.arbd_tiled_m.argtypes = [
             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int,
             ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_float,
-            ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_void_p]
+            ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p]
         lib.arbd_small_m.argtypes = [
             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_longlong,
             ctypes.c_int, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
@@ -213,30 +212,14 @@ def tiled_usable(x: torch.Tensor) -> bool:
     return _takes(x, "tiled")
 
 
-# Per (device, stream): zeroed uint32 counters, one per block along N, for split launches. Each
-# call leaves them zeroed; calls on one stream never overlap where the counters are used (under
-# programmatic dependent launch a call waits for the one before it before it reads x).
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device, stream: int, blocks: int) -> torch.Tensor:
-    key = (device.index, stream)
-    c = _COUNTERS.get(key)
-    if c is None or c.numel() < blocks:
-        c = _COUNTERS[key] = torch.zeros(max(blocks, 256), dtype=torch.int32, device=device)
-    return c
-
-
 def tiled_matmul(x: torch.Tensor, tiled: torch.Tensor, exponent: torch.Tensor, n: int, K: int, *,
-                 variant: tuple[int, ...] | None = None, pdl: bool = True, splits: int = 1,
+                 variant: tuple[int, ...] | None = None, pdl: bool = True,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T with W given as tile_major(packed, K) and int8 exponents [N].
 
     x: bf16 or fp16 on an sm_90 GPU, 1 <= M <= 16. variant: one of tiled_variants(). pdl: launch
     with programmatic dependent launch, so that this call's weight loads overlap the end of the
-    kernel before it (the kernel waits for that one to finish before it reads x or writes y).
-    splits: blocks along K per row range (at most the number of super-block pairs); above 1 the
-    partial sums go through a float32 scratch [splits, M, N] and are added in a fixed order."""
+    kernel before it (the kernel waits for that one to finish before it reads x or writes y)."""
     m, k = x.shape
     tiles, pairs = math.ceil(n / 16), math.ceil(math.ceil(K / SUPER) / 2)
     if not 1 <= m <= MAX_M or k != K:
@@ -251,25 +234,13 @@ def tiled_matmul(x: torch.Tensor, tiled: torch.Tensor, exponent: torch.Tensor, n
         x = xp
     exponent = exponent.contiguous()
     lib = _library(x.device)
-    variant = variant or DEFAULT_TILED
-    index = tiled_variants(x.device, probes=True).index(variant)
+    index = tiled_variants(x.device, probes=True).index(variant or DEFAULT_TILED)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if y.shape != (m, n) or y.dtype != x.dtype or y.stride(1) != 1:
         raise ValueError(f"out must be a [{m}, {n}] {x.dtype} tensor with unit column stride")
-    if splits < 1:
-        raise ValueError(f"splits must be >= 1, got {splits}")
-    splits = min(splits, pairs)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    ws = counters = None
-    if splits > 1:
-        ws = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-        counters = _split_counters(x.device, stream, math.ceil(tiles / (variant[0] * variant[1])))
     err = lib.arbd_tiled_m(int(x.dtype == torch.bfloat16), index, m, x.data_ptr(), x.stride(0), K,
                            tiled.data_ptr(), pairs, tiles, n, exponent.data_ptr(), 1.0 / SCALE_K,
-                           y.data_ptr(), y.stride(0), int(pdl), splits,
-                           None if ws is None else ws.data_ptr(),
-                           None if counters is None else counters.data_ptr(), stream)
+                           y.data_ptr(), y.stride(0), int(pdl), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
-        raise RuntimeError(f"CUDA tiled small-M kernel failed (code {err}) for M={m} N={n} K={K} "
-                           f"variant={variant} splits={splits}")
+        raise RuntimeError(f"CUDA tiled small-M kernel failed (code {err}) for M={m} N={n} K={K} variant={variant}")
     return y

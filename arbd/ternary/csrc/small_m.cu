@@ -414,14 +414,8 @@ template <bool BF, int R, int WN, int WK, int MT, int D, int FL>
 __global__ void __launch_bounds__(WN * WK * 32, 1)
 tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
              const uint4* __restrict__ wt, int P, int tiles, long long N, const int8_t* __restrict__ e,
-             float inv_k, uint16_t* __restrict__ y, long long stride_ym, int S, float* __restrict__ ws,
-             unsigned* __restrict__ counters) {
+             float inv_k, uint16_t* __restrict__ y, long long stride_ym) {
   // A block: WN groups of R row tiles (BN rows) x WK ranges of super-block pairs; warp (wn, wk).
-  // Blocks along y (S > 1) split K further: block (bx, ks) covers the ks-th of S ranges of pairs,
-  // writes its float32 sums to ws[ks], and the last of the S blocks of a row range to finish (a
-  // counter per row range) adds the S partials in order ks = 0..S-1: deterministic. Why: with WK
-  // warps along K in one block, every block reads all of x for its BN rows (five times W's bytes
-  // at M = 16, the largest L2 stream ncu saw); WN warps on one K range read the same x through L1.
   // FL (probe variants, for bench/gpu_gemm_small_m.py's attribution only; their output is not the
   // product): 1 = no MMAs (the decoded planes are folded into the sums by XOR), 2 = no decode (the
   // raw words go to the MMAs as A). FL & 4 is not a probe: it prefetches W into L2 (below).
@@ -435,9 +429,7 @@ tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const int wn = warp % WN, wk = warp / WN;
   const int tile0 = (blockIdx.x * WN + wn) * R;
-  const int ks = blockIdx.y;
-  const int q0 = int((long long)ks * P / S), q1 = int((long long)(ks + 1) * P / S);
-  const int p0 = q0 + int((long long)wk * (q1 - q0) / WK), p1 = q0 + int((long long)(wk + 1) * (q1 - q0) / WK);
+  const int p0 = int((long long)wk * P / WK), p1 = int((long long)(wk + 1) * P / WK);
 
   const uint4* src[R];
 #pragma unroll
@@ -532,44 +524,20 @@ tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < WK; ++w) sum += part[(w * BN + row) * PAD + tok];
-    if (S == 1)
-      y[tok * stride_ym + n] = to_16bit<BF>(sum * exp2f(float(e[n]) * inv_k));
-    else
-      ws[((long long)ks * M + tok) * N + n] = sum;
-  }
-  if (S == 1) return;
-  // The threadFenceReduction pattern: partials visible device-wide before the count goes up.
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1u) == unsigned(S - 1);
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int idx = threadIdx.x; idx < BN * M; idx += THREADS) {
-    const int tok = idx / BN, row = idx % BN;
-    const long long n = n0 + row;
-    if (n >= N) continue;
-    float sum = 0.f;
-    for (int k = 0; k < S; ++k) sum += __ldcg(ws + ((long long)k * M + tok) * N + n);  // L2, not L1
     y[tok * stride_ym + n] = to_16bit<BF>(sum * exp2f(float(e[n]) * inv_k));
   }
-  if (threadIdx.x == 0) counters[blockIdx.x] = 0u;  // ready for the next call on this stream
 }
 
 template <bool BF, int R, int WN, int WK, int D, int FL>
 int launch_tiled(int M, const void* x, long long sxm, int K, const void* wt, int P, int tiles, long long N,
-                 const void* e, float inv_k, void* y, long long sym, int pdl, int S, void* ws, void* counters,
-                 cudaStream_t stream) {
+                 const void* e, float inv_k, void* y, long long sym, int pdl, cudaStream_t stream) {
   const unsigned blocks = unsigned((tiles + WN * R - 1) / (WN * R));
   const auto* xp = static_cast<const uint16_t*>(x);
   const auto* wp = static_cast<const uint4*>(wt);
   const auto* ep = static_cast<const int8_t*>(e);
   auto* yp = static_cast<uint16_t*>(y);
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks, unsigned(S));
-  auto* wsp = static_cast<float*>(ws);
-  auto* cp = static_cast<unsigned*>(counters);
+  cfg.gridDim = dim3(blocks);
   cfg.blockDim = dim3(WN * WK * 32);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
@@ -578,24 +546,23 @@ int launch_tiled(int M, const void* x, long long sxm, int K, const void* wt, int
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
   cudaError_t err = M <= 8
-      ? cudaLaunchKernelEx(&cfg, tiled_kernel<BF, R, WN, WK, 1, D, FL>, xp, sxm, M, K, wp, P, tiles, N, ep, inv_k, yp, sym, S, wsp, cp)
-      : cudaLaunchKernelEx(&cfg, tiled_kernel<BF, R, WN, WK, 2, D, FL>, xp, sxm, M, K, wp, P, tiles, N, ep, inv_k, yp, sym, S, wsp, cp);
+      ? cudaLaunchKernelEx(&cfg, tiled_kernel<BF, R, WN, WK, 1, D, FL>, xp, sxm, M, K, wp, P, tiles, N, ep, inv_k, yp, sym)
+      : cudaLaunchKernelEx(&cfg, tiled_kernel<BF, R, WN, WK, 2, D, FL>, xp, sxm, M, K, wp, P, tiles, N, ep, inv_k, yp, sym);
   return int(err != cudaSuccess ? err : cudaGetLastError());
 }
 
 // (R, WN, WK, D, FL) compiled in, in the order arbd_tiled_m's `variant` indexes them.
 #define ARBD_TILED_VARIANTS(X) \
   X(2, 1, 8, 2, 4) X(2, 1, 8, 2, 0) X(2, 2, 8, 2, 4) X(1, 2, 8, 2, 4) X(4, 1, 8, 2, 4) \
-  X(2, 1, 8, 2, 5) X(2, 1, 8, 2, 6) X(2, 1, 8, 2, 7) \
-  X(2, 8, 1, 2, 4) X(2, 4, 2, 2, 4) X(2, 4, 1, 2, 4) X(1, 8, 1, 2, 4) X(2, 8, 1, 2, 0) X(2, 8, 1, 2, 7)
+  X(2, 1, 8, 2, 5) X(2, 1, 8, 2, 6) X(2, 1, 8, 2, 7)
 
 template <bool BF>
 int launch_tiled_variant(int variant, int M, const void* x, long long sxm, int K, const void* wt, int P,
                          int tiles, long long N, const void* e, float inv_k, void* y, long long sym,
-                         int pdl, int S, void* ws, void* counters, cudaStream_t s) {
+                         int pdl, cudaStream_t s) {
   int i = 0;
 #define ARBD_TILED_CASE(R, WN, WK, D, FL) \
-  if (variant == i++) return launch_tiled<BF, R, WN, WK, D, FL>(M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, pdl, S, ws, counters, s);
+  if (variant == i++) return launch_tiled<BF, R, WN, WK, D, FL>(M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, pdl, s);
   ARBD_TILED_VARIANTS(ARBD_TILED_CASE)
 #undef ARBD_TILED_CASE
   return -1;
@@ -639,18 +606,14 @@ int arbd_tiled_m_variants(int* out, int cap) {
 // y [M, N] = x [M, K] @ W.T with W as its tile-major copy wt [tiles, P, 32] x 16 bytes
 // (cuda_small_m.tile_major) and int8 exponents e [N]. x must be 8-byte aligned with a row stride
 // that is a multiple of 4 elements. pdl: launch with programmatic dependent launch (see the kernel).
-// splits: blocks along K; for splits > 1, ws is float32 [splits, M, N] scratch and counters one
-// zeroed uint32 per block along N, left zeroed by the call (one stream at a time may use them).
-// Returns 0, a cudaError_t, or -1 for an unknown variant, M or split count.
+// Returns 0, a cudaError_t, or -1 for an unknown variant or M.
 int arbd_tiled_m(int bf16, int variant, int M, const void* x, long long sxm, int K, const void* wt,
                  int P, int tiles, long long N, const void* e, float inv_k, void* y, long long sym,
-                 int pdl, int splits, void* ws, void* counters, void* stream) {
-  if (M < 1 || M > 16 || splits < 1 || (splits > 1 && (ws == nullptr || counters == nullptr))) return -1;
+                 int pdl, void* stream) {
+  if (M < 1 || M > 16) return -1;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return bf16 ? launch_tiled_variant<true>(variant, M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, pdl,
-                                           splits, ws, counters, s)
-              : launch_tiled_variant<false>(variant, M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, pdl,
-                                            splits, ws, counters, s);
+  return bf16 ? launch_tiled_variant<true>(variant, M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, pdl, s)
+              : launch_tiled_variant<false>(variant, M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, pdl, s);
 }
 
 }  // extern "C"
