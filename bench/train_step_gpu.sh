@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Issue 10's training-step targets in one device run (about 4-6 minutes on an H100):
-#   arb-small ternary vs its dense bf16 twin (DeepSpeed + Adam, ZeRO-1), plan h100-arb-small;
+# Issue 10's training-step targets in one device run (about 5-7 minutes on an H100):
+#   arb-small ternary vs its dense bf16 twin (DeepSpeed + Adam, ZeRO-1), plan h100-arb-small, at
+#   the plan's micro-batch (32) and at 128, the twin's largest on 80 GB, where the pair is met
+#   (bench/RESULTS.md, nineteenth session);
 #   arb-3b under a 24 GiB cap (plan h100-arb-3b: context 2048, micro-batch 1), evidence probe,
 #   persistent state per weight; then the same arb-small pair at micro-batch 1 if time is left.
 # Results: $OUT/*.json, $OUT/all.log, $OUT/report.md (OUT defaults to runs/train_step_gpu).
@@ -22,6 +24,8 @@ run() {  # name, time limit (s), arguments
 }
 run small_ternary 140 ternary --plan shard_plans/h100-arb-small.yaml ${TSG_SMALL:-}
 run small_dense 140 dense --plan shard_plans/h100-arb-small.yaml ${TSG_SMALL:-}
+run small_ternary_mb128 140 ternary --plan shard_plans/h100-arb-small.yaml --micro-batch 128 ${TSG_SMALL:-}
+run small_dense_mb128 140 dense --plan shard_plans/h100-arb-small.yaml --micro-batch 128 ${TSG_SMALL:-}
 run 3b_ternary_cap24 230 ternary --plan shard_plans/h100-arb-3b.yaml --mem-cap-gib 24 --warmup 1 \
   --steps 2 --evidence-probe --state ${TSG_BIG:-}
 if [ "$SECONDS" -lt "${TSG_MB1_BEFORE:-390}" ]; then
