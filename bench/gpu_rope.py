@@ -19,18 +19,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arbd.model import mla  # noqa: E402
+from bench.gpu_mla_graph import per_call  # noqa: E402
 
 
-def _us(fn, n: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n):
-        fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / n * 1e3
+def _us(fn) -> float:
+    """GPU microseconds per call over 20 calls back to back (CUDA events)."""
+    return per_call(fn)[1] * 1e3
 
 
 def main() -> None:

@@ -57,9 +57,10 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nope: int, si
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if rows == 0:
         return y
+    # width >= 2: rope_tail sends only an even rope > 0
     _rope_tail_kernel[(triton.cdiv(rows, ROWS),)](
         x2, cos, sin, y, rows, heads, seq, x2.stride(0), sign,
-        NOPE=nope, HALF=half, BLOCK_P=triton.next_power_of_2(width) // 2 if width > 1 else 1,
+        NOPE=nope, HALF=half, BLOCK_P=triton.next_power_of_2(width) // 2,
         ROWS=ROWS, num_warps=NUM_WARPS)
     return y
 
