@@ -57,10 +57,10 @@ def cuda(r: int, warps: int, splits: int, flags: int = 0) -> tuple:
     return ("cuda", r, warps, splits, flags)
 
 
-def tiled(r: int, wn: int, wk: int, d: int, fl: int = 0, cs: int = 1, pdl: bool = True) -> tuple:
+def tiled(r: int, wn: int, wk: int, d: int, fl: int = 0, pdl: bool = True) -> tuple:
     """A candidate of the CUDA kernel on the tile-major copy of W (tiled_kernel; cuda_small_m.tiled_copy
-    makes the copy once per weight, outside the timed graphs); cs: blocks per cluster splitting K."""
-    return ("tiled", r, wn, wk, d, fl, cs, pdl)
+    makes the copy once per weight, outside the timed graphs)."""
+    return ("tiled", r, wn, wk, d, fl, pdl)
 
 
 def phase_only(cfg) -> bool:
@@ -72,10 +72,8 @@ def name(cfg, decode: int = 2) -> str:
         return "default"
     if isinstance(cfg, tuple) and cfg[0] == "tiled":
         return (f"CUDA tiled R{cfg[1]} WN{cfg[2]} WK{cfg[3]} D{cfg[4]}" + (" L2-prefetch" if cfg[5] & 4 else "")
-                + (" x-L1-prefetch 2" if cfg[5] & 16 else " x-L1-prefetch 1" if cfg[5] & 8 else "")
                 + (f" probe {cfg[5] & 3}" if cfg[5] & 3 else "")
-                + (f" cluster {cfg[6]}" if cfg[6] > 1 else "")
-                + ("" if cfg[7] else " no PDL"))
+                + ("" if cfg[6] else " no PDL"))
     if isinstance(cfg, tuple):
         return f"CUDA r{cfg[1]} w{cfg[2]} split{cfg[3]}" + (f" phase-flags {cfg[4]}" if cfg[4] else "")
     if not cfg.small_m:
@@ -93,7 +91,7 @@ def name(cfg, decode: int = 2) -> str:
 def run(x, packed, exponent, k, cfg, decode=2, out=None):
     if isinstance(cfg, tuple) and cfg[0] == "tiled":
         return cuda_small_m.tiled_matmul(x, cuda_small_m.tiled_copy(packed, k), exponent, packed.shape[0], k,
-                                         variant=cfg[1:7], pdl=cfg[7], out=out)
+                                         variant=cfg[1:6], pdl=cfg[6], out=out)
     if isinstance(cfg, tuple):
         return cuda_small_m.small_m_matmul(x, packed, exponent, k, shape=cfg[1:4], out=out, _flags=cfg[4])
     if cfg is not None and cfg.small_m:
@@ -108,8 +106,7 @@ def checks(variants, rows: list) -> None:
     e = torch.randint(-128, 128, (243,), generator=gen, device=DEV).to(torch.int8)
     for dt in (torch.bfloat16, torch.float16):
         for cfg in (small(64, 64, 4, 3, 1), small(64, 64, 4, 3, 2), cuda(2, 8, 1), cuda(1, 8, 1),
-                    tiled(2, 1, 8, 2, 4), tiled(2, 1, 8, 2), tiled(1, 2, 8, 2, 4), tiled(4, 1, 8, 2, 4),
-                    tiled(4, 1, 8, 2, 4, 2), tiled(2, 4, 1, 2, 4, 8), tiled(2, 1, 8, 2, 12), tiled(2, 1, 8, 1, 20)):
+                    tiled(2, 1, 8, 2, 4), tiled(2, 1, 8, 2), tiled(1, 2, 8, 2, 4), tiled(4, 1, 8, 2, 4)):
             y = run(torch.eye(5, device=DEV, dtype=dt), every, e, 5, cfg)
             ok = torch.equal(y.t().cpu(), packing.decode(every.cpu(), e.cpu(), 5, dt))
             rows.append({"kind": "check", "what": f"all 243 bytes {dt} {name(cfg)}", "ok": ok})

@@ -191,22 +191,20 @@ _TILED_VARIANTS: list[tuple[int, ...]] = []  # the library's list, read once
 
 def tiled_variants(device: torch.device, probes: bool = False) -> list[tuple[int, ...]]:
     """The tiled kernel's compiled variants (row tiles per warp R, warps along N WN, warps along K
-    WK, pairs loaded ahead D, flags FL, cluster size CS): FL & 4 prefetches the warp's W into L2 up
-    front; FL & 3 = 0 computes the product, and the probes (FL & 3 = 1: no MMAs, 2: no decode, 3:
-    neither; bench attribution only) leave parts out. CS > 1 splits K over a cluster of CS blocks
-    that add their sums through distributed shared memory."""
+    WK, pairs loaded ahead D, flags FL): FL & 4 prefetches the warp's W into L2 up front; FL & 3
+    = 0 computes the product, and the probes (FL & 3 = 1: no MMAs, 2: no decode, 3: neither; bench
+    attribution only) leave parts out."""
     if not _TILED_VARIANTS:
         buf = (ctypes.c_int * 256)()
         count = _library(device).arbd_tiled_m_variants(buf, 256)
-        _TILED_VARIANTS.extend(tuple(buf[6 * i: 6 * i + 6]) for i in range(count))
+        _TILED_VARIANTS.extend(tuple(buf[5 * i: 5 * i + 5]) for i in range(count))
     return [v for v in _TILED_VARIANTS if probes or (v[4] & 3) == 0]
 
 
-# Row tiles per warp, warps along N, warps along K, pairs ahead, flags (4: W prefetched into L2),
-# cluster size:
+# Row tiles per warp, warps along N, warps along K, pairs ahead, flags (4: W prefetched into L2):
 # the fastest or within 2% at M = 1, 8 and 16 (K = N = 7168, H100; bench/RESULTS.md "Small-M
 # forward: programmatic dependent launch and an L2 prefetch of W").
-DEFAULT_TILED = (2, 1, 8, 2, 4, 1)
+DEFAULT_TILED = (2, 1, 8, 2, 4)
 
 
 def tiled_usable(x: torch.Tensor) -> bool:

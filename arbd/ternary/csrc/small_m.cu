@@ -410,22 +410,15 @@ __device__ __forceinline__ void load_x(uint2 (&xf)[MT][5], const uint16_t* const
   }
 }
 
-// CS > 1 splits K over a cluster of CS blocks that share one row range (grid = row ranges x CS):
-// every block then reads only its 1/CS of x, so x's L2 traffic is (row ranges) x |x| rather than
-// (blocks) x |x|, which was the largest stream at M = 16 (RESULTS, thirteenth session's ncu).
-// Each block leaves its sums in shared memory and the cluster adds them through distributed
-// shared memory in rank order: no global workspace, a deterministic result. Such blocks ask for
-// at most 128 registers per thread so that two blocks of 8 warps share an SM.
-template <bool BF, int R, int WN, int WK, int MT, int D, int FL, int CS>
-__global__ void __launch_bounds__(WN * WK * 32, (CS > 1 && WN * WK * 32 <= 256) ? 512 / (WN * WK * 32) : 1)
+template <bool BF, int R, int WN, int WK, int MT, int D, int FL>
+__global__ void __launch_bounds__(WN * WK * 32, 1)
 tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
              const uint4* __restrict__ wt, int P, int tiles, long long N, const int8_t* __restrict__ e,
              float inv_k, uint16_t* __restrict__ y, long long stride_ym) {
   // A block: WN groups of R row tiles (BN rows) x WK ranges of super-block pairs; warp (wn, wk).
   // FL (probe variants, for bench/gpu_gemm_small_m.py's attribution only; their output is not the
   // product): 1 = no MMAs (the decoded planes are folded into the sums by XOR), 2 = no decode (the
-  // raw words go to the MMAs as A). FL & 4 is not a probe: it prefetches W into L2 (below); nor
-  // are FL & 8 / 16, which prefetch x into L1 one / two pairs ahead of its use.
+  // raw words go to the MMAs as A). FL & 4 is not a probe: it prefetches W into L2 (below).
   constexpr int BN = WN * R * 16, THREADS = WN * WK * 32, PAD = 17;  // PAD: conflict-free sums
   __shared__ float part[WK * BN * PAD];
   // Programmatic dependent launch (when launched with it; no-ops otherwise): the next kernel in the
@@ -435,10 +428,8 @@ tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
   asm volatile("griddepcontrol.launch_dependents;");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const int wn = warp % WN, wk = warp / WN;
-  const int nb = blockIdx.x / CS, cs = blockIdx.x % CS;  // row range, rank in its cluster
-  const int tile0 = (nb * WN + wn) * R;
-  const int kw = cs * WK + wk;  // this warp's K range among the cluster's CS * WK
-  const int p0 = int((long long)kw * P / (CS * WK)), p1 = int((long long)(kw + 1) * P / (CS * WK));
+  const int tile0 = (blockIdx.x * WN + wn) * R;
+  const int p0 = int((long long)wk * P / WK), p1 = int((long long)(wk + 1) * P / WK);
 
   const uint4* src[R];
 #pragma unroll
@@ -469,31 +460,10 @@ tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");  // x and y: after the previous kernel is done
 
-  // x prefetch into L1 (FL & 24): pair pp's activations are 320 contiguous bytes per token; lane
-  // (token lane % 16, half lane / 16) touches two of the four points that cover every 128-byte
-  // line of its token's range, so a warp's 32 prefetches cover the pair for all 16 tokens.
-  constexpr int XPD = (FL & 16) ? 2 : (FL & 8) ? 1 : 0;
-  const int xtok = lane & 15;
-  const char* xpf = reinterpret_cast<const char*>(x + (xtok < M ? xtok * stride_xm : 0)) + (lane >> 4) * 256;
-  const int xpf_step = (lane >> 4) ? 63 : 128;  // offsets 0, 128 or 256, 319 of the 320 bytes
-  auto prefetch_x = [&](int pp) {
-    if (xtok < M && pp < p1) {
-      const char* a = xpf + 320LL * pp;
-      if (160 * pp + (lane >> 4) * 128 < K)
-        asm volatile("prefetch.global.L1 [%0];" ::"l"(a));
-      if (160 * pp + ((lane >> 4) * 256 + xpf_step) / 2 < K)
-        asm volatile("prefetch.global.L1 [%0];" ::"l"(a + xpf_step));
-    }
-  };
-  if constexpr (XPD > 0)
-#pragma unroll
-    for (int i = 0; i < XPD; ++i) prefetch_x(p0 + i);
-
   for (int p = p0; p < p1; p += D) {
 #pragma unroll
     for (int i = 0; i < D; ++i) {
       if (p + i >= p1) break;  // warp-uniform
-      if constexpr (XPD > 0) prefetch_x(p + i + XPD);
       uint4 v[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -544,54 +514,24 @@ tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
         part[(wk * BN + row) * PAD + tok] = acc[r][t][i];
       }
   __syncthreads();
-  const long long n0 = (long long)nb * BN;
-  if constexpr (CS == 1) {
-    // Sum the WK partials in a fixed order (deterministic), scale, cast; consecutive threads write
-    // consecutive n of one token's output row.
-    for (int idx = threadIdx.x; idx < BN * M; idx += THREADS) {
-      const int tok = idx / BN, row = idx % BN;
-      const long long n = n0 + row;
-      if (n >= N) continue;
-      float sum = 0.f;
+  const long long n0 = (long long)blockIdx.x * BN;
+  // Sum the WK partials in a fixed order (deterministic), scale, cast; consecutive threads write
+  // consecutive n of one token's output row.
+  for (int idx = threadIdx.x; idx < BN * M; idx += THREADS) {
+    const int tok = idx / BN, row = idx % BN;
+    const long long n = n0 + row;
+    if (n >= N) continue;
+    float sum = 0.f;
 #pragma unroll
-      for (int w = 0; w < WK; ++w) sum += part[(w * BN + row) * PAD + tok];
-      y[tok * stride_ym + n] = to_16bit<BF>(sum * exp2f(float(e[n]) * inv_k));
-    }
-  } else {
-    // The block's sum over its WK warps, in place of warp 0's partials (each (row, tok) is read
-    // and written by one thread only).
-    for (int idx = threadIdx.x; idx < BN * M; idx += THREADS) {
-      const int tok = idx / BN, row = idx % BN;
-      float sum = 0.f;
-#pragma unroll
-      for (int w = 0; w < WK; ++w) sum += part[(w * BN + row) * PAD + tok];
-      part[row * PAD + tok] = sum;
-    }
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();  // every block's sums written and visible to the cluster
-    // Block cs finishes rows cs * BN / CS .. of the range: the CS block sums in rank order.
-    constexpr int RB = BN / CS;
-    const float* peer[CS];
-#pragma unroll
-    for (int c = 0; c < CS; ++c) peer[c] = cluster.map_shared_rank(part, c);
-    for (int idx = threadIdx.x; idx < RB * M; idx += THREADS) {
-      const int tok = idx / RB, row = cs * RB + idx % RB;
-      const long long n = n0 + row;
-      if (n >= N) continue;
-      float sum = 0.f;
-#pragma unroll
-      for (int c = 0; c < CS; ++c) sum += peer[c][row * PAD + tok];
-      y[tok * stride_ym + n] = to_16bit<BF>(sum * exp2f(float(e[n]) * inv_k));
-    }
-    cluster.sync();  // no block leaves while another still reads its shared memory
+    for (int w = 0; w < WK; ++w) sum += part[(w * BN + row) * PAD + tok];
+    y[tok * stride_ym + n] = to_16bit<BF>(sum * exp2f(float(e[n]) * inv_k));
   }
 }
 
-template <bool BF, int R, int WN, int WK, int D, int FL, int CS>
+template <bool BF, int R, int WN, int WK, int D, int FL>
 int launch_tiled(int M, const void* x, long long sxm, int K, const void* wt, int P, int tiles, long long N,
                  const void* e, float inv_k, void* y, long long sym, int pdl, cudaStream_t stream) {
-  static_assert((WN * R * 16) % CS == 0 && CS >= 1 && CS <= 8, "a cluster of 1..8 splitting BN evenly");
-  const unsigned blocks = unsigned((tiles + WN * R - 1) / (WN * R)) * CS;
+  const unsigned blocks = unsigned((tiles + WN * R - 1) / (WN * R));
   const auto* xp = static_cast<const uint16_t*>(x);
   const auto* wp = static_cast<const uint4*>(wt);
   const auto* ep = static_cast<const int8_t*>(e);
@@ -600,42 +540,29 @@ int launch_tiled(int M, const void* x, long long sxm, int K, const void* wt, int
   cfg.gridDim = dim3(blocks);
   cfg.blockDim = dim3(WN * WK * 32);
   cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  unsigned na = 0;
-  if (pdl) {
-    attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[na++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (CS > 1) {
-    attr[na].id = cudaLaunchAttributeClusterDimension;
-    attr[na].val.clusterDim.x = unsigned(CS);
-    attr[na].val.clusterDim.y = 1;
-    attr[na++].val.clusterDim.z = 1;
-  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = na;
+  cfg.numAttrs = pdl ? 1 : 0;
   cudaError_t err = M <= 8
-      ? cudaLaunchKernelEx(&cfg, tiled_kernel<BF, R, WN, WK, 1, D, FL, CS>, xp, sxm, M, K, wp, P, tiles, N, ep, inv_k, yp, sym)
-      : cudaLaunchKernelEx(&cfg, tiled_kernel<BF, R, WN, WK, 2, D, FL, CS>, xp, sxm, M, K, wp, P, tiles, N, ep, inv_k, yp, sym);
+      ? cudaLaunchKernelEx(&cfg, tiled_kernel<BF, R, WN, WK, 1, D, FL>, xp, sxm, M, K, wp, P, tiles, N, ep, inv_k, yp, sym)
+      : cudaLaunchKernelEx(&cfg, tiled_kernel<BF, R, WN, WK, 2, D, FL>, xp, sxm, M, K, wp, P, tiles, N, ep, inv_k, yp, sym);
   return int(err != cudaSuccess ? err : cudaGetLastError());
 }
 
-// (R, WN, WK, D, FL, CS) compiled in, in the order arbd_tiled_m's `variant` indexes them.
+// (R, WN, WK, D, FL) compiled in, in the order arbd_tiled_m's `variant` indexes them.
 #define ARBD_TILED_VARIANTS(X) \
-  X(2, 1, 8, 2, 4, 1) X(2, 1, 8, 2, 0, 1) X(2, 2, 8, 2, 4, 1) X(1, 2, 8, 2, 4, 1) X(4, 1, 8, 2, 4, 1) \
-  X(2, 1, 8, 2, 5, 1) X(2, 1, 8, 2, 6, 1) X(2, 1, 8, 2, 7, 1) \
-  X(4, 1, 8, 2, 4, 2) X(2, 2, 4, 2, 4, 2) X(4, 2, 4, 2, 4, 4) X(2, 4, 2, 2, 4, 4) \
-  X(2, 4, 1, 2, 4, 8) X(4, 2, 2, 2, 4, 8) X(2, 4, 2, 2, 7, 4) X(4, 2, 4, 2, 7, 4) \
-  X(2, 1, 8, 2, 12, 1) X(2, 1, 8, 2, 20, 1) X(2, 2, 8, 2, 12, 1) X(2, 2, 8, 2, 20, 1) \
-  X(2, 1, 8, 2, 15, 1) X(4, 2, 4, 2, 12, 4) X(2, 1, 8, 1, 12, 1) X(2, 1, 8, 1, 20, 1)
+  X(2, 1, 8, 2, 4) X(2, 1, 8, 2, 0) X(2, 2, 8, 2, 4) X(1, 2, 8, 2, 4) X(4, 1, 8, 2, 4) \
+  X(2, 1, 8, 2, 5) X(2, 1, 8, 2, 6) X(2, 1, 8, 2, 7)
 
 template <bool BF>
 int launch_tiled_variant(int variant, int M, const void* x, long long sxm, int K, const void* wt, int P,
                          int tiles, long long N, const void* e, float inv_k, void* y, long long sym,
                          int pdl, cudaStream_t s) {
   int i = 0;
-#define ARBD_TILED_CASE(R, WN, WK, D, FL, CS) \
-  if (variant == i++) return launch_tiled<BF, R, WN, WK, D, FL, CS>(M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, pdl, s);
+#define ARBD_TILED_CASE(R, WN, WK, D, FL) \
+  if (variant == i++) return launch_tiled<BF, R, WN, WK, D, FL>(M, x, sxm, K, wt, P, tiles, N, e, inv_k, y, sym, pdl, s);
   ARBD_TILED_VARIANTS(ARBD_TILED_CASE)
 #undef ARBD_TILED_CASE
   return -1;
@@ -666,14 +593,14 @@ int arbd_small_m(int bf16, int R, int warps, int M, const void* x, long long sxm
               : launch_shape<false>(R, warps, M, x, sxm, K, w, N, Kb, e, inv_k, y, sym, splits, chunks, flags, s);
 }
 
-// The tiled variants compiled in: 6 ints (R, WN, WK, D, FL, CS) each, in variant order.
+// The tiled variants compiled in: 5 ints (R, WN, WK, D, FL) each, in variant order.
 int arbd_tiled_m_variants(int* out, int cap) {
   int n = 0;
-#define ARBD_TILED_LIST(R, WN, WK, D, FL, CS) \
-  if (n + 6 <= cap) { out[n] = R; out[n + 1] = WN; out[n + 2] = WK; out[n + 3] = D; out[n + 4] = FL; out[n + 5] = CS; } n += 6;
+#define ARBD_TILED_LIST(R, WN, WK, D, FL) \
+  if (n + 5 <= cap) { out[n] = R; out[n + 1] = WN; out[n + 2] = WK; out[n + 3] = D; out[n + 4] = FL; } n += 5;
   ARBD_TILED_VARIANTS(ARBD_TILED_LIST)
 #undef ARBD_TILED_LIST
-  return n / 6;
+  return n / 5;
 }
 
 // y [M, N] = x [M, K] @ W.T with W as its tile-major copy wt [tiles, P, 32] x 16 bytes
