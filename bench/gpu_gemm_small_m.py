@@ -64,7 +64,7 @@ def tiled(r: int, wn: int, wk: int, d: int, fl: int = 0, pdl: bool = True) -> tu
 
 
 def phase_only(cfg) -> bool:
-    return isinstance(cfg, tuple) and bool(cfg[4] if cfg[0] == "cuda" else cfg[5] & 27)
+    return isinstance(cfg, tuple) and bool(cfg[4] if cfg[0] == "cuda" else cfg[5] & 3)
 
 
 def name(cfg, decode: int = 2) -> str:
@@ -72,7 +72,7 @@ def name(cfg, decode: int = 2) -> str:
         return "default"
     if isinstance(cfg, tuple) and cfg[0] == "tiled":
         return (f"CUDA tiled R{cfg[1]} WN{cfg[2]} WK{cfg[3]} D{cfg[4]}" + (" L2-prefetch" if cfg[5] & 4 else "")
-                + (f" probe {cfg[5] & 27}" if cfg[5] & 27 else "")
+                + (f" probe {cfg[5] & 3}" if cfg[5] & 3 else "")
                 + ("" if cfg[6] else " no PDL"))
     if isinstance(cfg, tuple):
         return f"CUDA r{cfg[1]} w{cfg[2]} split{cfg[3]}" + (f" phase-flags {cfg[4]}" if cfg[4] else "")

@@ -198,7 +198,7 @@ def tiled_variants(device: torch.device, probes: bool = False) -> list[tuple[int
         buf = (ctypes.c_int * 256)()
         count = _library(device).arbd_tiled_m_variants(buf, 256)
         _TILED_VARIANTS.extend(tuple(buf[5 * i: 5 * i + 5]) for i in range(count))
-    return [v for v in _TILED_VARIANTS if probes or (v[4] & 27) == 0]
+    return [v for v in _TILED_VARIANTS if probes or (v[4] & 3) == 0]
 
 
 # Row tiles per warp, warps along N, warps along K, pairs ahead, flags (4: W prefetched into L2):
