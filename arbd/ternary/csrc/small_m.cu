@@ -444,10 +444,8 @@ __device__ __forceinline__ void load_x2(uint2 (&xf)[MT][5], const uint16_t* cons
   }
 }
 
-// Layout 2 asks for two blocks per SM: left alone, nvcc gives its one-token-group (M <= 8) form
-// 158 registers, one block per SM, and it ran 40% slower than layout 1 (RESULTS).
 template <bool BF, int R, int WN, int WK, int MT, int D, int FL>
-__global__ void __launch_bounds__(WN * WK * 32, (FL & 8) && WN * WK * 32 <= 256 ? 2 : 1)
+__global__ void __launch_bounds__(WN * WK * 32, 1)
 tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
              const uint4* __restrict__ wt, int P, int tiles, long long N, const int8_t* __restrict__ e,
              float inv_k, uint16_t* __restrict__ y, long long stride_ym) {
