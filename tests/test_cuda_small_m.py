@@ -152,14 +152,13 @@ def test_bad_switch_and_missing_nvcc_are_clear(monkeypatch, tmp_path):
 
 # -- The tile-major copy (cuda_small_m.tile_major) and its kernel (tiled_kernel) ------------------
 
-@pytest.mark.parametrize("layout", [1, 2])
 @pytest.mark.parametrize("n,k", [(16, 80), (7, 5), (33, 173), (100, 1001), (48, 160), (17, 161)])
-def test_tile_major_holds_every_trit_where_its_docstring_says(n, k, layout):
+def test_tile_major_holds_every_trit_where_its_docstring_says(n, k):
     gen = torch.Generator().manual_seed(10)
     trits = torch.randint(-1, 2, (n, k), generator=gen)
-    tiled = cs.tile_major(packing.pack_trits(trits), k, layout)
+    tiled = cs.tile_major(packing.pack_trits(trits), k)
     assert tiled.dtype == torch.int32 and tiled.shape == (-(-n // 16), -(-(-(-k // 80)) // 2), 32, 4)
-    assert torch.equal(cs.untile(tiled, n, k, layout).long(), trits)
+    assert torch.equal(cs.untile(tiled, n, k).long(), trits)
     # An independent read of 64 words by the documented rule, digit by digit.
     words = tiled.reshape(-1).tolist()
     picks = torch.randint(0, len(words), (64,), generator=gen).tolist()
@@ -172,10 +171,7 @@ def test_tile_major_holds_every_trit_where_its_docstring_says(n, k, layout):
         for i in range(4):
             byte = (w >> (8 * i)) & 0xFF
             for s in range(5):
-                if layout == 1:
-                    kk = 80 * j + 16 * s + 4 * q + i
-                else:  # steps 2j, 2j + 1 side by side per lane, step 4 after them
-                    kk = 80 * j + (32 * (s // 2) + 8 * q + 4 * (s % 2) + i if s < 4 else 64 + 4 * q + i)
+                kk = 80 * j + 16 * s + 4 * q + i
                 want = int(trits[row, kk]) + 1 if row < n and kk < k else 1  # zero trits past W
                 assert byte // 3 ** s % 3 == want, (flat, i, s)
 
@@ -189,14 +185,12 @@ def test_tiled_copy_is_kept_until_the_weight_changes_or_dies():
     second = cs.tiled_copy(packed, 90)
     assert second is not first and torch.equal(cs.untile(second, 20, 90), packing.unpack_trits(packed, 90))
     key = id(packed)
-    assert any(k[0] == key for k in cs._TILED)
     del packed
-    assert not any(k[0] == key for k in cs._TILED)  # dropped with its weight
+    assert key not in cs._TILED  # dropped with its weight
 
 
 def _tiled(x, packed, exponent, k, variant=None, out=None):
-    tiled = cs.tile_major(packed, k, cs.layout_of(variant or cs.DEFAULT_TILED))
-    return cs.tiled_matmul(x, tiled, exponent, packed.shape[0], k, variant=variant, out=out)
+    return cs.tiled_matmul(x, cs.tile_major(packed, k), exponent, packed.shape[0], k, variant=variant, out=out)
 
 
 @pytest.mark.gpu
@@ -222,12 +216,11 @@ def test_tiled_ragged_shapes_against_float64(dtype):
     for m, k, n in RAGGED + [(16, 161, 17), (2, 7, 3)]:  # and rows / columns past a tile or super-block
         packed, exponent, w = _weight(n, k, gen)
         packed, exponent = packed.cuda(), exponent.cuda()
-        tiled = {layout: cs.tile_major(packed, k, layout) for layout in (1, 2)}
+        tiled = cs.tile_major(packed, k)
         for variant in [None] + cs.tiled_variants(torch.device("cuda")):
             x = torch.randn(m, k, generator=gen).to("cuda", dtype)
             out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-            layout = cs.layout_of(variant or cs.DEFAULT_TILED)
-            y = cs.tiled_matmul(x, tiled[layout], exponent, n, k, variant=variant, out=out)
+            y = cs.tiled_matmul(x, tiled, exponent, n, k, variant=variant, out=out)
             assert not torch.isnan(y).any(), (m, k, n, variant)
             assert _close(y, x.cpu().double() @ w.t()), (m, k, n, variant)
 

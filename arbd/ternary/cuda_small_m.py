@@ -140,71 +140,47 @@ def small_m_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
 SUPER = 80  # trits per super-block: 4 lanes x 20 trits (five MMA steps of k = 16)
 
 
-def _super_offsets(layout: int) -> torch.Tensor:
-    """[q, i, s]: which of a super-block's 80 trits is digit s of byte i of lane q's word.
-    Layout 1: k = 16 s + 4 q + i. Layout 2: k = 32 (s // 2) + 8 q + 4 (s % 2) + i for s < 4 and
-    64 + 4 q + i for s = 4, so that x for steps 2j, 2j + 1 is one 16-byte load per lane."""
-    q, i, s = torch.meshgrid(torch.arange(4), torch.arange(4), torch.arange(5), indexing="ij")
-    if layout == 1:
-        return 16 * s + 4 * q + i
-    if layout == 2:
-        return torch.where(s < 4, 32 * (s // 2) + 8 * q + 4 * (s % 2) + i, 64 + 4 * q + i)
-    raise ValueError(f"tile-major layout {layout}: 1 or 2")
-
-
-def layout_of(variant: tuple[int, ...]) -> int:
-    """The tile-major layout a tiled_kernel variant reads (its flag 8)."""
-    return 2 if variant[4] & 8 else 1
-
-
-def tile_major(packed: torch.Tensor, K: int, layout: int | None = None) -> torch.Tensor:
+def tile_major(packed: torch.Tensor, K: int) -> torch.Tensor:
     """W's trits re-packed for tiled_kernel: int32 [tiles, pairs, 32, 4] (16 bytes per lane).
 
     tiles = ceil(N / 16), pairs = ceil(ceil(K / 80) / 2). Word (u, h) of lane (g, q) in pair p of
-    tile t is row 16 t + g + 8 h, super-block J = 2 p + u; its byte i holds five trits as base-3
-    digits (trit + 1), s = 0..4 the least significant first: k = 80 J + 16 s + 4 q + i in layout 1,
-    as _super_offsets says for layout 2. Rows and columns past W are zero trits. Same density as
-    `packed` (0.2 bytes per trit, plus padding); built with torch, on packed's device. layout:
-    what DEFAULT_TILED reads unless given.
+    tile t is row 16 t + g + 8 h, super-block J = 2 p + u; its byte i holds the five trits
+    k = 80 J + 16 s + 4 q + i (s = 0..4) as base-3 digits (trit + 1), s the least significant.
+    Rows and columns past W are zero trits. Same density as `packed` (0.2 bytes per trit, plus
+    padding); built with torch, on packed's device.
     """
-    layout = layout or layout_of(DEFAULT_TILED)
     n = packed.shape[0]
     tiles, supers = math.ceil(n / 16), math.ceil(K / SUPER)
     supers += supers % 2
     trits = torch.zeros(tiles * 16, supers * SUPER, dtype=torch.int8, device=packed.device)
     trits[:n, :K] = packing.unpack_trits(packed, K)
-    offsets = _super_offsets(layout).reshape(-1).to(packed.device)
-    trits = trits.view(tiles * 16, supers, SUPER)[:, :, offsets].view(tiles * 16, supers, 4, 4, 5)  # row, J, q, i, s
+    trits = trits.view(tiles * 16, supers, 5, 4, 4).permute(0, 1, 3, 4, 2)  # row, J, q, i, s
     words = packing.pack_trits(trits).squeeze(-1).view(torch.int32)  # bytes [row, J, q, i] -> [row, J, q]
     words = words.view(tiles, 2, 8, supers // 2, 2, 4)  # t, h, g, p, u, q
     return words.permute(0, 3, 2, 5, 4, 1).contiguous().view(tiles, supers // 2, 32, 4)
 
 
-def untile(tiled: torch.Tensor, n: int, K: int, layout: int | None = None) -> torch.Tensor:
+def untile(tiled: torch.Tensor, n: int, K: int) -> torch.Tensor:
     """The inverse of tile_major: int8 trits [n, K] (a reference for tests)."""
-    layout = layout or layout_of(DEFAULT_TILED)
     tiles, pairs = tiled.shape[:2]
     words = tiled.view(tiles, pairs, 8, 4, 2, 2).permute(0, 5, 2, 1, 4, 3)  # t, h, g, p, u, q
     raw = words.contiguous().view(torch.uint8).view(tiles * 16, 2 * pairs, 4, 4)  # row, J, q, i
-    digits = packing.unpack_trits(raw.reshape(-1, 1), 5).view(tiles * 16, 2 * pairs, SUPER)  # [q, i, s] order
-    trits = torch.empty_like(digits)
-    trits[:, :, _super_offsets(layout).reshape(-1).to(digits.device)] = digits
-    return trits.reshape(tiles * 16, -1)[:n, :K]
+    digits = packing.unpack_trits(raw.reshape(-1, 1), 5).view(tiles * 16, 2 * pairs, 4, 4, 5)
+    return digits.permute(0, 1, 4, 2, 3).reshape(tiles * 16, -1)[:n, :K]  # k = 80 J + 16 s + 4 q + i
 
 
-_TILED: dict[tuple[int, int], tuple] = {}
+_TILED: dict[int, tuple] = {}
 
 
-def tiled_copy(packed: torch.Tensor, K: int, layout: int | None = None) -> torch.Tensor:
-    """tile_major(packed, K, layout), kept while `packed` lives and has not been written (same
-    storage, same version counter, which the update kernels bump: triton_update._mark_written), like
-    the decoded W the layers share. Costs 0.2 bytes per weight while held."""
-    layout = layout or layout_of(DEFAULT_TILED)
-    key = (id(packed), layout)
+def tiled_copy(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """tile_major(packed, K), kept while `packed` lives and has not been written (same storage,
+    same version counter, which the update kernels bump: triton_update._mark_written), like the
+    decoded W the layers share. Costs 0.2 bytes per weight while held."""
+    key = id(packed)
     hit = _TILED.get(key)
     if hit is not None and hit[0]() is packed and hit[1:3] == (packed._version, packed.data_ptr()):
         return hit[3]
-    tiled = tile_major(packed, K, layout)
+    tiled = tile_major(packed, K)
     _TILED[key] = (weakref.ref(packed, lambda _, key=key: _TILED.pop(key, None)), packed._version,
                    packed.data_ptr(), tiled)
     return tiled
@@ -239,8 +215,7 @@ def tiled_usable(x: torch.Tensor) -> bool:
 def tiled_matmul(x: torch.Tensor, tiled: torch.Tensor, exponent: torch.Tensor, n: int, K: int, *,
                  variant: tuple[int, ...] | None = None, pdl: bool = True,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ W.T with W given as tile_major(packed, K, layout_of(variant)) and int8
-    exponents [N].
+    """y [M, N] = x [M, K] @ W.T with W given as tile_major(packed, K) and int8 exponents [N].
 
     x: bf16 or fp16 on an sm_90 GPU, 1 <= M <= 16. variant: one of tiled_variants(). pdl: launch
     with programmatic dependent launch, so that this call's weight loads overlap the end of the
@@ -252,9 +227,9 @@ def tiled_matmul(x: torch.Tensor, tiled: torch.Tensor, exponent: torch.Tensor, n
     if tuple(tiled.shape) != (tiles, pairs, 32, 4) or tiled.dtype != torch.int32 or not tiled.is_contiguous():
         raise ValueError(f"tiled must be tile_major(packed, {K}) of {n} rows: int32 {(tiles, pairs, 32, 4)}, "
                          f"got {tiled.dtype} {tuple(tiled.shape)}")
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
-        # The kernel reads x in 8- and 16-byte pieces: copy into rows padded to 8 elements.
-        xp = torch.empty(m, 8 * math.ceil(K / 8), dtype=x.dtype, device=x.device)
+    if x.stride(1) != 1 or x.stride(0) % 4 or x.data_ptr() % 8:
+        # The kernel reads x in 8-byte pieces: copy into rows padded to a multiple of 4 elements.
+        xp = torch.empty(m, 4 * math.ceil(K / 4), dtype=x.dtype, device=x.device)
         xp[:, :K] = x
         x = xp
     exponent = exponent.contiguous()

@@ -410,40 +410,6 @@ __device__ __forceinline__ void load_x(uint2 (&xf)[MT][5], const uint16_t* const
   }
 }
 
-// Layout 2 (FL & 8; cuda_small_m.tile_major(..., layout=2)): lane q's trits of steps 2j and 2j + 1
-// (j = 0, 1) are the eight consecutive k = 80 J + 32 j + 8 q .. + 7 (step 2j the first four), and
-// step 4's are k = 80 J + 64 + 4 q .. + 3. x for a super-block is then two 16-byte loads and one
-// 8-byte load per token instead of five 8-byte ones: fewer load instructions, each touching the
-// same number of lines. Needs x rows 16-byte aligned.
-template <int MT>
-__device__ __forceinline__ void load_x2(uint2 (&xf)[MT][5], const uint16_t* const (&xr)[MT],
-                                        const bool (&live)[MT], int kb, int q, int K) {
-  // kb = 80 J: the super-block's first trit.
-  if (kb + 80 <= K) {
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const uint4 v = live[t] ? __ldg(reinterpret_cast<const uint4*>(xr[t] + kb + 32 * j + 8 * q)) : make_uint4(0u, 0u, 0u, 0u);
-        xf[t][2 * j] = make_uint2(v.x, v.y);
-        xf[t][2 * j + 1] = make_uint2(v.z, v.w);
-      }
-      xf[t][4] = live[t] ? __ldg(reinterpret_cast<const uint2*>(xr[t] + kb + 64 + 4 * q)) : make_uint2(0u, 0u);
-    }
-  } else {  // the row's tail: positions past K read as zero
-#pragma unroll
-    for (int t = 0; t < MT; ++t)
-#pragma unroll
-      for (int s = 0; s < 5; ++s) {
-        const int k0 = kb + (s < 4 ? 32 * (s / 2) + 8 * q + 4 * (s % 2) : 64 + 4 * q);
-        uint32_t v[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) v[i] = (live[t] && k0 + i < K) ? uint32_t(xr[t][k0 + i]) : 0u;
-        xf[t][s] = make_uint2(v[0] | (v[1] << 16), v[2] | (v[3] << 16));
-      }
-  }
-}
-
 template <bool BF, int R, int WN, int WK, int MT, int D, int FL>
 __global__ void __launch_bounds__(WN * WK * 32, 1)
 tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
@@ -452,8 +418,7 @@ tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
   // A block: WN groups of R row tiles (BN rows) x WK ranges of super-block pairs; warp (wn, wk).
   // FL (probe variants, for bench/gpu_gemm_small_m.py's attribution only; their output is not the
   // product): 1 = no MMAs (the decoded planes are folded into the sums by XOR), 2 = no decode (the
-  // raw words go to the MMAs as A). FL & 4 is not a probe: it prefetches W into L2 (below); nor is
-  // FL & 8, which reads the layout-2 copy (load_x2).
+  // raw words go to the MMAs as A). FL & 4 is not a probe: it prefetches W into L2 (below).
   constexpr int BN = WN * R * 16, THREADS = WN * WK * 32, PAD = 17;  // PAD: conflict-free sums
   __shared__ float part[WK * BN * PAD];
   // Programmatic dependent launch (when launched with it; no-ops otherwise): the next kernel in the
@@ -508,10 +473,7 @@ tiled_kernel(const uint16_t* __restrict__ x, long long stride_xm, int M, int K,
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         uint2 xf[MT][5];
-        if constexpr (FL & 8)
-          load_x2<MT>(xf, xr, live, 80 * (2 * (p + i) + u), q, K);
-        else
-          load_x<MT>(xf, xr, live, 80 * (2 * (p + i) + u) + 4 * q, K);
+        load_x<MT>(xf, xr, live, 80 * (2 * (p + i) + u) + 4 * q, K);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           uint32_t lg[5], hg[5], l8[5], h8[5];
@@ -592,8 +554,7 @@ int launch_tiled(int M, const void* x, long long sxm, int K, const void* wt, int
 // (R, WN, WK, D, FL) compiled in, in the order arbd_tiled_m's `variant` indexes them.
 #define ARBD_TILED_VARIANTS(X) \
   X(2, 1, 8, 2, 4) X(2, 1, 8, 2, 0) X(2, 2, 8, 2, 4) X(1, 2, 8, 2, 4) X(4, 1, 8, 2, 4) \
-  X(2, 1, 8, 2, 5) X(2, 1, 8, 2, 6) X(2, 1, 8, 2, 7) \
-  X(2, 1, 8, 2, 12) X(2, 2, 8, 2, 12) X(4, 1, 8, 2, 12) X(2, 1, 8, 2, 15) X(2, 1, 8, 2, 8)
+  X(2, 1, 8, 2, 5) X(2, 1, 8, 2, 6) X(2, 1, 8, 2, 7)
 
 template <bool BF>
 int launch_tiled_variant(int variant, int M, const void* x, long long sxm, int K, const void* wt, int P,
