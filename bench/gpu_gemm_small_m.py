@@ -15,7 +15,8 @@ Reported: the median per-call time over rounds, and cuBLAS median / ours.
 --sweep 1 / 2 / 3 pick the candidate lists of the three runs in bench/RESULTS.md (wgmma shapes;
 mma.sync shapes; register caps and more splits); --sweep 4 the CUDA kernel (csrc/small_m.cu);
 --sweep 5 the CUDA kernel on the tile-major copy of W (every compiled variant, probes included) and
-the cost of making that copy.
+the cost of making that copy; --sweep 0 (bench/run_gpu.sh) only the two paths a user can pick:
+ternary_matmul's default and the tiled kernel's default variant (ARBD_CUDA_SMALL_M=tiled).
 """
 from __future__ import annotations
 
@@ -253,6 +254,8 @@ SWEEP16_4 = [
 # Fifth sweep: the CUDA kernel on the tile-major copy, every compiled variant (filled in at run time),
 # next to the Triton default and the best row-major CUDA shape.
 SWEEP16_5 = [(None, 2), (small(64, 64, 4, 3, 2), 2), (cuda(2, 8, 8), 2)]
+# The GPU suite's pair: what ternary_matmul runs by default, and the tiled kernel as it ships.
+SUITE = [(None, 2), (tiled(*cuda_small_m.DEFAULT_TILED), 2)]
 PROFILE = [small(64, 64, 4, 3, 2), small(64, 32, 2, 3, 3)]
 
 
@@ -314,12 +317,13 @@ def main() -> int:
     if args.profile:
         profile()
         return 0
-    sweep = {1: SWEEP16, 2: SWEEP16_2, 3: SWEEP16_3, 4: SWEEP16_4, 5: SWEEP16_5}[args.sweep]
+    sweep = {0: SUITE, 1: SWEEP16, 2: SWEEP16_2, 3: SWEEP16_3, 4: SWEEP16_4, 5: SWEEP16_5}[args.sweep]
     rows: list = []
+    if args.sweep in (0, 5):
+        conversion(rows)
     if args.sweep == 5:
         sweep = sweep + [(tiled(*v, pdl=pdl), 2) for v in cuda_small_m.tiled_variants(DEV, probes=True)
                          for pdl in (True, False)]
-        conversion(rows)
     try:
         checks(sweep, rows)
     except Exception:
@@ -329,7 +333,7 @@ def main() -> int:
         mp = max(16, triton.next_power_of_2(m))
         if m == 16:
             variants = sweep
-        elif args.sweep == 5:
+        elif args.sweep in (0, 5):
             variants = sweep if m <= cuda_small_m.MAX_M else sweep[:2]
         elif args.sweep == 4:
             variants = [(None, 2), (small(64, 64, 4, 3, 2, mp=mp), 2)] + (

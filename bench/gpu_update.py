@@ -18,6 +18,8 @@ Time: median of CUDA-event timings of apply_update alone (evidence set before ea
 must move per touched row: evidence read (votes int32 or float32: 4 B x 64 + 4), the row id (8),
 and a read and a write of packed trits (13), exponent (1), trit accumulators (64), scale
 accumulator (1). Bandwidth is compared with a device-to-device copy measured in the same run.
+`--layouts arrays,record` runs each table in both state layouts (four arrays, the default; or
+one 80-byte record per row, `state_layout="record"`), `--touched-record` the record layout's sizes.
 """
 from __future__ import annotations
 
@@ -278,8 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
                    "10000000:262144:random,10000000:16384:random",
                    help="sweep: rows:touched:random|sorted, ...")
     p.add_argument("--variants", default=None, help="sweep: comma-separated VARIANTS keys")
-    p.add_argument("--layouts", default="arrays", help="sweep: state layouts, arrays and/or record "
+    p.add_argument("--layouts", default="arrays", help="state layouts, arrays and/or record "
                    "(one row record per row, arbd.ternary.state.row_records)")
+    p.add_argument("--touched-record", default=None,
+                   help="touched row counts for the record layout (default: --touched)")
     p.add_argument("--baseline", default=None, help="sweep: an earlier triton_update.py to time")
     p.add_argument("--no-cpu-check", action="store_true")
     args = p.parse_args(argv)
@@ -294,16 +298,19 @@ def main(argv: list[str] | None = None) -> dict:
     out: dict = {"device": torch.cuda.get_device_name(), "copy_TB_per_s": bw / 1e12,
                  "row_bytes": ROW_BYTES, "results": []}
     print(f"device-to-device copy: {bw / 1e12:.2f} TB/s", flush=True)
-    for rows in [int(v) for v in args.tables.split(",")]:
-        cpu = TernaryVQCodebook(rows, 64, exact_max=0, check_finite=False).matrix
+    for rows, layout in [(int(v), lay) for v in args.tables.split(",")
+                         for lay in args.layouts.split(",")]:
+        cpu = TernaryVQCodebook(rows, 64, exact_max=0, check_finite=False,
+                                state_layout=layout).matrix
         gpu = copy.deepcopy(cpu).cuda()
-        for u in [int(v) for v in args.touched.split(",")]:
+        touched = args.touched if layout == "arrays" else (args.touched_record or args.touched)
+        for u in [int(v) for v in touched.split(",")]:
             g = torch.Generator().manual_seed(u + rows)
             idx = torch.randperm(rows, generator=g)[:u]
             votes = torch.randint(-40, 41, (u, 64), generator=g, dtype=torch.int32)
             e_votes = torch.randint(-20, 21, (u,), generator=g, dtype=torch.int32)
             grad = torch.randn(u, 64, generator=g) * 1e-2
-            row = {"rows": rows, "touched": u}
+            row = {"rows": rows, "touched": u, "layout": layout}
             tri = copy.deepcopy(gpu)
             gi, gv, ge, gg = idx.cuda(), votes.cuda(), e_votes.cuda(), grad.cuda()
             for m, dev in ((cpu, "cpu"), (gpu, "cuda")):

@@ -1,25 +1,59 @@
 #!/usr/bin/env bash
-# The whole GPU suite in one command (about 6 minutes on an H100): every GPU-marked test, then
-# candidate lookup, packed-row gather, touched-row update, ternary GEMM and dense-update benches
-# (the last one prints its own tables into $DIR/gpu_dense_update.log).
-# JSON and gpu_tables.md go to $RESULTS_DIR (default $OUT when set, else runs/gpu); the tables
-# are appended to bench/RESULTS.md unless NO_APPEND=1.
+# Issue 10's whole GPU suite in one command (under 10 minutes on an H100): every GPU-marked test,
+# then each target measured side by side with its baseline in the same run:
+#   lookup    candidate lookup, 10M x 64, 16,384 queries      (bench/gpu_vq_lookup.py)
+#   gather    packed-row gather                               (bench/gpu_gather.py)
+#   update    touched-row update on the 10M and 5M codebooks, both state layouts (gpu_update.py)
+#   gemm      ternary GEMM forward / backward at M = 8192      (bench/gpu_ternary_check.py)
+#   small_m   the M = 16 forward in CUDA graphs, default and tiled kernel (gpu_gemm_small_m.py)
+#   dense     the fused dense update of arb-small               (bench/gpu_dense_update.py)
+#   step      arb-small ternary against its dense twin (DeepSpeed + Adam, ZeRO-1) at micro-batch
+#             128, and arb-3b under a 24 GiB cap with its state per weight (train_step_gpu.py)
+# PARTS="tests lookup ..." picks parts (default: all). JSON, logs and gpu_tables.md (the tables and
+# a targets table: goal, measured, met) go to $RESULTS_DIR (default $OUT when set, else runs/gpu);
+# the tables are appended to bench/RESULTS.md unless NO_APPEND=1. The device image has no
+# DeepSpeed: the step part installs the wheels in .whl/ds (bench/ds_env.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=${RESULTS_DIR:-${OUT:-runs/gpu}}
 mkdir -p "$DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
+PARTS=${PARTS:-tests lookup gather update gemm small_m dense step}
 MACHINE="$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1); torch $($PY -c 'import torch, triton; print(torch.__version__, "/ triton", triton.__version__)')"
 status=0
-TRITON_INTERPRET=0 $PY -m pytest -q -m "gpu and not slow" tests/ -p no:cacheprovider || status=1
-$PY bench/gpu_vq_lookup.py --json "$DIR/gpu_vq_lookup.json" || status=1
-$PY bench/gpu_gather.py --json "$DIR/gpu_gather.json" || status=1
-$PY bench/gpu_update.py --json "$DIR/gpu_update.json" || status=1
-OUT="$DIR" $PY bench/gpu_ternary_check.py > "$DIR/gpu_ternary_check.log" 2>&1 || status=1
-$PY bench/gpu_dense_update.py --model arb-small --reps 10 --json "$DIR/gpu_dense_update.json" \
-  > "$DIR/gpu_dense_update.log" 2>&1 || status=1
+part() {  # name, time limit (s), command...: runs it if PARTS names it, logs to $DIR/NAME.log
+  local name=$1 lim=$2 t0=$SECONDS rc
+  shift 2
+  [[ " $PARTS " == *" $name "* ]] || return 0
+  timeout "$lim" "$@" >"$DIR/$name.log" 2>&1
+  rc=$?
+  echo "$name: rc=$rc, $((SECONDS - t0)) s" | tee -a "$DIR/parts.txt"
+  [ "$rc" = 0 ] || { status=1; tail -n 5 "$DIR/$name.log"; }
+}
+step() {  # the step part: three training runs, each its own process
+  . bench/ds_env.sh || return 1
+  local rc=0
+  $PY bench/train_step_gpu.py ternary --plan shard_plans/h100-arb-small.yaml --micro-batch 128 \
+    --warmup 2 --steps 4 --json "$DIR/step_small_ternary.json" || rc=1
+  $PY bench/train_step_gpu.py dense --plan shard_plans/h100-arb-small.yaml --micro-batch 128 \
+    --warmup 2 --steps 4 --json "$DIR/step_small_dense.json" || rc=1
+  $PY bench/train_step_gpu.py ternary --plan shard_plans/h100-arb-3b.yaml --mem-cap-gib 24 \
+    --warmup 1 --steps 2 --state --json "$DIR/step_3b_cap24.json" || rc=1
+  return $rc
+}
+part tests 200 env TRITON_INTERPRET=0 $PY -m pytest -q -m "gpu and not slow" tests/ -p no:cacheprovider
+part lookup 60 $PY bench/gpu_vq_lookup.py --json "$DIR/gpu_vq_lookup.json"
+part gather 30 $PY bench/gpu_gather.py --json "$DIR/gpu_gather.json"
+part update 120 $PY bench/gpu_update.py --layouts arrays,record --touched-record 1048576 \
+  --json "$DIR/gpu_update.json"
+part gemm 120 env OUT="$DIR" $PY bench/gpu_ternary_check.py
+part small_m 60 env OUT="$DIR" $PY bench/gpu_gemm_small_m.py --sweep 0 --rounds 5 --ms 16 1 8
+part dense 60 $PY bench/gpu_dense_update.py --model arb-small --reps 10 --json "$DIR/gpu_dense_update.json"
+[[ " $PARTS " == *" step "* ]] && export -f step && export DIR PY
+part step 300 bash -c step
 append=(--append bench/RESULTS.md)
 [ "${NO_APPEND:-0}" = 1 ] && append=()
 $PY bench/gpu_report.py "$DIR" "${append[@]}" --command "bash bench/run_gpu.sh" --machine "$MACHINE"
+echo "suite: ${SECONDS} s, status $status"
 exit $status
