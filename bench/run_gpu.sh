@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 10's whole GPU suite in one command (under 10 minutes on an H100): every GPU-marked test,
-# then each target measured side by side with its baseline in the same run:
+# Issue 10's whole GPU suite in one command (under 10 minutes on an H100): each target measured
+# side by side with its baseline in the same run, then every GPU-marked test (part tests):
 #   lookup    candidate lookup, 10M x 64, 16,384 queries      (bench/gpu_vq_lookup.py)
 #   gather    packed-row gather                               (bench/gpu_gather.py)
 #   update    touched-row update on the 10M and 5M codebooks, both state layouts (gpu_update.py)
@@ -34,24 +34,27 @@ part() {  # name, time limit (s), command...: runs it if PARTS names it, logs to
 step() {  # the step part: three training runs, each its own process
   . bench/ds_env.sh || return 1
   local rc=0
+  echo "step runs start at ${SECONDS} s"
   $PY bench/train_step_gpu.py ternary --plan shard_plans/h100-arb-small.yaml --micro-batch 128 \
     --warmup 2 --steps 4 --json "$DIR/step_small_ternary.json" || rc=1
   $PY bench/train_step_gpu.py dense --plan shard_plans/h100-arb-small.yaml --micro-batch 128 \
     --warmup 2 --steps 4 --json "$DIR/step_small_dense.json" || rc=1
+  echo "arb-3b starts at ${SECONDS} s"
   $PY bench/train_step_gpu.py ternary --plan shard_plans/h100-arb-3b.yaml --mem-cap-gib 24 \
     --warmup 1 --steps 2 --state --json "$DIR/step_3b_cap24.json" || rc=1
   return $rc
 }
-part tests 200 env TRITON_INTERPRET=0 $PY -m pytest -q -m "gpu and not slow" tests/ -p no:cacheprovider
-part lookup 60 $PY bench/gpu_vq_lookup.py --json "$DIR/gpu_vq_lookup.json"
+part lookup 100 $PY bench/gpu_vq_lookup.py --candidates 16,64,128 --json "$DIR/gpu_vq_lookup.json"
 part gather 30 $PY bench/gpu_gather.py --json "$DIR/gpu_gather.json"
-part update 120 $PY bench/gpu_update.py --layouts arrays,record --touched-record 1048576 \
-  --json "$DIR/gpu_update.json"
+part update 100 $PY bench/gpu_update.py --layouts arrays,record --touched 262144,1048576 \
+  --touched-record 1048576 --json "$DIR/gpu_update.json"
 part gemm 120 env OUT="$DIR" $PY bench/gpu_ternary_check.py
 part small_m 60 env OUT="$DIR" $PY bench/gpu_gemm_small_m.py --sweep 0 --rounds 5 --ms 16 1 8
-part dense 60 $PY bench/gpu_dense_update.py --model arb-small --reps 10 --json "$DIR/gpu_dense_update.json"
+part dense 90 $PY bench/gpu_dense_update.py --model arb-small --reps 5 --json "$DIR/gpu_dense_update.json"
 [[ " $PARTS " == *" step "* ]] && export -f step && export DIR PY
 part step 300 bash -c step
+part tests 200 env TRITON_INTERPRET=0 $PY -m pytest -q -m "gpu and not slow" tests/ -p no:cacheprovider \
+  --durations=15
 append=(--append bench/RESULTS.md)
 [ "${NO_APPEND:-0}" = 1 ] && append=()
 $PY bench/gpu_report.py "$DIR" "${append[@]}" --command "bash bench/run_gpu.sh" --machine "$MACHINE"
