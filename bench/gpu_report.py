@@ -112,6 +112,10 @@ def tables(d: str) -> list[str]:
                        f"{r['tokens_per_s']:,.0f} | {statistics.median(r['step_s']):.3f} | "
                        f"{r['peak_train_bytes'] / 2**30:.2f} |")
         out.append("")
+    parts = os.path.join(d, "parts.txt")
+    if os.path.exists(parts):
+        out += ["Parts of `bench/run_gpu.sh` (exit code, wall time): "
+                + "; ".join(line.strip() for line in open(parts) if line.strip()) + ".", ""]
     score = targets(d)
     if score:
         out += ["**Targets** (issue 10; measured in this run):", "",

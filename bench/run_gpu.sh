@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 10's whole GPU suite in one command (under 10 minutes on an H100): each target measured
-# side by side with its baseline in the same run, then every GPU-marked test (part tests):
+# Issue 10's whole GPU suite in one command (about 9 minutes on an H100): each target measured
+# side by side with its baseline in the same run; PARTS=all adds every GPU-marked test (part
+# tests, about 3 more minutes: each bench checks its own results, the tests check the rest):
 #   lookup    candidate lookup, 10M x 64, 16,384 queries      (bench/gpu_vq_lookup.py)
 #   gather    packed-row gather                               (bench/gpu_gather.py)
 #   update    touched-row update on the 10M and 5M codebooks, both state layouts (gpu_update.py)
@@ -9,17 +10,20 @@
 #   dense     the fused dense update of arb-small               (bench/gpu_dense_update.py)
 #   step      arb-small ternary against its dense twin (DeepSpeed + Adam, ZeRO-1) at micro-batch
 #             128, and arb-3b under a 24 GiB cap with its state per weight (train_step_gpu.py)
-# PARTS="tests lookup ..." picks parts (default: all). JSON, logs and gpu_tables.md (the tables and
-# a targets table: goal, measured, met) go to $RESULTS_DIR (default $OUT when set, else runs/gpu);
+# PARTS="lookup gather ..." picks parts (default: all but tests). JSON, logs and gpu_tables.md
+# (the tables, a targets table: goal, measured, met, and each part's time) go to $RESULTS_DIR
+# (default $OUT when set, else runs/gpu);
 # the tables are appended to bench/RESULTS.md unless NO_APPEND=1. The device image has no
 # DeepSpeed: the step part installs the wheels in .whl/ds (bench/ds_env.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=${RESULTS_DIR:-${OUT:-runs/gpu}}
 mkdir -p "$DIR"
+rm -f "$DIR/parts.txt"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-tests lookup gather update gemm small_m dense step}
+PARTS=${PARTS:-lookup gather update gemm small_m dense step}
+[ "$PARTS" = all ] && PARTS="lookup gather update gemm small_m dense step tests"
 MACHINE="$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1); torch $($PY -c 'import torch, triton; print(torch.__version__, "/ triton", triton.__version__)')"
 status=0
 part() {  # name, time limit (s), command...: runs it if PARTS names it, logs to $DIR/NAME.log
