@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from arbd.ternary.triton_kernels import check_interpreted_dtype
+
 
 ROWS, NUM_WARPS = 16, 2   # rows per program, warps per program
 
@@ -47,6 +49,7 @@ def _rope_tail_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, heads, seq, sx, si
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nope: int, sign: float) -> torch.Tensor:
     """x [B, T, H, nope + rope] or [B, T, nope + rope], nope even; cos / sin [T, rope / 2]
     float32. Returns a new contiguous tensor of x's shape."""
+    check_interpreted_dtype(x.device, x.dtype)
     width = x.shape[-1]
     half = (width - nope) // 2
     heads = x.shape[2] if x.dim() == 4 else 1

@@ -800,6 +800,17 @@ def _check_devices(*tensors: torch.Tensor) -> None:
     device = devices.pop()
     if device.type != "cuda" and not _interpreting():
         raise ValueError(f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device}")
+    check_interpreted_dtype(device, *(t.dtype for t in tensors))
+
+
+def check_interpreted_dtype(device: torch.device, *dtypes: torch.dtype) -> None:
+    """Refuse bfloat16 in Triton's CPU interpreter: it converts bf16 to and from float32 correctly
+    but gets bf16 arithmetic and bitcasts wrong (garbage, not rounding: checked with triton 3.9),
+    so a kernel would return wrong numbers without any error."""
+    if device.type != "cuda" and _interpreting() and torch.bfloat16 in dtypes:
+        raise ValueError("Triton's interpreter (TRITON_INTERPRET=1) computes bfloat16 wrongly; on "
+                         "CPU pass float32 or float16 tensors (or use the torch backend), or run "
+                         "bfloat16 on a CUDA device")
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -978,6 +989,7 @@ def decode_weight(packed: torch.Tensor, exponent: torch.Tensor, K: int,
     """
     n = _check_weight(packed, exponent, K)
     _check_devices(packed, exponent)
+    check_interpreted_dtype(packed.device, dtype)
     if out is not None and (tuple(out.shape) != (n, K) or out.dtype != dtype
                             or (K > 1 and out.stride(1) != 1) or out.device != packed.device):
         raise ValueError(f"out must be a {dtype} [{n}, {K}] tensor with unit column stride on "

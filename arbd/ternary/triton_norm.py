@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from arbd.ternary.triton_kernels import _interpreting, _sm_count
+from arbd.ternary.triton_kernels import _interpreting, _sm_count, check_interpreted_dtype
 
 @triton.jit
 def _rms_fwd_kernel(x_ptr, g_ptr, y_ptr, rstd_ptr, n_rows, D, sx, sy, eps,
@@ -69,6 +69,7 @@ def _shape(d: int) -> tuple[int, int, int]:
 
 def _forward(x: torch.Tensor, g: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y [n, d], x as [n, d] with unit column stride, rstd [n]) for rms_norm(x) * g."""
+    check_interpreted_dtype(x.device, x.dtype, g.dtype)
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
     if x2.stride(-1) != 1:
