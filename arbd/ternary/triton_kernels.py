@@ -798,9 +798,10 @@ def _check_devices(*tensors: torch.Tensor) -> None:
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     device = devices.pop()
-    if device.type != "cuda" and not _interpreting():
-        raise ValueError(f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device}")
-    check_interpreted_dtype(device, *(t.dtype for t in tensors))
+    if device.type != "cuda":   # the CUDA path, hot in a training step, pays for nothing more
+        if not _interpreting():
+            raise ValueError(f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device}")
+        check_interpreted_dtype(device, *(t.dtype for t in tensors))
 
 
 def check_interpreted_dtype(device: torch.device, *dtypes: torch.dtype) -> None:
@@ -989,7 +990,8 @@ def decode_weight(packed: torch.Tensor, exponent: torch.Tensor, K: int,
     """
     n = _check_weight(packed, exponent, K)
     _check_devices(packed, exponent)
-    check_interpreted_dtype(packed.device, dtype)
+    if not packed.is_cuda:
+        check_interpreted_dtype(packed.device, dtype)
     if out is not None and (tuple(out.shape) != (n, K) or out.dtype != dtype
                             or (K > 1 and out.stride(1) != 1) or out.device != packed.device):
         raise ValueError(f"out must be a {dtype} [{n}, {K}] tensor with unit column stride on "
