@@ -151,13 +151,35 @@ def model_update(preset: str, rule: TernaryRule, reps: int) -> dict:
     for name in ("grouped", "per_matrix"):
         res[f"{name}_differing_bytes"] = sum(int((a[k] != b[k]).sum()) for a, b in zip(
             finals[name], finals["torch"]) for k in a)
-    print(f"\n{preset}: {res['matrices']} matrices, {res['weights']:,} weights; whole-model update "
-          f"(median of {reps}, host wall, ends with the count read-back): grouped "
-          f"{res['grouped_ms']:.2f} ms, per matrix {res['per_matrix_ms']:.2f} ms, torch rule "
-          f"{res['torch_ms']:.2f} ms; grouped {res['per_matrix_ms'] / res['grouped_ms']:.1f}x per-matrix, "
-          f"{res['torch_ms'] / res['grouped_ms']:.1f}x torch; bytes differing from torch: grouped "
-          f"{res['grouped_differing_bytes']}, per matrix {res['per_matrix_differing_bytes']}")
+    res.update(preset=preset, reps=reps)
     return res
+
+
+def report_lines(out: dict) -> list[str]:
+    """The markdown table of main's JSON (one row per matrix shape), then the whole-model line
+    if it timed a model; bench/gpu_report.py prints the same lines from the JSON."""
+    lines = ["| matrix (fp32 evidence) | torch ms | fused ms | speed-up | torch GB/s | fused GB/s "
+             "| fused kernels alone ms | differing bytes (3 rules x 3 steps) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key, t in out["timings"].items():
+        nd = sum(sum(c["differing_bytes"].values()) for k, c in out["checks"].items()
+                 if k.startswith(key + "/"))
+        ok = all(c["counts_equal"] for k, c in out["checks"].items() if k.startswith(key + "/"))
+        lines.append(f"| {key} | {t['torch_ms']:.3f} | {t['triton_ms']:.3f} | "
+                     f"{t['torch_ms'] / t['triton_ms']:.1f}x | {t['torch_GBps']:.0f} | "
+                     f"{t['triton_GBps']:.0f} | {t['fused_kernels_ms']:.3f} | "
+                     f"{nd}{'' if ok else ' (counts differ)'} |")
+    res = out.get("model")
+    if res:
+        lines += ["", f"{res.get('preset', 'model')}: {res['matrices']} matrices, {res['weights']:,} weights; "
+                  f"whole-model update (median of {res.get('reps', '?')}, host wall, ends with the count "
+                  f"read-back): grouped {res['grouped_ms']:.2f} ms, per matrix "
+                  f"{res['per_matrix_ms']:.2f} ms, torch rule {res['torch_ms']:.2f} ms; grouped "
+                  f"{res['per_matrix_ms'] / res['grouped_ms']:.1f}x per-matrix, "
+                  f"{res['torch_ms'] / res['grouped_ms']:.1f}x torch; bytes differing from torch: "
+                  f"grouped {res['grouped_differing_bytes']}, per matrix "
+                  f"{res['per_matrix_differing_bytes']}"]
+    return lines
 
 
 def main() -> None:
@@ -178,20 +200,10 @@ def main() -> None:
             print(key, rname, c, flush=True)
         out["timings"][key] = t = time_shape(shape, TUNED_RULE, args.reps)
         print(key, t, flush=True)
-    print(f"\ndevice: {out['device']}; device-to-device copy {out['copy_GBps']:.0f} GB/s")
-    print("| matrix (fp32 evidence) | torch ms | fused ms | speed-up | torch GB/s | fused GB/s "
-          "| fused kernels alone ms | differing bytes (3 rules x 3 steps) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for key, t in out["timings"].items():
-        nd = sum(sum(c["differing_bytes"].values()) for k, c in out["checks"].items()
-                 if k.startswith(key + "/"))
-        ok = all(c["counts_equal"] for k, c in out["checks"].items() if k.startswith(key + "/"))
-        print(f"| {key} | {t['torch_ms']:.3f} | {t['triton_ms']:.3f} | "
-              f"{t['torch_ms'] / t['triton_ms']:.1f}x | {t['torch_GBps']:.0f} | "
-              f"{t['triton_GBps']:.0f} | {t['fused_kernels_ms']:.3f} | "
-              f"{nd}{'' if ok else ' (counts differ)'} |")
     if args.model:
         out["model"] = model_update(args.model, TUNED_RULE, args.reps)
+    print(f"\ndevice: {out['device']}; device-to-device copy {out['copy_GBps']:.0f} GB/s")
+    print("\n".join(report_lines(out)))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

@@ -9,6 +9,9 @@ import datetime
 import json
 import os
 import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # bench.* imports
 
 
 def _load(d: str, name: str) -> dict | None:
@@ -74,6 +77,11 @@ def tables(d: str) -> list[str]:
         out += ["", f"Correctness of the GEMM kernels vs float64: {'all pass' if ok else 'FAILURES'}. "
                 "Timed eagerly (do_bench): at M = 16 this measures launches; the next table times "
                 "M <= 16 in CUDA graphs.", ""]
+    du = _load(d, "gpu_dense_update.json")
+    if du:
+        from bench.gpu_dense_update import report_lines   # torch and arbd only when needed
+        out += ["**Fused dense update** (`bench/gpu_dense_update.py`; TUNED_RULE, fp32 evidence; "
+                f"device copy {du['copy_GBps']:.0f} GB/s).", "", *report_lines(du), ""]
     sm = _load(d, "gpu_gemm_small_m.json")
     if sm:
         rows = sm["rows"]

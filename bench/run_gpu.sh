@@ -55,7 +55,8 @@ part update 100 $PY bench/gpu_update.py --layouts arrays,record --touched 262144
 part gemm 120 env OUT="$DIR" $PY bench/gpu_ternary_check.py
 part small_m 60 env OUT="$DIR" $PY bench/gpu_gemm_small_m.py --sweep 0 --rounds 5 --ms 16 1 8
 part dense 90 $PY bench/gpu_dense_update.py --model arb-small --reps 5 --json "$DIR/gpu_dense_update.json"
-[[ " $PARTS " == *" step "* ]] && export -f step && export DIR PY
+export -f step
+export DIR PY
 part step 300 bash -c step
 part tests 200 env TRITON_INTERPRET=0 $PY -m pytest -q -m "gpu and not slow" tests/ -p no:cacheprovider \
   --durations=15

@@ -47,6 +47,10 @@ def _suite(d: Path, *, small_ms: float, fwd_speedup: float, lookup_ms: float, pc
         {"rows": 10_000_000, "touched": 16_384, "layout": "record", "votes_equal_cpu": True,
          "triton_equal_cpu": True, "votes_ms": 0.1, "torch_rewrite_only_ms": 0.5, "triton_ms": 0.06,
          "triton_GB_per_s": 100.0, "triton_pct_of_copy_bw": 3.0, "float_rows_differing": 0}]})
+    _write(d, "gpu_dense_update.json", {"copy_GBps": 2900.0, "checks": {
+        "7168x7168/tuned": {"differing_bytes": {"packed": 0}, "counts_equal": True}},
+        "timings": {"7168x7168": {"torch_ms": 13.2, "triton_ms": 0.83, "torch_GBps": 25.0,
+                                  "triton_GBps": 394.0, "fused_kernels_ms": 0.74}}})
     base = {"preset": "arb-small", "micro_batch": 128, "grad_accum": 1, "seq_len": 1024, "ok": True,
             "step_s": [0.5, 0.5]}
     _write(d, "step_small_ternary.json", {**base, "model": "ternary", "tokens_per_s": tokens,
@@ -96,7 +100,9 @@ def test_tables_render_every_part(tmp_path):
            tokens=90_000.0, peak=8.0, state_bpw=1.45, big_ok=True)
     text = "\n".join(gpu_report.tables(str(tmp_path)))
     for heading in ("**Candidate lookup**", "**Touched-row update**", "**Packed ternary GEMM**",
-                    "**Small-M forward**", "**Training step**", "**Targets**"):
+                    "**Small-M forward**", "**Training step**", "**Targets**",
+                    "**Fused dense update**"):
         assert heading in text, heading
     assert "| 10,000,000 | record | 1,048,576 |" in text
     assert "2.82x" in text                                   # 37.5 us / 13.3 us
+    assert "| 7168x7168 | 13.200 | 0.830 | 15.9x |" in text
