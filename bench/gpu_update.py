@@ -106,15 +106,18 @@ VARIANTS = {
     "floor_without_row_bytes": (_no_scale_votes, dict(rows_in_flight=1, blocks_per_sm=3,
                                                       _memory_only=True)),
     "cuda_r1_b3_without_row_bytes": (_no_scale_votes, dict(rows_in_flight=1, blocks_per_sm=3)),
-    # The record kernel (a lane per 64-trit row record; only with --layouts record), B blocks
-    # of 256 threads per SM, and its floor.
-    **{f"record_b{b}": (cuda_rows.apply_votes_rows, dict(kernel="record", blocks_per_sm=b))
-       for b in (1, 2, 4, 8, 16)},
-    **{f"record_m{m}_b{b}": (cuda_rows.apply_votes_rows,
-                             dict(kernel="record", blocks_per_sm=b, min_blocks=m))
-       for m, b in ((3, 3), (3, 12), (4, 4), (4, 16))},
-    "floor_record_b4": (cuda_rows.apply_votes_rows,
-                        dict(kernel="record", blocks_per_sm=4, _memory_only=True)),
+    # The staged record kernel (a warp per 32 rows staged in shared memory; only with --layouts
+    # record), B blocks of two warps per SM, and its floor.
+    **{f"record_b{b}": (cuda_rows.apply_votes_rows,
+                        dict(kernel="record_staged", blocks_per_sm=b)) for b in (3, 5, 10, 20)},
+    "floor_record_b5": (cuda_rows.apply_votes_rows,
+                        dict(kernel="record_staged", blocks_per_sm=5, _memory_only=True)),
+    # the lane-per-row record kernel (each lane loads its own row; the default before the staged
+    # one), its launch variants and its floor
+    **{f"record_lane_b{b}": (cuda_rows.apply_votes_rows,
+                             dict(kernel="record_lane", blocks_per_sm=b)) for b in (4, 8)},
+    "floor_record_lane_b8": (cuda_rows.apply_votes_rows,
+                             dict(kernel="record_lane", blocks_per_sm=8, _memory_only=True)),
 }
 
 

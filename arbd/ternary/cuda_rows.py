@@ -2,9 +2,11 @@
 at most 64 columns (the codebooks). Two kernels:
 - "record": rows of 64 trits stored as row records (state.row_records; codebooks built with
   state_layout="record"), one lane per row, every column position a compile-time constant (a
-  third of the other kernel's instructions). It runs at the floor of its own loads and stores,
-  1.3-1.6x faster than the four-array layout's best kernel at 1M of 10M rows (bench/RESULTS.md,
-  "Touched-row update, round 4");
+  third of the other kernel's instructions); 1.3-1.6x faster than the four-array layout's best
+  kernel at 1M of 10M rows (bench/RESULTS.md, "Touched-row update, round 4"). Two forms:
+  "record_lane", where each lane loads its own row, and "record_staged", where a warp copies 32
+  rows' votes and records into shared memory coalesced, the next tile's copies in flight while
+  it computes ("round 5"); "record" picks by the row count (STAGED_MIN_ROWS);
 - "rows": any layout and 1..64 trits, four rows to a warp, eight columns to a lane.
 
 triton_update.apply_votes_rows takes them where they apply; ARBD_CUDA_ROWS says when:
@@ -39,6 +41,11 @@ ROWS_IN_FLIGHT, BLOCKS_PER_SM = 1, 3
 # each other over three calls; 2 resident at its 115 registers), and the resident blocks its
 # registers are capped for (capping to 3 or 4 spilled and ran 1.4-1.7x slower: "round 4").
 RECORD_BLOCKS_PER_SM, RECORD_MIN_BLOCKS = 8, 1
+# The staged record kernel: blocks of two warps, each warp 32 rows at a time; 5 blocks per SM are
+# resident (45 KB of shared memory each). "record" sends updates of at least STAGED_MIN_ROWS rows
+# to it: 9-15% faster than the lane-per-row kernel at 4M rows, at parity or slower at 1M and
+# below (bench/RESULTS.md, "Touched-row update, round 5").
+STAGED_BLOCKS_PER_SM, STAGED_MIN_ROWS = 5, 1 << 21
 
 _LIB: ctypes.CDLL | None = None
 _BUILD_FAILED: str | None = None
@@ -148,12 +155,19 @@ def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torc
     if kernel is None:
         kernel = "record" if record is not None and votes.data_ptr() % 16 == 0 else "rows"
     if kernel == "record":
+        kernel = "record_staged" if u >= STAGED_MIN_ROWS else "record_lane"
+    if kernel in ("record_staged", "record_lane"):
         if record is None or votes.data_ptr() % 16:
             raise ValueError("the record kernel needs the views of state.row_records for 64-trit "
                              "rows and 16-byte aligned votes")
-        blocks = max(1, min(-(-u // 256), (blocks_per_sm or RECORD_BLOCKS_PER_SM) * sms))
+        if kernel == "record_staged":  # 64 rows a block at a time
+            blocks = max(1, min(-(-u // 64), (blocks_per_sm or STAGED_BLOCKS_PER_SM) * sms))
+            min_blocks = 0
+        else:
+            blocks = max(1, min(-(-u // 256), (blocks_per_sm or RECORD_BLOCKS_PER_SM) * sms))
+            min_blocks = min_blocks or RECORD_MIN_BLOCKS
         err = _library(packed.device).arbd_rows_record64(
-            votes.element_size(), min_blocks or RECORD_MIN_BLOCKS, blocks, record[0], record[1],
+            votes.element_size(), min_blocks, blocks, record[0], record[1],
             idx.data_ptr(), votes.data_ptr(), e_votes.data_ptr(), stats.data_ptr(), u,
             rule.threshold, rule.decay_shift, rule.saturated_cap, ACC_MAX, int(scales),
             rule.scale_threshold, int(_memory_only), stream)

@@ -314,13 +314,13 @@ struct RecordArgs {
   long long u;
 };
 
-template <typename V>
-__device__ __forceinline__ void load_votes64(const V* p, int (&v)[64]) {
-  const int4* q = reinterpret_cast<const int4*>(p);
+// A row's 64 votes from 16-byte words at q: global memory, read once (STREAM), or shared.
+template <typename V, bool STREAM = true>
+__device__ __forceinline__ void load_votes64(const int4* q, int (&v)[64]) {
   constexpr int per = 16 / sizeof(V);  // votes per 16-byte load
 #pragma unroll
   for (int k = 0; k < 64 / per; ++k) {
-    const int4 w4 = __ldcs(q + k);
+    const int4 w4 = STREAM ? __ldcs(q + k) : q[k];
     const int w[4] = {w4.x, w4.y, w4.z, w4.w};
 #pragma unroll
     for (int h = 0; h < per; ++h) {
@@ -332,6 +332,67 @@ __device__ __forceinline__ void load_votes64(const V* p, int (&v)[64]) {
 }
 
 __device__ __forceinline__ int sbyte(int w, int pos) { return (w << (24 - 8 * pos)) >> 24; }
+
+// rule.apply_votes on one record held in registers: acc_w the 64 trit accumulators (four per
+// word), tail the packed bytes, exponent and scale accumulator (bytes 64..79), v the row's votes,
+// ev its scale votes. memory_only keeps the loads and stores but skips the rule (the floor).
+__device__ __forceinline__ void update_record(const int (&v)[64], int ev, int (&acc_w)[16],
+                                              int (&tail)[4], const Rule& p, int& flips,
+                                              int& moves) {
+  if (p.memory_only) {  // the same loads and stores without the rule: this pattern's floor
+    int fold = ev;
+#pragma unroll
+    for (int c = 0; c < 64; ++c) fold ^= v[c];
+    acc_w[0] ^= fold & 1;
+  } else {
+    int out_w[16];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) out_w[k] = 0;
+    int bytes[13];
+#pragma unroll
+    for (int b = 0; b < 13; ++b) {
+      int x = (tail[b >> 2] >> (8 * (b & 3))) & 0xFF;
+      x = x > 242 ? 121 : x;  // bytes above 242 are not base-3 trits: decode as zeros
+      int packed = 0;
+#pragma unroll
+      for (int d = 0, p3 = 1; d < 5; ++d, p3 *= 3) {
+        const int c = 5 * b + d;
+        if (c >= 64) {  // column 64: trit 0, as pack_trits pads
+          packed += p3;
+          continue;
+        }
+        const int rest = (x * 171) >> 9;  // x / 3 for x < 256
+        const int trit = x - 3 * rest - 1;
+        x = rest;
+        int acc = sbyte(acc_w[c >> 2], c & 3);
+        if (p.decay > 0) acc = decay(acc, p.decay);
+        acc += v[c];
+        int q;
+        flips += settle(acc, trit, q, p);
+        packed += q * p3;
+        out_w[c >> 2] |= (acc & 0xFF) << (8 * (c & 3));
+      }
+      bytes[b] = packed;
+    }
+    int e = sbyte(tail[3], 1), ea = sbyte(tail[3], 2);
+    if (p.scales) {
+      int s = ea;
+      if (p.decay > 0) s = decay(s, p.decay);
+      s += ev;
+      const int m = clampi(trunc_div(s, p.s_threshold), -128 - e, 127 - e);
+      ea = clampi(s - m * p.s_threshold, -p.acc_max, p.acc_max);
+      e += m;
+      moves += abs(m);
+    }
+#pragma unroll
+    for (int k = 0; k < 16; ++k) acc_w[k] = out_w[k];
+#pragma unroll
+    for (int k = 0; k < 3; ++k)
+      tail[k] = bytes[4 * k] | bytes[4 * k + 1] << 8 | bytes[4 * k + 2] << 16
+                | bytes[4 * k + 3] << 24;
+    tail[3] = bytes[12] | (e & 0xFF) << 8 | (ea & 0xFF) << 16 | (tail[3] & 0xFF000000);
+  }
+}
 
 template <typename V, int MIN_BLOCKS>
 __global__ void __launch_bounds__(256, MIN_BLOCKS) record64_kernel(RecordArgs a, Rule p) {
@@ -346,7 +407,7 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) record64_kernel(RecordArgs a,
     if (r + threads < a.u) next = __ldcs(ids + r + threads);
     int4* rec = reinterpret_cast<int4*>(a.rec + row * a.stride);
     int v[64];
-    load_votes64(static_cast<const V*>(a.votes) + r * 64, v);
+    load_votes64<V>(reinterpret_cast<const int4*>(static_cast<const V*>(a.votes) + r * 64), v);
     const int ev = p.scales ? __ldcs(a.e_votes + r) : 0;
     int acc_w[16], tail[4];
 #pragma unroll
@@ -358,64 +419,122 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) record64_kernel(RecordArgs a,
       const int4 w = rec[4];
       tail[0] = w.x; tail[1] = w.y; tail[2] = w.z; tail[3] = w.w;
     }
-    if (p.memory_only) {  // the same loads and stores without the rule: this pattern's floor
-      int fold = ev;
-#pragma unroll
-      for (int c = 0; c < 64; ++c) fold ^= v[c];
-      acc_w[0] ^= fold & 1;
-    } else {
-      int out_w[16];
-#pragma unroll
-      for (int k = 0; k < 16; ++k) out_w[k] = 0;
-      int bytes[13];
-#pragma unroll
-      for (int b = 0; b < 13; ++b) {
-        int x = (tail[b >> 2] >> (8 * (b & 3))) & 0xFF;
-        x = x > 242 ? 121 : x;  // bytes above 242 are not base-3 trits: decode as zeros
-        int packed = 0;
-#pragma unroll
-        for (int d = 0, p3 = 1; d < 5; ++d, p3 *= 3) {
-          const int c = 5 * b + d;
-          if (c >= 64) {  // column 64: trit 0, as pack_trits pads
-            packed += p3;
-            continue;
-          }
-          const int rest = (x * 171) >> 9;  // x / 3 for x < 256
-          const int trit = x - 3 * rest - 1;
-          x = rest;
-          int acc = sbyte(acc_w[c >> 2], c & 3);
-          if (p.decay > 0) acc = decay(acc, p.decay);
-          acc += v[c];
-          int q;
-          flips += settle(acc, trit, q, p);
-          packed += q * p3;
-          out_w[c >> 2] |= (acc & 0xFF) << (8 * (c & 3));
-        }
-        bytes[b] = packed;
-      }
-      int e = sbyte(tail[3], 1), ea = sbyte(tail[3], 2);
-      if (p.scales) {
-        int s = ea;
-        if (p.decay > 0) s = decay(s, p.decay);
-        s += ev;
-        const int m = clampi(trunc_div(s, p.s_threshold), -128 - e, 127 - e);
-        ea = clampi(s - m * p.s_threshold, -p.acc_max, p.acc_max);
-        e += m;
-        moves += abs(m);
-      }
-#pragma unroll
-      for (int k = 0; k < 16; ++k) acc_w[k] = out_w[k];
-#pragma unroll
-      for (int k = 0; k < 3; ++k)
-        tail[k] = bytes[4 * k] | bytes[4 * k + 1] << 8 | bytes[4 * k + 2] << 16
-                  | bytes[4 * k + 3] << 24;
-      tail[3] = bytes[12] | (e & 0xFF) << 8 | (ea & 0xFF) << 16 | (tail[3] & 0xFF000000);
-    }
+    update_record(v, ev, acc_w, tail, p, flips, moves);
 #pragma unroll
     for (int k = 0; k < 4; ++k)
       rec[k] = make_int4(acc_w[4 * k], acc_w[4 * k + 1], acc_w[4 * k + 2], acc_w[4 * k + 3]);
     rec[4] = make_int4(tail[0], tail[1], tail[2], tail[3]);
   }
+  add_counts(flips, moves, a.stats, p.scales);
+}
+
+
+// The same update with the tile's memory traffic coalesced and in flight while the warp computes.
+// The kernel above lets each lane read its own row's 256 vote bytes and 80 record bytes, so
+// every warp-wide load touches 32 rows (32 L1 wavefronts); its loads and stores alone ran at
+// 37-41% of copy bandwidth where a coalesced pass over the same bytes ran at 59%
+// (bench/gpu_record_floor.py). Here a warp takes 32 consecutive touched rows: their votes are one
+// contiguous block and each record five contiguous 16-byte words, so consecutive lanes copy
+// consecutive words into shared memory with cp.async (rows padded by one word, so the
+// lane-per-row reads that follow have no bank conflicts). Two tiles per warp: the next tile's
+// copies run while update_record works on this one, one lane per row; the records go back the
+// way they came.
+template <typename V>
+struct RecordTile {
+  static constexpr int kVoteWords = 64 * (int)sizeof(V) / 16;  // 16-byte words of a row's votes
+  int4 votes[32 * (kVoteWords + 1)];
+  int4 rec[32 * 5];
+};
+
+constexpr int kStagedWarps = 2;  // two warps of two int32 tiles each: 45 KB of shared memory
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+               :: "r"((unsigned)__cvta_generic_to_shared(smem)), "l"(gmem));
+}
+
+// Issue the copies of tile r0 (n rows; lane l holds row r0 + l's id) into t, as one group.
+template <typename V>
+__device__ __forceinline__ void fetch_tile(RecordTile<V>& t, const RecordArgs& a, long long r0,
+                                           int n, long long id, int lane) {
+  constexpr int VW = RecordTile<V>::kVoteWords;
+  const int4* votes = static_cast<const int4*>(a.votes) + r0 * VW;
+#pragma unroll
+  for (int k = 0; k < VW; ++k) {
+    const int j = 32 * k + lane;  // word j of the tile's votes: row j / VW, word j % VW
+    if (j < n * VW) cp_async16(&t.votes[(j / VW) * (VW + 1) + j % VW], votes + j);
+  }
+#pragma unroll
+  for (int k = 0; k < 5; ++k) {
+    const int j = 32 * k + lane;  // word j of the tile's records: record j / 5, word j % 5
+    const long long row = __shfl_sync(0xffffffffu, id, j / 5);
+    if (j / 5 < n) cp_async16(&t.rec[j], a.rec + row * a.stride + 16 * (j % 5));
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <typename V>
+__global__ void __launch_bounds__(32 * kStagedWarps) record64_staged_kernel(RecordArgs a, Rule p) {
+  constexpr int VW = RecordTile<V>::kVoteWords;
+  __shared__ RecordTile<V> tiles[kStagedWarps][2];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const long long step = 32LL * gridDim.x * kStagedWarps;
+  const long long* ids = reinterpret_cast<const long long*>(a.idx);
+  int flips = 0, moves = 0;
+  // What a lane knows of a tile before its copies land: rows, its row's id and scale votes.
+  auto head = [&](long long r0, int& n, long long& id, int& ev) {
+    n = r0 < a.u ? (int)min(32LL, a.u - r0) : 0;
+    id = lane < n ? __ldcs(ids + r0 + lane) : 0;
+    ev = p.scales && lane < n ? __ldcs(a.e_votes + r0 + lane) : 0;
+  };
+  long long r0 = 32 * (blockIdx.x * (long long)kStagedWarps + warp);
+  int n0, n1, ev0, ev1, buf = 0;
+  long long id0, id1;
+  head(r0, n0, id0, ev0);
+  if (n0 > 0) fetch_tile(tiles[warp][0], a, r0, n0, id0, lane);
+  head(r0 + step, n1, id1, ev1);
+  for (; r0 < a.u; r0 += step) {
+    // The next tile's copies go out first (an empty group past the end keeps the count even),
+    // then the ids of the one after, so no copy waits for an id.
+    if (n1 > 0) fetch_tile(tiles[warp][buf ^ 1], a, r0 + step, n1, id1, lane);
+    else asm volatile("cp.async.commit_group;\n" ::);
+    int n2, ev2;
+    long long id2;
+    head(r0 + 2 * step, n2, id2, ev2);
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+    __syncwarp();
+    RecordTile<V>& t = tiles[warp][buf];
+    if (lane < n0) {
+      int v[64], acc_w[16], tail[4];
+      load_votes64<V, false>(t.votes + lane * (VW + 1), v);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int4 w = t.rec[5 * lane + k];
+        acc_w[4 * k] = w.x; acc_w[4 * k + 1] = w.y; acc_w[4 * k + 2] = w.z;
+        acc_w[4 * k + 3] = w.w;
+      }
+      const int4 w = t.rec[5 * lane + 4];
+      tail[0] = w.x; tail[1] = w.y; tail[2] = w.z; tail[3] = w.w;
+      update_record(v, ev0, acc_w, tail, p, flips, moves);
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        t.rec[5 * lane + k] = make_int4(acc_w[4 * k], acc_w[4 * k + 1], acc_w[4 * k + 2],
+                                        acc_w[4 * k + 3]);
+      t.rec[5 * lane + 4] = make_int4(tail[0], tail[1], tail[2], tail[3]);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < 5; ++k) {
+      const int j = 32 * k + lane;
+      const long long row = __shfl_sync(0xffffffffu, id0, j / 5);
+      if (j / 5 < n0) *reinterpret_cast<int4*>(a.rec + row * a.stride + 16 * (j % 5)) = t.rec[j];
+    }
+    __syncwarp();  // this buffer takes the tile after next only once every lane has stored
+    buf ^= 1;
+    n0 = n1; id0 = id1; ev0 = ev1;
+    n1 = n2; id1 = id2; ev1 = ev2;
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
   add_counts(flips, moves, a.stats, p.scales);
 }
 
@@ -453,6 +572,18 @@ extern "C" int arbd_rows_update(int vote_bytes, int rows, int blocks, void* pack
 template <typename V>
 int launch_record(int min_blocks, int blocks, cudaStream_t s, const RecordArgs& a, const Rule& p) {
   switch (min_blocks) {
+    case 0: {
+      // 45 KB of shared memory a block: ask for the largest carveout, so five blocks fit an SM
+      static bool carved = false;
+      if (!carved) {
+        cudaFuncSetAttribute(record64_staged_kernel<V>,
+                             cudaFuncAttributePreferredSharedMemoryCarveout,
+                             cudaSharedmemCarveoutMaxShared);
+        carved = true;
+      }
+      record64_staged_kernel<V><<<blocks, 32 * kStagedWarps, 0, s>>>(a, p);
+      break;
+    }
     case 1: record64_kernel<V, 1><<<blocks, 256, 0, s>>>(a, p); break;
     case 3: record64_kernel<V, 3><<<blocks, 256, 0, s>>>(a, p); break;
     case 4: record64_kernel<V, 4><<<blocks, 256, 0, s>>>(a, p); break;
