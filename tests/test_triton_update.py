@@ -330,8 +330,8 @@ def test_kernel_updates_invalidate_a_held_decoded_weight(path, monkeypatch):
 
 
 # The record kernels (64-trit row records; "record_staged": a warp stages 32 rows in shared
-# memory, "record_lane": each lane loads its own row): every rule and vote width; misaligned votes fall
-# back to the four-rows-per-warp kernel.
+# memory, "record_lane": each lane loads its own row): every rule and vote width; misaligned
+# votes fall back to the four-rows-per-warp kernel.
 @pytest.mark.gpu
 @needs_cuda_rows
 @pytest.mark.parametrize("kernel", ["record_staged", "record_lane"])

@@ -43,7 +43,7 @@ ROWS_IN_FLIGHT, BLOCKS_PER_SM = 1, 3
 RECORD_BLOCKS_PER_SM, RECORD_MIN_BLOCKS = 8, 1
 # The staged record kernel: blocks of two warps, each warp 32 rows at a time; 5 blocks per SM are
 # resident (45 KB of shared memory each). "record" sends updates of at least STAGED_MIN_ROWS rows
-# to it: 9-15% faster than the lane-per-row kernel at 4M rows, at parity or slower at 1M and
+# to it: 7-15% faster than the lane-per-row kernel at 4M rows, at parity or slower at 1M and
 # below (bench/RESULTS.md, "Touched-row update, round 5").
 STAGED_BLOCKS_PER_SM, STAGED_MIN_ROWS = 5, 1 << 21
 
@@ -162,7 +162,7 @@ def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torc
                              "rows and 16-byte aligned votes")
         if kernel == "record_staged":  # 64 rows a block at a time
             blocks = max(1, min(-(-u // 64), (blocks_per_sm or STAGED_BLOCKS_PER_SM) * sms))
-            min_blocks = 0
+            min_blocks = 0  # the launcher's code for the staged kernel
         else:
             blocks = max(1, min(-(-u // 256), (blocks_per_sm or RECORD_BLOCKS_PER_SM) * sms))
             min_blocks = min_blocks or RECORD_MIN_BLOCKS

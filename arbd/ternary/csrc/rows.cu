@@ -394,6 +394,24 @@ __device__ __forceinline__ void update_record(const int (&v)[64], int ev, int (&
   }
 }
 
+// update_record on the record's five 16-byte words at rec (global or shared memory), in place.
+__device__ __forceinline__ void update_record_at(int4* rec, const int (&v)[64], int ev,
+                                                 const Rule& p, int& flips, int& moves) {
+  int acc_w[16], tail[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int4 w = rec[k];
+    acc_w[4 * k] = w.x; acc_w[4 * k + 1] = w.y; acc_w[4 * k + 2] = w.z; acc_w[4 * k + 3] = w.w;
+  }
+  const int4 w = rec[4];
+  tail[0] = w.x; tail[1] = w.y; tail[2] = w.z; tail[3] = w.w;
+  update_record(v, ev, acc_w, tail, p, flips, moves);
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    rec[k] = make_int4(acc_w[4 * k], acc_w[4 * k + 1], acc_w[4 * k + 2], acc_w[4 * k + 3]);
+  rec[4] = make_int4(tail[0], tail[1], tail[2], tail[3]);
+}
+
 template <typename V, int MIN_BLOCKS>
 __global__ void __launch_bounds__(256, MIN_BLOCKS) record64_kernel(RecordArgs a, Rule p) {
   const long long threads = (long long)gridDim.x * blockDim.x;
@@ -409,21 +427,7 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) record64_kernel(RecordArgs a,
     int v[64];
     load_votes64<V>(reinterpret_cast<const int4*>(static_cast<const V*>(a.votes) + r * 64), v);
     const int ev = p.scales ? __ldcs(a.e_votes + r) : 0;
-    int acc_w[16], tail[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int4 w = rec[k];
-      acc_w[4 * k] = w.x; acc_w[4 * k + 1] = w.y; acc_w[4 * k + 2] = w.z; acc_w[4 * k + 3] = w.w;
-    }
-    {
-      const int4 w = rec[4];
-      tail[0] = w.x; tail[1] = w.y; tail[2] = w.z; tail[3] = w.w;
-    }
-    update_record(v, ev, acc_w, tail, p, flips, moves);
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-      rec[k] = make_int4(acc_w[4 * k], acc_w[4 * k + 1], acc_w[4 * k + 2], acc_w[4 * k + 3]);
-    rec[4] = make_int4(tail[0], tail[1], tail[2], tail[3]);
+    update_record_at(rec, v, ev, p, flips, moves);
   }
   add_counts(flips, moves, a.stats, p.scales);
 }
@@ -505,22 +509,9 @@ __global__ void __launch_bounds__(32 * kStagedWarps) record64_staged_kernel(Reco
     __syncwarp();
     RecordTile<V>& t = tiles[warp][buf];
     if (lane < n0) {
-      int v[64], acc_w[16], tail[4];
+      int v[64];
       load_votes64<V, false>(t.votes + lane * (VW + 1), v);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int4 w = t.rec[5 * lane + k];
-        acc_w[4 * k] = w.x; acc_w[4 * k + 1] = w.y; acc_w[4 * k + 2] = w.z;
-        acc_w[4 * k + 3] = w.w;
-      }
-      const int4 w = t.rec[5 * lane + 4];
-      tail[0] = w.x; tail[1] = w.y; tail[2] = w.z; tail[3] = w.w;
-      update_record(v, ev0, acc_w, tail, p, flips, moves);
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-        t.rec[5 * lane + k] = make_int4(acc_w[4 * k], acc_w[4 * k + 1], acc_w[4 * k + 2],
-                                        acc_w[4 * k + 3]);
-      t.rec[5 * lane + 4] = make_int4(tail[0], tail[1], tail[2], tail[3]);
+      update_record_at(t.rec + 5 * lane, v, ev0, p, flips, moves);
     }
     __syncwarp();
 #pragma unroll
@@ -566,9 +557,10 @@ extern "C" int arbd_rows_update(int vote_bytes, int rows, int blocks, void* pack
   }
 }
 
-// The record kernel (one lane per 64-trit row record); arguments as arbd_rows_update's, with
-// rec the record of row 0 and stride its size in bytes (a multiple of 16); min_blocks (1, 3, 4)
-// the resident blocks of 256 threads per SM its registers are capped for.
+// The record kernels (64-trit row records); arguments as arbd_rows_update's, with rec the record
+// of row 0 and stride its size in bytes (a multiple of 16); min_blocks 0 picks the staged kernel
+// (blocks of 32 * kStagedWarps threads), 1, 3 or 4 the lane-per-row kernel with its registers
+// capped for that many resident blocks of 256 threads per SM.
 template <typename V>
 int launch_record(int min_blocks, int blocks, cudaStream_t s, const RecordArgs& a, const Rule& p) {
   switch (min_blocks) {
