@@ -43,21 +43,45 @@ from arbd.vq.codebook import TernaryVQCodebook  # noqa: E402
 ROW_BYTES = 4 * 64 + 4 + 8 + 2 * (13 + 1 + 64 + 1)
 
 
-def event_median_ms(fn, reps: int = 15, before=None, warmup: int = 2) -> float:
+# Cycles of device spin queued ahead of a timed call when timing device time only (queued=True):
+# about 2 ms, far longer than any host work before the call's first launch, so the start event
+# fires only once the call's kernels are queued behind it. That hides the host's launch overhead,
+# as it is hidden in a training step where the host runs ahead of the device; a call that waits
+# for the device inside is still timed whole.
+QUEUE_CYCLES = 4_000_000
+
+
+def event_median_ms(fn, reps: int = 15, before=None, warmup: int = 2,
+                    queued: bool = False) -> float:
     """Median CUDA-event time of fn in ms over reps calls, after warmup untimed ones; `before`
-    (untimed, e.g. resetting evidence) runs ahead of each call."""
+    (untimed, e.g. resetting evidence) runs ahead of each call. queued=False: from an idle device,
+    the host's launch overhead included; True: the device's time alone (QUEUE_CYCLES)."""
     ts = []
     for _ in range(reps + warmup):
         if before is not None:
             before()
         torch.cuda.synchronize()
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if queued:
+            torch.cuda._sleep(QUEUE_CYCLES)
         s.record()
         fn()
         e.record()
         torch.cuda.synchronize()
         ts.append(s.elapsed_time(e))
     return sorted(ts[warmup:])[reps // 2]
+
+
+def host_median_us(fn, reps: int = 15) -> float:
+    """Median host time of one call of fn in us (the device idle and synchronised before each)."""
+    ts = []
+    for _ in range(reps + 2):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return sorted(ts[2:])[reps // 2]
 
 
 def copy_bandwidth() -> float:
@@ -246,12 +270,19 @@ def sweep(args) -> dict:
                 continue
             equal = stats.tolist() == want_stats and all(
                 torch.equal(a, b) for a, b in zip(work, want))
-            ms = timed_ms(lambda: fn(*work, idx, votes, e_votes, rule, **kw))
+            call = lambda: fn(*work, idx, votes, e_votes, rule, **kw)  # noqa: E731
+            ms = timed_ms(call)
             rate = u * ROW_BYTES / (ms / 1e3)
             row = {**{k: head[k] for k in ("rows", "touched", "order", "layout")}, "variant": name,
                    "equal_torch": equal, "ms": ms, "GB_per_s": rate / 1e9,
                    "pct_of_copy_bw": 100 * rate / bw,
                    "sector_pct_of_copy_bw": 100 * head["sector_bytes"] / (ms / 1e3) / bw}
+            if dev == "cuda":
+                # the device's time alone (the host's launch work hidden behind a queued spin),
+                # and the host's time of one call
+                dms = event_median_ms(call, 20, warmup=3, queued=True)
+                row.update(device_ms=dms, device_pct_of_copy_bw=100 * u * ROW_BYTES / (dms / 1e3) / bw,
+                           host_us=host_median_us(call))
             out["results"].append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
                   flush=True)
@@ -264,11 +295,15 @@ def sweep(args) -> dict:
                   kern.n_spills, "spills", flush=True)
     except Exception as e:  # noqa: BLE001 - a report only
         print("no register report:", e)
-    print("\n| rows | touched | order | layout | variant | equal | ms | GB/s | % copy | % copy (sectors) |")
+    print("\n| rows | touched | order | layout | variant | equal | ms | GB/s | % copy | % copy (sectors) "
+          "| device ms | device % copy | host us |")
     for r in out["results"]:
         print(f"| {r['rows']:,} | {r['touched']:,} | {r['order']} | {r['layout']} | {r['variant']} | "
               f"{r['equal_torch']} | {r['ms']:.4f} | {r['GB_per_s']:.0f} | "
-              f"{r['pct_of_copy_bw']:.1f} | {r['sector_pct_of_copy_bw']:.1f} |")
+              f"{r['pct_of_copy_bw']:.1f} | {r['sector_pct_of_copy_bw']:.1f} | "
+              f"{r.get('device_ms', float('nan')):.4f} | "
+              f"{r.get('device_pct_of_copy_bw', float('nan')):.1f} | "
+              f"{r.get('host_us', float('nan')):.0f} |")
     return out
 
 
