@@ -1,6 +1,6 @@
 """The floor of the touched-row update's access pattern: a coalesced pass (Triton) over what an
 update must move, for 80-byte row records (today's layout, three sectors a row) and 64-byte
-ones (two sectors), beside both CUDA record kernels of csrc/rows.cu and their own floors, all in
+ones (two sectors), beside the CUDA record kernel of csrc/rows.cu and its own floor, all in
 one run.
 
     python3 bench/gpu_record_floor.py [--json OUT.json]          # GPU
@@ -103,14 +103,10 @@ def main() -> None:
         e_votes = torch.randint(-20, 21, (u,), generator=g, device=dev, dtype=torch.int32)
         runs = {}
         state = _random_state(rows, 64, g, dev, "record")
-        for name, kw in (("staged record kernel (the rule)", dict(kernel="record_staged")),
-                         ("staged record kernel, loads and stores only",
-                          dict(kernel="record_staged", _memory_only=True)),
-                         ("lane-per-row record kernel (the rule)", dict(kernel="record_lane")),
-                         ("lane-per-row record kernel, loads and stores only",
-                          dict(kernel="record_lane", _memory_only=True))):
+        for name, kw in (("record kernel (the rule)", {}),
+                         ("record kernel, loads and stores only", dict(_memory_only=True))):
             runs[name] = (20, lambda kw=kw: cuda_rows.apply_votes_rows(
-                *state, ids, votes, e_votes, TUNED_RULE, **kw))
+                *state, ids, votes, e_votes, TUNED_RULE, kernel="record", **kw))
         recs = {words: torch.randint(-1000, 1000, (rows, words), generator=g, device=dev,
                                      dtype=torch.int32) for words in (20, 16)}
         for words, rec in recs.items():

@@ -56,14 +56,18 @@ def tables(d: str) -> list[str]:
                 f"row; device copy {up['copy_TB_per_s']:.2f} TB/s measured in the run).", "",
                 "Kernel: what `apply_votes_rows` picks for the layout (arrays: the Triton kernel "
                 "above 2^18 rows, the CUDA rows kernel below; record: the CUDA record kernel).", "",
-                "| table rows | layout | touched | votes: GPU == CPU | kernel == CPU | apply_update ms | torch rewrite only ms | kernel ms | kernel GB/s | % of copy BW | float evidence: rows differing from CPU |",
-                "| ---: | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "Kernel ms: from an idle device (host launch work included); device ms: the "
+                "device's time alone (a spin queued ahead hides the host's work), which the "
+                "bandwidth goal reads.", "",
+                "| table rows | layout | touched | votes: GPU == CPU | kernel == CPU | apply_update ms | torch rewrite only ms | kernel ms | % of copy BW | kernel device ms | device GB/s | device % of copy BW | float evidence: rows differing from CPU |",
+                "| ---: | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in up["results"]:
             out.append(f"| {r['rows']:,} | {r.get('layout', 'arrays')} | {r['touched']:,} | {r['votes_equal_cpu']} | "
                        f"{r['triton_equal_cpu']} | {r['votes_ms']:.3f} | "
                        f"{r['torch_rewrite_only_ms']:.3f} | {r['triton_ms']:.4f} | "
-                       f"{r['triton_GB_per_s']:.0f} | {r['triton_pct_of_copy_bw']:.0f}% | "
-                       f"{r['float_rows_differing']} |")
+                       f"{r['triton_pct_of_copy_bw']:.0f}% | {r['kernel_device_ms']:.4f} | "
+                       f"{r['kernel_device_GB_per_s']:.0f} | "
+                       f"{r['kernel_device_pct_of_copy_bw']:.0f}% | {r['float_rows_differing']} |")
         out.append("")
     tc = _load(d, "gpu_ternary_check.json")
     if tc:
@@ -176,9 +180,11 @@ def targets(d: str) -> list[tuple[str, str, str, bool]]:
                 continue
             ok = r["votes_equal_cpu"] and r["triton_equal_cpu"]
             rows.append((f"touched-row update {r['rows'] / 1e6:g}M rows, {r['touched']:,} touched, "
-                         f"{r.get('layout', 'arrays')} layout", "== CPU, >= 50% of copy BW",
-                         f"{r['triton_pct_of_copy_bw']:.1f}%, equal to CPU: {ok}",
-                         ok and r["triton_pct_of_copy_bw"] >= 50))
+                         f"{r.get('layout', 'arrays')} layout",
+                         "== CPU, >= 50% of copy BW (device time)",
+                         f"{r['kernel_device_pct_of_copy_bw']:.1f}% ({r['triton_pct_of_copy_bw']:.1f}% "
+                         f"from idle), equal to CPU: {ok}",
+                         ok and r["kernel_device_pct_of_copy_bw"] >= 50))
     t = _load(d, "step_small_ternary.json")
     n = _load(d, "step_small_dense.json")
     if t and n:

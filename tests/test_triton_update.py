@@ -329,32 +329,32 @@ def test_kernel_updates_invalidate_a_held_decoded_weight(path, monkeypatch):
     del keep
 
 
-# The record kernels (64-trit row records; "record_staged": a warp stages 32 rows in shared
-# memory, "record_lane": each lane loads its own row): every rule and vote width; misaligned
-# votes fall back to the four-rows-per-warp kernel.
+# The record kernel (64-trit row records, a warp stages 32 rows in shared memory): every rule and
+# vote width; misaligned votes fall back to the four-rows-per-warp kernel.
 @pytest.mark.gpu
 @needs_cuda_rows
-@pytest.mark.parametrize("kernel", ["record_staged", "record_lane"])
 @pytest.mark.parametrize("rule", RULES, ids=["tuned", "default", "cap_decay", "no_scales"])
 @pytest.mark.parametrize("vote_dtype", [torch.int32, torch.int16, torch.int8],
                          ids=["i32", "i16", "i8"])
-def test_cuda_record_kernel_equals_torch(rule, vote_dtype, kernel):
+def test_cuda_record_kernel_equals_torch(rule, vote_dtype):
     want = _check_against_torch(64, rule, ROWS, TOUCHED, 500, vote_dtype=vote_dtype, record=True,
-                                launch=cuda_rows.apply_votes_rows, kernel=kernel)
+                                launch=cuda_rows.apply_votes_rows, kernel="record")
     assert want["trit_flips"] > 0
 
 
-# The staged kernel's tiles: one partial tile (5 rows), a full one and one row more (33), and a
-# grid (one block per SM) that each warp walks many times over (60,000 rows: its double buffer).
+# The record kernel's tiles: one partial tile (5 rows), a full one and one row more (33), and a
+# grid (one block per SM) that each warp walks many times over (60,000 rows: its double buffer),
+# with each vote width (the chunks' vote loads differ by width).
 @pytest.mark.gpu
 @needs_cuda_rows
 @pytest.mark.parametrize("rows,u,knobs", [
     (64, 5, {}), (64, 33, {}), (100_000, 60_000, dict(blocks_per_sm=1))],
     ids=["5", "33", "loop"])
-def test_staged_record_kernel_tiles_equal_torch(rows, u, knobs):
-    want = _check_against_torch(64, TUNED_RULE, rows, u, 502, record=True,
-                                launch=cuda_rows.apply_votes_rows, kernel="record_staged",
-                                **knobs)
+@pytest.mark.parametrize("vote_dtype", [torch.int32, torch.int16, torch.int8],
+                         ids=["i32", "i16", "i8"])
+def test_record_kernel_tiles_equal_torch(rows, u, knobs, vote_dtype):
+    want = _check_against_torch(64, TUNED_RULE, rows, u, 502, vote_dtype=vote_dtype, record=True,
+                                launch=cuda_rows.apply_votes_rows, kernel="record", **knobs)
     assert want["trit_flips"] > 0
 
 

@@ -2,11 +2,10 @@
 at most 64 columns (the codebooks). Two kernels:
 - "record": rows of 64 trits stored as row records (state.row_records; codebooks built with
   state_layout="record"), one lane per row, every column position a compile-time constant (a
-  third of the other kernel's instructions); 1.3-1.6x faster than the four-array layout's best
-  kernel at 1M of 10M rows (bench/RESULTS.md, "Touched-row update, round 4"). Two forms:
-  "record_lane", where each lane loads its own row, and "record_staged", where a warp copies 32
-  rows' votes and records into shared memory coalesced, the next tile's copies in flight while
-  it computes ("round 5"); "record" picks by the row count (STAGED_MIN_ROWS);
+  third of the other kernel's instructions). A warp copies 32 rows' votes and records into shared
+  memory coalesced, the next tile's copies in flight while it computes: 62-66% of copy bandwidth
+  (device time) at 1M and 4M of 10M rows on the H100, 1.8x the four-array layout's kernel at 1M
+  (bench/RESULTS.md, "Touched-row update, round 6");
 - "rows": any layout and 1..64 trits, four rows to a warp, eight columns to a lane.
 
 triton_update.apply_votes_rows takes them where they apply; ARBD_CUDA_ROWS says when:
@@ -37,15 +36,11 @@ AUTO_MAX_ROWS = 1 << 18
 # Rows a warp keeps in flight, and resident blocks of 256 threads per SM: the fastest measured on
 # the H100 (bench/gpu_update.py --sweep; bench/RESULTS.md, "Touched-row update, round 3").
 ROWS_IN_FLIGHT, BLOCKS_PER_SM = 1, 3
-# The record kernel: blocks of 256 threads per SM in the grid (4, 8 and 16 were within noise of
-# each other over three calls; 2 resident at its 115 registers), and the resident blocks its
-# registers are capped for (capping to 3 or 4 spilled and ran 1.4-1.7x slower: "round 4").
-RECORD_BLOCKS_PER_SM, RECORD_MIN_BLOCKS = 8, 1
-# The staged record kernel: blocks of two warps, each warp 32 rows at a time; 5 blocks per SM are
-# resident (45 KB of shared memory each). "record" sends updates of at least STAGED_MIN_ROWS rows
-# to it: 7-15% faster than the lane-per-row kernel at 4M rows, at parity or slower at 1M and
-# below (bench/RESULTS.md, "Touched-row update, round 5").
-STAGED_BLOCKS_PER_SM, STAGED_MIN_ROWS = 5, 1 << 21
+# The record kernel: blocks of two warps, each warp 32 rows at a time with 45 KB of shared memory
+# a block (int32 votes). Two blocks per SM took 5-15% less time than 3, 4 or 5 from 262K to 4M
+# touched rows, the same at 16K, and one was 1.7x slower (bench/RESULTS.md, "Touched-row update,
+# round 6"): fewer tiles in flight at once, closer together in the vote stream.
+RECORD_BLOCKS_PER_SM = 2
 
 _LIB: ctypes.CDLL | None = None
 _BUILD_FAILED: str | None = None
@@ -61,7 +56,7 @@ def _library(device: torch.device) -> ctypes.CDLL:
         lib = cuda_ext.load(SOURCE, device)
         lib.arbd_rows_record64.restype = ctypes.c_int
         lib.arbd_rows_record64.argtypes = (
-            [ctypes.c_int] * 3 + [ctypes.c_void_p] + [ctypes.c_longlong] + [ctypes.c_void_p] * 4
+            [ctypes.c_int] * 2 + [ctypes.c_void_p] + [ctypes.c_longlong] + [ctypes.c_void_p] * 4
             + [ctypes.c_longlong] + [ctypes.c_int] * 7 + [ctypes.c_void_p])
         lib.arbd_rows_update.restype = ctypes.c_int
         lib.arbd_rows_update.argtypes = (
@@ -127,12 +122,12 @@ def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torc
                      e_votes: torch.Tensor | None, rule: TernaryRule, *,
                      rows_in_flight: int | None = None,
                      blocks_per_sm: int | None = None, kernel: str | None = None,
-                     min_blocks: int | None = None,
                      _memory_only: bool = False) -> torch.Tensor:
     """triton_update.apply_votes_rows's contract: rule.apply_votes on the distinct rows idx, in
     place; returns int32 [2] (trit flips, scale moves) on the device, so nothing waits for the
-    host. rows_in_flight (groups of four rows a warp loads at once: 1, 2, 4) and blocks_per_sm
-    (of 256 threads) override the tuned launch. _memory_only: the kernel's loads and stores
+    host. kernel: "record" or "rows" (default: "record" where it applies). rows_in_flight
+    (groups of four rows a warp loads at once: 1, 2, 4) and blocks_per_sm (of 256 threads;
+    "record": of 64) override the tuned launch. _memory_only: the kernel's loads and stores
     without the rule (bench/gpu_update.py's floor; the state is left as it was)."""
     cols, nb = t_accum.shape[1], packed.shape[1]
     if not 1 <= cols <= MAX_COLS:
@@ -154,20 +149,16 @@ def apply_votes_rows(packed: torch.Tensor, t_accum: torch.Tensor, exponent: torc
     record = record_base(packed, t_accum, exponent, e_accum)
     if kernel is None:
         kernel = "record" if record is not None and votes.data_ptr() % 16 == 0 else "rows"
+    if kernel not in ("record", "rows"):
+        raise ValueError(f"kernel must be 'record' or 'rows', got {kernel!r}")
     if kernel == "record":
-        kernel = "record_staged" if u >= STAGED_MIN_ROWS else "record_lane"
-    if kernel in ("record_staged", "record_lane"):
         if record is None or votes.data_ptr() % 16:
             raise ValueError("the record kernel needs the views of state.row_records for 64-trit "
                              "rows and 16-byte aligned votes")
-        if kernel == "record_staged":  # 64 rows a block at a time
-            blocks = max(1, min(-(-u // 64), (blocks_per_sm or STAGED_BLOCKS_PER_SM) * sms))
-            min_blocks = 0  # the launcher's code for the staged kernel
-        else:
-            blocks = max(1, min(-(-u // 256), (blocks_per_sm or RECORD_BLOCKS_PER_SM) * sms))
-            min_blocks = min_blocks or RECORD_MIN_BLOCKS
+        # 64 rows a block at a time
+        blocks = max(1, min(-(-u // 64), (blocks_per_sm or RECORD_BLOCKS_PER_SM) * sms))
         err = _library(packed.device).arbd_rows_record64(
-            votes.element_size(), min_blocks, blocks, record[0], record[1],
+            votes.element_size(), blocks, record[0], record[1],
             idx.data_ptr(), votes.data_ptr(), e_votes.data_ptr(), stats.data_ptr(), u,
             rule.threshold, rule.decay_shift, rule.saturated_cap, ACC_MAX, int(scales),
             rule.scale_threshold, int(_memory_only), stream)

@@ -302,8 +302,23 @@ int launch(int rows, int blocks, cudaStream_t stream, const Buffers& buf, const 
 // Every column index is then a compile-time constant, so decoding is a multiply-shift per digit
 // and packing a multiply-add, where the four-rows-per-warp kernel above spends most of its
 // instructions on lane-dependent byte and digit positions (ncu: 228 M instructions for 1 M rows
-// against 42 M for its loads and stores alone). A row's state moves as five aligned 16-byte
-// loads and stores, its votes as 16-byte loads.
+// against 42 M for its loads and stores alone).
+//
+// Memory. A warp takes 32 consecutive touched rows (a tile): their votes are one contiguous block
+// and each record five contiguous 16-byte words, so consecutive lanes copy consecutive words into
+// shared memory with cp.async (each lane reading its own row instead touched 32 rows per warp-wide
+// load, and ran at 37-41% of copy bandwidth where a coalesced pass over the same bytes ran at 59%:
+// bench/RESULTS.md, "Touched-row update, round 5"). Vote rows are padded by one 16-byte word in
+// shared memory, so a lane's 16-byte reads of its own row's votes have no bank conflicts (its
+// 4-byte reads of its record have up to four-way ones: a record's 16-byte words cannot be padded
+// to an odd stride in words). Each warp double-buffers:
+// the next tile's copies are in flight while it computes this one. The records go back the way
+// they came.
+//
+// Code size. The rule runs over a record in shared memory one chunk of 20 columns at a time, in a
+// loop that is not unrolled. Unrolled over 64 columns (6,600 instructions with the compiler's
+// copies for each rule branch) it stalled on instruction fetch: ncu counted 2.5 cycles per issued
+// instruction waiting for one, 0.35 once rolled ("round 6").
 struct RecordArgs {
   uint8_t* rec;  // record of row 0
   long long stride;
@@ -314,135 +329,122 @@ struct RecordArgs {
   long long u;
 };
 
-// A row's 64 votes from 16-byte words at q: global memory, read once (STREAM), or shared.
-template <typename V, bool STREAM = true>
-__device__ __forceinline__ void load_votes64(const int4* q, int (&v)[64]) {
-  constexpr int per = 16 / sizeof(V);  // votes per 16-byte load
-#pragma unroll
-  for (int k = 0; k < 64 / per; ++k) {
-    const int4 w4 = STREAM ? __ldcs(q + k) : q[k];
-    const int w[4] = {w4.x, w4.y, w4.z, w4.w};
-#pragma unroll
-    for (int h = 0; h < per; ++h) {
-      const int word = w[h * sizeof(V) / 4], pos = (h * sizeof(V)) % 4;
-      constexpr int bits = 8 * sizeof(V);
-      v[k * per + h] = bits == 32 ? word : (word << (32 - bits - 8 * pos)) >> (32 - bits);
-    }
-  }
-}
-
 __device__ __forceinline__ int sbyte(int w, int pos) { return (w << (24 - 8 * pos)) >> 24; }
 
-// rule.apply_votes on one record held in registers: acc_w the 64 trit accumulators (four per
-// word), tail the packed bytes, exponent and scale accumulator (bytes 64..79), v the row's votes,
-// ev its scale votes. memory_only keeps the loads and stores but skips the rule (the floor).
-__device__ __forceinline__ void update_record(const int (&v)[64], int ev, int (&acc_w)[16],
-                                              int (&tail)[4], const Rule& p, int& flips,
-                                              int& moves) {
-  if (p.memory_only) {  // the same loads and stores without the rule: this pattern's floor
+// rule.apply_votes on the 5 * NB trits of NB packed bytes (`packed`, low byte first), the last
+// PAD of them padding past the row's end (no accumulator; packed as trit 0, as pack_trits pads):
+// acc holds the other columns' accumulators four to a word, v their votes. Returns the new bytes;
+// acc is updated in place.
+template <int NB, int PAD>
+__device__ __forceinline__ int rule_bytes(int* acc, int packed, const int* v, const Rule& p,
+                                          int& flips) {
+  constexpr int C = 5 * NB - PAD;
+  int out[(C + 3) / 4];
+#pragma unroll
+  for (int k = 0; k < (C + 3) / 4; ++k) out[k] = 0;
+  int bytes = 0;
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    int x = (packed >> (8 * b)) & 0xFF;
+    x = x > 242 ? 121 : x;  // bytes above 242 are not base-3 trits: decode as zeros
+    int q_sum = 0;
+#pragma unroll
+    for (int d = 0, p3 = 1; d < 5; ++d, p3 *= 3) {
+      const int c = 5 * b + d;
+      if (c >= C) {
+        q_sum += p3;
+        continue;
+      }
+      const int rest = (x * 171) >> 9;  // x / 3 for x < 256
+      const int trit = x - 3 * rest - 1;
+      x = rest;
+      int a = sbyte(acc[c >> 2], c & 3);
+      if (p.decay > 0) a = decay(a, p.decay);
+      a += v[c];
+      int q;
+      flips += settle(a, trit, q, p);
+      q_sum += q * p3;
+      out[c >> 2] |= (a & 0xFF) << (8 * (c & 3));
+    }
+    bytes |= q_sum << (8 * b);
+  }
+#pragma unroll
+  for (int k = 0; k < (C + 3) / 4; ++k) acc[k] = out[k];
+  return bytes;
+}
+
+// A record's last word (packed byte 12, exponent, scale accumulator, padding) after the rule:
+// byte 12 becomes b12 and the row scale takes its scale votes ev.
+__device__ __forceinline__ int scale_word(int w, int b12, int ev, const Rule& p, int& moves) {
+  int e = sbyte(w, 1), ea = sbyte(w, 2);
+  if (p.scales) {
+    int s = ea;
+    if (p.decay > 0) s = decay(s, p.decay);
+    s += ev;
+    const int m = clampi(trunc_div(s, p.s_threshold), -128 - e, 127 - e);
+    ea = clampi(s - m * p.s_threshold, -p.acc_max, p.acc_max);
+    e += m;
+    moves += abs(m);
+  }
+  return b12 | (e & 0xFF) << 8 | (ea & 0xFF) << 16 | (w & 0xFF000000);
+}
+
+// N votes (a multiple of 4) from shared memory at q, aligned for 4 * sizeof(V) bytes.
+template <typename V, int N>
+__device__ __forceinline__ void load_votes_shared(const char* q, int* v) {
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) {
+    if constexpr (sizeof(V) == 4) {
+      const int4 w = reinterpret_cast<const int4*>(q)[i];
+      v[4 * i] = w.x; v[4 * i + 1] = w.y; v[4 * i + 2] = w.z; v[4 * i + 3] = w.w;
+    } else if constexpr (sizeof(V) == 2) {
+      const int2 w = reinterpret_cast<const int2*>(q)[i];
+      v[4 * i] = (w.x << 16) >> 16; v[4 * i + 1] = w.x >> 16;
+      v[4 * i + 2] = (w.y << 16) >> 16; v[4 * i + 3] = w.y >> 16;
+    } else {
+      const int w = reinterpret_cast<const int*>(q)[i];
+#pragma unroll
+      for (int d = 0; d < 4; ++d) v[4 * i + d] = sbyte(w, d);
+    }
+  }
+}
+
+// rule.apply_votes on one record in shared memory (rec: its 20 words; votes: its row's votes;
+// ev: its scale votes), in place: three chunks of 20 columns (five accumulator words and one word
+// of packed bytes each), then columns 60..63 with the padding column 64 (packed byte 12) and the
+// row scale (the record's last word). memory_only keeps the loads and stores but skips the rule
+// (bench/gpu_update.py's floor).
+template <typename V>
+__device__ __forceinline__ void update_record(int* rec, const char* votes, int ev, const Rule& p,
+                                              int& flips, int& moves) {
+  if (p.memory_only) {
     int fold = ev;
 #pragma unroll
-    for (int c = 0; c < 64; ++c) fold ^= v[c];
-    acc_w[0] ^= fold & 1;
-  } else {
-    int out_w[16];
-#pragma unroll
-    for (int k = 0; k < 16; ++k) out_w[k] = 0;
-    int bytes[13];
-#pragma unroll
-    for (int b = 0; b < 13; ++b) {
-      int x = (tail[b >> 2] >> (8 * (b & 3))) & 0xFF;
-      x = x > 242 ? 121 : x;  // bytes above 242 are not base-3 trits: decode as zeros
-      int packed = 0;
-#pragma unroll
-      for (int d = 0, p3 = 1; d < 5; ++d, p3 *= 3) {
-        const int c = 5 * b + d;
-        if (c >= 64) {  // column 64: trit 0, as pack_trits pads
-          packed += p3;
-          continue;
-        }
-        const int rest = (x * 171) >> 9;  // x / 3 for x < 256
-        const int trit = x - 3 * rest - 1;
-        x = rest;
-        int acc = sbyte(acc_w[c >> 2], c & 3);
-        if (p.decay > 0) acc = decay(acc, p.decay);
-        acc += v[c];
-        int q;
-        flips += settle(acc, trit, q, p);
-        packed += q * p3;
-        out_w[c >> 2] |= (acc & 0xFF) << (8 * (c & 3));
-      }
-      bytes[b] = packed;
+    for (int k = 0; k < 4 * (int)sizeof(V); ++k) {
+      const int4 w = reinterpret_cast<const int4*>(votes)[k];
+      fold ^= w.x ^ w.y ^ w.z ^ w.w;
     }
-    int e = sbyte(tail[3], 1), ea = sbyte(tail[3], 2);
-    if (p.scales) {
-      int s = ea;
-      if (p.decay > 0) s = decay(s, p.decay);
-      s += ev;
-      const int m = clampi(trunc_div(s, p.s_threshold), -128 - e, 127 - e);
-      ea = clampi(s - m * p.s_threshold, -p.acc_max, p.acc_max);
-      e += m;
-      moves += abs(m);
-    }
-#pragma unroll
-    for (int k = 0; k < 16; ++k) acc_w[k] = out_w[k];
-#pragma unroll
-    for (int k = 0; k < 3; ++k)
-      tail[k] = bytes[4 * k] | bytes[4 * k + 1] << 8 | bytes[4 * k + 2] << 16
-                | bytes[4 * k + 3] << 24;
-    tail[3] = bytes[12] | (e & 0xFF) << 8 | (ea & 0xFF) << 16 | (tail[3] & 0xFF000000);
+    rec[0] ^= fold & 1;
+    return;
   }
+#pragma unroll 1
+  for (int k = 0; k < 3; ++k) {
+    int acc[5], v[20];
+#pragma unroll
+    for (int j = 0; j < 5; ++j) acc[j] = rec[5 * k + j];
+    load_votes_shared<V, 20>(votes + 20 * k * (int)sizeof(V), v);
+    rec[16 + k] = rule_bytes<4, 0>(acc, rec[16 + k], v, p, flips);
+#pragma unroll
+    for (int j = 0; j < 5; ++j) rec[5 * k + j] = acc[j];
+  }
+  int acc = rec[15], v[4];
+  load_votes_shared<V, 4>(votes + 60 * (int)sizeof(V), v);
+  const int w = rec[19];
+  const int b12 = rule_bytes<1, 1>(&acc, w & 0xFF, v, p, flips);
+  rec[15] = acc;
+  rec[19] = scale_word(w, b12, ev, p, moves);
 }
 
-// update_record on the record's five 16-byte words at rec (global or shared memory), in place.
-__device__ __forceinline__ void update_record_at(int4* rec, const int (&v)[64], int ev,
-                                                 const Rule& p, int& flips, int& moves) {
-  int acc_w[16], tail[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const int4 w = rec[k];
-    acc_w[4 * k] = w.x; acc_w[4 * k + 1] = w.y; acc_w[4 * k + 2] = w.z; acc_w[4 * k + 3] = w.w;
-  }
-  const int4 w = rec[4];
-  tail[0] = w.x; tail[1] = w.y; tail[2] = w.z; tail[3] = w.w;
-  update_record(v, ev, acc_w, tail, p, flips, moves);
-#pragma unroll
-  for (int k = 0; k < 4; ++k)
-    rec[k] = make_int4(acc_w[4 * k], acc_w[4 * k + 1], acc_w[4 * k + 2], acc_w[4 * k + 3]);
-  rec[4] = make_int4(tail[0], tail[1], tail[2], tail[3]);
-}
-
-template <typename V, int MIN_BLOCKS>
-__global__ void __launch_bounds__(256, MIN_BLOCKS) record64_kernel(RecordArgs a, Rule p) {
-  const long long threads = (long long)gridDim.x * blockDim.x;
-  const long long* ids = reinterpret_cast<const long long*>(a.idx);
-  int flips = 0, moves = 0;
-  long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-  // The next row's id is loaded one iteration ahead, so the record's loads need not wait for it.
-  long long next = r < a.u ? __ldcs(ids + r) : 0;
-  for (; r < a.u; r += threads) {
-    const long long row = next;
-    if (r + threads < a.u) next = __ldcs(ids + r + threads);
-    int4* rec = reinterpret_cast<int4*>(a.rec + row * a.stride);
-    int v[64];
-    load_votes64<V>(reinterpret_cast<const int4*>(static_cast<const V*>(a.votes) + r * 64), v);
-    const int ev = p.scales ? __ldcs(a.e_votes + r) : 0;
-    update_record_at(rec, v, ev, p, flips, moves);
-  }
-  add_counts(flips, moves, a.stats, p.scales);
-}
-
-
-// The same update with the tile's memory traffic coalesced and in flight while the warp computes.
-// The kernel above lets each lane read its own row's 256 vote bytes and 80 record bytes, so
-// every warp-wide load touches 32 rows (32 L1 wavefronts); its loads and stores alone ran at
-// 37-41% of copy bandwidth where a coalesced pass over the same bytes ran at 59%
-// (bench/gpu_record_floor.py). Here a warp takes 32 consecutive touched rows: their votes are one
-// contiguous block and each record five contiguous 16-byte words, so consecutive lanes copy
-// consecutive words into shared memory with cp.async (rows padded by one word, so the
-// lane-per-row reads that follow have no bank conflicts). Two tiles per warp: the next tile's
-// copies run while update_record works on this one, one lane per row; the records go back the
-// way they came.
 template <typename V>
 struct RecordTile {
   static constexpr int kVoteWords = 64 * (int)sizeof(V) / 16;  // 16-byte words of a row's votes
@@ -450,7 +452,7 @@ struct RecordTile {
   int4 rec[32 * 5];
 };
 
-constexpr int kStagedWarps = 2;  // two warps of two int32 tiles each: 45 KB of shared memory
+constexpr int kRecordWarps = 2;  // two warps of two int32 tiles each: 45 KB of shared memory
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
@@ -478,11 +480,11 @@ __device__ __forceinline__ void fetch_tile(RecordTile<V>& t, const RecordArgs& a
 }
 
 template <typename V>
-__global__ void __launch_bounds__(32 * kStagedWarps) record64_staged_kernel(RecordArgs a, Rule p) {
+__global__ void __launch_bounds__(32 * kRecordWarps) record64_kernel(RecordArgs a, Rule p) {
   constexpr int VW = RecordTile<V>::kVoteWords;
-  __shared__ RecordTile<V> tiles[kStagedWarps][2];
+  __shared__ RecordTile<V> tiles[kRecordWarps][2];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const long long step = 32LL * gridDim.x * kStagedWarps;
+  const long long step = 32LL * gridDim.x * kRecordWarps;
   const long long* ids = reinterpret_cast<const long long*>(a.idx);
   int flips = 0, moves = 0;
   // What a lane knows of a tile before its copies land: rows, its row's id and scale votes.
@@ -491,7 +493,7 @@ __global__ void __launch_bounds__(32 * kStagedWarps) record64_staged_kernel(Reco
     id = lane < n ? __ldcs(ids + r0 + lane) : 0;
     ev = p.scales && lane < n ? __ldcs(a.e_votes + r0 + lane) : 0;
   };
-  long long r0 = 32 * (blockIdx.x * (long long)kStagedWarps + warp);
+  long long r0 = 32 * (blockIdx.x * (long long)kRecordWarps + warp);
   int n0, n1, ev0, ev1, buf = 0;
   long long id0, id1;
   head(r0, n0, id0, ev0);
@@ -508,11 +510,10 @@ __global__ void __launch_bounds__(32 * kStagedWarps) record64_staged_kernel(Reco
     asm volatile("cp.async.wait_group 1;\n" ::: "memory");
     __syncwarp();
     RecordTile<V>& t = tiles[warp][buf];
-    if (lane < n0) {
-      int v[64];
-      load_votes64<V, false>(t.votes + lane * (VW + 1), v);
-      update_record_at(t.rec + 5 * lane, v, ev0, p, flips, moves);
-    }
+    if (lane < n0)
+      update_record<V>(reinterpret_cast<int*>(t.rec + 5 * lane),
+                       reinterpret_cast<const char*>(t.votes + lane * (VW + 1)), ev0, p, flips,
+                       moves);
     __syncwarp();
 #pragma unroll
     for (int k = 0; k < 5; ++k) {
@@ -557,34 +558,23 @@ extern "C" int arbd_rows_update(int vote_bytes, int rows, int blocks, void* pack
   }
 }
 
-// The record kernels (64-trit row records); arguments as arbd_rows_update's, with rec the record
-// of row 0 and stride its size in bytes (a multiple of 16); min_blocks 0 picks the staged kernel
-// (blocks of 32 * kStagedWarps threads), 1, 3 or 4 the lane-per-row kernel with its registers
-// capped for that many resident blocks of 256 threads per SM.
+// The record kernel (64-trit row records); arguments as arbd_rows_update's, with rec the record
+// of row 0 and stride its size in bytes (a multiple of 16); blocks of 32 * kRecordWarps threads.
 template <typename V>
-int launch_record(int min_blocks, int blocks, cudaStream_t s, const RecordArgs& a, const Rule& p) {
-  switch (min_blocks) {
-    case 0: {
-      // 45 KB of shared memory a block: ask for the largest carveout, so five blocks fit an SM
-      static bool carved = false;
-      if (!carved) {
-        cudaFuncSetAttribute(record64_staged_kernel<V>,
-                             cudaFuncAttributePreferredSharedMemoryCarveout,
-                             cudaSharedmemCarveoutMaxShared);
-        carved = true;
-      }
-      record64_staged_kernel<V><<<blocks, 32 * kStagedWarps, 0, s>>>(a, p);
-      break;
-    }
-    case 1: record64_kernel<V, 1><<<blocks, 256, 0, s>>>(a, p); break;
-    case 3: record64_kernel<V, 3><<<blocks, 256, 0, s>>>(a, p); break;
-    case 4: record64_kernel<V, 4><<<blocks, 256, 0, s>>>(a, p); break;
-    default: return -2;
+int launch_record(int blocks, cudaStream_t s, const RecordArgs& a, const Rule& p) {
+  // 45 KB of shared memory a block: ask for the largest carveout, so that up to five blocks fit
+  // an SM (once per vote width: each instance of the template has its own flag)
+  static bool carved = false;
+  if (!carved) {
+    cudaFuncSetAttribute(record64_kernel<V>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                         cudaSharedmemCarveoutMaxShared);
+    carved = true;
   }
+  record64_kernel<V><<<blocks, 32 * kRecordWarps, 0, s>>>(a, p);
   return (int)cudaGetLastError();
 }
 
-extern "C" int arbd_rows_record64(int vote_bytes, int min_blocks, int blocks, void* rec,
+extern "C" int arbd_rows_record64(int vote_bytes, int blocks, void* rec,
                                   long long stride, const void* idx, const void* votes,
                                   const void* e_votes, void* stats, long long u, int threshold,
                                   int decay, int cap, int acc_max, int scales, int s_threshold,
@@ -595,9 +585,9 @@ extern "C" int arbd_rows_record64(int vote_bytes, int min_blocks, int blocks, vo
   Rule p{threshold, decay, 0, cap, acc_max, scales, s_threshold, memory_only};
   cudaStream_t s = (cudaStream_t)stream;
   switch (vote_bytes) {
-    case 4: return launch_record<int32_t>(min_blocks, blocks, s, a, p);
-    case 2: return launch_record<int16_t>(min_blocks, blocks, s, a, p);
-    case 1: return launch_record<int8_t>(min_blocks, blocks, s, a, p);
+    case 4: return launch_record<int32_t>(blocks, s, a, p);
+    case 2: return launch_record<int16_t>(blocks, s, a, p);
+    case 1: return launch_record<int8_t>(blocks, s, a, p);
     default: return -1;
   }
 }
