@@ -59,11 +59,14 @@ def tables(d: str) -> list[str]:
                 "Kernel ms: from an idle device (host launch work included); device ms: the "
                 "device's time alone (a spin queued ahead hides the host's work), which the "
                 "bandwidth goal reads.", "",
-                "| table rows | layout | touched | votes: GPU == CPU | kernel == CPU | apply_update ms | torch rewrite only ms | kernel ms | % of copy BW | kernel device ms | device GB/s | device % of copy BW | float evidence: rows differing from CPU |",
-                "| ---: | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "apply_update ms: `TernaryMatrix.apply_update` after `set_votes`, its ids merged "
+                "again or (distinct) handed over as the data-parallel reduction does.", "",
+                "| table rows | layout | touched | votes: GPU == CPU | kernel == CPU | apply_update ms | apply_update ms, distinct | torch rewrite only ms | kernel ms | % of copy BW | kernel device ms | device GB/s | device % of copy BW | float evidence: rows differing from CPU |",
+                "| ---: | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in up["results"]:
             out.append(f"| {r['rows']:,} | {r.get('layout', 'arrays')} | {r['touched']:,} | {r['votes_equal_cpu']} | "
                        f"{r['triton_equal_cpu']} | {r['votes_ms']:.3f} | "
+                       f"{r.get('votes_distinct_ms', float('nan')):.3f} | "
                        f"{r['torch_rewrite_only_ms']:.3f} | {r['triton_ms']:.4f} | "
                        f"{r['triton_pct_of_copy_bw']:.0f}% | {r['kernel_device_ms']:.4f} | "
                        f"{r['kernel_device_GB_per_s']:.0f} | "

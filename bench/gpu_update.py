@@ -383,6 +383,9 @@ def main(argv: list[str] | None = None) -> dict:
             row["torch_rewrite_only_ms"] = timed(lambda: gpu._rewrite_rows(
                 gi, lambda *st: apply_votes(*st, gv, ge, TUNED_RULE)))
             row["votes_ms"] = timed_update(gpu, lambda: gpu.set_votes(gi, gv, ge))
+            # as the data-parallel reduction hands them over: ids known distinct, no second merge
+            row["votes_distinct_ms"] = timed_update(
+                gpu, lambda: gpu.set_votes(gi, gv, ge, distinct=True))
             row["float_ms"] = timed_update(gpu, lambda: gpu.set_evidence(gi, gg))
             for k in ("votes", "float", "triton", "torch_rewrite_only", "kernel_device"):
                 rate = u * ROW_BYTES / (row[f"{k}_ms"] / 1e3)

@@ -1,4 +1,5 @@
 """The ternary update rule (arbd/ternary/rule.py), its integer vote path and the dp reductions."""
+import copy
 import math
 import os
 import socket
@@ -201,6 +202,33 @@ def test_votes_of_two_micro_batches_are_the_sum_of_each():
     assert torch.equal(net.a.weight.votes()[1], singles[0] + singles[1])
     # The design does NOT promise that votes of two micro-batches equal the votes of one batch
     # holding both (each micro-batch is normalised and rounded on its own); only the sum is exact.
+
+
+def test_distinct_reduced_votes_are_not_merged_again_and_update_alike():
+    """set_votes(distinct=True), as the data-parallel reduction calls it with torch.unique's ids,
+    hands the votes over as they are; the update equals the merging path's; votes added after
+    it are merged again."""
+    from arbd.ternary.state import TernaryMatrix
+    g = torch.Generator().manual_seed(11)
+    base = TernaryMatrix(300, 64, generator=g)
+    idx = torch.randperm(300, generator=g)[:120]          # distinct, unsorted
+    v = torch.randint(-40, 41, (120, 64), generator=g, dtype=torch.int32)
+    e = torch.randint(-20, 21, (120,), generator=g, dtype=torch.int32)
+    fast, slow = copy.deepcopy(base), copy.deepcopy(base)
+    fast.set_votes(idx, v, e, distinct=True)
+    got = fast.votes()
+    assert got[0] is not None and torch.equal(got[0], idx) and torch.equal(got[1], v)
+    slow.set_votes(idx, v, e)
+    assert torch.equal(slow.votes()[0], idx.sort().values)   # the merging path sorts
+    sf, ss = fast.apply_update(TUNED_RULE), slow.apply_update(TUNED_RULE)
+    assert sf["trit_flips"] == ss["trit_flips"] > 0
+    assert _same_state(fast.state_dict(), slow.state_dict())
+    assert not _same_state(fast.state_dict(), base.state_dict())
+    # a micro-batch's votes on top of distinct ones: the ids repeat, so votes() merges them
+    fast.set_votes(idx, v, e, distinct=True)
+    fast.add_committed(idx[:10], v[:10], e[:10])
+    mid, mv, _ = fast.votes()
+    assert mid.numel() == 120 and torch.equal(mv[torch.searchsorted(mid, idx[:10])], 2 * v[:10])
 
 
 def test_a_commit_holding_several_micro_batches_votes_their_share():

@@ -176,7 +176,7 @@ def reduce_evidence_sign_votes(mats: Mats, group=None, *, rule: TernaryRule | No
             0, inv, torch.cat(vs))
         ee = torch.zeros(uniq.numel(), dtype=torch.int32, device=allid.device).index_add_(
             0, inv, torch.cat(es))
-        m.set_votes(uniq, vv, ee, nonfinite=int(flags[n + i]) > 0)
+        m.set_votes(uniq, vv, ee, nonfinite=int(flags[n + i]) > 0, distinct=True)
     if stats is not None:
         stats.calls += 1
 

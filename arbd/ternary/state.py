@@ -471,8 +471,10 @@ class TernaryMatrix(nn.Module):
     # -- integer votes (per micro-batch quantised evidence) --------------------------------------
     def _clear_votes(self) -> None:
         # _votes int32 [rows, cols] (dense path), _e_votes int32 [rows], _row_votes [(idx, votes,
-        # e_votes)], _votes_nonfinite: evidence already known to be unusable.
-        self.__dict__.update(_votes=None, _e_votes=None, _row_votes=[], _votes_nonfinite=False)
+        # e_votes)], _row_votes_merged: _row_votes is one entry whose ids are already distinct
+        # (set_votes(distinct=True)), _votes_nonfinite: evidence already known to be unusable.
+        self.__dict__.update(_votes=None, _e_votes=None, _row_votes=[], _row_votes_merged=False,
+                             _votes_nonfinite=False)
 
     @property
     def marked_nonfinite(self) -> bool:
@@ -527,6 +529,7 @@ class TernaryMatrix(nn.Module):
             self._e_votes = ev if self._e_votes is None else self._e_votes.add_(ev)
         else:
             self._row_votes.append((idx, q, ev))
+            self._row_votes_merged = False
 
     @torch.no_grad()
     def _trits_and_exponents(self, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -601,6 +604,8 @@ class TernaryMatrix(nn.Module):
             return None, v, e
         if not self._row_votes:
             return None, None, None
+        if getattr(self, "_row_votes_merged", False) and len(self._row_votes) == 1:
+            return self._row_votes[0]
         idx = torch.cat([i for i, _, _ in self._row_votes])
         uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
         v = torch.zeros(uniq.numel(), self.cols, dtype=torch.int32, device=idx.device)
@@ -610,14 +615,19 @@ class TernaryMatrix(nn.Module):
         return uniq, v, e
 
     def set_votes(self, idx: torch.Tensor | None, votes: torch.Tensor, e_votes: torch.Tensor,
-                  nonfinite: bool = False) -> None:
-        """Replace the step's votes (used after a data-parallel reduction)."""
+                  nonfinite: bool = False, distinct: bool = False) -> None:
+        """Replace the step's votes (used after a data-parallel reduction). distinct: the row ids
+        idx are already distinct (torch.unique's output, as the reduction makes them), so votes()
+        hands them over as they are instead of merging duplicates again (a sort of the ids and a
+        scatter of every vote; bench/gpu_update.py times both). Ids that repeat with
+        distinct=True make the update wrong: the touched-row kernels need distinct rows."""
         self._clear_votes()
         self._votes_nonfinite = bool(nonfinite)
         if idx is None:
             self._votes, self._e_votes = votes.to(torch.int32), e_votes.to(torch.int32)
         else:
             self._row_votes = [(idx.reshape(-1).long(), votes.to(torch.int32), e_votes.to(torch.int32))]
+            self._row_votes_merged = bool(distinct)
 
     # -- update ------------------------------------------------------------------------------
     @torch.no_grad()
