@@ -562,8 +562,9 @@ extern "C" int arbd_rows_update(int vote_bytes, int rows, int blocks, void* pack
 // of row 0 and stride its size in bytes (a multiple of 16); blocks of 32 * kRecordWarps threads.
 template <typename V>
 int launch_record(int blocks, cudaStream_t s, const RecordArgs& a, const Rule& p) {
-  // 45 KB of shared memory a block: ask for the largest carveout, so that up to five blocks fit
-  // an SM (once per vote width: each instance of the template has its own flag)
+  // 45 KB of shared memory a block: ask for the largest carveout, so that the blocks a launch
+  // asks for (2 per SM by default, up to 5) fit (once per vote width: each instance of the
+  // template has its own flag)
   static bool carved = false;
   if (!carved) {
     cudaFuncSetAttribute(record64_kernel<V>, cudaFuncAttributePreferredSharedMemoryCarveout,
