@@ -73,6 +73,17 @@ __device__ __forceinline__ int decay(int a, int shift) {
   return a - (a < 0 ? -q : q);
 }
 
+// rule.apply_votes for a row's scale: its accumulator ea (decayed) takes the scale votes ev and
+// becomes the new accumulator; returns the exponent's move, which keeps e + move an int8.
+__device__ __forceinline__ int settle_scale(int& ea, int e, int ev, const Rule& p) {
+  int s = ea;
+  if (p.decay > 0) s = decay(s, p.decay);
+  s += ev;
+  const int m = clampi(trunc_div(s, p.s_threshold), -128 - e, 127 - e);
+  ea = clampi(s - m * p.s_threshold, -p.acc_max, p.acc_max);
+  return m;
+}
+
 // Eight int8 values of two 32-bit words, sign-extended, and back.
 __device__ __forceinline__ void unpack8(int2 w, int (&v)[8]) {
 #pragma unroll
@@ -269,10 +280,7 @@ __global__ void __launch_bounds__(256) rows_kernel(Buffers buf, Rule p) {
       }
       if (p.scales && live[i]) {
         int s = ea[i];
-        if (p.decay > 0) s = decay(s, p.decay);
-        s += ev[i];
-        const int m = clampi(trunc_div(s, p.s_threshold), -128 - e[i], 127 - e[i]);
-        s = clampi(s - m * p.s_threshold, -p.acc_max, p.acc_max);
+        const int m = settle_scale(s, e[i], ev[i], p);
         if (j == 0) {
           expo[row[i] * se] = (int8_t)(e[i] + m);
           e_acc[row[i] * sea] = (int8_t)s;
@@ -378,11 +386,7 @@ __device__ __forceinline__ int rule_bytes(int* acc, int packed, const int* v, co
 __device__ __forceinline__ int scale_word(int w, int b12, int ev, const Rule& p, int& moves) {
   int e = sbyte(w, 1), ea = sbyte(w, 2);
   if (p.scales) {
-    int s = ea;
-    if (p.decay > 0) s = decay(s, p.decay);
-    s += ev;
-    const int m = clampi(trunc_div(s, p.s_threshold), -128 - e, 127 - e);
-    ea = clampi(s - m * p.s_threshold, -p.acc_max, p.acc_max);
+    const int m = settle_scale(ea, e, ev, p);
     e += m;
     moves += abs(m);
   }
