@@ -65,10 +65,20 @@ def build(source: Path, arch: str) -> Path:
     return target
 
 
+# Sources that use architecture-specific instructions (wgmma): built for sm_90a, not sm_90. Such a
+# build runs on that architecture only, so their Python wrappers check for exactly (9, 0).
+ARCH_SPECIFIC = frozenset({"large_m"})
+
+
+def arch_for(source: Path, arch: str) -> str:
+    """The build target of `source` for architecture `arch` ("90" or "90a")."""
+    return arch + "a" if source.stem in ARCH_SPECIFIC else arch
+
+
 def load(source: Path, device: torch.device) -> ctypes.CDLL:
     """Build (if needed) and load `source` for `device`'s architecture."""
     major, minor = device_info(device)[0]
-    return ctypes.CDLL(str(build(source, f"{major}{minor}")))
+    return ctypes.CDLL(str(build(source, arch_for(source, f"{major}{minor}"))))
 
 
 @functools.lru_cache(maxsize=None)

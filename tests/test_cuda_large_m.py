@@ -1,0 +1,117 @@
+"""The fused large-M forward (arbd/ternary/csrc/large_m.cu) against float64 on the GPU machine, and
+its pair-word layout against an independent decode on the CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arbd.ternary import cuda_ext
+from arbd.ternary import cuda_large_m as lm
+from arbd.ternary import packing
+
+ON_HOPPER = (torch.cuda.is_available() and cuda_ext.nvcc() is not None
+             and cuda_ext.device_info(torch.device("cuda"))[0] == (9, 0))
+needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU and nvcc")
+
+
+def _weight(n: int, k: int, gen: torch.Generator):
+    trits = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
+    exponent = torch.randint(-40, 20, (n,), generator=gen).to(torch.int8)
+    return trits, packing.pack_trits(trits), exponent
+
+
+def _unpair(words: torch.Tensor) -> torch.Tensor:
+    """Digits [n_pad, k_tiles * 64] of a pair-word copy, read bit by bit (not by pairs_reference's code)."""
+    k_tiles, n_pad, _ = words.shape
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.empty(n_pad, k_tiles * 64, dtype=torch.int64)
+    for k in range(k_tiles * 64):
+        kt, q, j, odd = k // 64, (k % 64) // 16, (k % 16) // 2, k % 2
+        out[:, k] = (w[kt, :, q] >> (16 * odd + 2 * j)) & 3
+    return out
+
+
+@pytest.mark.parametrize("n,k", [(300, 328), (1, 8), (257, 65), (16, 640)])
+def test_pair_words_hold_the_trits_and_zero_padding(n, k):
+    trits, packed, _ = _weight(n, k, torch.Generator().manual_seed(n + k))
+    words = lm.pairs_reference(packed, k)
+    k_tiles, n_pad = lm.padded_shape(n, k)
+    assert words.shape == (k_tiles, n_pad, 4) and words.dtype == torch.int32
+    digits = _unpair(words)
+    assert torch.equal(digits[:n, :k] - 1, trits.long())
+    assert (digits[n:] == 1).all() and (digits[:, k:] == 1).all()  # padding is trit 0
+
+
+def test_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("ARBD_CUDA_LARGE_M", "yes")
+    with pytest.raises(ValueError, match="ARBD_CUDA_LARGE_M"):
+        lm.mode()
+
+
+def test_cpu_tensors_never_take_the_kernel(monkeypatch):
+    monkeypatch.setenv("ARBD_CUDA_LARGE_M", "on")
+    x = torch.randn(512, 64).to(torch.bfloat16)
+    assert not lm.usable(x, 64, 64)
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double().cpu() - ref).norm() / ref.norm())
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("n,k", [(300, 328), (7168, 7168), (514, 1000), (2, 8)])
+def test_pairs_copy_equals_reference(n, k):
+    _, packed, _ = _weight(n, k, torch.Generator().manual_seed(k))
+    assert torch.equal(lm.pairs_copy(packed.cuda(), k).cpu(), lm.pairs_reference(packed, k))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("stages", lm.STAGES)
+@pytest.mark.parametrize("m,n,k", [(200, 300, 328), (129, 514, 1000), (1, 2, 8), (1000, 1536, 2048),
+                                   (256, 7168, 7168), (77, 258, 136)])
+def test_fused_product_matches_float64(m, n, k, stages):
+    gen = torch.Generator().manual_seed(m * 7 + n + k)
+    _, packed, exponent = _weight(n, k, gen)
+    w = packing.decode(packed, exponent, k, torch.float64)
+    for _ in range(2):  # fresh x each time
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        lm.large_m_matmul(x.cuda(), packed.cuda(), exponent.cuda(), k, stages=stages, out=y)
+        ref = x.double() @ w.t()
+        assert not y.isnan().any()
+        # bf16 output: its own rounding (2^-9 relative per element) plus fp32 accumulation.
+        assert _rel_err(y, ref) < _rel_err(ref.to(torch.bfloat16), ref) + 1e-3
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_strided_x_and_out_and_a_given_copy():
+    gen = torch.Generator().manual_seed(5)
+    _, packed, exponent = _weight(512, 640, gen)
+    w = packing.decode(packed, exponent, 640, torch.float64)
+    big = torch.randn(300, 800, generator=gen).to(torch.bfloat16).cuda()
+    x = big[:, 16:656]  # row stride 800, 32-byte offset
+    out = torch.full((300, 600), float("nan"), dtype=torch.bfloat16, device="cuda")
+    pairs = lm.pairs_copy(packed.cuda(), 640)
+    lm.large_m_matmul(x, packed.cuda(), exponent.cuda(), 640, pairs=pairs, out=out[:, 40:552])
+    ref = x.double().cpu() @ w.t()
+    assert _rel_err(out[:, 40:552], ref) < _rel_err(ref.to(torch.bfloat16), ref) + 1e-3
+    assert out[:, :40].isnan().all() and out[:, 552:].isnan().all()  # nothing written outside
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_bad_shapes_are_refused():
+    _, packed, exponent = _weight(64, 60, torch.Generator().manual_seed(1))
+    x = torch.randn(300, 60, device="cuda")
+    with pytest.raises(ValueError, match="bf16"):
+        lm.large_m_matmul(x.half(), packed.cuda(), exponent.cuda(), 60)
+    _, packed, exponent = _weight(64, 61, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="K % 8"):
+        lm.large_m_matmul(torch.randn(300, 61, device="cuda").to(torch.bfloat16), packed.cuda(), exponent.cuda(), 61)
+    _, packed, exponent = _weight(64, 64, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="pairs must be"):
+        lm.large_m_matmul(torch.randn(300, 64, device="cuda").to(torch.bfloat16), packed.cuda(), exponent.cuda(), 64,
+                          pairs=torch.zeros(1, 256, 3, dtype=torch.int32, device="cuda"))
