@@ -1,23 +1,27 @@
 // Packed-ternary forward for many rows of activations, y[m, n] = scale[n] * sum_k x[m, k] t[n, k],
-// as one warp-specialised Hopper GEMM that decodes W in its producer (sm_90a: wgmma, TMA).
+// as one persistent warp-specialised Hopper GEMM that decodes W in registers (sm_90a: wgmma, TMA).
 //
-// Why: at large M the default path decodes W into a transient bf16 matrix and calls cuBLAS, so it
-// is slower than cuBLAS by the decode (bench/RESULTS.md). Here W never exists in 16 bits outside
-// shared memory: the producer warpgroup turns 2-bit trits into bf16 tiles while the two consumer
-// warpgroups run wgmma on the tiles before them.
+// Why: at large M the default path decodes W into a transient bf16 matrix and calls cuBLAS, so it is
+// slower than cuBLAS by the decode (bench/RESULTS.md). Here W never exists in 16 bits outside
+// registers. The product is computed transposed, y^T = W x^T: W's rows are wgmma's M side, taken
+// from registers, and x is the B operand, copied by TMA into shared memory. A first version that
+// decoded W into shared memory in a producer warpgroup ran at 0.68x cuBLAS: the producer's stores
+// and decode were the bottleneck (RESULTS, "Large-M fused forward").
 //
-// W reaches the kernel as a "pair-word" copy (arbd_pairs_copy below, about 10 us at 7168 x 7168):
-// int32 words P[kt][n][q], kt = k // 64, q = 0..3, word q holding trits 16q .. 16q + 15 of that
-// 64-wide slice of row n as digits d = trit + 1: digit of trit 16q + 2j at bits 2j, of trit
-// 16q + 2j + 1 at bits 16 + 2j (j = 0..7). Masking a shifted word with 0x00030003 and OR-ing it into
-// bf16 128.0 gives the pair (128 + d0, 128 + d1); one bf16x2 subtraction of 129 gives the trits.
-// Rows past N and columns past K are zero trits (digit 1).
+// W reaches the kernel as "fragment words" (arbd_frags_copy below): 2 bits per trit, laid out so
+// that each consumer thread finds the 32 trits it needs for one 64-wide K slice in 8 bytes.
+// F[nt][kt][c][h] (uint32): block tile nt of 128 rows, K slice kt, consumer thread c = 128 cw + 32 w
+// + 4 g + q (warpgroup cw, warp w, lane 4 g + q), h = 0 / 1 for W row 64 cw + 16 w + g (+ 8). Pair
+// j = 2 s + e (s = 0..3 the k16 step, e = 0..1) holds trits k = 64 kt + 16 s + 2 q + 8 e and k + 1 as
+// digits trit + 1 at bits 2 j and 16 + 2 j: exactly mma.m16n8k16's A fragment order. Masking a
+// shifted word with 0x00030003 and OR-ing it into bf16 128.0 gives (128 + d0, 128 + d1); one bf16x2
+// subtraction of 129 gives the trits. Rows past N and columns past K are zero trits (digit 1).
 //
-// Block: 384 threads = warpgroup 0 (producer) + warpgroups 1, 2 (consumers, 64 output rows each).
-// Tile BM x BN x BK = 128 x 256 x 64, STAGES deep ring of (A tile by TMA, B tile by the producer),
-// both in the 128-byte-swizzled K-major layout that wgmma reads (row r's 16-byte chunk c at
-// r * 128 + ((c ^ (r % 8)) * 16)). full[s] completes when the producer's 128 threads have written
-// B and the TMA bytes of A have landed; empty[s] when both consumers' MMAs on it are done.
+// Block: 384 threads. Warpgroup 0 is the producer (one thread issues, per stage, the TMA copy of a
+// 256-token x tile and a 2 KB bulk copy of the fragment words); warpgroups 1 and 2 each own 64 W
+// rows of a 128 x 256 output tile, decode their fragments and issue wgmma while the previous
+// stage's MMAs run. The grid is persistent (one block per SM walking the tiles), so the producer
+// fills the next tile's stages while the consumers write the last tile out through shared memory.
 #include <cstdint>
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -25,8 +29,13 @@
 
 namespace {
 
-constexpr int BM = 128, BN = 256, BK = 64;
-constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+constexpr int BN = 128;                 // W rows per tile: 2 consumer warpgroups x 64
+constexpr int BM = 256;                 // tokens per tile (wgmma's N)
+constexpr int BK = 64;                  // K per stage: 128 bytes of bf16, one swizzle row
+constexpr int X_BYTES = BM * BK * 2;    // 32 KB
+constexpr int F_BYTES = 256 * 8;        // 8 bytes of fragment words per consumer thread
+constexpr int E_HALF = BM * 128;        // one consumer's output tile: 256 tokens x 64 W rows, bf16
+constexpr int E_BYTES = 2 * E_HALF;
 constexpr int THREADS = 384;
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -53,8 +62,8 @@ __device__ __forceinline__ void bar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
-__device__ __forceinline__ void bar_expect_bytes(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+__device__ __forceinline__ void bar_arrive_expect(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
                : "memory");
 }
 
@@ -65,6 +74,21 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint
           smem_addr(dst)),
       "l"(map), "r"(smem_addr(bar)), "r"(k), "r"(m)
       : "memory");
+}
+
+// A box of y (64 columns from n, BM rows from m) out of shared memory; clipped at y's edges.
+__device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* src, int n, int m) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.tile.bulk_group [%0, {%2, %3}], [%1];" ::"l"(map),
+               "r"(smem_addr(src)), "r"(n), "r"(m)
+               : "memory");
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
 }
 
 // Shared-memory matrix descriptor: 128-byte swizzle, K-major, 8-row groups 1024 bytes apart.
@@ -79,15 +103,17 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
 
-// One warpgroup MMA, D[64 x 256] += A[64 x 16] * B[16 x 256], both operands from shared memory.
-__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t da, uint64_t db) {
+// One warpgroup MMA, D[64 x 256] += A[64 x 16] * B[16 x 256]: A (W's trits, bf16) from registers in
+// the mma.m16n8k16 fragment order per warp, B (x) from shared memory.
+__device__ __forceinline__ void wgmma_rs(float (&d)[128], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint64_t db) {
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
-      "setp.ne.b32 p, %130, 0;\n"
+      "setp.ne.b32 p, %133, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-      "%128, %129, p, 1, 1, 0, 0;\n"
+      "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n"
       "}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
@@ -105,201 +131,252 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t da, u
         "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(da), "l"(db), "r"(1));
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db), "r"(1));
 }
 
-// Trits j = 0..3 (chunk half h = 0) or 4..7 (h = 1) of a pair word: four bf16 pairs.
-template <int H>
-__device__ __forceinline__ uint4 decode_half(uint32_t w) {
-  uint32_t p[4];
+// Pair j of a fragment word as two bf16 trits.
+__device__ __forceinline__ uint32_t trit_pair(uint32_t w, int j) {
+  const uint32_t v = ((w >> (2 * j)) & 0x00030003u) | 0x43004300u;
+  uint32_t r;
+  asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(v), "r"(0x43014301u));
+  return r;
+}
+
+// Waits until at most N wgmma groups are pending, then "reads" the A registers of the groups it
+// waited for, in stores whose predicate is never true (`never` is 0 at run time, which the compiler
+// cannot know). wgmma reads A asynchronously, and nothing else tells the register allocator that
+// these registers are busy until the wait: without a later use it reuses them at once, and the
+// MMAs in flight read whatever lands there (seen: rel err 1e23 from two K slices on).
+template <int N>
+__device__ __forceinline__ void wgmma_wait_keep(const uint32_t (&a)[16], uint32_t sink, int never) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %18, 0;\n"
+      "wgmma.wait_group.sync.aligned %16;\n"
+      "@p st.shared.v4.b32 [%17], {%0, %1, %2, %3};\n"
+      "@p st.shared.v4.b32 [%17], {%4, %5, %6, %7};\n"
+      "@p st.shared.v4.b32 [%17], {%8, %9, %10, %11};\n"
+      "@p st.shared.v4.b32 [%17], {%12, %13, %14, %15};\n"
+      "}\n" ::"r"(a[0]),
+      "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(a[4]), "r"(a[5]), "r"(a[6]), "r"(a[7]), "r"(a[8]), "r"(a[9]),
+      "r"(a[10]), "r"(a[11]), "r"(a[12]), "r"(a[13]), "r"(a[14]), "r"(a[15]), "n"(N), "r"(sink), "r"(never)
+      : "memory");
+}
+
+// One stage of a consumer: decode 8 bytes of fragment words into a, issue the four k16 MMAs.
+__device__ __forceinline__ void mma_stage(float (&acc)[128], uint32_t (&a)[16], uint32_t w0, uint32_t w1,
+                                          uint32_t x_tile) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t v = ((w >> (2 * (4 * H + j))) & 0x00030003u) | 0x43004300u;
-    asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(p[j]) : "r"(v), "r"(0x43014301u));
+  for (int s = 0; s < 4; ++s) {
+    a[4 * s + 0] = trit_pair(w0, 2 * s);
+    a[4 * s + 1] = trit_pair(w1, 2 * s);
+    a[4 * s + 2] = trit_pair(w0, 2 * s + 1);
+    a[4 * s + 3] = trit_pair(w1, 2 * s + 1);
   }
-  return make_uint4(p[0], p[1], p[2], p[3]);
-}
-
-// Row r (0..BN-1) of a B tile from its four pair words.
-__device__ __forceinline__ void write_b_row(uint8_t* tile, int r, uint4 words) {
-  const uint32_t base = smem_addr(tile) + r * 128;
-  const uint32_t w[4] = {words.x, words.y, words.z, words.w};
+  wgmma_fence();
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint4 v = h ? decode_half<1>(w[q]) : decode_half<0>(w[q]);
-      const int c = 2 * q + h;
-      asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(base + ((c ^ (r & 7)) << 4)), "r"(v.x),
-                   "r"(v.y), "r"(v.z), "r"(v.w)
-                   : "memory");
-    }
-  }
-}
-
-// Probe only (flags & 1): the same stores without the decode.
-__device__ __forceinline__ void write_b_row_raw(uint8_t* tile, int r, uint4 words) {
-  const uint32_t base = smem_addr(tile) + r * 128;
-#pragma unroll
-  for (int c = 0; c < 8; ++c)
-    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(base + ((c ^ (r & 7)) << 4)), "r"(words.x),
-                 "r"(words.y), "r"(words.z), "r"(words.w)
-                 : "memory");
+  for (int s = 0; s < 4; ++s)
+    wgmma_rs(acc, a[4 * s], a[4 * s + 1], a[4 * s + 2], a[4 * s + 3], sw128_desc(x_tile + 32 * s));
+  wgmma_commit();
 }
 
 template <int STAGES>
 __global__ void __launch_bounds__(THREADS, 1)
-    large_m_kernel(const __grid_constant__ CUtensorMap x_map, const uint4* __restrict__ pairs,
-                   const uint16_t* __restrict__ scale_table, const int8_t* __restrict__ exponent,
-                   uint16_t* __restrict__ y, long long ldy, int M, int N, int n_pad, int k_tiles, int flags) {
+    large_m_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap y_map,
+                   const uint32_t* __restrict__ frags, const uint16_t* __restrict__ scale_table,
+                   const int8_t* __restrict__ exponent, int M, int N, int k_tiles, int flags) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   // The swizzle needs 1024-byte-aligned tiles.
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  uint8_t* sa = smem;
-  uint8_t* sb = smem + STAGES * A_BYTES;
-  float* s_scale = reinterpret_cast<float*>(sb + STAGES * B_BYTES);
-  uint64_t* full = reinterpret_cast<uint64_t*>(s_scale + BN);
+  uint8_t* sx = smem;
+  uint8_t* sf = sx + STAGES * X_BYTES;
+  uint8_t* se = sf + STAGES * F_BYTES;
+  uint64_t* full = reinterpret_cast<uint64_t*>(se + E_BYTES);
   uint64_t* empty = full + STAGES;
 
   const int n_tiles = (N + BN - 1) / BN;
-  const int m0 = (blockIdx.x / n_tiles) * BM;
-  const int n0 = (blockIdx.x % n_tiles) * BN;
-  const int wg = threadIdx.x / 128;
-  const int t = threadIdx.x % 128;
+  const int tiles = n_tiles * ((M + BM - 1) / BM);
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      bar_init(&full[s], 128);
+      bar_init(&full[s], 1);
       bar_init(&empty[s], 2);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
 
-  if (wg == 0) {
-    // Producer: thread t writes rows t and t + 128 of every B tile; thread 0 also issues A's copy.
-    const uint4* src = pairs + n0 + t;
-    uint4 next0 = src[0], next1 = src[128];
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      const int s = kt % STAGES;
-      if (kt >= STAGES) bar_wait(&empty[s], ((kt / STAGES) - 1) & 1);
-      if (t == 0) {
-        bar_expect_bytes(&full[s], A_BYTES);
-        tma_load(sa + s * A_BYTES, &x_map, &full[s], kt * BK, m0);
+  if (threadIdx.x < 128) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (threadIdx.x != 0) return;
+    int it = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int m0 = (tile / n_tiles) * BM, nt = tile % n_tiles;
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % STAGES;
+        if (it >= STAGES) bar_wait(&empty[s], ((it / STAGES) - 1) & 1);
+        bar_arrive_expect(&full[s], X_BYTES + F_BYTES);
+        tma_load(sx + s * X_BYTES, &x_map, &full[s], kt * BK, m0);
+        bulk_load(sf + s * F_BYTES, frags + (static_cast<long long>(nt) * k_tiles + kt) * (F_BYTES / 4), F_BYTES,
+                  &full[s]);
       }
-      const uint4 cur0 = next0, cur1 = next1;
-      if (kt + 1 < k_tiles) {
-        const uint4* nx = src + static_cast<long long>(kt + 1) * n_pad;
-        next0 = nx[0];
-        next1 = nx[128];
-      }
-      if (flags & 2) {
-        // probe: no B stores at all
-      } else if (flags & 1) {
-        write_b_row_raw(sb + s * B_BYTES, t, cur0);  // probe: store without decoding
-        write_b_row_raw(sb + s * B_BYTES, t + 128, cur1);
-      } else {
-        write_b_row(sb + s * B_BYTES, t, cur0);
-        write_b_row(sb + s * B_BYTES, t + 128, cur1);
-      }
-      // The tensor cores read these bytes through the async proxy.
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      bar_arrive(&full[s]);
     }
-  } else {
-    const int c = threadIdx.x - 128;  // 0..255: this thread's column for the scale table
-    {
-      const int n = n0 + c;
-      s_scale[c] = n < N ? __uint_as_float(static_cast<uint32_t>(scale_table[exponent[n] + 128]) << 16) : 0.f;
-    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int c = threadIdx.x - 128;  // consumer thread 0..255
+  const int t = c % 128, w = t / 32, l = t % 32, g = l / 4;
+  const int r0 = (c / 128) * 64 + 16 * w + g;  // this thread's W rows in the tile: r0, r0 + 8
+  const int never = flags & 0x100;  // 0: see wgmma_wait_keep
+  const uint32_t sink = smem_addr(se);
+  int it = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int m0 = (tile / n_tiles) * BM, n0 = (tile % n_tiles) * BN;
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      const int s = kt % STAGES;
-      bar_wait(&full[s], (kt / STAGES) & 1);
-      const uint32_t a = smem_addr(sa + s * A_BYTES) + (wg - 1) * 64 * 128;
-      const uint32_t b = smem_addr(sb + s * B_BYTES);
-      wgmma_fence();
+    // Two register sets for W's fragments, alternating: one stage's MMAs read theirs while the
+    // next stage decodes into the other.
+    uint32_t a0[16], a1[16];
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk) wgmma_m64n256k16(acc, sw128_desc(a + kk * 32), sw128_desc(b + kk * 32));
-      wgmma_commit();
-      wgmma_wait<1>();  // the previous stage's MMAs are done: hand its slot back
-      if (kt > 0 && t == 0) bar_arrive(&empty[(kt - 1) % STAGES]);
+    for (int i = 0; i < 16; ++i) a0[i] = a1[i] = 0;
+    auto stage = [&](uint32_t(&a)[16], const uint32_t(&a_prev)[16], int kt) {
+      const int s = it % STAGES;
+      bar_wait(&full[s], (it / STAGES) & 1);
+      uint32_t w0, w1;
+      asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(w0), "=r"(w1) : "r"(smem_addr(sf + s * F_BYTES + 8 * c)));
+      mma_stage(acc, a, w0, w1, smem_addr(sx + s * X_BYTES));
+      wgmma_wait_keep<1>(a_prev, sink, never);  // the previous stage's MMAs are done: hand its slot back
+      if (kt > 0 && t == 0) bar_arrive(&empty[(it - 1) % STAGES]);
+      ++it;
+    };
+    for (int kt = 0; kt < k_tiles; kt += 2) {
+      stage(a0, a1, kt);
+      if (kt + 1 < k_tiles) stage(a1, a0, kt + 1);
     }
-    wgmma_wait<0>();
-    asm volatile("bar.sync 1, 256;" ::: "memory");  // s_scale written by both consumers
+    wgmma_wait_keep<0>(a0, sink, never);
+    wgmma_wait_keep<0>(a1, sink, never);
+    if (t == 0) bar_arrive(&empty[(it - 1) % STAGES]);
+    if (flags & 4) continue;  // probe: no output
 
-    // Accumulator layout of m64nNk16: register 4j + i of thread (warp w, lane l) is row
-    // 16w + l/4 (+8 for i >= 2), column 8j + 2(l%4) (+1 for odd i).
-    if (flags & 4) {  // probe: no output (keep the sums live so the MMAs stay)
-      float sum = 0.f;
+    const int na = n0 + r0, nb = na + 8;
+    const float sa = na < N ? __uint_as_float(static_cast<uint32_t>(scale_table[exponent[na] + 128]) << 16) : 0.f;
+    const float sb = nb < N ? __uint_as_float(static_cast<uint32_t>(scale_table[exponent[nb] + 128]) << 16) : 0.f;
+    // Out through shared memory: each consumer writes its 64 W rows x 256 tokens transposed, as
+    // y's 128-byte-swizzled box, with stmatrix, and one thread hands the box to TMA, which
+    // writes it while the next tile's MMAs run. The box must have been read out first.
+    uint8_t* e_half = se + (c / 128) * E_HALF;
+    if (t == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+    asm volatile("bar.sync %0, 128;" ::"r"(2 + c / 128) : "memory");
+    // Accumulator 4 j + i: W row r0 (+8 for i >= 2), token 8 j + 2 q (+1 for odd i). Each 8 x 8
+    // block (8 tokens, 8 W rows) is one stmatrix matrix; lane L gives the address of token row L % 8
+    // of matrix L / 8 (j + (L / 8) / 2, upper W rows if L / 8 is odd).
+    const int lt = l % 8, lm = l / 8;
 #pragma unroll
-      for (int i = 0; i < 128; ++i) sum += acc[i];
-      if (sum == 1.2345f) y[0] = 0;
-      return;
-    }
-    const int w = t / 32, l = t % 32;
-    const int row = m0 + (wg - 1) * 64 + w * 16 + l / 4;
+    for (int j = 0; j < BM / 8; j += 2) {
+      uint32_t v[4];
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      const int col = 8 * j + 2 * (l % 4);
-      const int n = n0 + col;
-      if (n >= N) continue;
-      const float s0 = s_scale[col], s1 = s_scale[col + 1];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = row + 8 * h;
-        if (r >= M) continue;
-        uint32_t packed;
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(acc[4 * j + 2 * h + 1] * s1), "f"(acc[4 * j + 2 * h] * s0));
-        *reinterpret_cast<uint32_t*>(y + r * ldy + n) = packed;  // N is even: n + 1 < N too
+      for (int mi = 0; mi < 4; ++mi) {
+        const int jj = j + mi / 2, hi = mi % 2;
+        const float sc = hi ? sb : sa;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;"
+            : "=r"(v[mi])
+            : "f"(acc[4 * jj + 2 * hi + 1] * sc), "f"(acc[4 * jj + 2 * hi] * sc));
       }
+      const int tok = 8 * (j + lm / 2) + lt, chunk = 2 * w + lm % 2;
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(
+                       smem_addr(e_half + tok * 128 + ((chunk ^ (tok & 7)) << 4))),
+                   "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
+                   : "memory");
     }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // TMA reads what stmatrix wrote
+    asm volatile("bar.sync %0, 128;" ::"r"(2 + c / 128) : "memory");
+    if (t == 0) tma_store(&y_map, e_half, n0 + 64 * (c / 128), m0);
   }
+  if (t == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // stores done before exit
 }
 
-// P[kt][n][q] from base-3 rows (packed [N, kb], row stride ld): one thread per (n, kt), kt fastest, so
-// a warp reads one row's bytes in order.
-__global__ void pairs_kernel(const uint8_t* __restrict__ packed, long long ld, int kb, int N, int K, int n_pad,
-                             int k_tiles, uint4* __restrict__ out) {
-  const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
-  if (i >= static_cast<long long>(n_pad) * k_tiles) return;
-  const int kt = static_cast<int>(i % k_tiles);
-  const int n = static_cast<int>(i / k_tiles);
-  uint32_t w[4] = {0x55555555u, 0x55555555u, 0x55555555u, 0x55555555u};  // digit 1 everywhere: trit 0
-  if (n < N) {
-    const uint8_t* row = packed + n * ld;
-    const int k0 = kt * BK;
-    int b = k0 / 5, r = k0 % 5;
-    uint32_t q = b < kb ? row[b] : 0;
-    for (int e = 0; e < r; ++e) q /= 3;
-#pragma unroll
-    for (int j = 0; j < BK; ++j) {
-      const uint32_t d = k0 + j < K ? q % 3 : 1u;
-      q /= 3;
-      if (++r == 5) {
-        r = 0;
-        ++b;
-        q = b < kb ? row[b] : 0;
-      }
-      const int word = j / 16, bit = (j % 2) * 16 + 2 * ((j % 16) / 2);
-      w[word] = (w[word] & ~(3u << bit)) | (d << bit);
-    }
+// Fragment words from base-3 rows (packed [N, kb], row stride ld). A block makes KT_GROUP K slices of
+// one 128-row tile in two steps through shared memory: first each (row, slice) becomes 64 2-bit
+// digits in order (a warp reads its rows' bytes in order), then each consumer thread's 8 bytes are
+// gathered from two rows and written, a warp's stores contiguous.
+constexpr int KT_GROUP = 8;
+constexpr int NAT_PITCH = KT_GROUP * 16 + 16;  // bytes per row in shared memory, padded
+
+__global__ void __launch_bounds__(256) frags_kernel(const uint8_t* __restrict__ packed, long long ld, int kb,
+                                                    int N, int K, int k_tiles, uint32_t* __restrict__ out) {
+  __shared__ uint32_t codes[256];  // byte -> its five digits, 2 bits each
+  __shared__ __align__(16) uint8_t nat_s[BN * NAT_PITCH];
+  {
+    uint32_t b = threadIdx.x, code = 0;
+    for (int e = 0; e < 5; ++e, b /= 3) code |= (b % 3) << (2 * e);
+    codes[threadIdx.x] = code;
   }
-  out[static_cast<long long>(kt) * n_pad + n] = make_uint4(w[0], w[1], w[2], w[3]);
+  __syncthreads();
+  const int nt = blockIdx.x, kt0 = blockIdx.y * KT_GROUP;
+  for (int item = threadIdx.x; item < BN * KT_GROUP; item += 256) {
+    const int rr = item / KT_GROUP, kl = item % KT_GROUP;
+    const int n = nt * BN + rr, kt = kt0 + kl;
+    uint32_t nat[4] = {0x55555555u, 0x55555555u, 0x55555555u, 0x55555555u};  // digit 1: trit 0
+    if (n < N && kt < k_tiles) {
+      const uint8_t* row = packed + n * ld;
+      const int k0 = kt * BK, b0 = k0 / 5, r = k0 - 5 * b0;
+      uint32_t bytes[14];
+#pragma unroll
+      for (int bb = 0; bb < 14; ++bb) bytes[bb] = b0 + bb < kb ? row[b0 + bb] : 121u;  // 121: five 1s
+      uint32_t st[5] = {0, 0, 0, 0, 0};  // 70 digits from byte b0 on
+#pragma unroll
+      for (int bb = 0; bb < 14; ++bb) {
+        const uint32_t code = codes[bytes[bb]];
+        const int bit = 10 * bb;
+        st[bit / 32] |= code << (bit % 32);
+        if (bit % 32 > 22) st[bit / 32 + 1] |= code >> (32 - bit % 32);
+      }
+#pragma unroll
+      for (int v = 0; v < 4; ++v) nat[v] = __funnelshift_r(st[v], st[v + 1], 2 * r);
+      if (k0 + BK > K) {
+#pragma unroll
+        for (int j = 0; j < BK; ++j)
+          if (k0 + j >= K) nat[j / 16] = (nat[j / 16] & ~(3u << (2 * (j % 16)))) | (1u << (2 * (j % 16)));
+      }
+    }
+    *reinterpret_cast<uint4*>(nat_s + rr * NAT_PITCH + 16 * kl) = make_uint4(nat[0], nat[1], nat[2], nat[3]);
+  }
+  __syncthreads();
+  const int c = threadIdx.x, w = (c % 128) / 32, g = (c % 32) / 4, q = c % 4;
+  const int r0 = (c / 128) * 64 + 16 * w + g;
+  for (int kl = 0; kl < KT_GROUP && kt0 + kl < k_tiles; ++kl) {
+    uint32_t word[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint4 v = *reinterpret_cast<const uint4*>(nat_s + (r0 + 8 * h) * NAT_PITCH + 16 * kl);
+      const uint32_t nat[4] = {v.x, v.y, v.z, v.w};
+      uint32_t wd = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int s = j / 2, pos = 2 * q + 8 * (j % 2);  // digit position of trit 16 s + pos in nat[s]
+        wd |= ((nat[s] >> (2 * pos)) & 3u) << (2 * j);
+        wd |= ((nat[s] >> (2 * pos + 2)) & 3u) << (16 + 2 * j);
+      }
+      word[h] = wd;
+    }
+    *reinterpret_cast<uint2*>(out + ((static_cast<long long>(nt) * k_tiles + kt0 + kl) * 256 + c) * 2) =
+        make_uint2(word[0], word[1]);
+  }
 }
 
 template <int STAGES>
-int launch(const CUtensorMap& map, const void* pairs, const void* table, const void* exponent, void* y,
-           long long ldy, int M, int N, int n_pad, int k_tiles, int flags, cudaStream_t stream) {
-  const int smem = STAGES * (A_BYTES + B_BYTES) + BN * 4 + 2 * STAGES * 8 + 1024;
+int launch(const CUtensorMap& x_map, const CUtensorMap& y_map, const void* frags, const void* table,
+           const void* exponent, int M, int N, int k_tiles, int sms, int flags, cudaStream_t stream) {
+  const int smem = STAGES * (X_BYTES + F_BYTES) + E_BYTES + 2 * STAGES * 8 + 1024;
   cudaError_t err = cudaFuncSetAttribute(large_m_kernel<STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const int blocks = ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
-  large_m_kernel<STAGES><<<blocks, THREADS, smem, stream>>>(
-      map, static_cast<const uint4*>(pairs), static_cast<const uint16_t*>(table),
-      static_cast<const int8_t*>(exponent), static_cast<uint16_t*>(y), ldy, M, N, n_pad, k_tiles, flags);
+  const int tiles = ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
+  large_m_kernel<STAGES><<<tiles < sms ? tiles : sms, THREADS, smem, stream>>>(
+      x_map, y_map, static_cast<const uint32_t*>(frags), static_cast<const uint16_t*>(table),
+      static_cast<const int8_t*>(exponent), M, N, k_tiles, flags);
   return cudaGetLastError();
 }
 
@@ -320,41 +397,48 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
 
 extern "C" {
 
-// Rows padded to n_pad (a multiple of 256) and K to k_tiles * 64; out holds k_tiles * n_pad * 16 bytes.
-int arbd_pairs_copy(const void* packed, long long ld, int kb, int N, int K, int n_pad, int k_tiles, void* out,
+// Fragment words of W (packed [N, kb] base-3 rows, row stride ld) for K columns: rows padded to
+// n_pad (a multiple of 128), K to k_tiles * 64; out holds n_pad / 128 * k_tiles * 2048 bytes.
+int arbd_frags_copy(const void* packed, long long ld, int kb, int N, int K, int n_pad, int k_tiles, void* out,
                     void* stream) {
-  const long long total = static_cast<long long>(n_pad) * k_tiles;
-  const int threads = 256;
-  pairs_kernel<<<static_cast<unsigned>((total + threads - 1) / threads), threads, 0,
-                 static_cast<cudaStream_t>(stream)>>>(static_cast<const uint8_t*>(packed), ld, kb, N, K, n_pad,
-                                                      k_tiles, static_cast<uint4*>(out));
+  if (n_pad % BN || n_pad < N || k_tiles * BK < K) return -1;
+  const dim3 grid(n_pad / BN, (k_tiles + KT_GROUP - 1) / KT_GROUP);
+  frags_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const uint8_t*>(packed), ld, kb, N,
+                                                                    K, k_tiles, static_cast<uint32_t*>(out));
   return cudaGetLastError();
 }
 
-// y [M, N] bf16 (row stride ldy) = x [M, K] bf16 (row stride ldx, 16-byte aligned rows) @ W.T, W as
-// the pair words of arbd_pairs_copy and scales table[exponent[n] + 128] (bf16). N even, K % 8 == 0.
-// flags: 0; the bench's probes set 1 (B stored undecoded), 2 (no B stores), 4 (no output): wrong results.
-// Returns 0, a cudaError_t, -1 for unsupported arguments, -2 if the driver has no tensor maps.
-int arbd_large_m(const void* x, long long ldx, int M, int K, const void* pairs, int N, int n_pad,
-                 const void* table, const void* exponent, void* y, long long ldy, int stages, int flags,
-                 void* stream) {
-  if (M < 1 || N < 2 || N % 2 || K < 8 || K % 8 || ldx % 8 || ldy % 2 || n_pad % BN || n_pad < N) return -1;
+// A 2-D bf16 tensor map over [rows, cols] (row stride ld elements) with box_cols x box_rows boxes
+// and the 128-byte swizzle.
+bool bf16_map(CUtensorMap* map, const void* base, int rows, int cols, long long ld, int box_cols, int box_rows) {
   auto encode = encode_fn();
-  if (encode == nullptr) return -2;
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(M)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ldx) * 2};
-  const cuuint32_t box[2] = {BK, BM};
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * 2};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t elem[2] = {1, 1};
-  if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(x), dims, strides, box, elem,
-             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, elem,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// y [M, N] bf16 (row stride ldy) = x [M, K] bf16 (row stride ldx) @ W.T, W as the fragment words of
+// arbd_frags_copy and scales table[exponent[n] + 128] (bf16). x and y 16-byte aligned, K, ldx and
+// ldy multiples of 8. sms: the persistent grid's size. flags: 0; the bench's probe sets 4 (no
+// output: wrong results); 0x100 must stay clear (wgmma_wait_keep).
+// Returns 0, a cudaError_t, -1 for unsupported arguments, -2 if the driver has no tensor maps.
+int arbd_large_m(const void* x, long long ldx, int M, int K, const void* frags, int N, const void* table,
+                 const void* exponent, void* y, long long ldy, int stages, int sms, int flags, void* stream) {
+  if (M < 1 || N < 1 || K < 8 || K % 8 || ldx % 8 || ldy % 8 || sms < 1 ||
+      reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(y) % 16)
     return -1;
+  if (encode_fn() == nullptr) return -2;
+  CUtensorMap x_map, y_map;
+  if (!bf16_map(&x_map, x, M, K, ldx, BK, BM) || !bf16_map(&y_map, y, M, N, ldy, 64, BM)) return -1;
   const int k_tiles = (K + BK - 1) / BK;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (stages) {
-    case 3: return launch<3>(map, pairs, table, exponent, y, ldy, M, N, n_pad, k_tiles, flags, s);
-    case 4: return launch<4>(map, pairs, table, exponent, y, ldy, M, N, n_pad, k_tiles, flags, s);
+    case 3: return launch<3>(x_map, y_map, frags, table, exponent, M, N, k_tiles, sms, flags, s);
+    case 4: return launch<4>(x_map, y_map, frags, table, exponent, M, N, k_tiles, sms, flags, s);
     default: return -1;
   }
 }
