@@ -2,7 +2,7 @@
 """Large-M packed-ternary forward: the fused warp-specialised kernel (csrc/large_m.cu) against cuBLAS
 bf16 and the default path (decode_weight + cuBLAS), side by side in one run.
 
-Checks first: the fused product, on fresh random
+Checks first: the CUDA fragment-word copy equals its torch reference; the fused product, on fresh random
 x with the output poisoned with NaN, against a float64 reference (rel err < 3e-3, like every bf16
 path here), at ragged shapes and at the target shape, for each compiled stage count. Then timings:
 each candidate is timed with CUDA events over CALLS back-to-back calls, candidates interleaved
@@ -40,14 +40,19 @@ torch.backends.cuda.matmul.allow_tf32 = False
 
 def checks(rows: list[dict]) -> None:
     gen = torch.Generator(device=DEV).manual_seed(3)
+    for n, k in ((300, 328), (7168, 7168), (514, 1000), (1000, 7000)):
+        packed, _ = weight(n, k, gen)
+        ok = torch.equal(lm.frags_copy(packed, k).cpu(), lm.frags_reference(packed.cpu(), k))
+        rows.append({"kind": "check", "what": f"frags_copy N={n} K={k}", "ok": ok})
     for m, n, k in ((200, 304, 328), (129, 520, 1000), (1000, 1536, 2048), (300, 1000, 7000), (8192, KN, KN)):
         packed, exponent = weight(n, k, gen)
         w = packing.decode(packed, exponent, k, torch.bfloat16).double()  # W as the dense path decodes it
+        frags = lm.frags_copy(packed, k)
         for stages in lm.STAGES:
             for rep in range(2):
                 x = torch.randn(m, k, generator=gen, device=DEV).to(torch.bfloat16)
                 y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
-                lm.large_m_matmul(x, packed, exponent, k, stages=stages, out=y)
+                lm.large_m_matmul(x, packed, exponent, k, frags=frags, stages=stages, out=y)
                 torch.cuda.synchronize()
                 err = rel_err(y, x.double() @ w.t())
                 rows.append({"kind": "check", "what": f"fused M={m} N={n} K={k} stages={stages} rep{rep}",
@@ -70,14 +75,17 @@ def timings(m: int, rounds: int, rows: list[dict]) -> None:
     packed, exponent = weight(KN, KN, gen)
     x = torch.randn(m, KN, generator=gen, device=DEV).to(torch.bfloat16)
     wd = tk.decode_weight(packed, exponent, KN, torch.bfloat16)
+    frags = lm.frags_copy(packed, KN)
     y = torch.empty(m, KN, dtype=torch.bfloat16, device=DEV)
     dense = tk.TileConfig(128, 128, 32, dense=True)
     cands = {
         "cuBLAS bf16 x @ W.T": lambda: torch.mm(x, wd.t(), out=y),
         "default: decode_weight + cuBLAS": lambda: tk.ternary_matmul(x, packed, exponent, KN, config=dense),
-        "fused kernel": lambda: lm.large_m_matmul(x, packed, exponent, KN, out=y),
-        "fused kernel, 3 stages": lambda: lm.large_m_matmul(x, packed, exponent, KN, stages=3, out=y),
-        "probe: no output": lambda: lm.large_m_matmul(x, packed, exponent, KN, out=y, _flags=4),
+        "fused, fragment copy per call": lambda: lm.large_m_matmul(x, packed, exponent, KN, out=y),
+        "fused kernel (copy made once)": lambda: lm.large_m_matmul(x, packed, exponent, KN, frags=frags, out=y),
+        "fused kernel, 3 stages": lambda: lm.large_m_matmul(x, packed, exponent, KN, frags=frags, stages=3, out=y),
+        "probe: no output": lambda: lm.large_m_matmul(x, packed, exponent, KN, frags=frags, out=y, _flags=4),
+        "fragment copy alone": lambda: lm.frags_copy(packed, KN),
         "decode_weight alone": lambda: tk.decode_weight(packed, exponent, KN, torch.bfloat16),
     }
     for fn in cands.values():

@@ -1,5 +1,5 @@
 """The fused large-M forward (arbd/ternary/csrc/large_m.cu) against float64 on the GPU machine, and
-the switch on the CPU."""
+its pair-word layout against an independent decode on the CPU."""
 from __future__ import annotations
 
 import pytest
@@ -18,6 +18,36 @@ def _weight(n: int, k: int, gen: torch.Generator):
     trits = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
     exponent = torch.randint(-40, 20, (n,), generator=gen).to(torch.int8)
     return trits, packing.pack_trits(trits), exponent
+
+
+def _unfrag(words: torch.Tensor) -> torch.Tensor:
+    """Digits [n_pad, k_tiles * 64] of a fragment-word copy, read word by word (not by
+    frags_reference's code)."""
+    tiles, k_tiles = words.shape[:2]
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.full((tiles * 128, k_tiles * 64), -1, dtype=torch.int64)
+    for c in range(256):
+        cw, wp, g, q = c // 128, (c % 128) // 32, (c % 32) // 4, c % 4
+        for h in range(2):
+            rows = torch.arange(tiles) * 128 + 64 * cw + 16 * wp + g + 8 * h
+            for j in range(8):
+                s_, e = j // 2, j % 2
+                for odd in range(2):
+                    cols = torch.arange(k_tiles) * 64 + 16 * s_ + 2 * q + 8 * e + odd
+                    out[rows.view(-1, 1), cols.view(1, -1)] = (w[:, :, c, h] >> (16 * odd + 2 * j)) & 3
+    return out
+
+
+@pytest.mark.parametrize("n,k", [(300, 328), (1, 8), (257, 65), (16, 640)])
+def test_fragment_words_hold_the_trits_and_zero_padding(n, k):
+    trits, packed, _ = _weight(n, k, torch.Generator().manual_seed(n + k))
+    words = lm.frags_reference(packed, k)
+    n_pad, k_tiles = lm.padded_shape(n, k)
+    assert words.shape == (n_pad // 128, k_tiles, 256, 2) and words.dtype == torch.int32
+    digits = _unfrag(words)
+    assert (digits >= 0).all()  # every (row, column) is in exactly one word
+    assert torch.equal(digits[:n, :k] - 1, trits.long())
+    assert (digits[n:] == 1).all() and (digits[:, k:] == 1).all()  # padding is trit 0
 
 
 def test_switch_rejects_unknown_values(monkeypatch):
@@ -47,6 +77,14 @@ def _matches(got: torch.Tensor, ref: torch.Tensor) -> bool:
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize("n,k", [(300, 328), (7168, 7168), (514, 1000), (1, 8), (129, 1001 - 1001 % 8)])
+def test_frags_copy_equals_reference(n, k):
+    _, packed, _ = _weight(n, k, torch.Generator().manual_seed(k))
+    assert torch.equal(lm.frags_copy(packed.cuda(), k).cpu(), lm.frags_reference(packed, k))
+
+
+@pytest.mark.gpu
+@needs_hopper
 @pytest.mark.parametrize("stages", lm.STAGES)
 @pytest.mark.parametrize("m,n,k", [(200, 304, 328), (129, 520, 1000), (1, 8, 8), (1000, 1536, 2048),
                                    (256, 7168, 7168), (77, 264, 136), (2000, 136, 64), (300, 1000, 7000)])
@@ -67,7 +105,7 @@ def test_fused_product_matches_float64(m, n, k, stages):
 
 @pytest.mark.gpu
 @needs_hopper
-def test_strided_x_and_out():
+def test_strided_x_and_out_and_a_given_copy():
     # out[:, 40:552]: row stride 600, an 80-byte offset; TMA clips the boxes at its 512 columns.
     gen = torch.Generator().manual_seed(5)
     _, packed, exponent = _weight(512, 640, gen)
@@ -75,7 +113,8 @@ def test_strided_x_and_out():
     big = torch.randn(300, 800, generator=gen).to(torch.bfloat16).cuda()
     x = big[:, 16:656]  # row stride 800, 32-byte offset
     out = torch.full((300, 600), float("nan"), dtype=torch.bfloat16, device="cuda")
-    lm.large_m_matmul(x, packed.cuda(), exponent.cuda(), 640, out=out[:, 40:552])
+    frags = lm.frags_copy(packed.cuda(), 640)
+    lm.large_m_matmul(x, packed.cuda(), exponent.cuda(), 640, frags=frags, out=out[:, 40:552])
     ref = x.double().cpu() @ w.t()
     assert _matches(out[:, 40:552], ref)
     assert out[:, :40].isnan().all() and out[:, 552:].isnan().all()  # nothing written outside
@@ -98,5 +137,22 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="16-byte-aligned"):
         lm.large_m_matmul(x, packed.cuda(), exponent.cuda(), 64,
                           out=torch.empty(300, 72, dtype=torch.bfloat16, device="cuda")[:, 4:68])
-    with pytest.raises(ValueError, match="bytes per row"):
-        lm.large_m_matmul(x, packed[:, :10].cuda(), exponent.cuda(), 64)
+    with pytest.raises(ValueError, match="frags must be"):
+        lm.large_m_matmul(torch.randn(300, 64, device="cuda").to(torch.bfloat16), packed.cuda(), exponent.cuda(), 64,
+                          frags=torch.zeros(1, 1, 256, 3, dtype=torch.int32, device="cuda"))
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_the_switch_routes_ternary_matmul_through_the_kernel(monkeypatch):
+    from arbd.ternary import triton_kernels as tk
+    gen = torch.Generator().manual_seed(9)
+    _, packed, exponent = _weight(512, 1024, gen)
+    x = torch.randn(300, 1024, generator=gen).to(torch.bfloat16).cuda()
+    packed, exponent = packed.cuda(), exponent.cuda()
+    fused = lm.large_m_matmul(x, packed, exponent, 1024)
+    monkeypatch.setenv("ARBD_CUDA_LARGE_M", "on")
+    assert torch.equal(tk.ternary_matmul(x, packed, exponent, 1024), fused)
+    monkeypatch.setenv("ARBD_CUDA_LARGE_M", "off")
+    ref = x.double().cpu() @ packing.decode(packed.cpu(), exponent.cpu(), 1024, torch.bfloat16).double().t()
+    assert _matches(tk.ternary_matmul(x, packed, exponent, 1024), ref)  # off: decode + cuBLAS

@@ -5,7 +5,9 @@
     weight_grad                gW = gy.T @ x    float32 [N, K]          (backward, evidence)
 
 For 16-bit inputs with M >= DENSE_MIN_M rows, W is decoded once into a transient dense matrix
-(decode_weight) and the product goes to cuBLAS. For 16-bit inputs with M <= SMALL_M_MAX rows the
+(decode_weight) and the product goes to cuBLAS; with ARBD_CUDA_LARGE_M=on the bf16 forward takes the
+fused Hopper kernel of cuda_large_m.py instead (no dense W; for inference and prefill, since training
+keeps the decoded W for backward anyway). For 16-bit inputs with M <= SMALL_M_MAX rows the
 forward takes _ternary_small_m_kernel (aligned row classes, plane-major x, a cheaper decode; see the
 comment above it), or with ARBD_CUDA_SMALL_M=on / tiled and M <= 16 on Hopper a hand-written CUDA
 kernel of cuda_small_m.py ("tiled": from a tile-major copy of W kept per weight, for inference).
@@ -39,7 +41,7 @@ import triton
 import triton.language as tl
 
 from arbd.config import SCALE_K, TRITS_PER_BYTE
-from arbd.ternary import cuda_small_m, packing
+from arbd.ternary import cuda_large_m, cuda_small_m, packing
 
 # The kernels unroll exactly five digit planes per byte.
 assert TRITS_PER_BYTE == 5, "triton_kernels assumes 5 trits per byte"
@@ -907,6 +909,8 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
         if cuda_small_m.usable(x, packed.shape[1]):
             return cuda_small_m.small_m_matmul(x, packed, exponent, K)
     cfg = config or matmul_config(m, n, K, x.device, x.dtype)
+    if cfg.dense and config is None and cuda_large_m.usable(x, n, K):
+        return cuda_large_m.large_m_matmul(x, packed, exponent, K)  # ARBD_CUDA_LARGE_M=on
     if cfg.dense:
         return mm_rows_bucketed(x, decode_weight(packed, exponent, K, x.dtype).t(), bucket)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)

@@ -8,20 +8,20 @@
 // decoded W into shared memory in a producer warpgroup ran at 0.68x cuBLAS: the producer's stores
 // and decode were the bottleneck (RESULTS, "Large-M fused forward").
 //
-// W is read as it is stored, base-3 packed rows (arbd/ternary/packing.py). Per stage, each producer
-// thread turns one row's 64-trit K slice into 2-bit digits in shared memory (14 bytes through a
-// 243-entry table), and each consumer thread picks the 32 digits of its MMA fragments out of two
-// rows and turns each pair into bf16: digits (d0, d1) OR-ed into bf16 128.0 give (128 + d0, 128 + d1),
-// one bf16x2 subtraction of 129 gives the trits. The A fragment of mma.m16n8k16 for lane (g, q):
-// rows g and g + 8, K columns 2q, 2q + 1, 2q + 8, 2q + 9 of each k16 step. A first version made
-// this layout in a separate pass per call (a "fragment word" copy, 26 us at 7168 x 7168); doing it
-// here costs the producer's spare threads and no memory.
+// W reaches the kernel as "fragment words" (arbd_frags_copy below): 2 bits per trit, laid out so
+// that each consumer thread finds the 32 trits it needs for one 64-wide K slice in 8 bytes.
+// F[nt][kt][c][h] (uint32): block tile nt of 128 rows, K slice kt, consumer thread c = 128 cw + 32 w
+// + 4 g + q (warpgroup cw, warp w, lane 4 g + q), h = 0 / 1 for W row 64 cw + 16 w + g (+ 8). Pair
+// j = 2 s + e (s = 0..3 the k16 step, e = 0..1) holds trits k = 64 kt + 16 s + 2 q + 8 e and k + 1 as
+// digits trit + 1 at bits 2 j and 16 + 2 j: exactly mma.m16n8k16's A fragment order. Masking a
+// shifted word with 0x00030003 and OR-ing it into bf16 128.0 gives (128 + d0, 128 + d1); one bf16x2
+// subtraction of 129 gives the trits. Rows past N and columns past K are zero trits (digit 1).
 //
-// Block: 384 threads. Warpgroup 0 is the producer: its thread 0 also issues the TMA copy of each
-// stage's 256-token x tile. Warpgroups 1 and 2 each own 64 W rows of a 128 x 256 output tile, build
-// their fragments and issue wgmma while the previous stage's MMAs run. The grid is persistent (one
-// block per SM walking the tiles), so the producer fills the next tile's stages while the consumers
-// write the last tile out, through shared memory and a TMA store.
+// Block: 384 threads. Warpgroup 0 is the producer (one thread issues, per stage, the TMA copy of a
+// 256-token x tile and a 2 KB bulk copy of the fragment words); warpgroups 1 and 2 each own 64 W
+// rows of a 128 x 256 output tile, decode their fragments and issue wgmma while the previous
+// stage's MMAs run. The grid is persistent (one block per SM walking the tiles), so the producer
+// fills the next tile's stages while the consumers write the last tile out through shared memory.
 #include <cstdint>
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -33,7 +33,7 @@ constexpr int BN = 128;                 // W rows per tile: 2 consumer warpgroup
 constexpr int BM = 256;                 // tokens per tile (wgmma's N)
 constexpr int BK = 64;                  // K per stage: 128 bytes of bf16, one swizzle row
 constexpr int X_BYTES = BM * BK * 2;    // 32 KB
-constexpr int D_BYTES = BN * 16;        // 2-bit digits of a stage: 64 per W row
+constexpr int F_BYTES = 256 * 8;        // 8 bytes of fragment words per consumer thread
 constexpr int E_HALF = BM * 128;        // one consumer's output tile: 256 tokens x 64 W rows, bf16
 constexpr int E_BYTES = 2 * E_HALF;
 constexpr int THREADS = 384;
@@ -62,8 +62,8 @@ __device__ __forceinline__ void bar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
-__device__ __forceinline__ void bar_expect_bytes(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+__device__ __forceinline__ void bar_arrive_expect(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
                : "memory");
 }
 
@@ -82,6 +82,13 @@ __device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* sr
                "r"(smem_addr(src)), "r"(n), "r"(m)
                : "memory");
   asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
 }
 
 // Shared-memory matrix descriptor: 128-byte swizzle, K-major, 8-row groups 1024 bytes apart.
@@ -127,9 +134,9 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[128], uint32_t a0, uint32_t 
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db), "r"(1));
 }
 
-// Two trits as bf16 values, from a word of digits (2 bits each) holding them at positions lo, lo + 1.
-__device__ __forceinline__ uint32_t trit_pair(uint32_t digits, int lo) {
-  const uint32_t v = ((digits >> (2 * lo)) & 3u) | (((digits >> (2 * lo + 2)) & 3u) << 16) | 0x43004300u;
+// Pair j of a fragment word as two bf16 trits.
+__device__ __forceinline__ uint32_t trit_pair(uint32_t w, int j) {
+  const uint32_t v = ((w >> (2 * j)) & 0x00030003u) | 0x43004300u;
   uint32_t r;
   asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(v), "r"(0x43014301u));
   return r;
@@ -157,16 +164,15 @@ __device__ __forceinline__ void wgmma_wait_keep(const uint32_t (&a)[16], uint32_
       : "memory");
 }
 
-// One stage of a consumer: build W's fragments from the digits of its rows (lo: this stage's
-// digit words of row g, hi: of row g + 8, each already shifted right by 4 q), issue the four MMAs.
-__device__ __forceinline__ void mma_stage(float (&acc)[128], uint32_t (&a)[16], const uint32_t (&lo)[4],
-                                          const uint32_t (&hi)[4], uint32_t x_tile) {
+// One stage of a consumer: decode 8 bytes of fragment words into a, issue the four k16 MMAs.
+__device__ __forceinline__ void mma_stage(float (&acc)[128], uint32_t (&a)[16], uint32_t w0, uint32_t w1,
+                                          uint32_t x_tile) {
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
-    a[4 * s + 0] = trit_pair(lo[s], 0);  // k = 16 s + 2 q, + 1
-    a[4 * s + 1] = trit_pair(hi[s], 0);
-    a[4 * s + 2] = trit_pair(lo[s], 8);  // k = 16 s + 2 q + 8, + 1
-    a[4 * s + 3] = trit_pair(hi[s], 8);
+    a[4 * s + 0] = trit_pair(w0, 2 * s);
+    a[4 * s + 1] = trit_pair(w1, 2 * s);
+    a[4 * s + 2] = trit_pair(w0, 2 * s + 1);
+    a[4 * s + 3] = trit_pair(w1, 2 * s + 1);
   }
   wgmma_fence();
 #pragma unroll
@@ -175,87 +181,26 @@ __device__ __forceinline__ void mma_stage(float (&acc)[128], uint32_t (&a)[16], 
   wgmma_commit();
 }
 
-// The 14 packed bytes holding trits 64 kt .. 64 kt + 63 of a row (121, five zero trits, past its
-// end), loaded as the two aligned 16-byte blocks around them: lanes read different rows, and byte
-// loads would fetch a 32-byte sector each (seen: 0.6x cuBLAS, bound by those loads). `end` is the
-// end of the packed buffer; a window that would cross it is read byte by byte.
-__device__ __forceinline__ void load_slice(uint32_t (&bytes)[14], const uint8_t* row, int kb, int kt,
-                                           const uint8_t* end) {
-  const int b0 = kt * BK / 5;
-  if (row == nullptr) {
-#pragma unroll
-    for (int bb = 0; bb < 14; ++bb) bytes[bb] = 121u;
-    return;
-  }
-  const uint8_t* base = row + b0;
-  const uint8_t* aligned = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(base) & ~uintptr_t(15));
-  if (aligned + 32 > end) {
-#pragma unroll
-    for (int bb = 0; bb < 14; ++bb) bytes[bb] = b0 + bb < kb ? base[bb] : 121u;
-    return;
-  }
-  const uint4 lo = *reinterpret_cast<const uint4*>(aligned), hi = *reinterpret_cast<const uint4*>(aligned + 16);
-  const uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-  const int off = static_cast<int>(base - aligned), wq = off / 4, sh = 8 * (off % 4);
-  uint32_t v[5];
-#pragma unroll
-  for (int i = 0; i < 5; ++i) {
-    const uint32_t a0 = wq == 0 ? w[i] : wq == 1 ? w[i + 1] : wq == 2 ? w[i + 2] : w[i + 3];
-    const uint32_t a1 = wq == 0 ? w[i + 1] : wq == 1 ? w[i + 2] : wq == 2 ? w[i + 3] : w[i + 4];
-    v[i] = __funnelshift_r(a0, a1, sh);
-  }
-#pragma unroll
-  for (int bb = 0; bb < 14; ++bb) bytes[bb] = b0 + bb < kb ? (v[bb / 4] >> (8 * (bb % 4))) & 0xFFu : 121u;
-}
-
-// Those bytes as 64 digits (trit + 1) in order, 2 bits each; trits past K are zeros (digit 1).
-__device__ __forceinline__ uint4 slice_digits(const uint32_t (&bytes)[14], const uint32_t* codes, int kt, int K) {
-  uint32_t st[5] = {0, 0, 0, 0, 0};  // 70 digits from the first byte on
-#pragma unroll
-  for (int bb = 0; bb < 14; ++bb) {
-    const uint32_t code = codes[bytes[bb]];
-    const int bit = 10 * bb;
-    st[bit / 32] |= code << (bit % 32);
-    if (bit % 32 > 22) st[bit / 32 + 1] |= code >> (32 - bit % 32);
-  }
-  const int k0 = kt * BK, r = k0 % 5;
-  uint32_t d[4];
-#pragma unroll
-  for (int v = 0; v < 4; ++v) d[v] = __funnelshift_r(st[v], st[v + 1], 2 * r);
-  if (k0 + BK > K) {
-#pragma unroll
-    for (int j = 0; j < BK; ++j)
-      if (k0 + j >= K) d[j / 16] = (d[j / 16] & ~(3u << (2 * (j % 16)))) | (1u << (2 * (j % 16)));
-  }
-  return make_uint4(d[0], d[1], d[2], d[3]);
-}
-
 template <int STAGES>
 __global__ void __launch_bounds__(THREADS, 1)
     large_m_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap y_map,
-                   const uint8_t* __restrict__ packed, long long ld, int kb, const uint16_t* __restrict__ scale_table,
-                   const int8_t* __restrict__ exponent, int M, int N, int K, int k_tiles, int flags) {
+                   const uint32_t* __restrict__ frags, const uint16_t* __restrict__ scale_table,
+                   const int8_t* __restrict__ exponent, int M, int N, int k_tiles, int flags) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   // The swizzle needs 1024-byte-aligned tiles.
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* sx = smem;
-  uint8_t* sd = sx + STAGES * X_BYTES;
-  uint8_t* se = sd + STAGES * D_BYTES;
-  uint32_t* codes = reinterpret_cast<uint32_t*>(se + E_BYTES);  // byte -> five digits, 2 bits each
-  uint64_t* full = reinterpret_cast<uint64_t*>(codes + 256);
+  uint8_t* sf = sx + STAGES * X_BYTES;
+  uint8_t* se = sf + STAGES * F_BYTES;
+  uint64_t* full = reinterpret_cast<uint64_t*>(se + E_BYTES);
   uint64_t* empty = full + STAGES;
 
   const int n_tiles = (N + BN - 1) / BN;
   const int tiles = n_tiles * ((M + BM - 1) / BM);
 
-  if (threadIdx.x < 256) {
-    uint32_t b = threadIdx.x, code = 0;
-    for (int e = 0; e < 5; ++e, b /= 3) code |= (b % 3) << (2 * e);
-    codes[threadIdx.x] = code;
-  }
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      bar_init(&full[s], 128);
+      bar_init(&full[s], 1);
       bar_init(&empty[s], 2);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -263,43 +208,26 @@ __global__ void __launch_bounds__(THREADS, 1)
   __syncthreads();
 
   if (threadIdx.x < 128) {
-    // Producer: thread p makes row p's digits of every stage; the bytes of the next stage are
-    // loaded before waiting for a free slot, so their latency hides behind the wait.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
-    const int p = threadIdx.x;
-    int tile = blockIdx.x, kt = 0;
-    auto row_of = [&](int tl) -> const uint8_t* {
-      const int n = (tl % n_tiles) * BN + p;
-      return n < N ? packed + n * ld : nullptr;
-    };
-    const uint8_t* end = packed + (N - 1) * ld + kb;
-    uint32_t next[14];
-    if (tile < tiles) load_slice(next, row_of(tile), kb, 0, end);
-    for (int it = 0; tile < tiles; ++it) {
-      uint32_t bytes[14];
-#pragma unroll
-      for (int i = 0; i < 14; ++i) bytes[i] = next[i];
-      const int m0 = (tile / n_tiles) * BM, cur_kt = kt;
-      if (++kt == k_tiles) {
-        kt = 0;
-        tile += gridDim.x;
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (threadIdx.x != 0) return;
+    int it = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int m0 = (tile / n_tiles) * BM, nt = tile % n_tiles;
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % STAGES;
+        if (it >= STAGES) bar_wait(&empty[s], ((it / STAGES) - 1) & 1);
+        bar_arrive_expect(&full[s], X_BYTES + F_BYTES);
+        tma_load(sx + s * X_BYTES, &x_map, &full[s], kt * BK, m0);
+        bulk_load(sf + s * F_BYTES, frags + (static_cast<long long>(nt) * k_tiles + kt) * (F_BYTES / 4), F_BYTES,
+                  &full[s]);
       }
-      if (tile < tiles) load_slice(next, row_of(tile), kb, kt, end);
-      const int s = it % STAGES;
-      if (it >= STAGES) bar_wait(&empty[s], ((it / STAGES) - 1) & 1);
-      if (p == 0) {
-        bar_expect_bytes(&full[s], X_BYTES);
-        tma_load(sx + s * X_BYTES, &x_map, &full[s], cur_kt * BK, m0);
-      }
-      *reinterpret_cast<uint4*>(sd + s * D_BYTES + 16 * p) = slice_digits(bytes, codes, cur_kt, K);
-      bar_arrive(&full[s]);
     }
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
   const int c = threadIdx.x - 128;  // consumer thread 0..255
-  const int t = c % 128, w = t / 32, l = t % 32, g = l / 4, q = l % 4;
+  const int t = c % 128, w = t / 32, l = t % 32, g = l / 4;
   const int r0 = (c / 128) * 64 + 16 * w + g;  // this thread's W rows in the tile: r0, r0 + 8
   const int never = flags & 0x100;  // 0: see wgmma_wait_keep
   const uint32_t sink = smem_addr(se);
@@ -317,19 +245,9 @@ __global__ void __launch_bounds__(THREADS, 1)
     auto stage = [&](uint32_t(&a)[16], const uint32_t(&a_prev)[16], int kt) {
       const int s = it % STAGES;
       bar_wait(&full[s], (it / STAGES) & 1);
-      uint32_t lo[4], hi[4];
-      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(lo[0]), "=r"(lo[1]), "=r"(lo[2]), "=r"(lo[3])
-                   : "r"(smem_addr(sd + s * D_BYTES + 16 * r0)));
-      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(hi[0]), "=r"(hi[1]), "=r"(hi[2]), "=r"(hi[3])
-                   : "r"(smem_addr(sd + s * D_BYTES + 16 * (r0 + 8))));
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        lo[v] >>= 4 * q;
-        hi[v] >>= 4 * q;
-      }
-      mma_stage(acc, a, lo, hi, smem_addr(sx + s * X_BYTES));
+      uint32_t w0, w1;
+      asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(w0), "=r"(w1) : "r"(smem_addr(sf + s * F_BYTES + 8 * c)));
+      mma_stage(acc, a, w0, w1, smem_addr(sx + s * X_BYTES));
       wgmma_wait_keep<1>(a_prev, sink, never);  // the previous stage's MMAs are done: hand its slot back
       if (kt > 0 && t == 0) bar_arrive(&empty[(it - 1) % STAGES]);
       ++it;
@@ -380,17 +298,85 @@ __global__ void __launch_bounds__(THREADS, 1)
   if (t == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // stores done before exit
 }
 
+// Fragment words from base-3 rows (packed [N, kb], row stride ld). A block makes KT_GROUP K slices of
+// one 128-row tile in two steps through shared memory: first each (row, slice) becomes 64 2-bit
+// digits in order (a warp reads its rows' bytes in order), then each consumer thread's 8 bytes are
+// gathered from two rows and written, a warp's stores contiguous.
+constexpr int KT_GROUP = 8;
+constexpr int NAT_PITCH = KT_GROUP * 16 + 16;  // bytes per row in shared memory, padded
+
+__global__ void __launch_bounds__(256) frags_kernel(const uint8_t* __restrict__ packed, long long ld, int kb,
+                                                    int N, int K, int k_tiles, uint32_t* __restrict__ out) {
+  __shared__ uint32_t codes[256];  // byte -> its five digits, 2 bits each
+  __shared__ __align__(16) uint8_t nat_s[BN * NAT_PITCH];
+  {
+    uint32_t b = threadIdx.x, code = 0;
+    for (int e = 0; e < 5; ++e, b /= 3) code |= (b % 3) << (2 * e);
+    codes[threadIdx.x] = code;
+  }
+  __syncthreads();
+  const int nt = blockIdx.x, kt0 = blockIdx.y * KT_GROUP;
+  for (int item = threadIdx.x; item < BN * KT_GROUP; item += 256) {
+    const int rr = item / KT_GROUP, kl = item % KT_GROUP;
+    const int n = nt * BN + rr, kt = kt0 + kl;
+    uint32_t nat[4] = {0x55555555u, 0x55555555u, 0x55555555u, 0x55555555u};  // digit 1: trit 0
+    if (n < N && kt < k_tiles) {
+      const uint8_t* row = packed + n * ld;
+      const int k0 = kt * BK, b0 = k0 / 5, r = k0 - 5 * b0;
+      uint32_t bytes[14];
+#pragma unroll
+      for (int bb = 0; bb < 14; ++bb) bytes[bb] = b0 + bb < kb ? row[b0 + bb] : 121u;  // 121: five 1s
+      uint32_t st[5] = {0, 0, 0, 0, 0};  // 70 digits from byte b0 on
+#pragma unroll
+      for (int bb = 0; bb < 14; ++bb) {
+        const uint32_t code = codes[bytes[bb]];
+        const int bit = 10 * bb;
+        st[bit / 32] |= code << (bit % 32);
+        if (bit % 32 > 22) st[bit / 32 + 1] |= code >> (32 - bit % 32);
+      }
+#pragma unroll
+      for (int v = 0; v < 4; ++v) nat[v] = __funnelshift_r(st[v], st[v + 1], 2 * r);
+      if (k0 + BK > K) {
+#pragma unroll
+        for (int j = 0; j < BK; ++j)
+          if (k0 + j >= K) nat[j / 16] = (nat[j / 16] & ~(3u << (2 * (j % 16)))) | (1u << (2 * (j % 16)));
+      }
+    }
+    *reinterpret_cast<uint4*>(nat_s + rr * NAT_PITCH + 16 * kl) = make_uint4(nat[0], nat[1], nat[2], nat[3]);
+  }
+  __syncthreads();
+  const int c = threadIdx.x, w = (c % 128) / 32, g = (c % 32) / 4, q = c % 4;
+  const int r0 = (c / 128) * 64 + 16 * w + g;
+  for (int kl = 0; kl < KT_GROUP && kt0 + kl < k_tiles; ++kl) {
+    uint32_t word[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint4 v = *reinterpret_cast<const uint4*>(nat_s + (r0 + 8 * h) * NAT_PITCH + 16 * kl);
+      const uint32_t nat[4] = {v.x, v.y, v.z, v.w};
+      uint32_t wd = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int s = j / 2, pos = 2 * q + 8 * (j % 2);  // digit position of trit 16 s + pos in nat[s]
+        wd |= ((nat[s] >> (2 * pos)) & 3u) << (2 * j);
+        wd |= ((nat[s] >> (2 * pos + 2)) & 3u) << (16 + 2 * j);
+      }
+      word[h] = wd;
+    }
+    *reinterpret_cast<uint2*>(out + ((static_cast<long long>(nt) * k_tiles + kt0 + kl) * 256 + c) * 2) =
+        make_uint2(word[0], word[1]);
+  }
+}
+
 template <int STAGES>
-int launch(const CUtensorMap& x_map, const CUtensorMap& y_map, const void* packed, long long ld, int kb,
-           const void* table, const void* exponent, int M, int N, int K, int sms, int flags, cudaStream_t stream) {
-  const int smem = STAGES * (X_BYTES + D_BYTES) + E_BYTES + 256 * 4 + 2 * STAGES * 8 + 1024;
-  const int k_tiles = (K + BK - 1) / BK;
+int launch(const CUtensorMap& x_map, const CUtensorMap& y_map, const void* frags, const void* table,
+           const void* exponent, int M, int N, int k_tiles, int sms, int flags, cudaStream_t stream) {
+  const int smem = STAGES * (X_BYTES + F_BYTES) + E_BYTES + 2 * STAGES * 8 + 1024;
   cudaError_t err = cudaFuncSetAttribute(large_m_kernel<STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int tiles = ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
   large_m_kernel<STAGES><<<tiles < sms ? tiles : sms, THREADS, smem, stream>>>(
-      x_map, y_map, static_cast<const uint8_t*>(packed), ld, kb, static_cast<const uint16_t*>(table),
-      static_cast<const int8_t*>(exponent), M, N, K, k_tiles, flags);
+      x_map, y_map, static_cast<const uint32_t*>(frags), static_cast<const uint16_t*>(table),
+      static_cast<const int8_t*>(exponent), M, N, k_tiles, flags);
   return cudaGetLastError();
 }
 
@@ -411,9 +397,20 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
 
 extern "C" {
 
+// Fragment words of W (packed [N, kb] base-3 rows, row stride ld) for K columns: rows padded to
+// n_pad (a multiple of 128), K to k_tiles * 64; out holds n_pad / 128 * k_tiles * 2048 bytes.
+int arbd_frags_copy(const void* packed, long long ld, int kb, int N, int K, int n_pad, int k_tiles, void* out,
+                    void* stream) {
+  if (n_pad % BN || n_pad < N || k_tiles * BK < K) return -1;
+  const dim3 grid(n_pad / BN, (k_tiles + KT_GROUP - 1) / KT_GROUP);
+  frags_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const uint8_t*>(packed), ld, kb, N,
+                                                                    K, k_tiles, static_cast<uint32_t*>(out));
+  return cudaGetLastError();
+}
+
 // A 2-D bf16 tensor map over [rows, cols] (row stride ld elements) with box_cols x box_rows boxes
 // and the 128-byte swizzle.
-static bool bf16_map(CUtensorMap* map, const void* base, int rows, int cols, long long ld, int box_cols, int box_rows) {
+bool bf16_map(CUtensorMap* map, const void* base, int rows, int cols, long long ld, int box_cols, int box_rows) {
   auto encode = encode_fn();
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * 2};
@@ -424,24 +421,24 @@ static bool bf16_map(CUtensorMap* map, const void* base, int rows, int cols, lon
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// y [M, N] bf16 (row stride ldy) = x [M, K] bf16 (row stride ldx) @ W.T, W as packed [N, kb] base-3
-// rows (row stride ld) and scales table[exponent[n] + 128] (bf16). x and y 16-byte aligned; K, ldx
-// and ldy multiples of 8. sms: the persistent grid's size. flags: 0; the bench's probe sets 4 (no
+// y [M, N] bf16 (row stride ldy) = x [M, K] bf16 (row stride ldx) @ W.T, W as the fragment words of
+// arbd_frags_copy and scales table[exponent[n] + 128] (bf16). x and y 16-byte aligned, K, ldx and
+// ldy multiples of 8. sms: the persistent grid's size. flags: 0; the bench's probe sets 4 (no
 // output: wrong results); 0x100 must stay clear (wgmma_wait_keep).
 // Returns 0, a cudaError_t, -1 for unsupported arguments, -2 if the driver has no tensor maps.
-int arbd_large_m(const void* x, long long ldx, int M, int K, const void* packed, long long ld, int kb, int N,
-                 const void* table, const void* exponent, void* y, long long ldy, int stages, int sms, int flags,
-                 void* stream) {
-  if (M < 1 || N < 1 || K < 8 || K % 8 || ldx % 8 || ldy % 8 || sms < 1 || kb != (K + 4) / 5 ||
+int arbd_large_m(const void* x, long long ldx, int M, int K, const void* frags, int N, const void* table,
+                 const void* exponent, void* y, long long ldy, int stages, int sms, int flags, void* stream) {
+  if (M < 1 || N < 1 || K < 8 || K % 8 || ldx % 8 || ldy % 8 || sms < 1 ||
       reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(y) % 16)
     return -1;
   if (encode_fn() == nullptr) return -2;
   CUtensorMap x_map, y_map;
   if (!bf16_map(&x_map, x, M, K, ldx, BK, BM) || !bf16_map(&y_map, y, M, N, ldy, 64, BM)) return -1;
+  const int k_tiles = (K + BK - 1) / BK;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (stages) {
-    case 3: return launch<3>(x_map, y_map, packed, ld, kb, table, exponent, M, N, K, sms, flags, s);
-    case 4: return launch<4>(x_map, y_map, packed, ld, kb, table, exponent, M, N, K, sms, flags, s);
+    case 3: return launch<3>(x_map, y_map, frags, table, exponent, M, N, k_tiles, sms, flags, s);
+    case 4: return launch<4>(x_map, y_map, frags, table, exponent, M, N, k_tiles, sms, flags, s);
     default: return -1;
   }
 }
