@@ -22,8 +22,8 @@ mkdir -p "$DIR"
 rm -f "$DIR/parts.txt"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-lookup gather update gemm small_m dense step}
-[ "$PARTS" = all ] && PARTS="lookup gather update gemm small_m dense step tests"
+PARTS=${PARTS:-lookup gather update gemm small_m large_m dense step}
+[ "$PARTS" = all ] && PARTS="lookup gather update gemm small_m large_m dense step tests"
 MACHINE="$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1); torch $($PY -c 'import torch, triton; print(torch.__version__, "/ triton", triton.__version__)')"
 status=0
 part() {  # name, time limit (s), command...: runs it if PARTS names it, logs to $DIR/NAME.log
@@ -54,6 +54,7 @@ part update 100 $PY bench/gpu_update.py --layouts arrays,record --touched 262144
   --touched-record 1048576 --json "$DIR/gpu_update.json"
 part gemm 120 env OUT="$DIR" $PY bench/gpu_ternary_check.py
 part small_m 60 env OUT="$DIR" $PY bench/gpu_gemm_small_m.py --sweep 0 --rounds 5 --ms 16 1 8
+part large_m 60 env OUT="$DIR" $PY bench/gpu_gemm_large_m.py --rounds 5
 part dense 90 $PY bench/gpu_dense_update.py --model arb-small --reps 5 --json "$DIR/gpu_dense_update.json"
 export -f step
 export DIR PY
