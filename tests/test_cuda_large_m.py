@@ -1,5 +1,5 @@
 """The fused large-M forward (arbd/ternary/csrc/large_m.cu) against float64 on the GPU machine, and
-its pair-word layout against an independent decode on the CPU."""
+its fragment-word layout against an independent read on the CPU."""
 from __future__ import annotations
 
 import pytest
@@ -77,7 +77,7 @@ def _matches(got: torch.Tensor, ref: torch.Tensor) -> bool:
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("n,k", [(300, 328), (7168, 7168), (514, 1000), (1, 8), (129, 1001 - 1001 % 8)])
+@pytest.mark.parametrize("n,k", [(300, 328), (7168, 7168), (514, 1000), (1, 8), (129, 1000)])
 def test_frags_copy_equals_reference(n, k):
     _, packed, _ = _weight(n, k, torch.Generator().manual_seed(k))
     assert torch.equal(lm.frags_copy(packed.cuda(), k).cpu(), lm.frags_reference(packed, k))

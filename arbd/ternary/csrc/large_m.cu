@@ -98,10 +98,6 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
-}
 
 // One warpgroup MMA, D[64 x 256] += A[64 x 16] * B[16 x 256]: A (W's trits, bf16) from registers in
 // the mma.m16n8k16 fragment order per warp, B (x) from shared memory.
@@ -393,6 +389,19 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
+// A 2-D bf16 tensor map over [rows, cols] (row stride ld elements) with box_cols x box_rows boxes
+// and the 128-byte swizzle.
+bool bf16_map(CUtensorMap* map, const void* base, int rows, int cols, long long ld, int box_cols, int box_rows) {
+  auto encode = encode_fn();
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * 2};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, elem,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 }  // namespace
 
 extern "C" {
@@ -406,19 +415,6 @@ int arbd_frags_copy(const void* packed, long long ld, int kb, int N, int K, int 
   frags_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const uint8_t*>(packed), ld, kb, N,
                                                                     K, k_tiles, static_cast<uint32_t*>(out));
   return cudaGetLastError();
-}
-
-// A 2-D bf16 tensor map over [rows, cols] (row stride ld elements) with box_cols x box_rows boxes
-// and the 128-byte swizzle.
-bool bf16_map(CUtensorMap* map, const void* base, int rows, int cols, long long ld, int box_cols, int box_rows) {
-  auto encode = encode_fn();
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * 2};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t elem[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, elem,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 // y [M, N] bf16 (row stride ldy) = x [M, K] bf16 (row stride ldx) @ W.T, W as the fragment words of
