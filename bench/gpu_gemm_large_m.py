@@ -40,31 +40,22 @@ torch.backends.cuda.matmul.allow_tf32 = False
 
 def checks(rows: list[dict]) -> None:
     gen = torch.Generator(device=DEV).manual_seed(3)
-    for n, k in ((300, 328), (304, 328), (7168, 7168), (514, 1000), (520, 1000), (1000, 7000)):
-        packed, exponent = weight(n, k, gen)
-        ref = lm.frags_reference(packed.cpu(), k)
-        ok = torch.equal(lm.frags_copy(packed, k).cpu(), ref)
+    for n, k in ((300, 328), (7168, 7168), (514, 1000), (1000, 7000), (77, 1001)):
+        packed, _ = weight(n, k, gen)
+        ok = torch.equal(lm.frags_copy(packed, k).cpu(), lm.frags_reference(packed.cpu(), k))
         rows.append({"kind": "check", "what": f"frags_copy N={n} K={k}", "ok": ok})
-        for group_m in ((0, 8) if n % 8 == 0 else ()):  # the kernel's own copy, kept through frags_out
-            words = torch.full_like(lm.frags_copy(packed, k), -7)
-            x = torch.randn(512, k, generator=gen, device=DEV).to(torch.bfloat16)
-            lm.large_m_matmul(x, packed, exponent, k, frags_out=words, group_m=group_m)
-            rows.append({"kind": "check", "what": f"in-kernel copy N={n} K={k} group_m={group_m}",
-                         "ok": torch.equal(words.cpu(), ref)})
     for m, n, k in ((200, 304, 328), (129, 520, 1000), (1000, 1536, 2048), (300, 1000, 7000), (8192, KN, KN)):
         packed, exponent = weight(n, k, gen)
         w = packing.decode(packed, exponent, k, torch.bfloat16).double()  # W as the dense path decodes it
         frags = lm.frags_copy(packed, k)
-        for stages, group_m, given in ((4, 0, True), (3, 0, True), (4, 0, False), (4, 8, False), (3, 8, False)):
+        for stages in lm.STAGES:
             for rep in range(2):
                 x = torch.randn(m, k, generator=gen, device=DEV).to(torch.bfloat16)
                 y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
-                lm.large_m_matmul(x, packed, exponent, k, frags=frags if given else None, stages=stages,
-                                  group_m=group_m, out=y)
+                lm.large_m_matmul(x, packed, exponent, k, frags=frags, stages=stages, out=y)
                 torch.cuda.synchronize()
                 err = rel_err(y, x.double() @ w.t())
-                rows.append({"kind": "check", "what": f"fused M={m} N={n} K={k} stages={stages} group_m={group_m} "
-                             f"{'given copy' if given else 'in-kernel copy'} rep{rep}",
+                rows.append({"kind": "check", "what": f"fused M={m} N={n} K={k} stages={stages} rep{rep}",
                              "rel_err": err, "ok": bool(err < 3e-3 and not y.isnan().any())})
                 log(str(rows[-1]))
 
@@ -90,19 +81,9 @@ def timings(m: int, rounds: int, rows: list[dict]) -> None:
     cands = {
         "cuBLAS bf16 x @ W.T": lambda: torch.mm(x, wd.t(), out=y),
         "default: decode_weight + cuBLAS": lambda: tk.ternary_matmul(x, packed, exponent, KN, config=dense),
-        "fused, in-kernel copy (per call)": lambda: lm.large_m_matmul(x, packed, exponent, KN, out=y),
-        "fused, in-kernel copy, group_m 8": lambda: lm.large_m_matmul(x, packed, exponent, KN, group_m=8, out=y),
-        "fused, in-kernel copy, group_m 16": lambda: lm.large_m_matmul(x, packed, exponent, KN, group_m=16, out=y),
-        "fused, copy kernel + kernel": lambda: lm.large_m_matmul(x, packed, exponent, KN,
-                                                                 frags=lm.frags_copy(packed, KN), out=y),
+        "fused, fragment copy per call": lambda: lm.large_m_matmul(x, packed, exponent, KN, out=y),
         "fused kernel (copy made once)": lambda: lm.large_m_matmul(x, packed, exponent, KN, frags=frags, out=y),
-        "fused kernel (copy once), group_m 8": lambda: lm.large_m_matmul(x, packed, exponent, KN, frags=frags,
-                                                                         group_m=8, out=y),
         "fused kernel, 3 stages": lambda: lm.large_m_matmul(x, packed, exponent, KN, frags=frags, stages=3, out=y),
-        "probe: in-kernel copy, no waits": lambda: lm.large_m_matmul(x, packed, exponent, KN, group_m=16, out=y,
-                                                                     _flags=8),
-        "probe: pieces counted, not made": lambda: lm.large_m_matmul(x, packed, exponent, KN, group_m=16, out=y,
-                                                                     _flags=16),
         "probe: no output": lambda: lm.large_m_matmul(x, packed, exponent, KN, frags=frags, out=y, _flags=4),
         "fragment copy alone": lambda: lm.frags_copy(packed, KN),
         "decode_weight alone": lambda: tk.decode_weight(packed, exponent, KN, torch.bfloat16),
@@ -117,19 +98,13 @@ def timings(m: int, rounds: int, rows: list[dict]) -> None:
     for _ in range(rounds):
         for label, fn in cands.items():
             times[label].append(time_calls(fn))
-    for group_m in (0, 16):  # how long the slowest helper warp of the in-kernel copy took
-        lm.large_m_matmul(x, packed, exponent, KN, group_m=group_m, out=y)
-        torch.cuda.synchronize()
-        state = lm._STATE[(torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream)]
-        rows.append({"kind": "helpers", "M": m, "group_m": group_m, "slowest_helper_us": int(state[4]) / 1e3})
-        log(str(rows[-1]))
     base = statistics.median(times["cuBLAS bf16 x @ W.T"])
     flops = 2.0 * m * KN * KN
     for label, ts in times.items():
         med = statistics.median(ts)
         rows.append({"kind": "time", "M": m, "what": label, "ms": med, "spread_ms": [min(ts), max(ts)],
                      "vs_cublas": base / med, "tflops": flops / med / 1e9})
-        log(f"M={m} {label:36s} {med:.4f} ms ({min(ts):.4f}-{max(ts):.4f})  cuBLAS/this {base / med:.3f}x"
+        log(f"M={m} {label:34s} {med:.4f} ms ({min(ts):.4f}-{max(ts):.4f})  cuBLAS/this {base / med:.3f}x"
             f"  {flops / med / 1e9:.0f} TFLOP/s")
 
 
@@ -158,7 +133,7 @@ def main() -> int:
         print("FAILED", r)
     for r in rows:
         if r["kind"] == "time":
-            print(f"M={r['M']:5d} {r['what']:36s} {r['ms']:.4f} ms  {r['vs_cublas']:.3f}x  {r['tflops']:.0f} TFLOP/s")
+            print(f"M={r['M']:5d} {r['what']:34s} {r['ms']:.4f} ms  {r['vs_cublas']:.3f}x  {r['tflops']:.0f} TFLOP/s")
     return 1 if failed or bad else 0
 
 

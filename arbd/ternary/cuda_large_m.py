@@ -4,13 +4,10 @@ W's trits straight into wgmma's register operand.
 
 The default large-M path decodes W into a transient bf16 matrix and calls cuBLAS, so it is slower
 than cuBLAS by the decode. This kernel never writes W in 16 bits. It reads "fragment words"
-(2 bits per trit, 0.25 bytes per weight) laid out so that each consumer thread gets the 32 trits of
-its MMA fragments for one 64-wide K slice in 8 bytes, and turns each pair of trits into bf16 with
-one shift, one mask-and-or and one bf16x2 subtraction. Unless the caller passes them, the kernel
-makes them itself from the base-3 rows: three otherwise idle warps per block convert W a piece
-(32 rows x 320 trits) at a time, and the MMAs of a tile start as soon as its pieces are written,
-so the copy runs under the first tiles' MMAs instead of before them (frags_copy does the same
-conversion as a kernel of its own, for a copy kept across calls).
+(frags_copy: 2 bits per trit, 0.25 bytes per weight, made per call from the base-3 rows) laid out
+so that each consumer thread gets the 32 trits of its MMA fragments for one 64-wide K slice in 8
+bytes, and turns each pair of trits into bf16 with one shift, one mask-and-or and one bf16x2
+subtraction.
 
 ARBD_CUDA_LARGE_M picks whether ternary_matmul uses it: "off" (the default) or "on" (bf16 x of at
 least DENSE_MIN_M rows on an sm_90 GPU, K and N multiples of 8; a failed build is an error).
@@ -28,14 +25,8 @@ SOURCE = cuda_ext.CSRC / "large_m.cu"
 BLOCK_N, BLOCK_K = 128, 64   # W rows per tile, K per stage (the kernel's BN, BK)
 STAGES = (3, 4)
 DEFAULT_STAGES = 4
-UNIT_SLICES = 5              # K slices per unit of the in-kernel copy (64 bytes of each base-3 row)
-STATE_HEAD = 8               # words of the in-kernel copy's counters before the per-unit words
-DEFAULT_GROUP_M = 0          # tile order: 0 = W-row tiles fastest; g = g token blocks at a time
 
 _LIB: ctypes.CDLL | None = None
-# The in-kernel copy's counters, one zeroed buffer per (device, stream): the kernel leaves them
-# ready for its next launch, so they are made once, never inside a CUDA graph capture.
-_STATE: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def mode() -> str:
@@ -52,8 +43,7 @@ def _library(device: torch.device) -> ctypes.CDLL:
         lib.arbd_large_m.restype = ctypes.c_int
         lib.arbd_large_m.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int,
                                      ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                     ctypes.c_void_p, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_longlong,
-                                     ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int,
                                      ctypes.c_int, ctypes.c_void_p]
         _LIB = lib
     return _LIB
@@ -121,41 +111,14 @@ def frags_copy(packed: torch.Tensor, K: int) -> torch.Tensor:
     return out
 
 
-def _copy_state(device: torch.device, words: int) -> torch.Tensor | None:
-    """The (device, stream)'s counters for the in-kernel copy, at least STATE_HEAD + words words; None while
-    a CUDA graph is being captured and no buffer that large exists yet (a zeroing inside the graph
-    would replay with every launch and undo the counters the kernel keeps)."""
-    stream = torch.cuda.current_stream(device)
-    key = (device.index if device.index is not None else torch.cuda.current_device(), stream.cuda_stream)
-    state = _STATE.get(key)
-    if state is None or state.numel() < STATE_HEAD + words:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        state = torch.zeros(max(STATE_HEAD + words, 2 * (state.numel() if state is not None else 0)), dtype=torch.int32,
-                            device=device)
-        _STATE[key] = state
-    return state
-
-
-def _check_frags(frags: torch.Tensor, n_pad: int, k_tiles: int, what: str) -> None:
-    if (tuple(frags.shape) != (n_pad // BLOCK_N, k_tiles, 256, 2) or frags.dtype != torch.int32
-            or not frags.is_contiguous()):
-        raise ValueError(f"{what} must be a contiguous int32 [{n_pad // BLOCK_N}, {k_tiles}, 256, 2] tensor, got "
-                         f"{frags.dtype} {tuple(frags.shape)}")
-
-
 def large_m_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor, K: int, *,
-                   frags: torch.Tensor | None = None, frags_out: torch.Tensor | None = None,
-                   stages: int = DEFAULT_STAGES, group_m: int = DEFAULT_GROUP_M,
+                   frags: torch.Tensor | None = None, stages: int = DEFAULT_STAGES,
                    out: torch.Tensor | None = None, _flags: int = 0) -> torch.Tensor:
     """y [M, N] bf16 = x [M, K] bf16 @ W.T, W as packed [N, ceil(K / 5)] trits and int8 exponents.
 
-    `frags`: fragment words of packed made earlier (frags_copy, or frags_out of an earlier call);
-    otherwise the kernel makes them while it runs, into `frags_out` when given (to keep for later
-    calls with the same W) or a transient buffer. The scale of row n is the bf16 scale that
-    packing.decode uses, applied to the fp32 sum before rounding. group_m: the tile order
-    (0: W-row tiles fastest). _flags: the kernel's probes (4: no output; 8, 16: see the kernel;
-    bench/gpu_gemm_large_m.py only, all give wrong results).
+    `frags`: fragment words of packed made earlier (frags_copy); made here otherwise. The scale of
+    row n is the bf16 scale that packing.decode uses, applied to the fp32 sum before rounding.
+    _flags: the kernel's probe (4: no output; bench/gpu_gemm_large_m.py only).
     """
     n = packed.shape[0]
     if not fits(x, n, K) or x.shape[1] != K:
@@ -163,32 +126,15 @@ def large_m_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
                          f"got x {x.dtype} {tuple(x.shape)} on {x.device}, N={n}")
     if stages not in STAGES:
         raise ValueError(f"stages must be one of {STAGES}, got {stages}")
-    if group_m < 0:
-        raise ValueError(f"group_m must be >= 0, got {group_m}")
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
         x = x.contiguous()
     n_pad, k_tiles = padded_shape(n, K)
-    state = None
-    if frags is not None:
-        if frags_out is not None:
-            raise ValueError("pass frags (words made earlier) or frags_out (where to make them), not both")
-        _check_frags(frags, n_pad, k_tiles, "frags")
-    else:
-        kb = packing.packed_cols(K)
-        if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != kb:
-            raise ValueError(f"packed must be uint8 [N, {kb}] for K={K}, got {packed.dtype} {tuple(packed.shape)}")
-        if packed.stride(1) != 1:
-            packed = packed.contiguous()
-        if frags_out is not None:
-            _check_frags(frags_out, n_pad, k_tiles, "frags_out")
-        state = _copy_state(x.device, (n_pad // BLOCK_N) * math.ceil(k_tiles / UNIT_SLICES))
-        if state is None:  # first call inside a graph capture: the copy as a kernel of its own
-            frags = frags_copy(packed, K)
-            if frags_out is not None:
-                frags_out.copy_(frags)
-        else:
-            frags = frags_out if frags_out is not None else torch.empty(
-                n_pad // BLOCK_N, k_tiles, 256, 2, dtype=torch.int32, device=x.device)
+    if frags is None:
+        frags = frags_copy(packed, K)
+    elif (tuple(frags.shape) != (n_pad // BLOCK_N, k_tiles, 256, 2) or frags.dtype != torch.int32
+          or not frags.is_contiguous()):
+        raise ValueError(f"frags must be a contiguous int32 [{n_pad // BLOCK_N}, {k_tiles}, 256, 2] copy, got "
+                         f"{frags.dtype} {tuple(frags.shape)}")
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if y.shape != (m, n) or y.dtype != x.dtype or y.stride(1) != 1 or y.stride(0) % 8 or y.data_ptr() % 16:
@@ -197,12 +143,8 @@ def large_m_matmul(x: torch.Tensor, packed: torch.Tensor, exponent: torch.Tensor
     table = packing.exponent_to_scale_table(x.device, torch.bfloat16)
     err = _library(x.device).arbd_large_m(
         x.data_ptr(), x.stride(0), m, K, frags.data_ptr(), n, table.data_ptr(), exponent.contiguous().data_ptr(),
-        y.data_ptr(), y.stride(0), packed.data_ptr() if state is not None else None,
-        packed.stride(0) if state is not None else 0, packing.packed_cols(K),
-        state.data_ptr() if state is not None else None, stages, cuda_ext.device_info(x.device)[1], group_m,
-        _flags, torch.cuda.current_stream(x.device).cuda_stream)
+        y.data_ptr(), y.stride(0), stages, cuda_ext.device_info(x.device)[1], _flags,
+        torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
-        if state is not None:  # a launch that never ran leaves the counters as they were; drop them anyway
-            _STATE.clear()
         raise RuntimeError(f"CUDA large-M kernel launch failed (code {err}) for M={m} N={n} K={K}")
     return y

@@ -182,22 +182,13 @@ __device__ __forceinline__ void mma_stage(float (&acc)[128], uint32_t (&a)[16], 
 // units. A unit is made in four pieces of 32 rows, one warp each: rows 32 a .. 32 a + 31 of a tile
 // are exactly the rows of consumer threads 64 a .. 64 a + 63. A warp turns each (row, 16-byte
 // chunk) into five words of 2-bit digits in K order in shared memory, then picks each consumer
-// thread's 8 bytes per K slice out of two rows, a warp's stores contiguous. Used by the standalone
-// copy and by the fused kernel's helper warps, which take pieces one at a time.
+// thread's 8 bytes per K slice out of two rows, a warp's stores contiguous.
 constexpr int UNIT_SLICES = 5;
 constexpr int UNIT_BYTES = UNIT_SLICES * BK / 5;  // 64 bytes of each row
 constexpr int NAT_WORDS = UNIT_SLICES * 4;        // 20 words (320 digits) per row; a pitch of 20
                                                   // words keeps both passes free of bank conflicts
 constexpr int PIECE_ROWS = 32;
-#ifndef LOAD_BATCH
-#define LOAD_BATCH 2
-#endif
-constexpr int STATE_HEAD = 8;  // words of the in-kernel copy's state before its per-unit words
 constexpr int PIECE_WORDS = PIECE_ROWS * NAT_WORDS;
-
-__device__ __forceinline__ void named_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
 
 // The byte -> five 2-bit digits table (codes[b] bits 2 e, 2 e + 1 = digit e of b).
 __device__ __forceinline__ void fill_codes(uint32_t* codes, int tid, int nthreads) {
@@ -220,8 +211,8 @@ __device__ __forceinline__ uint32_t fragment_word(const uint4 v, int q) {
 }
 
 // Piece a of unit (nt, kg) by the 32 lanes of one warp. codes filled; nat: PIECE_WORDS words of
-// shared memory owned by this warp. Lane l takes chunk l % 4 of rows l / 4 + 8 i (i = 0..3), the
-// loads of LOAD_BATCH chunks issued before any is used (the latency of memory is the cost here).
+// shared memory owned by this warp. Lane l takes chunk l % 4 of rows l / 4 + 8 i (i = 0..3), all
+// four chunks' loads issued before any is used (the latency of memory is the cost here).
 __device__ void convert_piece(const uint8_t* __restrict__ packed, long long ld, int kb, int N, int K, int k_tiles,
                               uint32_t* __restrict__ out, int nt, int kg, int a, const uint32_t* codes, uint32_t* nat,
                               int lane) {
@@ -229,23 +220,21 @@ __device__ void convert_piece(const uint8_t* __restrict__ packed, long long ld, 
   // A chunk's 16 bytes come as five aligned words, shifted into place, when those 20 bytes lie
   // inside packed and the chunk inside its row; byte by byte otherwise (rows' ends, odd views).
   const uintptr_t lo = reinterpret_cast<uintptr_t>(packed), hi = lo + (N - 1) * ld + kb;
-#pragma unroll 1
-  for (int i0 = 0; i0 < 4; i0 += LOAD_BATCH) {
-  uint32_t raw[LOAD_BATCH][5];
-  bool fast[LOAD_BATCH];
+  uint32_t raw[4][5];
+  bool fast[4];
 #pragma unroll
-  for (int i = 0; i < LOAD_BATCH; ++i) {
-    const int n = nt * BN + PIECE_ROWS * a + lane / 4 + 8 * (i0 + i);
+  for (int i = 0; i < 4; ++i) {
+    const int n = nt * BN + PIECE_ROWS * a + lane / 4 + 8 * i;
     const uintptr_t at = lo + n * ld + b0, base = at & ~uintptr_t(3);
-    fast[i] = n < N && b0 + 16 <= kb && base + 20 <= hi;
+    fast[i] = n < N && b0 + 16 <= kb && base >= lo && base + 20 <= hi;
     if (fast[i]) {
 #pragma unroll
       for (int j = 0; j < 5; ++j) raw[i][j] = reinterpret_cast<const uint32_t*>(base)[j];
     }
   }
 #pragma unroll
-  for (int i = 0; i < LOAD_BATCH; ++i) {
-    const int rr = lane / 4 + 8 * (i0 + i), n = nt * BN + PIECE_ROWS * a + rr;
+  for (int i = 0; i < 4; ++i) {
+    const int rr = lane / 4 + 8 * i, n = nt * BN + PIECE_ROWS * a + rr;
     uint32_t w[4];  // the chunk's bytes, little-endian
     if (fast[i]) {
       const int sh = 8 * static_cast<int>((lo + n * ld + b0) & 3);
@@ -293,19 +282,17 @@ __device__ void convert_piece(const uint8_t* __restrict__ packed, long long ld, 
 #pragma unroll
     for (int j = 0; j < 5; ++j) nat[rr * NAT_WORDS + ch * 5 + j] = wd[j];
   }
-  }
   __syncwarp();
   const int slices = min(UNIT_SLICES, k_tiles - kg * UNIT_SLICES);
 #pragma unroll 1
   for (int item = lane; item < slices * 64; item += 32) {
     const int kl = item / 64, c = 64 * a + item % 64;
     const int rr = 16 * ((c % 64) / 32) + (c % 32) / 4, q = c % 4;  // rows rr, rr + 8 of the piece
-    const uint4 lo = *reinterpret_cast<const uint4*>(nat + rr * NAT_WORDS + 4 * kl);
-    const uint4 hi = *reinterpret_cast<const uint4*>(nat + (rr + 8) * NAT_WORDS + 4 * kl);
+    const uint4 upper = *reinterpret_cast<const uint4*>(nat + rr * NAT_WORDS + 4 * kl);
+    const uint4 lower = *reinterpret_cast<const uint4*>(nat + (rr + 8) * NAT_WORDS + 4 * kl);
     *reinterpret_cast<uint2*>(out + ((static_cast<long long>(nt) * k_tiles + kg * UNIT_SLICES + kl) * 256 + c) * 2) =
-        make_uint2(fragment_word(lo, q), fragment_word(hi, q));
+        make_uint2(fragment_word(upper, q), fragment_word(lower, q));
   }
-  __syncwarp();  // nat is read before the warp's next piece writes it
 }
 
 __global__ void __launch_bounds__(128) frags_kernel(const uint8_t* __restrict__ packed, long long ld, int kb,
@@ -318,61 +305,11 @@ __global__ void __launch_bounds__(128) frags_kernel(const uint8_t* __restrict__ 
                 threadIdx.x % 32);
 }
 
-// Output tile `tile` of the persistent walk -> (token block mb, W-row tile nt). group_m = 0: W-row
-// tiles fastest; otherwise tiles go in groups of group_m token blocks, token blocks fastest, so that
-// the first tiles of the walk need few W-row tiles (the in-kernel copy must make those first).
-__device__ __forceinline__ void tile_coords(int tile, int n_tiles, int m_tiles, int group_m, int& mb, int& nt) {
-  if (group_m == 0) {
-    mb = tile / n_tiles;
-    nt = tile % n_tiles;
-    return;
-  }
-  const int g = tile / (group_m * n_tiles), r = tile % (group_m * n_tiles);
-  const int gm = min(group_m, m_tiles - g * group_m);
-  nt = r / gm;
-  mb = g * group_m + r % gm;
-}
-
-// Ticket t of the in-kernel copy -> unit (nt, kg), in about the order the walk needs them: nb W-row
-// tiles at a time (as many as the first wave of tiles touches), their K groups in order.
-__device__ __forceinline__ void unit_of(int t, int n_tiles, int kgroups, int nb, int& nt, int& kg) {
-  const int blk = t / (nb * kgroups), rem = t % (nb * kgroups);
-  const int width = min(nb, n_tiles - blk * nb);
-  kg = rem / width;
-  nt = blk * nb + rem % width;
-}
-
-__device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// Waits until unit's four pieces of this launch are written; returns whether the whole copy is
-// done (state[0] is advanced only then), after which no unit needs waiting for.
-__device__ __forceinline__ bool wait_unit(const uint32_t* state, const uint32_t* unit, uint32_t launch_count) {
-  const bool all = load_acquire(state) == launch_count;
-  if (!all)
-    while (load_acquire(unit) != launch_count * 8 + 4) __nanosleep(64);
-  // The bulk copies that follow read through the async proxy what other blocks wrote through the
-  // generic one.
-  asm volatile("fence.proxy.async.global;" ::: "memory");
-  return all;
-}
-
-// state (convert mode only; uint32, zero before the first launch): [0] launch count, [1] next piece
-// ticket, [2] helper warps finished, [3] the slowest helper warp's ns so far in this launch, [4] that
-// of the last launch (diagnostics for the bench); [STATE_HEAD + nt * kgroups + kg] is unit (nt, kg)'s
-// word, launch count * 8 + its pieces made. The last helper warp to finish resets [1] and [2] and
-// advances [0] (which tells the producers that every unit is made), so the same state serves the
-// next launch on the stream and CUDA graph replays, whatever their shapes (for 2^29 launches).
 template <int STAGES>
 __global__ void __launch_bounds__(THREADS, 1)
     large_m_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap y_map,
-                   uint32_t* __restrict__ frags, const uint16_t* __restrict__ scale_table,
-                   const int8_t* __restrict__ exponent, int M, int N, int k_tiles, int flags,
-                   const uint8_t* __restrict__ packed, long long ld, int kb, int K, uint32_t* __restrict__ state,
-                   int group_m) {
+                   const uint32_t* __restrict__ frags, const uint16_t* __restrict__ scale_table,
+                   const int8_t* __restrict__ exponent, int M, int N, int k_tiles, int flags) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   // The swizzle needs 1024-byte-aligned tiles.
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -381,13 +318,9 @@ __global__ void __launch_bounds__(THREADS, 1)
   uint8_t* se = sf + STAGES * F_BYTES;
   uint64_t* full = reinterpret_cast<uint64_t*>(se + E_BYTES);
   uint64_t* empty = full + STAGES;
-  uint32_t* misc = reinterpret_cast<uint32_t*>(empty + STAGES);  // [0] a helper ticket, [1] this launch's count
-  uint32_t* conv = misc + 4;  // the helpers' byte table, then PIECE_WORDS words per helper warp
 
-  const int n_tiles = (N + BN - 1) / BN, m_tiles = (M + BM - 1) / BM;
-  const int tiles = n_tiles * m_tiles;
-  const int kgroups = (k_tiles + UNIT_SLICES - 1) / UNIT_SLICES;
-  const bool convert = state != nullptr;
+  const int n_tiles = (N + BN - 1) / BN;
+  const int tiles = n_tiles * ((M + BM - 1) / BM);
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -395,72 +328,20 @@ __global__ void __launch_bounds__(THREADS, 1)
       bar_init(&empty[s], 2);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    if (convert) misc[1] = state[0] + 1;  // read before this block can count itself finished
   }
   __syncthreads();
 
   if (threadIdx.x < 128) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 80;");
-    const uint32_t launch_count = misc[1];
-    if (threadIdx.x >= 32) {
-      // Helper warps 1-3: with frags to make, each takes pieces until none are left, then counts
-      // itself finished.
-      if (!convert) return;
-      const int lane = threadIdx.x % 32, pieces = 4 * n_tiles * kgroups;
-      const int gm = min(group_m, m_tiles);
-      const int nb = group_m == 0 ? n_tiles : min(n_tiles, (static_cast<int>(gridDim.x) + gm - 1) / gm);
-      uint32_t* nat = conv + 256 + (threadIdx.x / 32 - 1) * PIECE_WORDS;
-      uint64_t t_start;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_start));
-      fill_codes(conv, threadIdx.x - 32, 96);
-      named_sync(1, 96);
-      int t = lane == 0 ? static_cast<int>(atomicAdd(state + 1, 1u)) : 0;
-      t = __shfl_sync(0xFFFFFFFFu, t, 0);
-      while (t < pieces) {
-        // The next ticket is asked for now and read after this piece: its round trip is hidden.
-        const int next = lane == 0 ? static_cast<int>(atomicAdd(state + 1, 1u)) : 0;
-        int nt, kg;
-        unit_of(t / 4, n_tiles, kgroups, nb, nt, kg);
-        if (!(flags & 16))  // probe 16: pieces counted, not made (wrong results)
-          convert_piece(packed, ld, kb, N, K, k_tiles, frags, nt, kg, t % 4, conv, nat, lane);
-        if (lane == 0) {
-          // The unit's word becomes launch_count * 8 + pieces made: the max lifts a word left by an
-          // older launch (any shape) to this launch's base; the release add orders the warp's
-          // stores (made visible to lane 0 by __syncwarp in convert_piece) before the count.
-          uint32_t* unit = state + STATE_HEAD + nt * kgroups + kg;
-          atomicMax(unit, launch_count * 8);
-          asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(unit) : "memory");
-        }
-        t = __shfl_sync(0xFFFFFFFFu, next, 0);
-      }
-      if (lane == 0) {
-        uint64_t t_end;
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_end));
-        atomicMax(state + 3, static_cast<uint32_t>(t_end - t_start));
-        uint32_t before;
-        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(before) : "l"(state + 2) : "memory");
-        if (before == 3 * gridDim.x - 1) {  // every helper warp of the grid is done: so is every unit
-          state[4] = atomicExch(state + 3, 0u);
-          state[1] = 0;
-          state[2] = 0;
-          asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(state), "r"(launch_count) : "memory");
-        }
-      }
-      return;
-    }
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x != 0) return;
     int it = 0;
-    bool copy_done = !convert || (flags & 8);  // probe 8: no waiting (wrong results)
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      int mb, nt;
-      tile_coords(tile, n_tiles, m_tiles, group_m, mb, nt);
+      const int m0 = (tile / n_tiles) * BM, nt = tile % n_tiles;
       for (int kt = 0; kt < k_tiles; ++kt, ++it) {
         const int s = it % STAGES;
-        if (!copy_done && kt % UNIT_SLICES == 0)
-          copy_done = wait_unit(state, state + STATE_HEAD + nt * kgroups + kt / UNIT_SLICES, launch_count);
         if (it >= STAGES) bar_wait(&empty[s], ((it / STAGES) - 1) & 1);
         bar_arrive_expect(&full[s], X_BYTES + F_BYTES);
-        tma_load(sx + s * X_BYTES, &x_map, &full[s], kt * BK, mb * BM);
+        tma_load(sx + s * X_BYTES, &x_map, &full[s], kt * BK, m0);
         bulk_load(sf + s * F_BYTES, frags + (static_cast<long long>(nt) * k_tiles + kt) * (F_BYTES / 4), F_BYTES,
                   &full[s]);
       }
@@ -468,7 +349,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 200;");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
   const int c = threadIdx.x - 128;  // consumer thread 0..255
   const int t = c % 128, w = t / 32, l = t % 32, g = l / 4;
   const int r0 = (c / 128) * 64 + 16 * w + g;  // this thread's W rows in the tile: r0, r0 + 8
@@ -476,9 +357,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   const uint32_t sink = smem_addr(se);
   int it = 0;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    int mb, nt;
-    tile_coords(tile, n_tiles, m_tiles, group_m, mb, nt);
-    const int m0 = mb * BM, n0 = nt * BN;
+    const int m0 = (tile / n_tiles) * BM, n0 = (tile % n_tiles) * BN;
     // The row scales, loaded now (two dependent loads) and used after the K loop.
     const int na = n0 + r0, nb = na + 8;
     const float sa = na < N ? __uint_as_float(static_cast<uint32_t>(scale_table[exponent[na] + 128]) << 16) : 0.f;
@@ -544,27 +423,16 @@ __global__ void __launch_bounds__(THREADS, 1)
   if (t == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // stores done before exit
 }
 
-// W's side of a launch: fragment words to read, or (state set) to make from the base-3 rows first.
-struct WeightArgs {
-  uint32_t* frags;
-  const uint16_t* table;
-  const int8_t* exponent;
-  const uint8_t* packed;
-  long long ld;
-  int kb;
-  uint32_t* state;
-};
-
 template <int STAGES>
-int launch(const CUtensorMap& x_map, const CUtensorMap& y_map, const WeightArgs& w, int M, int N, int K,
-           int sms, int group_m, int flags, cudaStream_t stream) {
-  const int smem = STAGES * (X_BYTES + F_BYTES) + E_BYTES + 2 * STAGES * 8 + 16 + 4 * (256 + 3 * PIECE_WORDS) + 1024;
+int launch(const CUtensorMap& x_map, const CUtensorMap& y_map, const void* frags, const void* table,
+           const void* exponent, int M, int N, int k_tiles, int sms, int flags, cudaStream_t stream) {
+  const int smem = STAGES * (X_BYTES + F_BYTES) + E_BYTES + 2 * STAGES * 8 + 1024;
   cudaError_t err = cudaFuncSetAttribute(large_m_kernel<STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int tiles = ((M + BM - 1) / BM) * ((N + BN - 1) / BN);
   large_m_kernel<STAGES><<<tiles < sms ? tiles : sms, THREADS, smem, stream>>>(
-      x_map, y_map, w.frags, w.table, w.exponent, M, N, (K + BK - 1) / BK, flags, w.packed, w.ld, w.kb, K, w.state,
-      group_m);
+      x_map, y_map, static_cast<const uint32_t*>(frags), static_cast<const uint16_t*>(table),
+      static_cast<const int8_t*>(exponent), M, N, k_tiles, flags);
   return cudaGetLastError();
 }
 
@@ -609,34 +477,24 @@ int arbd_frags_copy(const void* packed, long long ld, int kb, int N, int K, int 
   return cudaGetLastError();
 }
 
-// y [M, N] bf16 (row stride ldy) = x [M, K] bf16 (row stride ldx) @ W.T, W with scales
-// table[exponent[n] + 128] (bf16) and trits from frags, arbd_frags_copy's layout. With state null,
-// frags holds them already. Otherwise the kernel first writes them there from packed ([N, kb] base-3
-// rows, row stride ld), a unit at a time in idle warps, while the MMAs start on the units done:
-// state is a zeroed uint32 buffer of 8 + (N / 128 rounded up) (k_tiles / 5 rounded up) words
-// kept for later launches on the same stream (see the kernel), never used by two launches at once.
-// x and y 16-byte aligned, K, ldx and ldy multiples of 8. sms: the persistent grid's size. group_m:
-// tile order (tile_coords). flags: 0; the bench's probes set 4 (no output), 8 and 16 (see the kernel),
-// all giving wrong results; 0x100 must stay clear (wgmma_wait_keep).
+// y [M, N] bf16 (row stride ldy) = x [M, K] bf16 (row stride ldx) @ W.T, W as the fragment words of
+// arbd_frags_copy and scales table[exponent[n] + 128] (bf16). x and y 16-byte aligned, K, ldx and
+// ldy multiples of 8. sms: the persistent grid's size. flags: 0; the bench's probe sets 4 (no
+// output: wrong results); 0x100 must stay clear (wgmma_wait_keep).
 // Returns 0, a cudaError_t, -1 for unsupported arguments, -2 if the driver has no tensor maps.
-int arbd_large_m(const void* x, long long ldx, int M, int K, void* frags, int N, const void* table,
-                 const void* exponent, void* y, long long ldy, const void* packed, long long ld, int kb, void* state,
-                 int stages, int sms, int group_m, int flags, void* stream) {
-  if (M < 1 || N < 1 || K < 8 || K % 8 || ldx % 8 || ldy % 8 || sms < 1 || group_m < 0 ||
-      reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(y) % 16 ||
-      (state != nullptr && (packed == nullptr || kb * 5 < K)))
+int arbd_large_m(const void* x, long long ldx, int M, int K, const void* frags, int N, const void* table,
+                 const void* exponent, void* y, long long ldy, int stages, int sms, int flags, void* stream) {
+  if (M < 1 || N < 1 || K < 8 || K % 8 || ldx % 8 || ldy % 8 || sms < 1 ||
+      reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(y) % 16)
     return -1;
   if (encode_fn() == nullptr) return -2;
   CUtensorMap x_map, y_map;
   if (!bf16_map(&x_map, x, M, K, ldx, BK, BM) || !bf16_map(&y_map, y, M, N, ldy, 64, BM)) return -1;
-  const WeightArgs w{static_cast<uint32_t*>(frags),        static_cast<const uint16_t*>(table),
-                     static_cast<const int8_t*>(exponent), static_cast<const uint8_t*>(packed),
-                     ld,                                   kb,
-                     static_cast<uint32_t*>(state)};
+  const int k_tiles = (K + BK - 1) / BK;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (stages) {
-    case 3: return launch<3>(x_map, y_map, w, M, N, K, sms, group_m, flags, s);
-    case 4: return launch<4>(x_map, y_map, w, M, N, K, sms, group_m, flags, s);
+    case 3: return launch<3>(x_map, y_map, frags, table, exponent, M, N, k_tiles, sms, flags, s);
+    case 4: return launch<4>(x_map, y_map, frags, table, exponent, M, N, k_tiles, sms, flags, s);
     default: return -1;
   }
 }
