@@ -26,6 +26,12 @@ def _suite(d: Path, *, small_ms: float, fwd_speedup: float, lookup_ms: float, pc
          "max_ms": small_ms, "speedup_vs_cublas": cublas_ms / small_ms},
         {"kind": "time", "M": 1, "config": "CUDA tiled", "ms": 0.001, "min_ms": 0.001,
          "max_ms": 0.001, "speedup_vs_cublas": 40.0}]})
+    _write(d, "gpu_gemm_large_m.json", {"rows": [
+        {"kind": "check", "what": "x", "ok": True},
+        {"kind": "time", "M": 8192, "what": "cuBLAS bf16 x @ W.T", "ms": 1.0, "spread_ms": [1.0, 1.0],
+         "vs_cublas": 1.0},
+        {"kind": "time", "M": 8192, "what": "fused, fragment copy per call", "ms": 1.0 / fwd_speedup,
+         "spread_ms": [1.0, 1.0], "vs_cublas": fwd_speedup}]})
     _write(d, "gpu_ternary_check.json", {"correctness": [{"ok": True}], "timings": [
         {"op": "forward", "M": 8192, "ms": 1.0, "cublas_ms": fwd_speedup, "speedup_vs_cublas": fwd_speedup},
         {"op": "forward", "M": 8192, "config": "torch", "ms": 0.1, "cublas_ms": 1.0,
@@ -82,9 +88,10 @@ def test_targets_met_and_missed(tmp_path):
     _suite(bad, small_ms=0.0133, fwd_speedup=0.94, lookup_ms=0.6, pct=43.0, equal=True,
            tokens=90_000.0, peak=8.0, state_bpw=1.6, big_ok=False, gather=19.0)
     g, b = _met(good), _met(bad)
-    assert set(g) == set(b) and len(g) == 9
+    assert set(g) == set(b) and len(g) == 10
     assert all(g.values()), g
     for key in ("forward M = 16", "forward M = 8192 vs cuBLAS bf16", "candidate lookup 10M x 64",
+                "forward M = 8192",
                 "touched-row update 10M rows", "arb-small step vs dense twin at 128 x 1024",
                 "arb-3b trains under a 24 GiB cap", "arb-3b persistent training state",
                 "packed-row gather"):
@@ -106,7 +113,7 @@ def test_tables_render_every_part(tmp_path):
     text = "\n".join(gpu_report.tables(str(tmp_path)))
     for heading in ("**Candidate lookup**", "**Touched-row update**", "**Packed ternary GEMM**",
                     "**Small-M forward**", "**Training step**", "**Targets**",
-                    "**Fused dense update**"):
+                    "**Fused dense update**", "**Large-M forward**"):
         assert heading in text, heading
     assert "| 10,000,000 | record | 1,048,576 |" in text
     assert "2.82x" in text                                   # 37.5 us / 13.3 us
