@@ -31,6 +31,7 @@ from arbd.ternary import cuda_large_m as lm  # noqa: E402
 from arbd.ternary import packing  # noqa: E402
 from arbd.ternary import triton_kernels as tk  # noqa: E402
 from bench.gpu_gemm_sweep import log, rel_err, weight  # noqa: E402 - the sweep's own helpers
+from bench.host_overhead import device_ms_per_call  # noqa: E402
 
 DEV = torch.device("cuda")
 KN = 7168
@@ -60,16 +61,6 @@ def checks(rows: list[dict]) -> None:
                 log(str(rows[-1]))
 
 
-def time_calls(fn) -> float:
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(CALLS):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / CALLS
-
-
 def timings(m: int, rounds: int, rows: list[dict]) -> None:
     gen = torch.Generator(device=DEV).manual_seed(4)
     packed, exponent = weight(KN, KN, gen)
@@ -97,7 +88,7 @@ def timings(m: int, rounds: int, rows: list[dict]) -> None:
     times: dict[str, list[float]] = {k: [] for k in cands}
     for _ in range(rounds):
         for label, fn in cands.items():
-            times[label].append(time_calls(fn))
+            times[label].append(device_ms_per_call(fn, CALLS))
     base = statistics.median(times["cuBLAS bf16 x @ W.T"])
     flops = 2.0 * m * KN * KN
     for label, ts in times.items():

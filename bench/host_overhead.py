@@ -23,6 +23,17 @@ from arbd.ternary import triton_kernels as tk  # noqa: E402
 from arbd.ternary.layers import TernaryLinear  # noqa: E402
 
 
+def device_ms_per_call(fn, n: int) -> float:
+    """Device time per call (ms) of n back-to-back calls, between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
 def measure(fn, n: int = 50) -> tuple[float, float]:
     for _ in range(3):
         fn()
@@ -32,13 +43,7 @@ def measure(fn, n: int = 50) -> tuple[float, float]:
         fn()
     host = (time.perf_counter() - t0) / n
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return host * 1e6, start.elapsed_time(end) * 1e3 / n
+    return host * 1e6, device_ms_per_call(fn, n) * 1e3
 
 
 def shape_costs(x, gy, w, packed, exp, K) -> None:
